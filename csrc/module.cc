@@ -1,0 +1,39 @@
+// jax_nvfp4._C: hands the XLA FFI handlers to Python as capsules (jax.ffi.register_ffi_target).
+#include <nanobind/nanobind.h>
+
+#include "xla/ffi/api/c_api.h"
+#include "xla/ffi/api/ffi.h"
+
+#ifdef JAX_NVFP4_WITH_CUDA
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4GemmCuda);
+#endif
+
+namespace nb = nanobind;
+
+namespace {
+
+template <typename T>
+nb::capsule EncapsulateFfiHandler(T *fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error *, T, XLA_FFI_CallFrame *>,
+                "an XLA FFI handler must take an XLA_FFI_CallFrame*");
+  return nb::capsule(reinterpret_cast<void *>(fn));
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  m.def("registrations", []() {
+    nb::dict registrations;
+#ifdef JAX_NVFP4_WITH_CUDA
+    registrations["jax_nvfp4_gemm_cuda"] = EncapsulateFfiHandler(Nvfp4GemmCuda);
+#endif
+    return registrations;
+  }, "Names and capsules of the XLA FFI handlers built into this module.");
+  m.def("built_with_cuda", []() {
+#ifdef JAX_NVFP4_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}

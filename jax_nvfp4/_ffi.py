@@ -1,0 +1,32 @@
+"""Loads jax_nvfp4._C and registers its XLA FFI targets with JAX (once, at import)."""
+
+from __future__ import annotations
+
+import jax
+
+try:
+  from jax_nvfp4 import _C
+except ImportError as e:  # a source checkout that was never built: the reference path still works
+  _C = None
+  _IMPORT_ERROR = e
+else:
+  _IMPORT_ERROR = None
+
+REGISTERED: frozenset[str] = frozenset()
+if _C is not None:
+  for _name, _capsule in _C.registrations().items():
+    jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
+  REGISTERED = frozenset(_C.registrations())
+
+
+def cuda_kernels_built() -> bool:
+  """True when the CUDA kernels were compiled into this installation."""
+  return _C is not None and bool(_C.built_with_cuda())
+
+
+def why_no_kernels() -> str:
+  if _C is None:
+    return f"the extension jax_nvfp4._C is not built ({_IMPORT_ERROR})"
+  if not _C.built_with_cuda():
+    return "jax_nvfp4 was built without a CUDA toolkit (nvcc not found at build time)"
+  return ""

@@ -1,0 +1,213 @@
+"""The NVFP4 weight format, in pure JAX.
+
+Logical weight ``W[..., N, K]`` (``[out, in]``, optional leading expert dims) is stored as:
+
+* ``packed``  uint8 ``[..., N, K/2]``: FP4 E2M1 codes, two per byte along K. Byte ``j`` of a row
+  holds element ``2j`` in the low nibble and element ``2j+1`` in the high nibble. A code is
+  ``sign << 3 | index`` where ``index`` points into ``E2M1_VALUES``.
+* ``scales``  float8_e4m3fn ``[..., N, K/16]``: one block scale per 16 consecutive K elements.
+* ``global_scale`` float32 ``[...]``: one per tensor (per expert for stacked experts). This is
+  ModelOpt's ``weight_scale_2`` convention: it *multiplies*.
+
+``W = e2m1 * (float32(scales) * global_scale)``, computed in float32, then cast.
+
+Everything here is jit-able and works with any number of leading dims.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BLOCK_SIZE = 16
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+E4M3_MIN_SUBNORMAL = 2.0**-9
+
+#: The magnitudes of the 8 non-negative E2M1 codes, indexed by the 3 low bits of a code.
+E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
+#: All 16 codes: ``E2M1_CODE_VALUES[code]`` (codes 8..15 are the negatives, code 8 is -0.0).
+E2M1_CODE_VALUES = np.concatenate([E2M1_VALUES, -E2M1_VALUES]).astype(np.float32)
+
+# Rounding thresholds onto the E2M1 grid (round to nearest, ties to the even mantissa):
+# |x| <= .25 -> 0, < .75 -> .5, <= 1.25 -> 1, < 1.75 -> 1.5, <= 2.5 -> 2, < 3.5 -> 3, <= 5 -> 4,
+# else 6. "<=" where the tie goes down (to an even mantissa), "<" where it goes up.
+_THRESHOLDS = ((0.25, True), (0.75, False), (1.25, True), (1.75, False),
+               (2.5, True), (3.5, False), (5.0, True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NVFP4Weight:
+  """An NVFP4-quantized weight in checkpoint layout (see the module docstring).
+
+  Attributes:
+    packed: uint8 ``[..., N, K // 2]``.
+    scales: float8_e4m3fn ``[..., N, K // 16]``.
+    global_scale: float32 ``[...]`` (one per leading index; a scalar for a plain Linear).
+    dtype: the dtype ``dequantize`` returns by default (static).
+  """
+
+  packed: jax.Array
+  scales: jax.Array
+  global_scale: jax.Array
+  dtype: Any = dataclasses.field(default=jnp.bfloat16, metadata=dict(static=True))
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """Logical shape ``(..., N, K)``."""
+    *lead, n, half_k = self.packed.shape
+    return (*lead, n, 2 * half_k)
+
+  @property
+  def n(self) -> int:
+    return self.shape[-2]
+
+  @property
+  def k(self) -> int:
+    return self.shape[-1]
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes held by the quantized representation."""
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+               for a in (self.packed, self.scales, self.global_scale))
+
+  def validate(self) -> None:
+    """Raises ValueError/TypeError if the arrays do not form a consistent NVFP4 weight."""
+    check_weight(self.packed, self.scales, self.global_scale)
+
+
+def check_weight(packed, scales, global_scale, *, name: str = "w") -> None:
+  """Validates the dtypes and shapes of an NVFP4 weight's three arrays."""
+  if np.dtype(packed.dtype) != np.uint8:
+    raise TypeError(f"{name}.packed must be uint8 [..., N, K/2], got {packed.dtype}")
+  if np.dtype(scales.dtype) != np.dtype(jnp.float8_e4m3fn):
+    raise TypeError(f"{name}.scales must be float8_e4m3fn [..., N, K/16], got {scales.dtype}")
+  if np.dtype(global_scale.dtype) != np.float32:
+    raise TypeError(f"{name}.global_scale must be float32, got {global_scale.dtype}")
+  if len(packed.shape) < 2:
+    raise ValueError(f"{name}.packed must have rank >= 2 ([..., N, K/2]), got {packed.shape}")
+  *lead, n, half_k = packed.shape
+  k = 2 * half_k
+  if k % BLOCK_SIZE:
+    raise ValueError(f"{name}: K = {k} must be a multiple of {BLOCK_SIZE}")
+  if tuple(scales.shape) != (*lead, n, k // BLOCK_SIZE):
+    raise ValueError(f"{name}.scales must have shape {(*lead, n, k // BLOCK_SIZE)} for packed "
+                     f"{tuple(packed.shape)}, got {tuple(scales.shape)}")
+  if tuple(global_scale.shape) != tuple(lead):
+    raise ValueError(f"{name}.global_scale must have shape {tuple(lead)} (one per leading index), "
+                     f"got {tuple(global_scale.shape)}")
+
+
+def round_to_e2m1(x: jax.Array) -> jax.Array:
+  """Rounds float32 ``x`` (already divided by its scale) to E2M1 codes (uint8 in 0..15).
+
+  Round to nearest, ties to the even mantissa, saturating at +-6. Strictly negative inputs keep
+  the sign bit even when they round to zero (code 8, "-0"), as the reference tools write them.
+  NaN maps to code 0.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  mag = jnp.abs(x)
+  index = jnp.zeros(x.shape, jnp.uint8)
+  for threshold, tie_down in _THRESHOLDS:
+    above = mag > threshold if tie_down else mag >= threshold
+    index = index + above.astype(jnp.uint8)
+  index = jnp.where(jnp.isnan(x), jnp.uint8(0), index)
+  sign = (x < 0).astype(jnp.uint8) << 3
+  return sign | index
+
+
+def e2m1_to_float(codes: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """Maps E2M1 codes (any integer dtype, 0..15) to their values."""
+  return jnp.asarray(E2M1_CODE_VALUES, dtype)[codes.astype(jnp.int32)]
+
+
+def pack_fp4(codes: jax.Array) -> jax.Array:
+  """Packs codes ``[..., K]`` (K even) into bytes ``[..., K/2]``: element 2j low, 2j+1 high."""
+  if codes.shape[-1] % 2:
+    raise ValueError(f"pack_fp4 needs an even last dimension, got {codes.shape}")
+  codes = codes.astype(jnp.uint8)
+  return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_fp4(packed: jax.Array) -> jax.Array:
+  """Inverse of ``pack_fp4``: bytes ``[..., K/2]`` to codes ``[..., K]`` (uint8)."""
+  packed = packed.astype(jnp.uint8)
+  lo = packed & 0xF
+  hi = packed >> 4
+  return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def _div(a: jax.Array, b) -> jax.Array:
+  """IEEE ``a / b`` with ``b`` broadcast to ``a``'s shape.
+
+  XLA rewrites a division by a broadcast divisor into a multiplication by its reciprocal, which
+  is off by an ulp for a quarter of the inputs (measured on CPU). The reference tools divide,
+  so we hide the broadcast behind an optimization barrier to keep the true division.
+  """
+  a = jnp.asarray(a, jnp.float32)
+  b = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, jnp.float32), a.shape))
+  return a / b
+
+
+def _leading_amax(w: jax.Array) -> jax.Array:
+  return jnp.max(jnp.abs(w), axis=(-2, -1))
+
+
+def quantize(w: jax.Array, *, global_scale: jax.Array | None = None) -> NVFP4Weight:
+  """Quantizes ``w[..., N, K]`` (float) to NVFP4 with NVIDIA ModelOpt's reference algorithm.
+
+  * Per tensor (per leading index): ``global_scale = amax / (6 * 448)`` unless given, so the
+    largest block scale lands at E4M3's maximum. An all-zero tensor gets ``global_scale = 1``.
+  * Per 16-element block along K: ``s = block_amax / (6 * global_scale)``; a zero block gets
+    ``s = 1``; ``s`` is clamped to ``[2^-9, 448]`` and rounded to E4M3 (nearest even).
+  * Elements: ``x / (float32(s_e4m3) * global_scale)`` rounded to E2M1 (nearest, ties to even,
+    saturating at 6).
+
+  Returns an ``NVFP4Weight`` whose ``dtype`` is ``w.dtype``. Never produces NaN for finite input.
+  """
+  w = jnp.asarray(w)
+  if w.ndim < 2:
+    raise ValueError(f"quantize expects w[..., N, K] with rank >= 2, got shape {w.shape}")
+  if not jnp.issubdtype(w.dtype, jnp.floating):
+    raise TypeError(f"quantize expects a floating weight, got {w.dtype}")
+  *lead, n, k = w.shape
+  if k % BLOCK_SIZE:
+    raise ValueError(f"quantize: K = {k} (last dim of w) must be a multiple of {BLOCK_SIZE}")
+  w32 = w.astype(jnp.float32)
+  if global_scale is None:
+    amax = _leading_amax(w32)
+    global_scale = jnp.where(amax > 0, _div(amax, E2M1_MAX * E4M3_MAX), 1.0)
+    # A tensor so small that amax / 2688 underflows would divide by zero below.
+    global_scale = jnp.where(global_scale > 0, global_scale, 1.0)
+  global_scale = jnp.broadcast_to(jnp.asarray(global_scale, jnp.float32), tuple(lead))
+  gs = global_scale[..., None, None]
+
+  blocks = w32.reshape(*lead, n, k // BLOCK_SIZE, BLOCK_SIZE)
+  block_amax = jnp.max(jnp.abs(blocks), axis=-1)
+  s = _div(block_amax, E2M1_MAX * gs)
+  s = jnp.where(s == 0, 1.0, s)
+  s = jnp.clip(s, E4M3_MIN_SUBNORMAL, E4M3_MAX)
+  scales = s.astype(jnp.float8_e4m3fn)
+
+  denom = scales.astype(jnp.float32) * gs
+  scaled = jnp.where(denom[..., None] > 0, _div(blocks, denom[..., None]), 0.0)
+  codes = round_to_e2m1(scaled).reshape(*lead, n, k)
+  return NVFP4Weight(pack_fp4(codes), scales, global_scale, dtype=w.dtype)
+
+
+def dequantize(w: NVFP4Weight, dtype=None) -> jax.Array:
+  """``W = e2m1 * (float32(scales) * global_scale)`` in float32, cast to ``dtype``.
+
+  ``dtype`` defaults to ``w.dtype``. Returns ``[..., N, K]``.
+  """
+  dtype = w.dtype if dtype is None else dtype
+  *lead, n, k = w.shape
+  values = e2m1_to_float(unpack_fp4(w.packed)).reshape(*lead, n, k // BLOCK_SIZE, BLOCK_SIZE)
+  factor = w.scales.astype(jnp.float32) * w.global_scale[..., None, None].astype(jnp.float32)
+  return (values * factor[..., None]).reshape(*lead, n, k).astype(dtype)

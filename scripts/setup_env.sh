@@ -1,0 +1,68 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: makes ./.venv (Python >= 3.12) with jax_nvfp4
+# installed in editable mode, its CUDA kernels built when nvcc is found. Idempotent and quick on
+# the second run.
+#
+# Knobs (environment):
+#   JAX_NVFP4_PYTHON=/path/python   interpreter to build the venv from (default: first >= 3.12 found)
+#   JAX_NVFP4_CUDA_ARCHS="90a"      CUDA archs to build (default 80;86;89;90a)
+#   JAX_NVFP4_DISABLE_CUDA=ON       skip the CUDA kernels
+#   JAX_NVFP4_OFFLINE=1             never reach a package index: the interpreter must already have
+#                                   jax>=0.11, numpy, ml_dtypes, nanobind, scikit-build-core, cmake
+#                                   (and pytest for the tests); the venv sees its site-packages.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+
+_py_ok() {  # is $1 a Python >= 3.12?
+  "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1
+}
+
+find_python() {
+  if [ -n "${JAX_NVFP4_PYTHON:-}" ]; then echo "$JAX_NVFP4_PYTHON"; return; fi
+  local c
+  for c in python3.14 python3.13 python3.12 python3 \
+           "$HOME"/.pyenv/versions/3.1[2-9]*/bin/python3 /usr/local/bin/python3.1[2-9] \
+           /usr/bin/python3.1[2-9]; do
+    if command -v "$c" >/dev/null 2>&1 && _py_ok "$(command -v "$c")"; then
+      command -v "$c"; return
+    fi
+  done
+  echo "jax_nvfp4 needs Python >= 3.12 (jax >= 0.11 does); set JAX_NVFP4_PYTHON" >&2
+  return 1
+}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  PY="$(find_python)"
+  echo "[setup] creating $VENV from $PY ($("$PY" --version))"
+  "$PY" -m venv --system-site-packages "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
+
+JAX_REQ="jax>=0.11"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  JAX_REQ="jax[cuda13]>=0.11"
+fi
+REQS=("$JAX_REQ" "numpy>=1.26" "ml_dtypes>=0.5" "scikit-build-core>=0.10" "nanobind>=2.0"
+      "cmake>=3.24" "ninja" "pytest>=8" "flax>=0.11" "safetensors>=0.4")
+
+stamp="$VENV/.jax_nvfp4_stamp"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/CMakeLists.txt" "$ROOT"/csrc/* 2>/dev/null | sha256sum | cut -c1-16)-${JAX_NVFP4_CUDA_ARCHS:-default}-${JAX_NVFP4_DISABLE_CUDA:-OFF}"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  if [ "${JAX_NVFP4_OFFLINE:-0}" = "1" ]; then
+    "$VENV/bin/python" - <<'PY'
+import importlib, sys
+missing = [m for m in ("jax", "numpy", "ml_dtypes", "nanobind", "scikit_build_core")
+           if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"[setup] offline and missing: {missing}")
+PY
+  else
+    echo "[setup] installing requirements into $VENV"
+    "${PIP[@]}" install "${REQS[@]}"
+  fi
+  echo "[setup] building jax_nvfp4 (CUDA kernels: $(command -v nvcc >/dev/null && echo "nvcc found" || echo "no nvcc"))"
+  "${PIP[@]}" install --no-build-isolation --no-deps -e "$ROOT"
+  echo "$want" > "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"
+PYTHON="$VENV/bin/python"

@@ -1,0 +1,88 @@
+"""nvfp4_matmul through the reference lowering (any platform) against float64 NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_nvfp4 as nf
+from tests import numpy_reference as npref
+
+
+def _random_weight(rng, n, k, lead=()):
+  """A weight from random codes (all 16, incl. +-0 and +-6) and random positive block scales."""
+  packed = rng.integers(0, 256, size=(*lead, n, k // 2), dtype=np.uint8)
+  scales = rng.uniform(2.0**-6, 8.0, size=(*lead, n, k // 16)).astype(jnp.float8_e4m3fn)
+  gs = rng.uniform(0.5, 2.0, size=lead).astype(np.float32)
+  return nf.NVFP4Weight(jnp.asarray(packed), jnp.asarray(scales), jnp.asarray(gs))
+
+
+def _rel_l2(a, b):
+  a = np.asarray(a, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("m", [1, 7, 64])
+@pytest.mark.parametrize("k", [16, 48, 1664])
+@pytest.mark.parametrize("n", [1, 100, 256])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_matches_float64_numpy(rng, m, k, n, dtype):
+  w = _random_weight(rng, n, k)
+  x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+  bias = rng.standard_normal(n).astype(np.float32)
+  out = jax.jit(nf.nvfp4_matmul)(x, w, bias)
+  assert out.shape == (m, n) and out.dtype == dtype
+  ref = np.asarray(x, np.float64) @ npref.dequantize(w.packed, w.scales, w.global_scale).T + bias
+  # Only the output cast rounds: bf16 has 8 significant bits, fp16 11.
+  assert _rel_l2(out, ref) < (4e-3 if dtype == jnp.bfloat16 else 6e-4)
+
+
+def test_leading_dims_fold_into_m(rng):
+  w = _random_weight(rng, 40, 32)
+  x = jnp.asarray(rng.standard_normal((2, 3, 5, 32)), jnp.bfloat16)
+  out = nf.nvfp4_matmul(x, w)
+  assert out.shape == (2, 3, 5, 40)
+  np.testing.assert_array_equal(np.asarray(out).reshape(30, 40),
+                                np.asarray(nf.nvfp4_matmul(x.reshape(30, 32), w)))
+
+
+def test_m_zero_gives_empty(rng):
+  w = _random_weight(rng, 24, 32)
+  out = jax.jit(nf.nvfp4_matmul)(jnp.zeros((0, 32), jnp.bfloat16), w)
+  assert out.shape == (0, 24) and out.dtype == jnp.bfloat16
+
+
+def test_vmap_over_x_and_over_weights(rng):
+  w = _random_weight(rng, 24, 32, lead=(3,))
+  x = jnp.asarray(rng.standard_normal((3, 4, 32)), jnp.bfloat16)
+  by_vmap = jax.vmap(nf.nvfp4_matmul)(x, w)
+  for e in range(3):
+    we = jax.tree.map(lambda a: a[e], w)
+    np.testing.assert_array_equal(np.asarray(by_vmap[e]), np.asarray(nf.nvfp4_matmul(x[e], we)))
+  w0 = jax.tree.map(lambda a: a[0], w)
+  by_x = jax.vmap(nf.nvfp4_matmul, in_axes=(1, None))(x, w0)
+  np.testing.assert_array_equal(np.asarray(by_x), np.asarray(nf.nvfp4_matmul(x, w0)).swapaxes(0, 1))
+
+
+def test_eval_shape(rng):
+  w = _random_weight(rng, 24, 32)
+  out = jax.eval_shape(nf.nvfp4_matmul, jax.ShapeDtypeStruct((9, 32), jnp.float16), w)
+  assert out.shape == (9, 24) and out.dtype == jnp.float16
+
+
+def test_bad_inputs_raise_clear_errors(rng):
+  w = _random_weight(rng, 24, 32)
+  with pytest.raises(TypeError, match="bfloat16 or float16"):
+    nf.nvfp4_matmul(jnp.zeros((2, 32), jnp.float32), w)
+  with pytest.raises(ValueError, match="K = 32"):
+    nf.nvfp4_matmul(jnp.zeros((2, 48), jnp.bfloat16), w)
+  with pytest.raises(ValueError, match=r"bias must have shape \(24,\)"):
+    nf.nvfp4_matmul(jnp.zeros((2, 32), jnp.bfloat16), w, jnp.zeros(23))
+  with pytest.raises(TypeError, match="NVFP4Weight"):
+    nf.nvfp4_matmul(jnp.zeros((2, 32), jnp.bfloat16), jnp.zeros((24, 32)))
+  bad_scales = nf.NVFP4Weight(w.packed, w.scales.astype(jnp.float32), w.global_scale)
+  with pytest.raises(TypeError, match="float8_e4m3fn"):
+    jax.jit(nf.nvfp4_matmul)(jnp.zeros((2, 32), jnp.bfloat16), bad_scales)
+  stacked = _random_weight(rng, 24, 32, lead=(2,))
+  with pytest.raises(ValueError, match="single"):
+    nf.nvfp4_matmul(jnp.zeros((2, 32), jnp.bfloat16), stacked)
