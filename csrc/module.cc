@@ -6,6 +6,7 @@
 
 #ifdef JAX_NVFP4_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4GemmCuda);
+extern "C" int jax_nvfp4_sm_count();
 #endif
 
 namespace nb = nanobind;
@@ -29,6 +30,13 @@ NB_MODULE(_C, m) {
 #endif
     return registrations;
   }, "Names and capsules of the XLA FFI handlers built into this module.");
+  m.def("sm_count", []() {
+#ifdef JAX_NVFP4_WITH_CUDA
+    return jax_nvfp4_sm_count();
+#else
+    return 0;
+#endif
+  }, "Multiprocessors of the current CUDA device (0 without CUDA or without a device).");
   m.def("built_with_cuda", []() {
 #ifdef JAX_NVFP4_WITH_CUDA
     return true;

@@ -30,3 +30,8 @@ def why_no_kernels() -> str:
   if not _C.built_with_cuda():
     return "jax_nvfp4 was built without a CUDA toolkit (nvcc not found at build time)"
   return ""
+
+
+def sm_count() -> int:
+  """Multiprocessors of the current CUDA device, 0 when unknown."""
+  return int(_C.sm_count()) if cuda_kernels_built() else 0

@@ -5,13 +5,17 @@ Reading order: argument checks -> primitive and abstract eval -> lowerings -> ba
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
-from jax_nvfp4.format import BLOCK_SIZE, NVFP4Weight, check_weight
+from jax_nvfp4 import _ffi
+from jax_nvfp4.format import NVFP4Weight, check_weight
+from jax_nvfp4.prepare import PreparedNVFP4Weight, kernel_shapes, prepare, unprepare
 from jax_nvfp4.reference import reference_matmul
 
 ACTIVATION_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
@@ -85,27 +89,165 @@ def _batch(args, dims, *, has_bias):
 batching.primitive_batchers[nvfp4_matmul_p] = _batch
 
 
+# ----------------------------------------------------------------------------- kernel layout
+#
+# nvfp4_gemm_p: the same product with a PreparedNVFP4Weight. Two results: the output and the
+# kernel's workspace (split-K tickets and fp32 partials), which the public wrapper drops.
+
+nvfp4_gemm_p = Primitive("nvfp4_gemm")
+nvfp4_gemm_p.multiple_results = True
+
+_WARPS_PER_BLOCK = 8  # csrc/nvfp4_gemm.cu kWarps
+
+
+def _m_tile(m: int) -> int:
+  return 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count() -> int:
+  return _ffi.sm_count() or 132
+
+
+def choose_launch(m: int, n: int, k: int) -> tuple[int, int]:
+  """(splits, m_tile) for the dense kernel: split K until ~4 blocks per SM exist."""
+  mt = _m_tile(m)
+  n_blocks = -(-(-(-n // 16)) // _WARPS_PER_BLOCK)
+  m_tiles = max(1, -(-m // (8 * mt)))
+  k64 = -(-k // 64)
+  splits = -(-4 * _sm_count() // (n_blocks * m_tiles))
+  return int(max(1, min(splits, k64 // 2, 64))), mt
+
+
+def workspace_bytes(m: int, n: int, splits: int, m_tile: int) -> int:
+  if splits <= 1 or m == 0:
+    return 256
+  m_tiles = -(-m // (8 * m_tile))
+  n_blocks = -(-(-(-n // 16)) // _WARPS_PER_BLOCK)
+  tickets = -(-(m_tiles * n_blocks * 4) // 256) * 256
+  return tickets + splits * m * n * 4
+
+
+def _check_prepared(x_aval, qweight_aval, qscales_aval, gs_aval, bias_aval, n, k):
+  if np.dtype(x_aval.dtype) not in ACTIVATION_DTYPES:
+    raise TypeError(f"nvfp4_matmul: x must be bfloat16 or float16 [..., K], got {x_aval.dtype}")
+  if len(x_aval.shape) < 1 or x_aval.shape[-1] != k:
+    raise ValueError(f"nvfp4_matmul: x must be [..., K] with K = {k}, got {x_aval.shape}")
+  want_w, want_s = kernel_shapes(n, k)
+  if tuple(qweight_aval.shape) != want_w or np.dtype(qweight_aval.dtype) != np.uint32:
+    raise ValueError(f"nvfp4_matmul: qweight must be uint32 {want_w} for [N, K] = [{n}, {k}], "
+                     f"got {qweight_aval.dtype} {tuple(qweight_aval.shape)}")
+  if tuple(qscales_aval.shape) != want_s or np.dtype(qscales_aval.dtype) != np.uint8:
+    raise ValueError(f"nvfp4_matmul: qscales must be uint8 {want_s}, got "
+                     f"{qscales_aval.dtype} {tuple(qscales_aval.shape)}")
+  if tuple(gs_aval.shape) != () or np.dtype(gs_aval.dtype) != np.float32:
+    raise ValueError("nvfp4_matmul: global_scale must be a float32 scalar")
+  if bias_aval is not None and (tuple(bias_aval.shape) != (n,)
+                                or np.dtype(bias_aval.dtype) != np.float32):
+    raise ValueError(f"nvfp4_matmul: bias must be float32 ({n},), got {bias_aval.dtype} "
+                     f"{tuple(bias_aval.shape)}")
+
+
+def _gemm_abstract_eval(x, qweight, qscales, global_scale, bias, *, n, k, has_bias, splits,
+                        m_tile):
+  _check_prepared(x, qweight, qscales, global_scale, bias if has_bias else None, n, k)
+  m = int(np.prod(x.shape[:-1]))
+  return (jax.core.ShapedArray((*x.shape[:-1], n), x.dtype),
+          jax.core.ShapedArray((workspace_bytes(m, n, splits, m_tile),), jnp.uint8))
+
+
+nvfp4_gemm_p.def_abstract_eval(_gemm_abstract_eval)
+nvfp4_gemm_p.def_impl(lambda *args, **params: jax.jit(
+    lambda *a: nvfp4_gemm_p.bind(*a, **params))(*args))
+
+
+def _gemm_reference(x, qweight, qscales, global_scale, bias, *, n, k, has_bias, splits, m_tile):
+  w = unprepare(PreparedNVFP4Weight(qweight, qscales, global_scale, n=n, k=k))
+  out = reference_matmul(x, w, bias if has_bias else None)
+  m = int(np.prod(x.shape[:-1]))
+  return out, jnp.zeros((workspace_bytes(m, n, splits, m_tile),), jnp.uint8)
+
+
+mlir.register_lowering(nvfp4_gemm_p, mlir.lower_fun(_gemm_reference, multiple_results=True))
+
+if "jax_nvfp4_gemm_cuda" in _ffi.REGISTERED:
+  _cuda_gemm = jax.ffi.ffi_lowering("jax_nvfp4_gemm_cuda")
+
+  def _gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, bias, *, n, k, has_bias,
+                          splits, m_tile):
+    return _cuda_gemm(ctx, x, qweight, qscales, global_scale, bias, n=np.int64(n),
+                      k=np.int64(k), splits=np.int64(splits), m_tile=np.int64(m_tile),
+                      has_bias=bool(has_bias))
+
+  mlir.register_lowering(nvfp4_gemm_p, _gemm_cuda_lowering, platform="cuda")
+
+
+def _gemm_batch(args, dims, **params):
+  x, *weight_ops = args
+  x_dim, *weight_dims = dims
+  if any(d is not None for d in weight_dims):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    args = [jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
+            for a, d in zip(args, dims)]
+    out = jax.lax.map(lambda ops: _bind_gemm(*ops, n=params["n"], k=params["k"],
+                                             has_bias=params["has_bias"]), tuple(args))
+    return (out, jnp.zeros((256,), jnp.uint8)), (0, None)
+  x = jnp.moveaxis(x, x_dim, 0)
+  return (_bind_gemm(x, *weight_ops, n=params["n"], k=params["k"], has_bias=params["has_bias"]),
+          jnp.zeros((256,), jnp.uint8)), (0, None)
+
+
+batching.primitive_batchers[nvfp4_gemm_p] = _gemm_batch
+
+
+def _bind_gemm(x, qweight, qscales, global_scale, bias, *, n, k, has_bias):
+  m = int(np.prod(x.shape[:-1]))
+  splits, m_tile = choose_launch(m, n, k)
+  out, _ = nvfp4_gemm_p.bind(x, qweight, qscales, global_scale, bias, n=n, k=k,
+                             has_bias=has_bias, splits=splits, m_tile=m_tile)
+  return out
+
+
 # ----------------------------------------------------------------------------- public API
 
-def nvfp4_matmul(x: jax.Array, w: NVFP4Weight, bias: jax.Array | None = None) -> jax.Array:
+def nvfp4_matmul(x: jax.Array, w: NVFP4Weight | PreparedNVFP4Weight,
+                 bias: jax.Array | None = None) -> jax.Array:
   """``x @ dequantize(w).T + bias`` with the weight kept in NVFP4.
 
   Args:
     x: ``[..., K]`` bfloat16 or float16 activations (any leading dims, including M = 0).
-    w: an ``NVFP4Weight`` with logical shape ``[N, K]``, K a multiple of 16.
+    w: an ``NVFP4Weight`` (checkpoint layout) or a ``PreparedNVFP4Weight`` (kernel layout, from
+      ``prepare``) with logical shape ``[N, K]``, K a multiple of 16. On a CUDA GPU with the
+      kernels built, a prepared weight runs the NVFP4 kernel; an unprepared one is prepared on
+      the fly inside the computation (call ``prepare`` once to avoid that cost). Elsewhere the
+      reference lowering runs.
     bias: optional ``[N]`` float bias, added in float32 before the cast to ``x.dtype``.
 
   Returns:
     ``[..., N]`` in ``x.dtype``. Accumulation is float32; the result equals
     ``reference_matmul`` up to accumulation order.
   """
-  if not isinstance(w, NVFP4Weight):
-    raise TypeError(f"nvfp4_matmul: w must be an NVFP4Weight, got {type(w).__name__}")
+  if not isinstance(w, (NVFP4Weight, PreparedNVFP4Weight)):
+    raise TypeError("nvfp4_matmul: w must be an NVFP4Weight or PreparedNVFP4Weight, got "
+                    f"{type(w).__name__}")
   x = jnp.asarray(x)
-  ops = [x, w.packed, w.scales, w.global_scale]
   if bias is not None:
     bias = jnp.asarray(bias)
     if not jnp.issubdtype(bias.dtype, jnp.floating):
       raise TypeError(f"nvfp4_matmul: bias must be floating, got {bias.dtype}")
-    ops.append(bias.astype(jnp.float32))
+    bias = bias.astype(jnp.float32)
+  if isinstance(w, NVFP4Weight) and _kernel_wanted():
+    if len(w.shape) == 2:
+      _check(x, w.packed, w.scales, w.global_scale, bias)
+      w = prepare(w)
+  if isinstance(w, PreparedNVFP4Weight):
+    return _bind_gemm(x, w.qweight, w.qscales, w.global_scale,
+                      bias if bias is not None else jnp.zeros((0,), jnp.float32),
+                      n=w.n, k=w.k, has_bias=bias is not None)
+  ops = [x, w.packed, w.scales, w.global_scale] + ([bias] if bias is not None else [])
   return nvfp4_matmul_p.bind(*ops, has_bias=bias is not None)
+
+
+def _kernel_wanted() -> bool:
+  """Whether the default backend would run the CUDA kernel (decided at trace time)."""
+  return "jax_nvfp4_gemm_cuda" in _ffi.REGISTERED and jax.default_backend() == "gpu"

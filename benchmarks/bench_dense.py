@@ -1,0 +1,157 @@
+"""Dense NVFP4 GEMM benchmark (not a test). Run on a GPU:  python benchmarks/bench_dense.py
+
+Method. Every timed function is one jitted program that calls the op on COPIES distinct weight
+copies in turn (more bytes than L2 holds, so each call streams its weight from HBM), repeated
+REPS times per program, so Python dispatch is paid once per program; the time per call is the
+median over TRIALS programs / (COPIES * REPS). XLA's default flags are used (command buffers
+on). The roofline is bytes moved (NVFP4 weight + scales + x + out) / HBM copy bandwidth measured
+in the same run (a device-to-device copy, bytes read + written). cuBLAS is torch.matmul in bf16,
+timed with CUDA events over the same rotating copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_nvfp4 as nf
+
+COPIES = 8
+REPS = 4
+TRIALS = 7
+
+
+def _time_program(fn, *args) -> float:
+  """Seconds per call of a jitted program that makes COPIES * REPS calls."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(TRIALS):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times) / (COPIES * REPS)
+
+
+def copy_bandwidth() -> float:
+  n = 1 << 28  # 1 GiB of f32
+  a = jnp.ones((n,), jnp.float32)
+  f = jax.jit(lambda a: [a + jnp.float32(i) for i in range(4)])
+  jax.block_until_ready(f(a))
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a))
+    times.append(time.perf_counter() - t0)
+  del a
+  return 4 * 2 * n * 4 / statistics.median(times)
+
+
+def _many(op):
+  def program(x, ws):
+    outs = []
+    for _ in range(REPS):
+      for w in ws:
+        outs.append(op(x, w))
+    return outs
+  return jax.jit(program)
+
+
+def torch_cublas_us(m, n, k):
+  try:
+    import torch
+  except ImportError:
+    return None
+  if not torch.cuda.is_available():
+    return None
+  x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+  ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(COPIES)]
+  for w in ws:
+    torch.matmul(x, w.t())
+  torch.cuda.synchronize()
+  times = []
+  for _ in range(TRIALS):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPS):
+      for w in ws:
+        torch.matmul(x, w.t())
+    end.record()
+    torch.cuda.synchronize()
+    times.append(start.elapsed_time(end) * 1e3 / (COPIES * REPS))
+  del ws
+  torch.cuda.empty_cache()
+  return statistics.median(times)
+
+
+def bench_shape(k, n, ms, bw, key, with_torch=True):
+  rows = []
+  keys = jax.random.split(key, COPIES + 1)
+  # Random codes and scales directly on the device (quantizing 8 copies is slow and not timed).
+  qs = []
+  for i in range(COPIES):
+    kp, ks = jax.random.split(keys[i])
+    packed = jax.random.randint(kp, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+    scales = jax.random.uniform(ks, (n, k // 16), jnp.float32, 0.05, 8.0)
+    qs.append(nf.NVFP4Weight(packed, scales.astype(jnp.float8_e4m3fn), jnp.float32(0.01)))
+  prepared = [nf.prepare(q) for q in qs]
+  jax.block_until_ready(prepared)
+  bf16 = [nf.dequantize(q, jnp.bfloat16) for q in qs]
+  kernel = _many(nf.nvfp4_matmul)
+  xla_dot = _many(lambda x, w: x @ w.T)
+  deq_dot = _many(lambda x, q: x @ nf.dequantize(q, jnp.bfloat16).T)
+  for m in ms:
+    x = jax.random.normal(keys[-1], (m, k), jnp.bfloat16)
+    t_kernel = _time_program(kernel, x, prepared) * 1e6
+    t_xla = _time_program(xla_dot, x, bf16) * 1e6
+    t_deq = _time_program(deq_dot, x, qs) * 1e6
+    t_torch = torch_cublas_us(m, n, k) if with_torch else None
+    nbytes = n * k // 2 + n * k // 16 + m * k * 2 + m * n * 2
+    roof = nbytes / bw * 1e6
+    flops = 2 * m * n * k
+    row = dict(k=k, n=n, m=m, kernel_us=t_kernel, xla_bf16_us=t_xla, cublas_bf16_us=t_torch,
+               jax_dequant_dot_us=t_deq, roofline_us=roof, pct_roofline=100 * roof / t_kernel,
+               kernel_tflops=flops / t_kernel / 1e6,
+               vs_cublas=(t_torch / t_kernel) if t_torch else None)
+    rows.append(row)
+    print(f"{k:>6}x{n:<6} M={m:<5} kernel {t_kernel:8.1f} us | xla bf16 {t_xla:8.1f} | "
+          f"cublas {t_torch if t_torch else float('nan'):8.1f} | dequant+dot {t_deq:8.1f} | "
+          f"roof {roof:6.1f} ({row['pct_roofline']:5.1f} %) | {row['kernel_tflops']:6.1f} TF/s",
+          flush=True)
+  del bf16, prepared, qs
+  return rows
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--shapes", default="4096x14336,14336x4096,8192x28672,4096x4096",
+                  help="comma-separated KxN")
+  ap.add_argument("--ms", default="1,16,64,256,1024,4096")
+  ap.add_argument("--out", default=None, help="write JSON results here")
+  ap.add_argument("--no-torch", action="store_true")
+  args = ap.parse_args()
+  dev = jax.devices()[0]
+  bw = copy_bandwidth()
+  print(f"device: {dev.device_kind}; jax {jax.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s")
+  ms = [int(v) for v in args.ms.split(",")]
+  rows = []
+  key = jax.random.key(0)
+  for shape in args.shapes.split(","):
+    k, n = (int(v) for v in shape.split("x"))
+    key, sub = jax.random.split(key)
+    rows += bench_shape(k, n, ms, bw, sub, with_torch=not args.no_torch)
+  result = dict(device=dev.device_kind, date=datetime.date.today().isoformat(),
+                jax=jax.__version__, copy_bandwidth_gbs=bw / 1e9, method=__doc__, rows=rows)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,138 @@
+"""``prepare()``: NVFP4 weights from checkpoint layout into the CUDA kernel's layout (pure JAX).
+
+Run once per weight (it is jit-able, and cheap next to a forward pass, but not free). The layout
+is described in csrc/nvfp4_gemm.cu; in short, for ``W[N, K]`` padded to ``N16 = ceil(N/16)``
+tiles of 16 rows and ``K64 = ceil(K/64)`` chunks of 64 columns:
+
+* ``qweight`` uint32 ``[N16, K64, 32, 4]``: for lane ``l = 4g + t`` and k16 step ``j`` of a
+  chunk, one word holds the 8 codes of the mma.m16n8k16 A fragment: pair ``i = h + 2c`` is
+  ``W[16*n16 + 8h + g][64*k64 + 16j + 8c + 2t + e]`` for ``e = 0, 1``. Its low element's 3
+  magnitude bits sit at ``3i``, its high element's at ``16 + 3i``; signs at ``12 + i`` and
+  ``28 + i``.
+* ``qscales`` uint8 ``[N16, K64, 64]`` = ``[.., 8 g, 2 h, 4 j]``: the block scale of row
+  ``16*n16 + 8h + g`` and k16 block ``4*k64 + j``, as UE5M3 (unsigned; 5 exponent bits, bias
+  10; 3 mantissa bits): every E4M3 magnitude, subnormals included, is exact.
+* ``global_scale`` float32: unchanged (the kernel folds its own exponent-bias constant).
+
+Padding rows/columns hold code 0 with scale 1. Block scales that are zero, negative or NaN
+(never written by the reference tools, but legal bytes) are made exact too: a zero/NaN-scale
+block gets code 0 everywhere, a negative scale flips the sign bits of its block's codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_nvfp4.format import BLOCK_SIZE, NVFP4Weight, pack_fp4, unpack_fp4
+
+TILE_N = 16
+CHUNK_K = 64
+UE5M3_BIAS = 10
+UE5M3_ONE = UE5M3_BIAS << 3
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PreparedNVFP4Weight:
+  """An NVFP4 weight ``[N, K]`` in the dense kernel's layout (see the module docstring).
+
+  Attributes:
+    qweight: uint32 ``[ceil(N/16), ceil(K/64), 32, 4]``.
+    qscales: uint8 ``[ceil(N/16), ceil(K/64), 64]`` (UE5M3 block scales).
+    global_scale: float32 ``[]``.
+    n, k: the logical shape (static).
+    dtype: default dtype of ``dequantize`` (static).
+  """
+
+  qweight: jax.Array
+  qscales: jax.Array
+  global_scale: jax.Array
+  n: int = dataclasses.field(metadata=dict(static=True))
+  k: int = dataclasses.field(metadata=dict(static=True))
+  dtype: Any = dataclasses.field(default=jnp.bfloat16, metadata=dict(static=True))
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.n, self.k)
+
+  @property
+  def nbytes(self) -> int:
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+               for a in (self.qweight, self.qscales, self.global_scale))
+
+
+def kernel_shapes(n: int, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  n16, k64 = -(-n // TILE_N), -(-k // CHUNK_K)
+  return (n16, k64, 32, 4), (n16, k64, 64)
+
+
+def _e4m3_to_ue5m3(scales: jax.Array):
+  """float8_e4m3fn -> (UE5M3 uint8 of |s|, sign flip mask, zero mask)."""
+  f = scales.astype(jnp.float32)
+  bad = (f == 0) | jnp.isnan(f)
+  mag = jnp.where(bad, 1.0, jnp.abs(f))
+  bits = jax.lax.bitcast_convert_type(mag, jnp.uint32)
+  exponent = (bits >> 23).astype(jnp.int32) - 127 + UE5M3_BIAS  # 1..18 for E4M3 magnitudes
+  mantissa = (bits >> 20) & 7
+  u = ((exponent.astype(jnp.uint32) << 3) | mantissa).astype(jnp.uint8)
+  return u, f < 0, bad
+
+
+def _ue5m3_to_float(u: jax.Array) -> jax.Array:
+  u = u.astype(jnp.int32)
+  return jnp.ldexp(1.0 + (u & 7).astype(jnp.float32) / 8.0, (u >> 3) - UE5M3_BIAS)
+
+
+def prepare(w: NVFP4Weight) -> PreparedNVFP4Weight:
+  """Repacks a checkpoint-layout ``NVFP4Weight`` ``[N, K]`` for the CUDA kernel. Exact."""
+  if not isinstance(w, NVFP4Weight):
+    raise TypeError(f"prepare expects an NVFP4Weight, got {type(w).__name__}")
+  w.validate()
+  if len(w.shape) != 2:
+    raise ValueError(f"prepare expects a single [N, K] weight, got shape {w.shape}; "
+                     "map it over leading (expert) dims")
+  n, k = w.shape
+  n16, k64 = -(-n // TILE_N), -(-k // CHUNK_K)
+  codes = unpack_fp4(w.packed).astype(jnp.uint32)                      # [N, K]
+  u, negative, bad = _e4m3_to_ue5m3(w.scales)                          # [N, K/16]
+  per_elem = lambda b: jnp.repeat(b, BLOCK_SIZE, axis=-1)
+  codes = jnp.where(per_elem(bad), 0, codes ^ (per_elem(negative).astype(jnp.uint32) << 3))
+  codes = jnp.pad(codes, ((0, n16 * TILE_N - n), (0, k64 * CHUNK_K - k)))
+  u = jnp.pad(u, ((0, n16 * TILE_N - n), (0, k64 * 4 - k // BLOCK_SIZE)),
+              constant_values=UE5M3_ONE)
+
+  # codes[n16, h, g, k64, j, c, t, e]
+  c8 = codes.reshape(n16, 2, 8, k64, 4, 2, 4, 2)
+  h = jnp.arange(2, dtype=jnp.uint32).reshape(1, 2, 1, 1, 1, 1, 1, 1)
+  c = jnp.arange(2, dtype=jnp.uint32).reshape(1, 1, 1, 1, 1, 2, 1, 1)
+  e = jnp.arange(2, dtype=jnp.uint32).reshape(1, 1, 1, 1, 1, 1, 1, 2)
+  pair = h + 2 * c
+  bits = ((c8 & 7) << (3 * pair + 16 * e)) | ((c8 >> 3) << (12 + pair + 16 * e))
+  words = bits.sum(axis=(1, 5, 7), dtype=jnp.uint32)                   # [n16, g, k64, j, t]
+  qweight = words.transpose(0, 2, 1, 4, 3).reshape(n16, k64, 32, 4)
+
+  qscales = u.reshape(n16, 2, 8, k64, 4).transpose(0, 3, 2, 1, 4).reshape(n16, k64, 64)
+  return PreparedNVFP4Weight(qweight, qscales, w.global_scale.astype(jnp.float32), n=n, k=k,
+                             dtype=w.dtype)
+
+
+def unprepare(p: PreparedNVFP4Weight) -> NVFP4Weight:
+  """Inverse of ``prepare`` (up to the normalisations of zero/negative/NaN block scales)."""
+  n16, k64 = p.qweight.shape[:2]
+  words = p.qweight.reshape(n16, k64, 8, 4, 4).transpose(0, 2, 1, 4, 3)  # [n16, g, k64, j, t]
+  words = words[:, None, :, :, :, None, :, None]
+  h = jnp.arange(2, dtype=jnp.uint32).reshape(1, 2, 1, 1, 1, 1, 1, 1)
+  c = jnp.arange(2, dtype=jnp.uint32).reshape(1, 1, 1, 1, 1, 2, 1, 1)
+  e = jnp.arange(2, dtype=jnp.uint32).reshape(1, 1, 1, 1, 1, 1, 1, 2)
+  pair = h + 2 * c
+  mag = (words >> (3 * pair + 16 * e)) & 7
+  sgn = (words >> (12 + pair + 16 * e)) & 1
+  codes = ((sgn << 3) | mag).reshape(n16 * TILE_N, k64 * CHUNK_K)[:p.n, :p.k]
+  u = p.qscales.reshape(n16, k64, 8, 2, 4).transpose(0, 3, 2, 1, 4).reshape(n16 * TILE_N, k64 * 4)
+  scales = _ue5m3_to_float(u[:p.n, :p.k // BLOCK_SIZE]).astype(jnp.float8_e4m3fn)
+  return NVFP4Weight(pack_fp4(codes.astype(jnp.uint8)), scales, p.global_scale, dtype=p.dtype)

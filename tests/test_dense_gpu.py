@@ -1,0 +1,171 @@
+"""The CUDA dense kernel against float64 / float32 references (skipped without a GPU)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jax_nvfp4 as nf
+from jax_nvfp4.ops import dense
+from tests import numpy_reference as npref
+
+pytestmark = pytest.mark.gpu
+
+
+def random_weight(rng, n, k, *, scale_range=(2.0**-6, 8.0), global_scale=None):
+  """Random codes (all 16, incl. +-0, +-6) and random E4M3 block scales."""
+  packed = rng.integers(0, 256, size=(n, k // 2), dtype=np.uint8)
+  scales = rng.uniform(*scale_range, size=(n, k // 16)).astype(ml_dtypes.float8_e4m3fn)
+  gs = np.float32(global_scale if global_scale is not None else rng.uniform(0.01, 0.1))
+  return nf.NVFP4Weight(jnp.asarray(packed), jnp.asarray(scales), jnp.asarray(gs))
+
+
+def poisoned_call(fn, *args, out_shape, dtype):
+  """Fills freshly freed device memory of the output's size with NaN first, so that an output
+  element the kernel forgets to write shows up as NaN (the allocator reuses the freed block)."""
+  poison = jnp.full(out_shape, jnp.nan, dtype).block_until_ready()
+  del poison
+  return fn(*args)
+
+
+def rel_l2(a, b):
+  a = np.asarray(a, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+_gemm = jax.jit(nf.nvfp4_matmul)
+
+PEER_SHAPES = [(1, 64, 128), (1, 256, 1024), (26, 2368, 1664), (257, 832, 1408),
+               (257, 3328, 1408), (32, 2048, 1024)]
+SMALL_M = [1, 2, 7, 16, 17, 64, 255]
+
+
+def _check_f64(rng, m, n, k, dtype, with_bias, **wkw):
+  w = random_weight(rng, n, k, **wkw)
+  p = nf.prepare(w)
+  x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+  bias = jnp.asarray(rng.standard_normal(n), jnp.float32) if with_bias else None
+  out = poisoned_call(_gemm, x, p, bias, out_shape=(m, n), dtype=dtype)
+  assert out.shape == (m, n) and out.dtype == dtype
+  ref = np.asarray(x, np.float64) @ npref.dequantize(w.packed, w.scales, w.global_scale).T
+  if with_bias:
+    ref = ref + np.asarray(bias, np.float64)
+  out = np.asarray(out, np.float64)
+  assert np.isfinite(out).all(), "unwritten (NaN-poisoned) or overflowed outputs"
+  return rel_l2(out, ref)
+
+
+@pytest.mark.parametrize("m, n, k", PEER_SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_peer_shapes(rng, m, n, k, dtype):
+  assert _check_f64(rng, m, n, k, dtype, with_bias=(m == 32)) <= 5e-3
+
+
+@pytest.mark.parametrize("m", SMALL_M + [1024])
+@pytest.mark.parametrize("n, k", [(100, 1664), (4000, 1664), (2368, 4096)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_m_sweep_odd_n(rng, m, n, k, dtype):
+  assert _check_f64(rng, m, n, k, dtype, with_bias=True) <= 5e-3
+
+
+@pytest.mark.parametrize("k, n", [(4096, 14336), (14336, 4096), (8192, 28672)])
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 17, 64, 255, 1024, 4096])
+def test_llm_shapes_vs_fp32(rng, k, n, m):
+  key = jax.random.key(int(rng.integers(1 << 30)))
+  kp, ks, kx = jax.random.split(key, 3)
+  packed = jax.random.randint(kp, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+  scales = jax.random.uniform(ks, (n, k // 16), jnp.float32, 2.0**-6, 8.0)
+  w = nf.NVFP4Weight(packed, scales.astype(jnp.float8_e4m3fn), jnp.float32(0.02))
+  x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+  out = poisoned_call(_gemm, x, nf.prepare(w), out_shape=(m, n), dtype=jnp.bfloat16)
+  ref = jax.jit(lambda x, w: jnp.dot(x.astype(jnp.float32), nf.dequantize(w, jnp.float32).T,
+                                     precision=jax.lax.Precision.HIGHEST))(x, w)
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  assert np.isfinite(out).all()
+  assert rel_l2(out, ref) <= 2e-3
+
+
+def test_global_scale_one_with_tiny_block_scales(rng):
+  # E4M3 subnormal block scales (2^-9 .. 2^-7) and global_scale = 1 (DESIGN §5 regression).
+  for dtype in (jnp.bfloat16, jnp.float16):
+    assert _check_f64(rng, 5, 200, 256, dtype, False, scale_range=(2.0**-9, 2.0**-6),
+                      global_scale=1.0) <= 5e-3
+
+
+def test_fp16_large_global_scale_does_not_overflow(rng):
+  # W values up to 6 * 448 * 8 = 21504: the product overflows fp16 unless the global scale is
+  # applied to the fp32 accumulator; the true outputs stay below 65504.
+  n, k = 64, 64
+  w = random_weight(rng, n, k, scale_range=(300.0, 448.0), global_scale=8.0)
+  x = jnp.asarray(rng.uniform(-1, 1, (3, k)) * 0.05, jnp.float16)
+  out = np.asarray(_gemm(x, nf.prepare(w)), np.float64)
+  ref = np.asarray(x, np.float64) @ npref.dequantize(w.packed, w.scales, w.global_scale).T
+  assert np.abs(ref).max() < 60000 and np.abs(ref).max() > 1000
+  assert np.isfinite(out).all()
+  assert rel_l2(out, ref) <= 5e-3
+
+
+def test_bitwise_deterministic_with_split_k(rng):
+  m, n, k = 3, 512, 8192
+  assert dense.choose_launch(m, n, k)[0] > 1  # the split-K path is exercised
+  w = nf.prepare(random_weight(rng, n, k))
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  first = np.asarray(_gemm(x, w))
+  for _ in range(5):
+    np.testing.assert_array_equal(np.asarray(_gemm(x, w)), first)
+
+
+def test_unprepared_weight_runs_the_kernel_too(rng):
+  w = random_weight(rng, 96, 128)
+  x = jnp.asarray(rng.standard_normal((4, 128)), jnp.bfloat16)
+  hlo = jax.jit(nf.nvfp4_matmul).lower(x, w).as_text()
+  assert "jax_nvfp4_gemm_cuda" in hlo
+  np.testing.assert_array_equal(np.asarray(_gemm(x, w)), np.asarray(_gemm(x, nf.prepare(w))))
+
+
+def test_m_zero(rng):
+  w = nf.prepare(random_weight(rng, 48, 64))
+  out = _gemm(jnp.zeros((0, 64), jnp.bfloat16), w)
+  assert out.shape == (0, 48)
+
+
+def test_no_bf16_weight_materialized(rng):
+  n, k, m = 4096, 4096, 16
+  w = nf.prepare(random_weight(rng, n, k))
+  x = jnp.zeros((m, k), jnp.bfloat16)
+  compiled = jax.jit(nf.nvfp4_matmul).lower(x, w).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < n * k * 2 // 8, f"temp {temp} bytes: looks like a dequantized weight copy"
+  assert "jax_nvfp4_gemm_cuda" in compiled.as_text()
+
+
+def test_inside_cuda_graph_command_buffer(rng):
+  # A fresh process, since XLA flags are read once at backend start.
+  code = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np, jax_nvfp4 as nf
+    w = nf.quantize(jax.random.normal(jax.random.key(0), (300, 512)))
+    p = nf.prepare(w)
+    x = jax.random.normal(jax.random.key(1), (5, 512), jnp.bfloat16)
+    f = jax.jit(lambda x, p: nf.nvfp4_matmul(nf.nvfp4_matmul(x, p)[:, :256].astype(x.dtype)
+                                             .repeat(2, axis=1), p))
+    a = np.asarray(f(x, p), np.float32); b = np.asarray(f(x, p), np.float32)
+    r = jax.jit(lambda x, w: nf.reference_matmul(
+        nf.reference_matmul(x, w)[:, :256].repeat(2, axis=1), w))(x, w)
+    assert np.array_equal(a, b)
+    err = np.linalg.norm(a - np.asarray(r, np.float32)) / np.linalg.norm(np.asarray(r, np.float32))
+    print("ERR", err)
+    assert err < 1e-2, err
+  """)
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=+CUSTOM_CALL"
+                      " --xla_gpu_graph_min_graph_size=1")
+  res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert res.returncode == 0, res.stdout + res.stderr
+  assert "ERR" in res.stdout
