@@ -1,8 +1,9 @@
 """Dense NVFP4 GEMM benchmark (not a test). Run on a GPU:  python benchmarks/bench_dense.py
 
 Method. Every timed function is one jitted program that calls the op on COPIES distinct weight
-copies in turn (more bytes than L2 holds, so each call streams its weight from HBM), repeated
-REPS times per program, so Python dispatch is paid once per program; the time per call is the
+copies in turn (more bytes than L2 holds, so each call streams its weight from HBM), with REPS
+distinct activation arrays (so XLA cannot merge identical calls), so Python dispatch is paid once
+per program; the time per call is the
 median over TRIALS programs / (COPIES * REPS). XLA's default flags are used (command buffers
 on). The roofline is bytes moved (NVFP4 weight + scales + x + out) / HBM copy bandwidth measured
 in the same run (a device-to-device copy, bytes read + written). cuBLAS is torch.matmul in bf16,
@@ -54,9 +55,9 @@ def copy_bandwidth() -> float:
 
 
 def _many(op):
-  def program(x, ws):
+  def program(xs, ws):
     outs = []
-    for _ in range(REPS):
+    for x in xs:
       for w in ws:
         outs.append(op(x, w))
     return outs
@@ -70,16 +71,16 @@ def torch_cublas_us(m, n, k):
     return None
   if not torch.cuda.is_available():
     return None
-  x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+  xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(REPS)]
   ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(COPIES)]
   for w in ws:
-    torch.matmul(x, w.t())
+    torch.matmul(xs[0], w.t())
   torch.cuda.synchronize()
   times = []
   for _ in range(TRIALS):
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(REPS):
+    for x in xs:
       for w in ws:
         torch.matmul(x, w.t())
     end.record()
@@ -107,7 +108,7 @@ def bench_shape(k, n, ms, bw, key, with_torch=True):
   xla_dot = _many(lambda x, w: x @ w.T)
   deq_dot = _many(lambda x, q: x @ nf.dequantize(q, jnp.bfloat16).T)
   for m in ms:
-    x = jax.random.normal(keys[-1], (m, k), jnp.bfloat16)
+    x = [jax.random.normal(kx, (m, k), jnp.bfloat16) for kx in jax.random.split(keys[-1], REPS)]
     t_kernel = _time_program(kernel, x, prepared) * 1e6
     t_xla = _time_program(xla_dot, x, bf16) * 1e6
     t_deq = _time_program(deq_dot, x, qs) * 1e6

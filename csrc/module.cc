@@ -7,6 +7,7 @@
 #ifdef JAX_NVFP4_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4GemmCuda);
 extern "C" int jax_nvfp4_sm_count();
+extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16);
 #endif
 
 namespace nb = nanobind;
@@ -37,6 +38,13 @@ NB_MODULE(_C, m) {
     return 0;
 #endif
   }, "Multiprocessors of the current CUDA device (0 without CUDA or without a device).");
+  m.def("blocks_per_sm", [](int mt, bool bf16) {
+#ifdef JAX_NVFP4_WITH_CUDA
+    return jax_nvfp4_blocks_per_sm(mt, bf16 ? 1 : 0);
+#else
+    return 0;
+#endif
+  }, "Resident blocks per SM of the dense kernel for token tile mt (0 when unknown).");
   m.def("built_with_cuda", []() {
 #ifdef JAX_NVFP4_WITH_CUDA
     return true;

@@ -171,6 +171,28 @@ __device__ __forceinline__ uint2 load_stream8(const uint2 *p, uint64_t policy) {
   return v;
 }
 
+// One k16 step: dequantize one 16x16 weight tile into A fragments, multiply with MT token tiles.
+// kx is the step's first K index in units of 32-bit pairs of x.
+template <typename T, int MT>
+__device__ __forceinline__ void k16_step(uint32_t word, uint2 scales, int j,
+                                         const uint32_t *const (&xrow)[MT], int kx,
+                                         float (&acc)[MT][4]) {
+  uint32_t a[4];
+  dequant_word<T>(word, a);
+  const uint32_t s_lo = widen_scale<T>(scales.x, j);  // row g
+  const uint32_t s_hi = widen_scale<T>(scales.y, j);  // row g + 8
+  a[0] = hmul2<T>(a[0], s_lo);
+  a[1] = hmul2<T>(a[1], s_hi);
+  a[2] = hmul2<T>(a[2], s_lo);
+  a[3] = hmul2<T>(a[3], s_hi);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const uint32_t b0 = __ldg(xrow[mt] + kx);
+    const uint32_t b1 = __ldg(xrow[mt] + kx + 4);
+    mma_16816<T>(acc[mt], a, b0, b1);
+  }
+}
+
 struct GemmParams {
   const void *x;           // [M, K]
   const uint4 *qweight;    // [N16][K64][32] uint4
@@ -209,15 +231,14 @@ __global__ void __launch_bounds__(kThreads) nvfp4_gemm_kernel(const GemmParams p
 #pragma unroll
     for (int r = 0; r < 4; ++r) acc[mt][r] = 0.f;
 
-  // Rows of x this lane feeds as B (token g of each 8-token tile); out-of-range rows read 0.
+  // Rows of x this lane feeds as B (token g of each 8-token tile). A token past M reads row 0
+  // instead: a B column only feeds its own output column, which is never stored.
   const uint32_t *xrow[MT];
-  bool xvalid[MT];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     const int m = m0 + mt * 8 + g;
-    xvalid[mt] = m < p.m;
     xrow[mt] = reinterpret_cast<const uint32_t *>(static_cast<const T *>(p.x) +
-                                                  static_cast<int64_t>(xvalid[mt] ? m : 0) * p.k);
+                                                  static_cast<int64_t>(m < p.m ? m : 0) * p.k) + t;
   }
 
   if (active) {
@@ -253,25 +274,13 @@ __global__ void __launch_bounds__(kThreads) nvfp4_gemm_kernel(const GemmParams p
         const int c = c0 + u;
         if (c >= c_end) break;
         const uint32_t words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
+        // Only the last chunk of K can be partial; x must not be read past K there.
+        const int steps = min(4, k16_total - c * 4);
+        if (steps == 4) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int k16 = c * 4 + j;
-          if (k16 >= k16_total) break;  // K padding: zero weights, and x must not be read
-          uint32_t a[4];
-          dequant_word<T>(words[j], a);
-          const uint32_t s_lo = widen_scale<T>(s[u].x, j);  // row g
-          const uint32_t s_hi = widen_scale<T>(s[u].y, j);  // row g + 8
-          a[0] = hmul2<T>(a[0], s_lo);
-          a[1] = hmul2<T>(a[1], s_hi);
-          a[2] = hmul2<T>(a[2], s_lo);
-          a[3] = hmul2<T>(a[3], s_hi);
-          const int kx = k16 * 8 + t;  // in uint32 (pairs of 16-bit values)
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            const uint32_t b0 = xvalid[mt] ? __ldg(xrow[mt] + kx) : 0u;
-            const uint32_t b1 = xvalid[mt] ? __ldg(xrow[mt] + kx + 4) : 0u;
-            mma_16816<T>(acc[mt], a, b0, b1);
-          }
+          for (int j = 0; j < 4; ++j) k16_step<T, MT>(words[j], s[u], j, xrow, (c * 4 + j) * 8, acc);
+        } else {
+          for (int j = 0; j < steps; ++j) k16_step<T, MT>(words[j], s[u], j, xrow, (c * 4 + j) * 8, acc);
         }
       }
     }
@@ -464,6 +473,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Nvfp4GemmCuda, jax_nvfp4::GemmImpl,
                                   .Attr<int64_t>("m_tile")
                                   .Attr<bool>("has_bias"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
+
+// Resident blocks per SM of the kernel for token tile MT (the split-K choice fills one wave).
+extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16) {
+  using namespace jax_nvfp4;
+  int blocks = 0;
+  const void *fn = nullptr;
+  switch (mt) {
+    case 1: fn = bf16 ? (const void *)nvfp4_gemm_kernel<__nv_bfloat16, 1> : (const void *)nvfp4_gemm_kernel<__half, 1>; break;
+    case 2: fn = bf16 ? (const void *)nvfp4_gemm_kernel<__nv_bfloat16, 2> : (const void *)nvfp4_gemm_kernel<__half, 2>; break;
+    case 4: fn = bf16 ? (const void *)nvfp4_gemm_kernel<__nv_bfloat16, 4> : (const void *)nvfp4_gemm_kernel<__half, 4>; break;
+    default: fn = bf16 ? (const void *)nvfp4_gemm_kernel<__nv_bfloat16, 8> : (const void *)nvfp4_gemm_kernel<__half, 8>; break;
+  }
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, fn, kThreads, 0) != cudaSuccess) return 0;
+  return blocks;
+}
 
 // Multiprocessor count of the current device (for the split-K choice made at trace time).
 extern "C" int jax_nvfp4_sm_count() {

@@ -35,3 +35,8 @@ def why_no_kernels() -> str:
 def sm_count() -> int:
   """Multiprocessors of the current CUDA device, 0 when unknown."""
   return int(_C.sm_count()) if cuda_kernels_built() else 0
+
+
+def blocks_per_sm(m_tile: int, bf16: bool) -> int:
+  """Resident blocks per SM of the dense kernel, 0 when unknown."""
+  return int(_C.blocks_per_sm(m_tile, bf16)) if cuda_kernels_built() else 0

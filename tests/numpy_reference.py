@@ -24,11 +24,16 @@ def dequantize(packed, scales, global_scale) -> np.ndarray:
   return E2M1[codes] * s * gs
 
 
-def quantize(w: np.ndarray):
-  """ModelOpt's algorithm, per tensor over the last two dims; returns codes, scales(f32), gs."""
+def quantize(w: np.ndarray, gs=None):
+  """ModelOpt's algorithm, per tensor over the last two dims; returns codes, scales, gs.
+
+  ``gs`` overrides the global scale (to follow a quantizer whose float32 division of amax was
+  one ulp off, as XLA's GPU division can be)."""
   w = np.asarray(w, np.float32)
   amax = np.abs(w).max(axis=(-2, -1))
-  gs = np.where(amax > 0, amax / np.float32(2688.0), 1.0).astype(np.float32)
+  if gs is None:
+    gs = np.where(amax > 0, amax / np.float32(2688.0), 1.0).astype(np.float32)
+  gs = np.asarray(gs, np.float32)
   blocks = w.reshape(*w.shape[:-1], -1, 16)
   bamax = np.abs(blocks).max(axis=-1)
   s = (bamax / (np.float32(6.0) * gs[..., None, None])).astype(np.float32)

@@ -41,6 +41,15 @@ def rel_l2(a, b):
 
 _gemm = jax.jit(nf.nvfp4_matmul)
 
+
+@pytest.fixture(autouse=True)
+def kernel_at_every_m(request, monkeypatch):
+  """The kernel is forced at every M here (the default policy hands M > KERNEL_MAX_M to
+  dequantize + XLA GEMM; test_default_dispatch_* covers that path)."""
+  if "default_dispatch" not in request.node.name:
+    monkeypatch.setattr(dense, "KERNEL_MAX_M", 1 << 40)
+  jax.clear_caches()
+
 PEER_SHAPES = [(1, 64, 128), (1, 256, 1024), (26, 2368, 1664), (257, 832, 1408),
                (257, 3328, 1408), (32, 2048, 1024)]
 SMALL_M = [1, 2, 7, 16, 17, 64, 255]
@@ -124,7 +133,7 @@ def test_bitwise_deterministic_with_split_k(rng):
 def test_unprepared_weight_runs_the_kernel_too(rng):
   w = random_weight(rng, 96, 128)
   x = jnp.asarray(rng.standard_normal((4, 128)), jnp.bfloat16)
-  hlo = jax.jit(nf.nvfp4_matmul).lower(x, w).as_text()
+  hlo = jax.jit(nf.nvfp4_matmul).lower(x, w).as_text()  # M = 4: always the kernel
   assert "jax_nvfp4_gemm_cuda" in hlo
   np.testing.assert_array_equal(np.asarray(_gemm(x, w)), np.asarray(_gemm(x, nf.prepare(w))))
 
@@ -169,3 +178,19 @@ def test_inside_cuda_graph_command_buffer(rng):
                        timeout=300)
   assert res.returncode == 0, res.stdout + res.stderr
   assert "ERR" in res.stdout
+
+
+@pytest.mark.parametrize("m", [33, 255, 4096])
+@pytest.mark.parametrize("n, k", [(4000, 1664), (14336, 4096)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_default_dispatch_large_m(rng, m, n, k, dtype):
+  assert m > dense.KERNEL_MAX_M
+  w = random_weight(rng, n, k)
+  x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+  bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+  out = poisoned_call(_gemm, x, nf.prepare(w), bias, out_shape=(m, n), dtype=dtype)
+  ref = jax.jit(lambda x, w, b: jnp.dot(x.astype(jnp.float32), nf.dequantize(w, jnp.float32).T,
+                                        precision=jax.lax.Precision.HIGHEST) + b)(x, w, bias)
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  assert np.isfinite(out).all()
+  assert rel_l2(out, ref) <= 5e-3

@@ -91,10 +91,15 @@ def test_quantize_matches_independent_numpy(rng, shape, magnitude):
   if w.shape[-1] > 16:
     w[..., :1, :16] = 0.0  # a zero block
   q = nf.quantize(jnp.asarray(w))
-  codes, scales, gs = npref.quantize(w)
+  _, _, gs = npref.quantize(w)
+  if jax.default_backend() == "cpu":
+    np.testing.assert_array_equal(np.asarray(q.global_scale), gs)
+  else:  # XLA's float32 division on GPU is not correctly rounded
+    np.testing.assert_array_max_ulp(np.asarray(q.global_scale), gs, maxulp=1)
+  codes, scales, _ = npref.quantize(w, gs=np.asarray(q.global_scale))
   np.testing.assert_array_equal(np.asarray(nf.unpack_fp4(q.packed)), codes)
-  np.testing.assert_array_equal(np.asarray(q.scales).view(np.uint8), scales.view(np.uint8))
-  np.testing.assert_array_equal(np.asarray(q.global_scale), gs)
+  np.testing.assert_array_equal(np.asarray(q.scales).reshape(-1).view(np.uint8),
+                                scales.reshape(-1).view(np.uint8))
   deq = np.asarray(nf.dequantize(q, jnp.float32), np.float64)
   assert np.isfinite(deq).all()
   np.testing.assert_allclose(deq, npref.dequantize(q.packed, q.scales, q.global_scale),

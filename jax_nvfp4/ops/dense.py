@@ -14,7 +14,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
 from jax_nvfp4 import _ffi
-from jax_nvfp4.format import NVFP4Weight, check_weight
+from jax_nvfp4.format import NVFP4Weight, check_weight, dequantize
 from jax_nvfp4.prepare import PreparedNVFP4Weight, kernel_shapes, prepare, unprepare
 from jax_nvfp4.reference import reference_matmul
 
@@ -109,13 +109,23 @@ def _sm_count() -> int:
   return _ffi.sm_count() or 132
 
 
+@functools.lru_cache(maxsize=None)
+def _blocks_per_sm(m_tile: int) -> int:
+  return _ffi.blocks_per_sm(m_tile, True) or 2
+
+
 def choose_launch(m: int, n: int, k: int) -> tuple[int, int]:
-  """(splits, m_tile) for the dense kernel: split K until ~4 blocks per SM exist."""
+  """(splits, m_tile) for the dense kernel.
+
+  K is split so that the grid fills one wave of resident blocks (a partial second wave would
+  leave SMs idle for a whole block's time), with at least two k64 chunks per split.
+  """
   mt = _m_tile(m)
   n_blocks = -(-(-(-n // 16)) // _WARPS_PER_BLOCK)
   m_tiles = max(1, -(-m // (8 * mt)))
   k64 = -(-k // 64)
-  splits = -(-4 * _sm_count() // (n_blocks * m_tiles))
+  slots = _sm_count() * _blocks_per_sm(mt)
+  splits = slots // (n_blocks * m_tiles)
   return int(max(1, min(splits, k64 // 2, 64))), mt
 
 
@@ -240,12 +250,35 @@ def nvfp4_matmul(x: jax.Array, w: NVFP4Weight | PreparedNVFP4Weight,
     if len(w.shape) == 2:
       _check(x, w.packed, w.scales, w.global_scale, bias)
       w = prepare(w)
+  if isinstance(w, PreparedNVFP4Weight) and _kernel_wanted():
+    m = int(np.prod(x.shape[:-1]))
+    if m > KERNEL_MAX_M:
+      _check_prepared(x, w.qweight, w.qscales, w.global_scale, bias, w.n, w.k)
+      return _dequant_dot(x, w, bias)
   if isinstance(w, PreparedNVFP4Weight):
     return _bind_gemm(x, w.qweight, w.qscales, w.global_scale,
                       bias if bias is not None else jnp.zeros((0,), jnp.float32),
                       n=w.n, k=w.k, has_bias=bias is not None)
   ops = [x, w.packed, w.scales, w.global_scale] + ([bias] if bias is not None else [])
   return nvfp4_matmul_p.bind(*ops, has_bias=bias is not None)
+
+
+#: Above this many tokens the GPU path dequantizes the weight to a temporary (e2m1 * block
+#: scale, exact in bf16/fp16) and uses XLA's GEMM, applying the global scale to the fp32
+#: result: the mma.sync kernel is tuned for decode and loses to cuBLAS at prefill sizes
+#: (benchmarks/results). Tests lower it to exercise the kernel at large M.
+KERNEL_MAX_M = 32
+
+
+def _dequant_dot(x, w: PreparedNVFP4Weight, bias):
+  """Prefill path: same semantics as the kernel (global scale and bias on the fp32 result)."""
+  unit = NVFP4Weight(unprepare(w).packed, unprepare(w).scales, jnp.float32(1.0))
+  w16 = dequantize(unit, x.dtype)  # exact: a 2-bit-mantissa code times an E4M3 scale
+  out = jnp.einsum("...k,nk->...n", x, w16, preferred_element_type=jnp.float32)
+  out = out * w.global_scale
+  if bias is not None:
+    out = out + bias
+  return out.astype(x.dtype)
 
 
 def _kernel_wanted() -> bool:
