@@ -143,6 +143,13 @@ def test_expert_dims_have_one_global_scale_each(rng):
 def test_quantize_under_jit_equals_eager(rng):
   w = jnp.asarray(rng.standard_normal((16, 64)), jnp.bfloat16)
   a, b = nf.quantize(w), jax.jit(nf.quantize)(w)
+  if jax.default_backend() != "cpu":
+    # XLA's GPU float32 division is not correctly rounded and differs between fused and
+    # unfused kernels: allow one ulp in the global scale, compare the dequantized weights.
+    np.testing.assert_array_max_ulp(np.asarray(a.global_scale), np.asarray(b.global_scale), 1)
+    np.testing.assert_allclose(np.asarray(nf.dequantize(a, jnp.float32)),
+                               np.asarray(nf.dequantize(b, jnp.float32)), rtol=1e-6)
+    return
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x).reshape(-1).view(np.uint8),
                                   np.asarray(y).reshape(-1).view(np.uint8))
