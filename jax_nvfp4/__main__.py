@@ -14,10 +14,16 @@ def _demo(args) -> int:
 
   import jax_nvfp4 as nf
   from jax_nvfp4 import _ffi
+  from jax_nvfp4.ops import dense
 
   dev = jax.devices()[0]
   print(f"jax {jax.__version__} on {dev.platform}: {dev.device_kind}")
-  print("kernels: " + ("CUDA kernels built" if _ffi.cuda_kernels_built() else _ffi.why_no_kernels()))
+  if dev.platform == "gpu" and _ffi.cuda_kernels_built():
+    print(f"backend: CUDA NVFP4 kernel for <= {dense.KERNEL_MAX_M} tokens, "
+          "dequantize + XLA GEMM above (the GPU has no FP4 tensor cores to use)")
+  else:
+    why = "no GPU" if _ffi.cuda_kernels_built() else _ffi.why_no_kernels()
+    print(f"backend: pure-JAX reference ({why})")
   n, k, m = args.n, args.k, args.m
   key_w, key_x = jax.random.split(jax.random.key(args.seed))
   w = (jax.random.normal(key_w, (n, k), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
@@ -27,7 +33,7 @@ def _demo(args) -> int:
   print(f"layer [N={n}, K={k}], tokens M={m}")
   print(f"weight bytes: bf16 {bf16_bytes / 2**20:.2f} MiB -> NVFP4 {q.nbytes / 2**20:.2f} MiB "
         f"({bf16_bytes / q.nbytes:.2f}x smaller)")
-  y = jax.jit(nf.nvfp4_matmul)(x, q)
+  y = jax.jit(nf.nvfp4_matmul)(x, nf.prepare(q))
   y_bf16 = jax.jit(lambda a, b: a @ b.T)(x, w)
   exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
   deq = np.asarray(x, np.float64) @ np.asarray(nf.dequantize(q, jnp.float32), np.float64).T
@@ -38,7 +44,7 @@ def _demo(args) -> int:
   if dev.platform == "gpu":
     f_q = jax.jit(nf.nvfp4_matmul)
     f_b = jax.jit(lambda a, b: a @ b.T)
-    for name, f, a in (("nvfp4", f_q, q), ("bf16", f_b, w)):
+    for name, f, a in (("nvfp4", f_q, nf.prepare(q)), ("bf16", f_b, w)):
       f(x, a).block_until_ready()
       t0 = time.perf_counter()
       for _ in range(50):
