@@ -272,7 +272,8 @@ KERNEL_MAX_M = 32
 
 def _dequant_dot(x, w: PreparedNVFP4Weight, bias):
   """Prefill path: same semantics as the kernel (global scale and bias on the fp32 result)."""
-  unit = NVFP4Weight(unprepare(w).packed, unprepare(w).scales, jnp.float32(1.0))
+  checkpoint = unprepare(w)
+  unit = NVFP4Weight(checkpoint.packed, checkpoint.scales, jnp.float32(1.0))
   w16 = dequantize(unit, x.dtype)  # exact: a 2-bit-mantissa code times an E4M3 scale
   out = jnp.einsum("...k,nk->...n", x, w16, preferred_element_type=jnp.float32)
   out = out * w.global_scale
