@@ -1,11 +1,15 @@
 """Dense NVFP4 GEMM benchmark (not a test). Run on a GPU:  python benchmarks/bench_dense.py
 
-Method. Every timed function is one jitted program that calls the op on COPIES distinct weight
-copies in turn (more bytes than L2 holds, so each call streams its weight from HBM), with REPS
-distinct activation arrays (so XLA cannot merge identical calls), so Python dispatch is paid once
-per program; the time per call is the
-median over TRIALS programs / (COPIES * REPS). XLA's default flags are used (command buffers
-on). The roofline is bytes moved (NVFP4 weight + scales + x + out) / HBM copy bandwidth measured
+Method. Every timed function is one jitted program that calls the op once on each of COPIES
+distinct weight copies (more bytes than L2 holds, so each call streams its weight from HBM), each
+with its own activation array. No two calls share an operand: XLA merges dots that share one
+(a program that multiplied one weight by 4 activations read the weight once, which made the
+XLA column look faster than HBM allows). The program is dispatched RUNS
+times back to back before waiting for the last result, so the host's dispatch of program r+1
+overlaps the device's execution of program r; the time per call is the median over TRIALS of
+total / (RUNS * COPIES). (If the host were slower than the device the figure would be an upper
+bound; at these sizes a program's device time is hundreds of microseconds.) XLA's default flags are used (command
+buffers on). The roofline is bytes moved (NVFP4 weight + scales + x + out) / HBM copy bandwidth measured
 in the same run (a device-to-device copy, bytes read + written). cuBLAS is torch.matmul in bf16,
 timed with CUDA events over the same rotating copies.
 """
@@ -24,20 +28,22 @@ import numpy as np
 
 import jax_nvfp4 as nf
 
-COPIES = 8
-REPS = 4
+COPIES = 16
+RUNS = 10
 TRIALS = 7
 
 
-def _time_program(fn, *args) -> float:
-  """Seconds per call of a jitted program that makes COPIES * REPS calls."""
-  jax.block_until_ready(fn(*args))
+def _time_program(fn, xs, ws) -> float:
+  """Seconds per call (see the module docstring)."""
+  jax.block_until_ready(fn(xs, ws))
   times = []
   for _ in range(TRIALS):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    for _ in range(RUNS):
+      out = fn(xs, ws)
+    jax.block_until_ready(out)
     times.append(time.perf_counter() - t0)
-  return statistics.median(times) / (COPIES * REPS)
+  return statistics.median(times) / (RUNS * len(ws))
 
 
 def copy_bandwidth() -> float:
@@ -56,11 +62,7 @@ def copy_bandwidth() -> float:
 
 def _many(op):
   def program(xs, ws):
-    outs = []
-    for x in xs:
-      for w in ws:
-        outs.append(op(x, w))
-    return outs
+    return [op(x, w) for x, w in zip(xs, ws)]
   return jax.jit(program)
 
 
@@ -71,7 +73,7 @@ def torch_cublas_us(m, n, k):
     return None
   if not torch.cuda.is_available():
     return None
-  xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(REPS)]
+  xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(COPIES)]
   ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(COPIES)]
   for w in ws:
     torch.matmul(xs[0], w.t())
@@ -80,12 +82,11 @@ def torch_cublas_us(m, n, k):
   for _ in range(TRIALS):
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for x in xs:
-      for w in ws:
-        torch.matmul(x, w.t())
+    for x, w in zip(xs, ws):
+      torch.matmul(x, w.t())
     end.record()
     torch.cuda.synchronize()
-    times.append(start.elapsed_time(end) * 1e3 / (COPIES * REPS))
+    times.append(start.elapsed_time(end) * 1e3 / COPIES)
   del ws
   torch.cuda.empty_cache()
   return statistics.median(times)
@@ -108,7 +109,7 @@ def bench_shape(k, n, ms, bw, key, with_torch=True):
   xla_dot = _many(lambda x, w: x @ w.T)
   deq_dot = _many(lambda x, q: x @ nf.dequantize(q, jnp.bfloat16).T)
   for m in ms:
-    x = [jax.random.normal(kx, (m, k), jnp.bfloat16) for kx in jax.random.split(keys[-1], REPS)]
+    x = [jax.random.normal(kx, (m, k), jnp.bfloat16) for kx in jax.random.split(keys[-1], COPIES)]
     t_kernel = _time_program(kernel, x, prepared) * 1e6
     t_xla = _time_program(xla_dot, x, bf16) * 1e6
     t_deq = _time_program(deq_dot, x, qs) * 1e6

@@ -6,8 +6,10 @@
 
 #ifdef JAX_NVFP4_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4GemmCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4MoeGemmCuda);
 extern "C" int jax_nvfp4_sm_count();
 extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16);
+extern "C" int jax_nvfp4_moe_blocks_per_sm(int mt, int bf16);
 #endif
 
 namespace nb = nanobind;
@@ -28,6 +30,7 @@ NB_MODULE(_C, m) {
     nb::dict registrations;
 #ifdef JAX_NVFP4_WITH_CUDA
     registrations["jax_nvfp4_gemm_cuda"] = EncapsulateFfiHandler(Nvfp4GemmCuda);
+    registrations["jax_nvfp4_moe_gemm_cuda"] = EncapsulateFfiHandler(Nvfp4MoeGemmCuda);
 #endif
     return registrations;
   }, "Names and capsules of the XLA FFI handlers built into this module.");
@@ -45,6 +48,13 @@ NB_MODULE(_C, m) {
     return 0;
 #endif
   }, "Resident blocks per SM of the dense kernel for token tile mt (0 when unknown).");
+  m.def("moe_blocks_per_sm", [](int mt, bool bf16) {
+#ifdef JAX_NVFP4_WITH_CUDA
+    return jax_nvfp4_moe_blocks_per_sm(mt, bf16 ? 1 : 0);
+#else
+    return 0;
+#endif
+  }, "Resident blocks per SM of the MoE kernel for token tile mt (0 when unknown).");
   m.def("built_with_cuda", []() {
 #ifdef JAX_NVFP4_WITH_CUDA
     return true;

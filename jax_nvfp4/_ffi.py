@@ -40,3 +40,8 @@ def sm_count() -> int:
 def blocks_per_sm(m_tile: int, bf16: bool) -> int:
   """Resident blocks per SM of the dense kernel, 0 when unknown."""
   return int(_C.blocks_per_sm(m_tile, bf16)) if cuda_kernels_built() else 0
+
+
+def moe_blocks_per_sm(m_tile: int, bf16: bool) -> int:
+  """Resident blocks per SM of the grouped MoE kernel, 0 when unknown."""
+  return int(_C.moe_blocks_per_sm(m_tile, bf16)) if cuda_kernels_built() else 0

@@ -41,10 +41,12 @@ UE5M3_ONE = UE5M3_BIAS << 3
 class PreparedNVFP4Weight:
   """An NVFP4 weight ``[N, K]`` in the dense kernel's layout (see the module docstring).
 
+  Stacked (expert) weights carry leading dims ``[...]`` on all three arrays.
+
   Attributes:
-    qweight: uint32 ``[ceil(N/16), ceil(K/64), 32, 4]``.
-    qscales: uint8 ``[ceil(N/16), ceil(K/64), 64]`` (UE5M3 block scales).
-    global_scale: float32 ``[]``.
+    qweight: uint32 ``[..., ceil(N/16), ceil(K/64), 32, 4]``.
+    qscales: uint8 ``[..., ceil(N/16), ceil(K/64), 64]`` (UE5M3 block scales).
+    global_scale: float32 ``[...]`` (``[]`` for a single weight).
     n, k: the logical shape (static).
     dtype: default dtype of ``dequantize`` (static).
   """
@@ -57,8 +59,9 @@ class PreparedNVFP4Weight:
   dtype: Any = dataclasses.field(default=jnp.bfloat16, metadata=dict(static=True))
 
   @property
-  def shape(self) -> tuple[int, int]:
-    return (self.n, self.k)
+  def shape(self) -> tuple[int, ...]:
+    """Logical shape ``(N, K)``, or ``(..., N, K)`` for stacked (expert) weights."""
+    return (*self.qweight.shape[:-4], self.n, self.k)
 
   @property
   def nbytes(self) -> int:
@@ -89,13 +92,23 @@ def _ue5m3_to_float(u: jax.Array) -> jax.Array:
 
 
 def prepare(w: NVFP4Weight) -> PreparedNVFP4Weight:
-  """Repacks a checkpoint-layout ``NVFP4Weight`` ``[N, K]`` for the CUDA kernel. Exact."""
+  """Repacks a checkpoint-layout ``NVFP4Weight`` ``[N, K]`` for the CUDA kernel. Exact.
+
+  Stacked weights ``[..., N, K]`` (e.g. MoE experts ``[E, N, K]``) are prepared one by one (vmap):
+  ``qweight [..., N16, K64, 32, 4]``, ``qscales [..., N16, K64, 64]``, ``global_scale [...]``.
+  """
   if not isinstance(w, NVFP4Weight):
     raise TypeError(f"prepare expects an NVFP4Weight, got {type(w).__name__}")
   w.validate()
-  if len(w.shape) != 2:
-    raise ValueError(f"prepare expects a single [N, K] weight, got shape {w.shape}; "
-                     "map it over leading (expert) dims")
+  if len(w.shape) > 2:
+    fn = _prepare_2d
+    for _ in w.shape[:-2]:
+      fn = jax.vmap(fn)
+    return fn(w)
+  return _prepare_2d(w)
+
+
+def _prepare_2d(w: NVFP4Weight) -> PreparedNVFP4Weight:
   n, k = w.shape
   n16, k64 = -(-n // TILE_N), -(-k // CHUNK_K)
   codes = unpack_fp4(w.packed).astype(jnp.uint32)                      # [N, K]
@@ -122,7 +135,19 @@ def prepare(w: NVFP4Weight) -> PreparedNVFP4Weight:
 
 
 def unprepare(p: PreparedNVFP4Weight) -> NVFP4Weight:
-  """Inverse of ``prepare`` (up to the normalisations of zero/negative/NaN block scales)."""
+  """Inverse of ``prepare`` (up to the normalisations of zero/negative/NaN block scales).
+
+  Stacked prepared weights (``qweight [..., N16, K64, 32, 4]``) give ``NVFP4Weight [..., N, K]``.
+  """
+  if p.qweight.ndim > 4:
+    fn = _unprepare_2d
+    for _ in p.qweight.shape[:-4]:
+      fn = jax.vmap(fn)
+    return fn(p)
+  return _unprepare_2d(p)
+
+
+def _unprepare_2d(p: PreparedNVFP4Weight) -> NVFP4Weight:
   n16, k64 = p.qweight.shape[:2]
   words = p.qweight.reshape(n16, k64, 8, 4, 4).transpose(0, 2, 1, 4, 3)  # [n16, g, k64, j, t]
   words = words[:, None, :, :, :, None, :, None]

@@ -149,7 +149,11 @@ def test_no_bf16_weight_materialized(rng):
   x = jnp.zeros((m, k), jnp.bfloat16)
   compiled = jax.jit(nf.nvfp4_matmul).lower(x, w).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
-  assert temp < n * k * 2 // 8, f"temp {temp} bytes: looks like a dequantized weight copy"
+  splits, m_tile = dense.choose_launch(m, n, k)
+  workspace = dense.workspace_bytes(m, n, splits, m_tile)
+  # The only temporary is the split-K workspace (fp32 partials); a bf16 copy of W is 32 MiB.
+  assert temp <= workspace + (64 << 10), f"temp {temp} bytes > workspace {workspace}"
+  assert temp < n * k * 2 // 4, f"temp {temp} bytes: looks like a dequantized weight copy"
   assert "jax_nvfp4_gemm_cuda" in compiled.as_text()
 
 

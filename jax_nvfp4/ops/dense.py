@@ -246,6 +246,10 @@ def nvfp4_matmul(x: jax.Array, w: NVFP4Weight | PreparedNVFP4Weight,
     if not jnp.issubdtype(bias.dtype, jnp.floating):
       raise TypeError(f"nvfp4_matmul: bias must be floating, got {bias.dtype}")
     bias = bias.astype(jnp.float32)
+  # Multi-device: custom_partitioning rules (jax_nvfp4/parallel/dense.py) run the rest per shard.
+  from jax_nvfp4.parallel import dense as _parallel  # pylint: disable=import-outside-toplevel
+  if _parallel.routing():
+    return _parallel.partitioned_matmul(x, w, bias)
   if isinstance(w, NVFP4Weight) and _kernel_wanted():
     if len(w.shape) == 2:
       _check(x, w.packed, w.scales, w.global_scale, bias)

@@ -1,0 +1,221 @@
+// The NVFP4 W4A16 kernels: one template for the dense GEMM and the grouped MoE GEMM. The main
+// loop (layout, dequant, pipeline) is in nvfp4_tile.cuh; this file maps blocks to rows and
+// experts and holds the epilogue and the split-K reduction.
+//
+// Dense: block (x, y, z) = (N block of 128 rows, K split, token tile of 8*MT rows); token slot
+// r of tile z is output row z*8*MT + r (rows past M are skipped).
+//
+// MoE: the token tile z is one block of the aligned (sorted, padded) row list: slot r holds
+// sorted_ids[z*8*MT + r]; an id >= rows_out is padding. The tile's expert is block_expert[z]
+// (-1: not local, skip the tile); tiles at or past num_padded[0] are empty. x rows are read at
+// id / gather_div (gather_div = top_k for the first GEMM, which reads each token once per
+// choice; 1 for the second), results are written to row id, times topk_weights[id] when given.
+//
+// Split K. At small M there are too few N tiles to fill the SMs, so K is split over gridDim.y.
+// Each split writes an fp32 partial [split][slot][N]; the last block to finish a tile (atomic
+// ticket) sums the partials in split order 0..S-1, so the result is bitwise deterministic.
+// Workspace: tickets (int32, one per (token tile, N block), padded to 256 B), then the partials.
+#pragma once
+
+#include "nvfp4_tile.cuh"
+
+namespace jax_nvfp4 {
+
+struct GemmParams {
+  const void *x;              // [x_rows, K]
+  const uint4 *qweight;       // [E][N16][K64][32] uint4 (E = 1 for dense)
+  const uint4 *qscales;       // [E][N16][K64][4] uint4
+  const float *global_scale;  // [E]
+  const float *bias;          // [E][N] or null
+  void *out;                  // [rows_out, N]
+  float *partials;            // [splits][slots][N] when splits > 1
+  int *tickets;               // one per (token tile, N block) when splits > 1
+  int rows_out, n, k, n16, k64, splits;
+  int slots;                  // token slots in all tiles: M (dense) or the padded length (MoE)
+  // MoE only.
+  const int *sorted_ids;      // [slots]
+  const int *block_expert;    // [slots / (8*MT)]
+  const int *num_padded;      // [1]
+  const float *topk_weights;  // [rows_out] or null
+  int gather_div;
+};
+
+// Output row of token slot `slot`, or -1 when the slot holds no row.
+template <bool kMoe>
+__device__ __forceinline__ int slot_row(const GemmParams &p, int slot) {
+  if constexpr (kMoe) {
+    const int id = __ldg(p.sorted_ids + slot);
+    return id >= 0 && id < p.rows_out ? id : -1;
+  } else {
+    return slot < p.rows_out ? slot : -1;
+  }
+}
+
+template <typename T, int MT, bool kMoe>
+__global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const GemmParams p) {
+  using Tr = Half2Traits<T>;
+  using Cfg = TileConfig<MT>;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int tile_n = blockIdx.x * kWarps + warp;
+  const int split = blockIdx.y;
+  const int slot0 = blockIdx.z * 8 * MT;
+
+  int expert = 0;
+  if constexpr (kMoe) {
+    // Whole block leaves together (before any barrier).
+    if (slot0 >= __ldg(p.num_padded)) return;
+    expert = __ldg(p.block_expert + blockIdx.z);
+    if (expert < 0) return;
+  }
+  const bool active = tile_n < p.n16;
+
+  const int c_begin = static_cast<int>((static_cast<int64_t>(p.k64) * split) / p.splits);
+  const int c_end = static_cast<int>((static_cast<int64_t>(p.k64) * (split + 1)) / p.splits);
+
+  const T *xsrc[Cfg::kXPerThread];
+#pragma unroll
+  for (int i = 0; i < Cfg::kXPerThread; ++i) {
+    const int piece = threadIdx.x + i * kThreads;
+    xsrc[i] = nullptr;
+    if (piece < Cfg::kXPieces) {
+      const int row = slot_row<kMoe>(p, slot0 + (piece >> 3));
+      if (row >= 0) {
+        const int xrow = kMoe ? row / p.gather_div : row;
+        xsrc[i] = static_cast<const T *>(p.x) + static_cast<int64_t>(xrow) * p.k + (piece & 7) * 8;
+      }
+    }
+  }
+
+  const int64_t tile_off = (static_cast<int64_t>(expert) * p.n16 + (active ? tile_n : 0)) * p.k64;
+  float acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) acc[mt][r] = 0.f;
+  tile_mainloop<T, MT>(p.qweight + tile_off * 32, p.qscales + tile_off * 4, active, xsrc, p.x,
+                       p.k, c_begin, c_end, acc);
+
+  const float gscale = __ldg(p.global_scale + expert) * Tr::kUnbias;
+  const int n_lo = tile_n * 16 + g;
+  const int n_hi = n_lo + 8;
+  const float *bias = p.bias != nullptr ? p.bias + static_cast<int64_t>(expert) * p.n : nullptr;
+
+  auto store = [&](int row, int n, float v) {
+    v *= gscale;
+    if (bias != nullptr) v += __ldg(bias + n);
+    if constexpr (kMoe) {
+      if (p.topk_weights != nullptr) v *= __ldg(p.topk_weights + row);
+    }
+    static_cast<T *>(p.out)[static_cast<int64_t>(row) * p.n + n] = static_cast<T>(v);
+  };
+
+  // Accumulator (mt, r) is output column (token slot) slot0 + mt*8 + 2t + (r & 1), N row
+  // n_lo or n_hi (r >= 2).
+  if (p.splits == 1) {
+    if (!active) return;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int row = slot_row<kMoe>(p, slot0 + mt * 8 + 2 * t + e);
+        if (row < 0) continue;
+        if (n_lo < p.n) store(row, n_lo, acc[mt][e]);
+        if (n_hi < p.n) store(row, n_hi, acc[mt][2 + e]);
+      }
+    }
+    return;
+  }
+
+  const int64_t sn = static_cast<int64_t>(p.slots) * p.n;
+  if (active) {
+    float *mine = p.partials + split * sn;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int slot = slot0 + mt * 8 + 2 * t + e;
+        if (slot_row<kMoe>(p, slot) < 0) continue;
+        if (n_lo < p.n) __stcg(mine + static_cast<int64_t>(slot) * p.n + n_lo, acc[mt][e]);
+        if (n_hi < p.n) __stcg(mine + static_cast<int64_t>(slot) * p.n + n_hi, acc[mt][2 + e]);
+      }
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  __shared__ int is_last;
+  if (threadIdx.x == 0) {
+    const int ticket = atomicAdd(p.tickets + blockIdx.z * gridDim.x + blockIdx.x, 1);
+    is_last = ticket == p.splits - 1;
+  }
+  __syncthreads();
+  if (!is_last || !active) return;
+  __threadfence();
+  auto reduce = [&](int slot, int row, int n) {
+    const int64_t off = static_cast<int64_t>(slot) * p.n + n;
+    float sum = 0.f;
+    for (int s = 0; s < p.splits; ++s) sum += __ldcg(p.partials + s * sn + off);
+    store(row, n, sum);
+  };
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int slot = slot0 + mt * 8 + 2 * t + e;
+      const int row = slot_row<kMoe>(p, slot);
+      if (row < 0) continue;
+      if (n_lo < p.n) reduce(slot, row, n_lo);
+      if (n_hi < p.n) reduce(slot, row, n_hi);
+    }
+  }
+}
+
+inline int64_t ticket_bytes(int64_t token_tiles, int64_t n_blocks) {
+  return (token_tiles * n_blocks * 4 + 255) / 256 * 256;
+}
+
+template <typename T, int MT, bool kMoe>
+cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stream) {
+  dim3 grid((p.n16 + kWarps - 1) / kWarps, p.splits, token_tiles);
+  nvfp4_kernel<T, MT, kMoe><<<grid, kThreads, TileConfig<MT>::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <bool kMoe>
+cudaError_t launch(const GemmParams &p, bool bf16, int mt, int token_tiles, cudaStream_t stream) {
+#define JAX_NVFP4_LAUNCH(MT_)                                                         \
+  return bf16 ? launch_typed<__nv_bfloat16, MT_, kMoe>(p, token_tiles, stream)        \
+              : launch_typed<__half, MT_, kMoe>(p, token_tiles, stream)
+  switch (mt) {
+    case 1: JAX_NVFP4_LAUNCH(1);
+    case 2: JAX_NVFP4_LAUNCH(2);
+    case 4: JAX_NVFP4_LAUNCH(4);
+    default: JAX_NVFP4_LAUNCH(8);
+  }
+#undef JAX_NVFP4_LAUNCH
+}
+
+template <bool kMoe>
+int blocks_per_sm(int mt, bool bf16) {
+  int blocks = 0;
+  cudaError_t e = cudaSuccess;
+#define JAX_NVFP4_OCC(MT_)                                                                      \
+  e = bf16 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(                                     \
+                 &blocks, nvfp4_kernel<__nv_bfloat16, MT_, kMoe>, kThreads,                   \
+                 TileConfig<MT_>::kSmemBytes)                                                   \
+           : cudaOccupancyMaxActiveBlocksPerMultiprocessor(                                     \
+                 &blocks, nvfp4_kernel<__half, MT_, kMoe>, kThreads, TileConfig<MT_>::kSmemBytes); \
+  break
+  switch (mt) {
+    case 1: JAX_NVFP4_OCC(1);
+    case 2: JAX_NVFP4_OCC(2);
+    case 4: JAX_NVFP4_OCC(4);
+    default: JAX_NVFP4_OCC(8);
+  }
+#undef JAX_NVFP4_OCC
+  return e == cudaSuccess ? blocks : 0;
+}
+
+}  // namespace jax_nvfp4

@@ -1,0 +1,144 @@
+// XLA FFI handler of the grouped NVFP4 MoE GEMM (target jax_nvfp4_moe_gemm_cuda).
+//
+// For every token tile b (block_m = 8 * m_tile slots of the aligned row list) whose expert
+// e = block_expert[b] is >= 0 and which starts below num_padded[0], and every slot holding a row
+// id = sorted_ids[slot] < rows_out:
+//
+//   out[id, :] = ((x[id / gather_div, :] @ W_e^T) * global_scale[e] + bias[e]) * topk_weights[id]
+//
+// (bias and topk_weights optional), computed in fp32 with one final cast. Every other row of
+// out is zero. The tile engine and the split-K reduction are shared with the dense kernel
+// (nvfp4_tile.cuh, nvfp4_kernel.cuh); ops/moe.py computes the same workspace size.
+
+#include <string>
+#include <vector>
+
+#include "ffi_util.h"
+#include "nvfp4_kernel.cuh"
+
+namespace jax_nvfp4 {
+namespace {
+
+ffi::Error invalid(const std::string &msg) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_nvfp4_moe_gemm: " + msg);
+}
+
+ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> qweight,
+                       ffi::Buffer<ffi::U8> qscales, ffi::Buffer<ffi::F32> global_scale,
+                       ffi::Buffer<ffi::S32> sorted_ids, ffi::Buffer<ffi::S32> block_expert,
+                       ffi::Buffer<ffi::S32> num_padded, ffi::Buffer<ffi::F32> topk_weights,
+                       ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> out,
+                       ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t n, int64_t k,
+                       int64_t gather_div, int64_t num_rows_out, int64_t block_m, int64_t splits,
+                       bool mul_topk_weight, bool has_bias) {
+  const auto xt = x.element_type();
+  if (xt != ffi::DataType::BF16 && xt != ffi::DataType::F16)
+    return invalid("x must be bf16 or f16");
+  if (out->element_type() != xt) return invalid("out must have x's dtype");
+  if (k <= 0 || k % 16 != 0 || n <= 0) return invalid("need K % 16 == 0, K > 0, N > 0");
+  if (block_m != 8 && block_m != 16 && block_m != 32 && block_m != 64)
+    return invalid("block_m must be 8, 16, 32 or 64");
+  if (gather_div < 1) return invalid("gather_div must be >= 1");
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || xd[1] != k) return invalid("x must be [R, K], got " + dims_str(xd));
+  const int64_t x_rows = xd[0];
+  const auto wd = qweight.dimensions();
+  const int64_t n16 = (n + 15) / 16, k64 = (k + 63) / 64;
+  if (wd.size() != 5 || wd[1] != n16 || wd[2] != k64 || wd[3] != 32 || wd[4] != 4)
+    return invalid("qweight must be u32 [E, N16, K64, 32, 4], got " + dims_str(wd));
+  const int64_t experts = wd[0];
+  const auto sd = qscales.dimensions();
+  if (sd.size() != 4 || sd[0] != experts || sd[1] != n16 || sd[2] != k64 || sd[3] != 64)
+    return invalid("qscales must be u8 [E, N16, K64, 64], got " + dims_str(sd));
+  if (static_cast<int64_t>(global_scale.element_count()) != experts)
+    return invalid("global_scale must be [E]");
+  const int64_t slots = sorted_ids.element_count();
+  if (slots % block_m != 0) return invalid("len(sorted_ids) must be a multiple of block_m");
+  if (static_cast<int64_t>(block_expert.element_count()) != slots / block_m)
+    return invalid("block_expert must have len(sorted_ids) / block_m entries");
+  if (num_padded.element_count() != 1) return invalid("num_padded must have one element");
+  if (x_rows * gather_div < num_rows_out)
+    return invalid("x has too few rows for num_rows_out / gather_div");
+  if (mul_topk_weight && static_cast<int64_t>(topk_weights.element_count()) != num_rows_out)
+    return invalid("topk_weights must have num_rows_out elements");
+  if (has_bias && static_cast<int64_t>(bias.element_count()) != experts * n)
+    return invalid("bias must be [E, N]");
+  if (static_cast<int64_t>(out->element_count()) != num_rows_out * n)
+    return invalid("out must be [num_rows_out, N]");
+  if (splits < 1 || splits > k64) return invalid("splits out of range");
+  if (num_rows_out == 0) return ffi::Error::Success();
+  if (slots > INT32_MAX / 2 || num_rows_out > INT32_MAX / 2) return invalid("problem too large");
+
+  const int64_t token_tiles = slots / block_m;
+  const int64_t n_blocks = (n16 + kWarps - 1) / kWarps;
+  const int64_t tickets = ticket_bytes(token_tiles, n_blocks);
+  const int64_t need = splits > 1 ? tickets + splits * slots * n * 4 : 0;
+  if (static_cast<int64_t>(workspace->element_count()) < need)
+    return invalid("workspace too small: " + std::to_string(workspace->element_count()) +
+                   " < " + std::to_string(need));
+  if (token_tiles > 65535) return invalid("too many token tiles for one launch");
+
+  // Rows of non-local experts (and of nothing) are zero.
+  cudaError_t e = cudaMemsetAsync(out->untyped_data(), 0, num_rows_out * n * 2, stream);
+  if (e != cudaSuccess) return cuda_error("jax_nvfp4_moe_gemm memset", e);
+  if (token_tiles == 0) return ffi::Error::Success();
+
+  GemmParams p{};
+  p.x = x.untyped_data();
+  p.qweight = reinterpret_cast<const uint4 *>(qweight.typed_data());
+  p.qscales = reinterpret_cast<const uint4 *>(qscales.typed_data());
+  p.global_scale = global_scale.typed_data();
+  p.bias = has_bias ? bias.typed_data() : nullptr;
+  p.out = out->untyped_data();
+  auto *ws = static_cast<uint8_t *>(workspace->untyped_data());
+  p.tickets = reinterpret_cast<int *>(ws);
+  p.partials = reinterpret_cast<float *>(ws + tickets);
+  p.rows_out = static_cast<int>(num_rows_out);
+  p.slots = static_cast<int>(slots);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.n16 = static_cast<int>(n16);
+  p.k64 = static_cast<int>(k64);
+  p.splits = static_cast<int>(splits);
+  p.sorted_ids = sorted_ids.typed_data();
+  p.block_expert = block_expert.typed_data();
+  p.num_padded = num_padded.typed_data();
+  p.topk_weights = mul_topk_weight ? topk_weights.typed_data() : nullptr;
+  p.gather_div = static_cast<int>(gather_div);
+
+  if (splits > 1) {
+    e = cudaMemsetAsync(p.tickets, 0, tickets, stream);
+    if (e != cudaSuccess) return cuda_error("jax_nvfp4_moe_gemm memset", e);
+  }
+  e = launch<true>(p, xt == ffi::DataType::BF16, static_cast<int>(block_m / 8),
+                   static_cast<int>(token_tiles), stream);
+  if (e != cudaSuccess) return cuda_error("jax_nvfp4_moe_gemm launch", e);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jax_nvfp4
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Nvfp4MoeGemmCuda, jax_nvfp4::MoeGemmImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()              // x [R, K]
+                                  .Arg<ffi::Buffer<ffi::U32>>()       // qweight [E, ...]
+                                  .Arg<ffi::Buffer<ffi::U8>>()        // qscales [E, ...]
+                                  .Arg<ffi::Buffer<ffi::F32>>()       // global_scale [E]
+                                  .Arg<ffi::Buffer<ffi::S32>>()       // sorted_ids [P]
+                                  .Arg<ffi::Buffer<ffi::S32>>()       // block_expert [P / block_m]
+                                  .Arg<ffi::Buffer<ffi::S32>>()       // num_padded [1]
+                                  .Arg<ffi::Buffer<ffi::F32>>()       // topk_weights ([0] if unused)
+                                  .Arg<ffi::Buffer<ffi::F32>>()       // bias [E, N] ([0] if absent)
+                                  .Ret<ffi::AnyBuffer>()              // out [num_rows_out, N]
+                                  .Ret<ffi::Buffer<ffi::U8>>()        // workspace
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("gather_div")
+                                  .Attr<int64_t>("num_rows_out")
+                                  .Attr<int64_t>("block_m")
+                                  .Attr<int64_t>("splits")
+                                  .Attr<bool>("mul_topk_weight")
+                                  .Attr<bool>("has_bias"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

@@ -1,0 +1,310 @@
+// The NVFP4 W4A16 tile engine shared by the dense kernel (nvfp4_gemm.cu) and the grouped MoE
+// kernel (nvfp4_moe_gemm.cu).
+//
+//   out[row, n] = (x[row, :] @ W[n, :]^T) * global_scale (+ bias[n]) (* row weight)
+//
+// ---------------------------------------------------------------------------------------------
+// Orientation. Decode (few tokens) is what this engine is for, so the weight is the MMA's A
+// operand (16 rows of N) and the activations are B (8 tokens): m16n8k16 then wastes nothing
+// at M <= 8, and each weight element is dequantized once per block of tokens. C comes out as
+// out^T tiles.
+//
+// Fragments of mma.m16n8k16 (g = lane / 4, t = lane % 4), with A = W tile, B = x^T tile:
+//   a[0] = W[g  ][2t, 2t+1]   a[1] = W[g+8][2t, 2t+1]   a[2] = W[g][2t+8, 2t+9]   a[3] = W[g+8][2t+8, 2t+9]
+//   b[0] = x[g][2t, 2t+1]     b[1] = x[g][2t+8, 2t+9]
+//   c[0..1] = out^T[g][2t, 2t+1]  c[2..3] = out^T[g+8][2t, 2t+1]   (row = n, col = token)
+//
+// Weight layout (uint32 [N/16][K/64][32 lanes][4 k16 steps], written by jax_nvfp4/prepare.py):
+// one 32-bit word holds the 8 codes a lane needs for one 16x16 tile, so a lane's four k16 steps
+// are 16 contiguous bytes and a warp's k64 chunk is 512 contiguous bytes. Inside the word, pair
+// i (= a[i]) keeps the 3 magnitude bits of its low element at bits 3i..3i+2 and of its high
+// element at 16+3i..18+3i; the two signs sit at bits 12+i and 28+i. One shift and mask per part
+// drops the magnitudes into the exponent-low/mantissa-high bits of a 16-bit float and the signs
+// onto bit 15:
+//   bf16: value bits e1 e0 m -> bits 8..6  => E2M1 * 2^-126 (0.5 becomes a bf16 subnormal)
+//   fp16: value bits e1 e0 m -> bits 11..9 => E2M1 * 2^-14  (0.5 becomes an fp16 subnormal)
+// No lookup table, no local memory. (No bit order lets all four pairs decode with a single
+// rotate + mask: that would need four translates of the pattern {0,1,2,9} to tile Z/16, and
+// none does; see benchmarks/NOTES_dense.md.)
+//
+// Block scales (uint8 [N/16][K/64][8 g][2 rows g,g+8][4 k16 steps]) are "UE5M3": unsigned,
+// 5 exponent bits (bias 10), 3 mantissa bits; every E4M3 value, subnormals included, is a
+// normal UE5M3 number. Widening to the 16-bit float is a multiply-add on two bytes at once:
+//   bf16: (u << 4) + (235 << 7) = s * 2^118     fp16: (u << 7) + (12 << 10) = s * 2^7
+// so the dequantized weight E2M1 * s * 2^c (c = -8 for bf16, -7 for fp16) is exact and normal
+// (or an exact fp16 subnormal), and 2^-c is folded into the global scale, applied to the fp32
+// accumulator in the epilogue (never to a 16-bit value: no fp16 overflow before the scale).
+// One multiply-add widens bytes 0 and 2 (steps 0 and 2) into the two halves of a register, a
+// second one bytes 1 and 3; the HMUL2 that applies the scale reads the half it needs.
+//
+// Pipeline. A block is 8 warps; warp w owns N tile (16 rows) blockIdx.x * 8 + w, and the block
+// owns 8 * MT token rows and a range of k64 chunks (split K over gridDim.y). Each k64 chunk is
+// one stage of a kStages-deep cp.async ring in shared memory: 8 x 512 B of weights (one 16-byte
+// copy per thread, L2 evict-first: streamed once), 8 x 64 B of block scales, and the x tile
+// (8*MT rows x 128 B, L2-cached: every block re-reads it). The loads of chunk c + kStages - 1
+// are issued before chunk c is computed, so up to kStages - 1 chunks per block are in flight
+// without holding registers. x rows past M (or padding rows of an MoE block) and columns past K
+// are zero-filled by the copy itself (src-size 0); weight padding is code 0 with scale 1, so the
+// K tail needs no branch.
+//
+// x tile in shared memory: row r (a token), 16-byte piece q (8 k values) sits at
+// r * 128 + (q ^ (r % 8)) * 16. ldmatrix.x4 then reads eight rows of one piece column without
+// bank conflicts and hands each lane exactly b[0], b[1] of two k16 steps.
+// ---------------------------------------------------------------------------------------------
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace jax_nvfp4 {
+
+constexpr int kWarps = 8;               // warps per block, one N tile (16 rows) each
+constexpr int kThreads = kWarps * 32;
+
+template <int MT>
+struct TileConfig {
+  // Deeper rings where a stage is small (decode): more bytes in flight per SM.
+  static constexpr int kStages = MT == 1 ? 8 : MT == 2 ? 6 : MT == 4 ? 5 : 3;
+  static constexpr int kWBytes = kWarps * 512;
+  static constexpr int kSBytes = kWarps * 64;
+  static constexpr int kXBytes = 8 * MT * 128;
+  static constexpr int kStageBytes = kWBytes + kSBytes + kXBytes;
+  static constexpr int kSmemBytes = kStages * kStageBytes;   // <= 48 KB: no opt-in needed
+  static constexpr int kXPieces = 8 * MT * 8;                // 16-byte pieces of an x tile
+  static constexpr int kXPerThread = (kXPieces + kThreads - 1) / kThreads;
+  static_assert(kSmemBytes <= 48 * 1024, "dynamic shared memory above the default limit");
+};
+
+template <typename T>
+struct Half2Traits;
+
+template <>
+struct Half2Traits<__nv_bfloat16> {
+  static constexpr uint32_t kMagMask = 0x01C001C0u;
+  static constexpr int kMagShift = 6;     // pair 0's magnitude goes to bits 6..8
+  static constexpr uint32_t kScaleMul = 16;
+  static constexpr uint32_t kScaleAdd = (235u << 7) | (235u << 23);
+  static constexpr float kUnbias = 256.0f;  // 2^8
+};
+
+template <>
+struct Half2Traits<__half> {
+  static constexpr uint32_t kMagMask = 0x0E000E00u;
+  static constexpr int kMagShift = 9;     // pair 0's magnitude goes to bits 9..11
+  static constexpr uint32_t kScaleMul = 128;
+  static constexpr uint32_t kScaleAdd = (12u << 10) | (12u << 26);
+  static constexpr float kUnbias = 128.0f;  // 2^7
+};
+
+__device__ __forceinline__ uint32_t shift_left(uint32_t x, int s) {
+  return s >= 0 ? (x << s) : (x >> -s);
+}
+
+// The four A-fragment registers of one 16x16 weight tile, before the block scale.
+template <typename T>
+__device__ __forceinline__ void dequant_word(uint32_t q, uint32_t (&a)[4]) {
+  using Tr = Half2Traits<T>;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t mag = shift_left(q, Tr::kMagShift - 3 * i) & Tr::kMagMask;
+    const uint32_t sgn = shift_left(q, 3 - i) & 0x80008000u;
+    a[i] = mag | sgn;
+  }
+}
+
+// a * (the low or high half of s, in both halves).
+template <typename T>
+__device__ __forceinline__ uint32_t scale_half(uint32_t a, uint32_t s, bool high);
+
+template <>
+__device__ __forceinline__ uint32_t scale_half<__nv_bfloat16>(uint32_t a, uint32_t s, bool high) {
+  const __nv_bfloat162 sv = *reinterpret_cast<__nv_bfloat162 *>(&s);
+  const __nv_bfloat162 b = high ? __high2bfloat162(sv) : __low2bfloat162(sv);
+  __nv_bfloat162 r = __hmul2(*reinterpret_cast<__nv_bfloat162 *>(&a), b);
+  return *reinterpret_cast<uint32_t *>(&r);
+}
+
+template <>
+__device__ __forceinline__ uint32_t scale_half<__half>(uint32_t a, uint32_t s, bool high) {
+  const __half2 sv = *reinterpret_cast<__half2 *>(&s);
+  const __half2 b = high ? __high2half2(sv) : __low2half2(sv);
+  __half2 r = __hmul2(*reinterpret_cast<__half2 *>(&a), b);
+  return *reinterpret_cast<uint32_t *>(&r);
+}
+
+// Bytes 0 and 2 (even = true) or 1 and 3 of `bytes` as 16-bit float scales in the two halves.
+template <typename T>
+__device__ __forceinline__ uint32_t widen_scales(uint32_t bytes, bool even) {
+  using Tr = Half2Traits<T>;
+  const uint32_t pair = (even ? bytes : bytes >> 8) & 0x00FF00FFu;
+  return pair * Tr::kScaleMul + Tr::kScaleAdd;
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4],
+                                                  uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Weights: streamed once, so L2 may evict them first.
+__device__ __forceinline__ void cp_async16_stream(uint32_t dst, const void *src, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n"
+               :: "r"(dst), "l"(src), "l"(policy));
+}
+
+// Activations: cached in L2 (every block re-reads them); src_bytes = 0 zero-fills.
+__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void *src, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               :: "r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" :: "n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// The main loop of one block: accumulates x_rows @ W_tile^T over k64 chunks [c_begin, c_end).
+//   wtile: this warp's weight tile, [K64][32] uint4 (only read when active)
+//   stile: this warp's scale tile, [K64][4] uint4 (only read when active)
+//   xsrc:  per x piece this thread copies, the address of its token row at piece q (or null
+//          for a zero row); piece p = threadIdx.x + i * kThreads covers row p / 8, piece p % 8
+//   x_any: any valid global address (a zero-filling copy still names a source)
+// All threads of the block must call it (it synchronises the block).
+template <typename T, int MT>
+__device__ __forceinline__ void tile_mainloop(
+    const uint4 *__restrict__ wtile, const uint4 *__restrict__ stile, bool active,
+    const T *const (&xsrc)[TileConfig<MT>::kXPerThread], const void *x_any, int k, int c_begin,
+    int c_end, float (&acc)[MT][4]) {
+  using Cfg = TileConfig<MT>;
+  constexpr int S = Cfg::kStages;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const uint64_t policy = evict_first_policy();
+  const uint32_t smem_base = smem_addr(smem);
+
+  // Where this thread's copies land inside a stage.
+  const uint32_t w_dst = threadIdx.x * 16;
+  const uint32_t s_dst = Cfg::kWBytes + warp * 64 + lane * 16;   // lanes 0..3
+  uint32_t x_dst[Cfg::kXPerThread];
+  int x_col[Cfg::kXPerThread];
+#pragma unroll
+  for (int i = 0; i < Cfg::kXPerThread; ++i) {
+    const int piece = threadIdx.x + i * kThreads;
+    const int row = piece >> 3, q = piece & 7;
+    x_dst[i] = Cfg::kWBytes + Cfg::kSBytes + row * 128 + ((q ^ (row & 7)) << 4);
+    x_col[i] = q * 8;
+  }
+
+  auto load_stage = [&](int slot, int c) {
+    const uint32_t base = smem_base + slot * Cfg::kStageBytes;
+    if (active) {
+      cp_async16_stream(base + w_dst, wtile + static_cast<int64_t>(c) * 32 + lane, policy);
+      if (lane < 4) cp_async16_stream(base + s_dst, stile + c * 4 + lane, policy);
+    }
+#pragma unroll
+    for (int i = 0; i < Cfg::kXPerThread; ++i) {
+      if (Cfg::kXPieces % kThreads != 0 && threadIdx.x + i * kThreads >= Cfg::kXPieces) break;
+      const int col = c * 64 + x_col[i];
+      const bool ok = xsrc[i] != nullptr && col < k;
+      cp_async16_zfill(base + x_dst[i], ok ? static_cast<const void *>(xsrc[i] + c * 64) : x_any,
+                       ok ? 16u : 0u);
+    }
+  };
+
+  // ldmatrix row addresses of this lane (relative to a stage's x tile) for k16 pairs 0-1, 2-3.
+  uint32_t x_ld[2];
+#pragma unroll
+  for (int jp = 0; jp < 2; ++jp) {
+    const int r = lane & 7, q = 4 * jp + (lane >> 3);
+    x_ld[jp] = Cfg::kWBytes + Cfg::kSBytes + r * 128 + ((q ^ r) << 4);
+  }
+
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (c_begin + s < c_end) load_stage(s, c_begin + s);
+    cp_async_commit();
+  }
+
+  int slot = 0;
+  int next_slot = S - 1;
+  for (int c = c_begin; c < c_end; ++c) {
+    cp_async_wait<S - 2>();
+    __syncthreads();  // chunk c has landed for everyone; slot next_slot is free again
+    if (c + S - 1 < c_end) load_stage(next_slot, c + S - 1);
+    cp_async_commit();
+
+    if (active) {
+      const unsigned char *stage = smem + slot * Cfg::kStageBytes;
+      const uint4 w = *reinterpret_cast<const uint4 *>(stage + threadIdx.x * 16);
+      const uint2 sc = *reinterpret_cast<const uint2 *>(stage + Cfg::kWBytes + warp * 64 + g * 8);
+      // [row g | row g+8][even steps 0,2 | odd steps 1,3]
+      const uint32_t s_lo[2] = {widen_scales<T>(sc.x, true), widen_scales<T>(sc.x, false)};
+      const uint32_t s_hi[2] = {widen_scales<T>(sc.y, true), widen_scales<T>(sc.y, false)};
+      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+      const uint32_t x_stage = smem_base + slot * Cfg::kStageBytes;
+#pragma unroll
+      for (int jp = 0; jp < 2; ++jp) {
+        uint32_t b[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(b[mt], x_stage + x_ld[jp] + mt * 1024);
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          const int j = 2 * jp + jj;
+          uint32_t a[4];
+          dequant_word<T>(words[j], a);
+          a[0] = scale_half<T>(a[0], s_lo[jj], jp == 1);
+          a[1] = scale_half<T>(a[1], s_hi[jj], jp == 1);
+          a[2] = scale_half<T>(a[2], s_lo[jj], jp == 1);
+          a[3] = scale_half<T>(a[3], s_hi[jj], jp == 1);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) mma_16816<T>(acc[mt], a, b[mt][2 * jj], b[mt][2 * jj + 1]);
+        }
+      }
+    }
+    slot = slot + 1 == S ? 0 : slot + 1;
+    next_slot = next_slot + 1 == S ? 0 : next_slot + 1;
+  }
+}
+
+}  // namespace jax_nvfp4

@@ -1,0 +1,563 @@
+"""NVFP4 fused MoE: the grouped-GEMM primitive ``nvfp4_moe_gemm`` and the layer ``fused_moe``.
+
+Reading order: the primitive's contract -> checks and abstract eval -> reference lowering ->
+CUDA lowering -> batching -> the public ``fused_moe`` pipeline.
+
+Contract of ``nvfp4_moe_gemm_p`` (one result; the CUDA kernel implements exactly this)::
+
+  nvfp4_moe_gemm_p.bind(x, qweight, qscales, global_scale, sorted_ids, block_expert, num_padded,
+                        topk_weights, bias, n=int, k=int, gather_div=int, num_rows_out=int,
+                        block_m=int, mul_topk_weight=bool, has_bias=bool)
+
+  x             bf16/fp16 [R, k]                      (R * gather_div >= num_rows_out)
+  qweight       uint32 [E, ceil(n/16), ceil(k/64), 32, 4]   stacked prepare() layout
+  qscales       uint8  [E, ceil(n/16), ceil(k/64), 64]
+  global_scale  float32 [E]
+  sorted_ids    int32 [P], P % block_m == 0
+  block_expert  int32 [P // block_m]
+  num_padded    int32 [1]
+  topk_weights  float32 [num_rows_out] if mul_topk_weight else float32 [0]
+  bias          float32 [E, n] if has_bias else float32 [0]
+  -> out        x.dtype [num_rows_out, n]
+
+``out`` starts as zeros. For each block ``b`` with ``b * block_m < num_padded[0]`` and
+``e = block_expert[b] >= 0``, and each slot ``r < block_m`` with
+``0 <= sid = sorted_ids[b*block_m+r] < num_rows_out``::
+
+  out[sid] = cast(((x[sid // gather_div] @ W_e.T) * global_scale[e] + bias[e])
+                  * (topk_weights[sid] if mul_topk_weight else 1))
+
+where ``W_e`` is expert e's weight *without* its global scale (E2M1 code x block scale) and all
+arithmetic is float32 up to the one final cast. A valid ``sid`` must appear at most once, and
+block experts must be ``< E`` (the reference skips larger ids; the kernel may not). Rows no
+block writes stay zero (an expert-parallel combine sums over devices).
+
+The CUDA lowering adds two launch details the contract does not show: a split-K factor (an FFI
+attribute ``splits``) and a uint8 workspace (a second FFI result that the lowering drops).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
+
+from jax_nvfp4 import _ffi
+from jax_nvfp4.format import NVFP4Weight, check_weight, dequantize
+from jax_nvfp4.moe.activations import GPTOSS_ALPHA, apply_activation, is_gated
+from jax_nvfp4.moe.align import BLOCK_MS, Alignment, align_tokens, choose_block_m
+from jax_nvfp4.moe.routing import RoutingConfig, route
+from jax_nvfp4.prepare import PreparedNVFP4Weight, kernel_shapes, prepare, unprepare
+
+ACTIVATION_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+CUDA_TARGET = "jax_nvfp4_moe_gemm_cuda"
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _fail(msg: str, exc=ValueError):
+  raise exc(f"nvfp4_moe_gemm: {msg}")
+
+
+def _check_operand(name, aval, dtype, shape):
+  if np.dtype(aval.dtype) != np.dtype(dtype):
+    _fail(f"{name} must be {np.dtype(dtype).name} {shape}, got {aval.dtype}", TypeError)
+  if tuple(aval.shape) != tuple(shape):
+    _fail(f"{name} must have shape {tuple(shape)}, got {tuple(aval.shape)}")
+
+
+def _check_gemm(x, qweight, qscales, global_scale, sorted_ids, block_expert, num_padded,
+                topk_weights, bias, *, n, k, gather_div, num_rows_out, block_m, mul_topk_weight,
+                has_bias):
+  """Validates every operand and parameter of the contract (module docstring)."""
+  for pname, v in (("n", n), ("k", k), ("gather_div", gather_div),
+                   ("num_rows_out", num_rows_out), ("block_m", block_m)):
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+      _fail(f"{pname} must be an int, got {v!r}", TypeError)
+  if n < 1 or k < 1 or k % 16:
+    _fail(f"need n >= 1 and k >= 1 with k % 16 == 0, got n = {n}, k = {k}")
+  if block_m not in BLOCK_MS:
+    _fail(f"block_m must be one of {BLOCK_MS}, got {block_m}")
+  if gather_div < 1 or num_rows_out < 0:
+    _fail(f"need gather_div >= 1 and num_rows_out >= 0, got {gather_div}, {num_rows_out}")
+  if np.dtype(x.dtype) not in ACTIVATION_DTYPES:
+    _fail(f"x must be bfloat16 or float16 [R, k], got {x.dtype}", TypeError)
+  if len(x.shape) != 2 or x.shape[1] != k:
+    _fail(f"x must be [R, k] with k = {k}, got shape {tuple(x.shape)}")
+  if x.shape[0] * gather_div < num_rows_out:
+    _fail(f"x has R = {x.shape[0]} rows but num_rows_out = {num_rows_out} with gather_div = "
+          f"{gather_div} reads rows up to {math.ceil(num_rows_out / gather_div) - 1}")
+  if len(qweight.shape) != 5:
+    _fail("qweight must be stacked uint32 [E, ceil(n/16), ceil(k/64), 32, 4] (prepare() of an "
+          f"[E, n, k] weight), got shape {tuple(qweight.shape)}")
+  e = qweight.shape[0]
+  want_w, want_s = kernel_shapes(n, k)
+  _check_operand("qweight", qweight, np.uint32, (e, *want_w))
+  _check_operand("qscales", qscales, np.uint8, (e, *want_s))
+  _check_operand("global_scale", global_scale, np.float32, (e,))
+  if len(sorted_ids.shape) != 1:
+    _fail(f"sorted_ids must be int32 [P], got shape {tuple(sorted_ids.shape)}")
+  p = sorted_ids.shape[0]
+  if p % block_m:
+    _fail(f"len(sorted_ids) = {p} must be a multiple of block_m = {block_m}")
+  _check_operand("sorted_ids", sorted_ids, np.int32, (p,))
+  _check_operand("block_expert", block_expert, np.int32, (p // block_m,))
+  _check_operand("num_padded", num_padded, np.int32, (1,))
+  _check_operand("topk_weights", topk_weights, np.float32,
+                 (num_rows_out,) if mul_topk_weight else (0,))
+  _check_operand("bias", bias, np.float32, (e, n) if has_bias else (0,))
+
+
+# ----------------------------------------------------------------------------- primitive
+
+nvfp4_moe_gemm_p = Primitive("nvfp4_moe_gemm")
+
+
+def _abstract_eval(x, qweight, qscales, global_scale, sorted_ids, block_expert, num_padded,
+                   topk_weights, bias, **params):
+  _check_gemm(x, qweight, qscales, global_scale, sorted_ids, block_expert, num_padded,
+              topk_weights, bias, **params)
+  return jax.core.ShapedArray((params["num_rows_out"], params["n"]), x.dtype)
+
+
+nvfp4_moe_gemm_p.def_abstract_eval(_abstract_eval)
+nvfp4_moe_gemm_p.def_impl(lambda *args, **params: jax.jit(
+    lambda *a: nvfp4_moe_gemm_p.bind(*a, **params))(*args))
+
+
+# ----------------------------------------------------------------------------- reference
+
+#: The reference dequantizes all experts at once (and one weight per block) only below these
+#: float32 element counts; above, it loops over blocks and dequantizes one expert at a time.
+SMALL_ALL_EXPERTS = 1 << 22
+SMALL_PER_BLOCK = 1 << 24
+
+
+def grouped_gemm_reference(x, unit_weight, num_experts, global_scale, sorted_ids, block_expert,
+                           num_padded, topk_weights, bias, *, n, k, gather_div, num_rows_out,
+                           block_m, mul_topk_weight, has_bias, all_unit_weights=None):
+  """Pure-JAX implementation of the contract for any weight storage.
+
+  ``unit_weight(e)`` returns expert ``e``'s float32 ``[n, k]`` weight without its global scale
+  (``e`` may be traced); ``all_unit_weights()`` (optional) returns all ``[E, n, k]`` and is used
+  when that is small. Products are float32 with ``Precision.HIGHEST``.
+  """
+  p = sorted_ids.shape[0]
+  nb = p // block_m
+  r = x.shape[0]
+  dtype = x.dtype
+  out = jnp.zeros((num_rows_out, n), jnp.float32)
+  if nb == 0 or num_rows_out == 0 or r == 0:
+    return out.astype(dtype)
+  hi = jax.lax.Precision.HIGHEST
+  # XLA may drop a float32 -> bf16 -> float32 round trip (xla_allow_excess_precision), e.g.
+  # between the activation's cast and this GEMM's, or between our output cast and the
+  # combine's sum. reduce_precision keeps the rounding the contract (and the kernel) has.
+  finfo = jnp.finfo(dtype)
+  to_dtype = lambda v: jax.lax.reduce_precision(v, finfo.nexp, finfo.nmant)
+  x = to_dtype(x.astype(jnp.float32))
+
+  def epilogue(acc, e, sids):
+    """acc [..., rows, n] float32 of expert(s) e -> times gs[e], plus bias[e], times weight."""
+    acc = acc * global_scale[e][..., None]
+    if has_bias:
+      acc = acc + bias[e]
+    safe = jnp.clip(sids, 0, max(num_rows_out - 1, 0))
+    if mul_topk_weight:
+      acc = acc * topk_weights[safe][..., None]
+    return acc
+
+  small = (all_unit_weights is not None and num_experts * n * k <= SMALL_ALL_EXPERTS
+           and nb * n * k <= SMALL_PER_BLOCK)
+  if small:
+    w_all = all_unit_weights()                                           # [E, n, k]
+    blocks = jnp.arange(nb, dtype=jnp.int32)
+    be = block_expert
+    use = (blocks * block_m < num_padded[0]) & (be >= 0) & (be < num_experts)
+    e_safe = jnp.clip(be, 0, num_experts - 1)
+    sids = sorted_ids.reshape(nb, block_m)
+    rows = x[jnp.clip(sids // gather_div, 0, r - 1)]                     # [nb, bm, k]
+    acc = jnp.einsum("bmk,bnk->bmn", rows, w_all[e_safe], precision=hi,
+                     preferred_element_type=jnp.float32)
+    acc = epilogue(acc, e_safe[:, None], sids)
+    valid = use[:, None] & (sids >= 0) & (sids < num_rows_out)
+    dest = jnp.where(valid, sids, num_rows_out).reshape(p)
+    out = out.at[dest].set(acc.reshape(p, n), mode="drop")
+    return to_dtype(out).astype(dtype)
+
+  # One block at a time; the current expert's weight is carried and re-dequantized only when
+  # the block expert changes (aligned blocks of an expert are consecutive), so at most one
+  # expert's float32 weight is alive.
+  used_blocks = jnp.clip((num_padded[0] + block_m - 1) // block_m, 0, nb)
+
+  def body(b, carry):
+    out, cur_e, w = carry
+    e = block_expert[b]
+    ok = (e >= 0) & (e < num_experts)
+    e_safe = jnp.clip(e, 0, num_experts - 1)
+    w = jax.lax.cond(ok & (e_safe != cur_e), lambda: unit_weight(e_safe), lambda: w)
+    cur_e = jnp.where(ok, e_safe, cur_e)
+    sids = jax.lax.dynamic_slice_in_dim(sorted_ids, b * block_m, block_m)
+    rows = x[jnp.clip(sids // gather_div, 0, r - 1)]
+    acc = jnp.einsum("mk,nk->mn", rows, w, precision=hi, preferred_element_type=jnp.float32)
+    acc = epilogue(acc, e_safe, sids)
+    valid = ok & (sids >= 0) & (sids < num_rows_out)
+    out = out.at[jnp.where(valid, sids, num_rows_out)].set(acc, mode="drop")
+    return out, cur_e, w
+
+  init = (out, jnp.int32(-1), jnp.zeros((n, k), jnp.float32))
+  out, _, _ = jax.lax.fori_loop(0, used_blocks, body, init)
+  return to_dtype(out).astype(dtype)
+
+
+def _unit(w: NVFP4Weight) -> jax.Array:
+  """float32 e2m1 x block scale (no global scale), exact."""
+  ones = jnp.ones(w.global_scale.shape, jnp.float32)
+  return dequantize(NVFP4Weight(w.packed, w.scales, ones), jnp.float32)
+
+
+def _reference_lowering(x, qweight, qscales, global_scale, sorted_ids, block_expert, num_padded,
+                        topk_weights, bias, *, n, k, **params):
+  def prepared(q, s):
+    return PreparedNVFP4Weight(q, s, jnp.ones(q.shape[:-4], jnp.float32), n=n, k=k)
+
+  return grouped_gemm_reference(
+      x, lambda e: _unit(unprepare(prepared(qweight[e], qscales[e]))), qweight.shape[0],
+      global_scale, sorted_ids, block_expert, num_padded, topk_weights, bias, n=n, k=k,
+      all_unit_weights=lambda: _unit(unprepare(prepared(qweight, qscales))), **params)
+
+
+# Every platform gets the reference; the CUDA kernel lowering overrides it where it is built.
+mlir.register_lowering(nvfp4_moe_gemm_p,
+                       mlir.lower_fun(_reference_lowering, multiple_results=False))
+
+# The CUDA handler (csrc/nvfp4_moe_gemm.cu) takes two more things than the contract: a split-K
+# factor ``splits`` (attribute) and a uint8 workspace (second result: split-K tickets and fp32
+# partials). Both are launch details chosen here at lowering time from the static shapes; the
+# primitive keeps its single result.
+
+_WARPS_PER_BLOCK = 8  # csrc kWarps: one block covers 8 * 16 = 128 rows of N
+
+
+def choose_moe_splits(num_slots: int, n: int, k: int, block_m: int, bf16: bool = True) -> int:
+  """Split-K factor of the grouped GEMM: enough (N block, token tile, split) blocks to fill one
+  wave of resident blocks, with at least two k64 chunks per split (at most 64 splits)."""
+  n_blocks = -(-(-(-n // 16)) // _WARPS_PER_BLOCK)
+  tiles = max(1, num_slots // block_m)
+  k64 = -(-k // 64)
+  sms = _ffi.sm_count() or 132
+  occupancy = getattr(_ffi, "moe_blocks_per_sm", None)
+  resident = sms * ((occupancy(block_m // 8, bf16) if occupancy else 0) or 2)
+  splits = resident // (n_blocks * tiles)
+  return int(max(1, min(splits, k64 // 2, 64)))
+
+
+def moe_workspace_bytes(num_slots: int, n: int, block_m: int, splits: int) -> int:
+  """Bytes of the kernel's workspace: tickets (one int32 per (token tile, N block), padded to
+  256 B) then ``splits * num_slots * n`` fp32 partials; 256 when there is no split."""
+  if splits <= 1 or num_slots == 0:
+    return 256
+  tiles = num_slots // block_m
+  n_blocks = -(-(-(-n // 16)) // _WARPS_PER_BLOCK)
+  tickets = -(-(tiles * n_blocks * 4) // 256) * 256
+  return tickets + splits * num_slots * n * 4
+
+
+def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, block_expert,
+                            num_padded, topk_weights, bias, *, n, k, gather_div, num_rows_out,
+                            block_m, mul_topk_weight, has_bias):
+  x_aval, slots = ctx.avals_in[0], ctx.avals_in[4].shape[0]
+  splits = choose_moe_splits(slots, n, k, block_m,
+                             np.dtype(x_aval.dtype) == np.dtype(jnp.bfloat16))
+  ws = jax.core.ShapedArray((moe_workspace_bytes(slots, n, block_m, splits),), jnp.uint8)
+  results = jax.ffi.ffi_lowering(CUDA_TARGET)(
+      ctx.replace(avals_out=[ctx.avals_out[0], ws]), x, qweight, qscales, global_scale,
+      sorted_ids, block_expert, num_padded, topk_weights, bias, n=np.int64(n), k=np.int64(k),
+      gather_div=np.int64(gather_div), num_rows_out=np.int64(num_rows_out),
+      block_m=np.int64(block_m), splits=np.int64(splits), mul_topk_weight=bool(mul_topk_weight),
+      has_bias=bool(has_bias))
+  return [results[0]]
+
+
+if CUDA_TARGET in _ffi.REGISTERED:
+  mlir.register_lowering(nvfp4_moe_gemm_p, _moe_gemm_cuda_lowering, platform="cuda")
+
+
+# ----------------------------------------------------------------------------- batching
+
+_WEIGHT_OPERANDS = (1, 2, 3, 8)  # qweight, qscales, global_scale, bias
+
+
+def _batch(args, dims, **params):
+  """A batch of schedules (x, ids, weights...) over shared expert weights runs one grouped GEMM
+  per batch element (lax.map); batched expert weights are not supported."""
+  if any(dims[i] is not None for i in _WEIGHT_OPERANDS):
+    raise NotImplementedError("nvfp4_moe_gemm: vmap over the expert weights (qweight, qscales, "
+                              "global_scale, bias) is not supported; stack experts along E")
+  mapped = [i for i, d in enumerate(dims) if d is not None]
+  batched = tuple(jnp.moveaxis(args[i], dims[i], 0) for i in mapped)
+
+  def one(ops):
+    full = list(args)
+    for i, a in zip(mapped, ops):
+      full[i] = a
+    return nvfp4_moe_gemm_p.bind(*full, **params)
+
+  return jax.lax.map(one, batched), 0
+
+
+batching.primitive_batchers[nvfp4_moe_gemm_p] = _batch
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+def _empty_f32():
+  return jnp.zeros((0,), jnp.float32)
+
+
+def nvfp4_moe_gemm(x: jax.Array, w: PreparedNVFP4Weight, alignment: Alignment, *, gather_div: int,
+                   num_rows_out: int, topk_weights: jax.Array | None = None,
+                   bias: jax.Array | None = None) -> jax.Array:
+  """One grouped GEMM through ``nvfp4_moe_gemm_p`` (see the module docstring for semantics).
+
+  ``w`` is a stacked ``PreparedNVFP4Weight`` ``[E, n, k]``; ``topk_weights`` (float
+  ``[num_rows_out]``, multiplied in the epilogue) and ``bias`` (float ``[E, n]``) are optional.
+  Returns ``[num_rows_out, n]`` in ``x.dtype``.
+  """
+  if not isinstance(w, PreparedNVFP4Weight):
+    raise TypeError(f"nvfp4_moe_gemm: w must be a stacked PreparedNVFP4Weight, got "
+                    f"{type(w).__name__}")
+  tw = _empty_f32() if topk_weights is None else jnp.asarray(topk_weights).astype(jnp.float32)
+  b = _empty_f32() if bias is None else jnp.asarray(bias).astype(jnp.float32)
+  return nvfp4_moe_gemm_p.bind(
+      x, w.qweight, w.qscales, w.global_scale, alignment.sorted_ids, alignment.block_expert,
+      alignment.num_padded, tw, b, n=w.n, k=w.k, gather_div=gather_div,
+      num_rows_out=num_rows_out, block_m=alignment.block_m,
+      mul_topk_weight=topk_weights is not None, has_bias=bias is not None)
+
+
+def _checkpoint_moe_gemm(x, w: NVFP4Weight, alignment: Alignment, *, gather_div, num_rows_out,
+                         topk_weights=None, bias=None):
+  """The same contract as ``nvfp4_moe_gemm`` for a checkpoint-layout stacked weight, in pure
+  JAX (CPU path: no prepare/unprepare round trip)."""
+  e, n, k = w.shape
+  tw = _empty_f32() if topk_weights is None else topk_weights.astype(jnp.float32)
+  b = _empty_f32() if bias is None else bias.astype(jnp.float32)
+  expert = lambda i: NVFP4Weight(w.packed[i], w.scales[i], w.global_scale[i])
+  return grouped_gemm_reference(
+      x, lambda i: _unit(expert(i)), e, w.global_scale.astype(jnp.float32), alignment.sorted_ids,
+      alignment.block_expert, alignment.num_padded, tw, b, n=n, k=k, gather_div=gather_div,
+      num_rows_out=num_rows_out, block_m=alignment.block_m,
+      mul_topk_weight=topk_weights is not None, has_bias=bias is not None,
+      all_unit_weights=lambda: _unit(w))
+
+
+def _kernel_wanted() -> bool:
+  """Whether the default backend would run the CUDA grouped GEMM (decided at trace time)."""
+  return CUDA_TARGET in _ffi.REGISTERED and jax.default_backend() == "gpu"
+
+
+# ----------------------------------------------------------------------------- fused_moe
+
+def _stacked_shape(w, name) -> tuple[int, int, int]:
+  if isinstance(w, NVFP4Weight):
+    check_weight(w.packed, w.scales, w.global_scale, name=name)
+  elif isinstance(w, PreparedNVFP4Weight):
+    if w.qweight.ndim == 5:
+      want_w, want_s = kernel_shapes(w.n, w.k)
+      e = w.qweight.shape[0]
+      if (tuple(w.qweight.shape) != (e, *want_w) or tuple(w.qscales.shape) != (e, *want_s)
+          or tuple(w.global_scale.shape) != (e,)):
+        raise ValueError(f"fused_moe: {name} is not a consistent stacked PreparedNVFP4Weight "
+                         f"for [E, N, K] = [{e}, {w.n}, {w.k}]: qweight {w.qweight.shape}, "
+                         f"qscales {w.qscales.shape}, global_scale {w.global_scale.shape}")
+  else:
+    raise TypeError(f"fused_moe: {name} must be a stacked NVFP4Weight or PreparedNVFP4Weight "
+                    f"[E, N, K], got {type(w).__name__}")
+  if len(w.shape) != 3:
+    raise ValueError(f"fused_moe: {name} must be stacked experts [E, N, K], got logical shape "
+                     f"{tuple(w.shape)}")
+  return tuple(int(d) for d in w.shape)
+
+
+def _float_array(a, name, shape):
+  a = jnp.asarray(a)
+  if not jnp.issubdtype(a.dtype, jnp.floating):
+    raise TypeError(f"fused_moe: {name} must be floating, got {a.dtype}")
+  if tuple(a.shape) != tuple(shape):
+    raise ValueError(f"fused_moe: {name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
+  return a.astype(jnp.float32)
+
+
+def _check_expert_map(expert_map, e_local):
+  expert_map = jnp.asarray(expert_map)
+  if expert_map.ndim != 1 or not jnp.issubdtype(expert_map.dtype, jnp.integer):
+    raise ValueError(f"fused_moe: expert_map must be an integer [E_global] array (global id -> "
+                     f"local id or -1), got {expert_map.dtype} {expert_map.shape}")
+  e_global = expert_map.shape[0]
+  if e_global < e_local:
+    raise ValueError(f"fused_moe: expert_map has {e_global} entries but the weights hold "
+                     f"{e_local} local experts")
+  try:
+    values = np.asarray(expert_map)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    values = None  # traced: the values cannot be checked here
+  if values is not None:
+    if values.min(initial=-1) < -1 or values.max(initial=-1) >= e_local:
+      raise ValueError(f"fused_moe: expert_map values must be -1 or a local id in "
+                       f"[0, {e_local}), got range [{values.min()}, {values.max()}]")
+    local = values[values >= 0]
+    if len(np.unique(local)) != len(local):
+      raise ValueError("fused_moe: expert_map maps two global experts to one local expert")
+  return expert_map.astype(jnp.int32), e_global
+
+
+def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
+              w2: NVFP4Weight | PreparedNVFP4Weight, *, router_logits: jax.Array | None = None,
+              topk_weights: jax.Array | None = None, topk_ids: jax.Array | None = None,
+              top_k: int | None = None, routing: RoutingConfig | None = None,
+              activation: str = "swiglu", limit: float | None = None,
+              alpha: float = GPTOSS_ALPHA, w13_bias: jax.Array | None = None,
+              w2_bias: jax.Array | None = None, expert_map: jax.Array | None = None,
+              block_m: int | None = None) -> jax.Array:
+  """A whole MoE layer with NVFP4 expert weights: route -> align -> GEMM1 -> activation ->
+  GEMM2 x top-k weight -> sum over top-k.
+
+  Args:
+    x: ``[M, H]`` (or ``[..., H]``, folded into M) bfloat16 or float16 tokens.
+    w13: stacked gate/up weight ``[E, N13, H]``: ``N13 = 2I`` with rows ``[gate; up]`` for gated
+      activations (see ``deinterleave_gate_up`` for gpt-oss checkpoints), ``N13 = I`` for
+      ``relu2``. An ``NVFP4Weight`` (checkpoint layout) or a stacked ``PreparedNVFP4Weight``.
+    w2: stacked down weight ``[E, H, I]``, same two kinds.
+    router_logits: float ``[..., E_global]``; routed with ``routing`` (a ``RoutingConfig``) or,
+      if only ``top_k`` is given, softmax -> top-k -> renormalize (Mixtral / Qwen3).
+    topk_weights, topk_ids: instead of logits, a precomputed routing: float ``[..., top_k]`` and
+      integer ``[..., top_k]`` global expert ids (ids outside ``[0, E_global)`` are dropped).
+    top_k: experts per token (optional when ``routing`` or ``topk_ids`` says it).
+    activation: ``"swiglu"`` (``limit`` optional: DeepSeek-V4 clamp), ``"gptoss"`` (``limit``
+      required, gpt-oss uses 7.0; ``alpha``), ``"relu2"`` (no ``limit``).
+    w13_bias, w2_bias: optional float ``[E, N13]`` / ``[E, H]`` per-expert biases, added in
+      float32 to GEMM1's output before the activation / to GEMM2's before the top-k weight.
+    expert_map: optional integer ``[E_global]``: global id -> local id (an index into w13/w2's
+      E) or -1 for experts held elsewhere. Pairs routed to -1 experts contribute zero, so the
+      sum of ``fused_moe`` over a partition of the experts equals the full layer.
+    block_m: rows per expert block (8/16/32/64); default ``choose_block_m(M, top_k, E_global)``.
+
+  Returns:
+    ``[..., H]`` in ``x.dtype``: ``sum_j w_j * (act(x @ W13[e_j].T + b13) @ W2[e_j].T + b2)``,
+    where GEMM1's output and the activation are rounded to ``x.dtype`` (the activation's math is
+    float32), each GEMM2 row (weight applied in float32) is rounded to ``x.dtype``, and the
+    sum over top-k is float32 before the final cast. The reference path rounds at the same
+    points as the kernel.
+
+  On a CUDA GPU with the grouped-GEMM kernel built, the GEMMs run the kernel (unprepared weights
+  are prepared on the fly inside the computation: call ``prepare`` once to avoid that); elsewhere
+  a pure-JAX reference with identical semantics runs.
+  """
+  x = jnp.asarray(x)
+  if np.dtype(x.dtype) not in ACTIVATION_DTYPES:
+    raise TypeError(f"fused_moe: x must be bfloat16 or float16 [M, H], got {x.dtype}")
+  if x.ndim < 1:
+    raise ValueError("fused_moe: x must be [M, H], got a scalar")
+  lead, hidden = x.shape[:-1], x.shape[-1]
+  m = int(np.prod(lead))
+  e_local, n13, h13 = _stacked_shape(w13, "w13")
+  e2, h2, inter = _stacked_shape(w2, "w2")
+  if e2 != e_local:
+    raise ValueError(f"fused_moe: w13 has E = {e_local} experts but w2 has {e2}")
+  if h13 != hidden or h2 != hidden:
+    raise ValueError(f"fused_moe: hidden size mismatch: x is [..., {hidden}], w13 is "
+                     f"[E, N13, {h13}] and w2 is [E, {h2}, I] (both must be H = {hidden})")
+  gated = is_gated(activation)
+  want_n13 = 2 * inter if gated else inter
+  if n13 != want_n13:
+    raise ValueError(f"fused_moe: activation {activation!r} with w2 [E, H, I = {inter}] needs "
+                     f"w13 [E, {want_n13}, H] ({'[gate; up] = 2I' if gated else 'I'} rows), "
+                     f"got N13 = {n13}")
+  if activation == "relu2" and limit is not None:
+    raise ValueError("fused_moe: limit must be None for relu2 (it clamps nothing)")
+  if activation == "gptoss" and limit is None:
+    raise ValueError("fused_moe: activation 'gptoss' needs limit (gpt-oss uses limit=7.0)")
+  if limit is not None and not (float(limit) > 0):
+    raise ValueError(f"fused_moe: limit must be > 0, got {limit}")
+  if block_m is not None and block_m not in BLOCK_MS:
+    raise ValueError(f"fused_moe: block_m must be one of {BLOCK_MS}, got {block_m!r}")
+
+  if expert_map is not None:
+    expert_map, e_global = _check_expert_map(expert_map, e_local)
+  else:
+    e_global = e_local
+
+  # Routing.
+  if router_logits is not None:
+    if topk_weights is not None or topk_ids is not None:
+      raise ValueError("fused_moe: give router_logits or (topk_weights, topk_ids), not both")
+    if routing is None:
+      if top_k is None:
+        raise ValueError("fused_moe: router_logits needs top_k or routing=RoutingConfig(...)")
+      routing = RoutingConfig(top_k=int(top_k))
+    elif not isinstance(routing, RoutingConfig):
+      raise TypeError(f"fused_moe: routing must be a RoutingConfig, got "
+                      f"{type(routing).__name__}")
+    elif top_k is not None and top_k != routing.top_k:
+      raise ValueError(f"fused_moe: top_k = {top_k} disagrees with routing.top_k = "
+                       f"{routing.top_k}")
+    logits = jnp.asarray(router_logits)
+    if tuple(logits.shape) != (*lead, e_global):
+      raise ValueError(f"fused_moe: router_logits must have shape {(*lead, e_global)} "
+                       f"(tokens x E_global), got {tuple(logits.shape)}")
+    topk_weights, topk_ids = route(logits.reshape(m, e_global), routing)
+  else:
+    if topk_weights is None or topk_ids is None:
+      raise ValueError("fused_moe: give router_logits (with top_k or routing) or both "
+                       "topk_weights and topk_ids")
+    if routing is not None:
+      raise ValueError("fused_moe: routing applies to router_logits only")
+    topk_ids = jnp.asarray(topk_ids)
+    topk_weights = jnp.asarray(topk_weights)
+    if not jnp.issubdtype(topk_ids.dtype, jnp.integer):
+      raise TypeError(f"fused_moe: topk_ids must be integer, got {topk_ids.dtype}")
+    if topk_ids.ndim != len(lead) + 1 or tuple(topk_ids.shape[:-1]) != tuple(lead):
+      raise ValueError(f"fused_moe: topk_ids must be [{', '.join(map(str, lead))}, top_k] for "
+                       f"x {tuple(x.shape)}, got {tuple(topk_ids.shape)}")
+    if top_k is not None and topk_ids.shape[-1] != top_k:
+      raise ValueError(f"fused_moe: top_k = {top_k} but topk_ids has {topk_ids.shape[-1]} "
+                       "columns")
+    topk_weights = _float_array(topk_weights, "topk_weights", topk_ids.shape)
+    topk_ids = topk_ids.reshape(m, -1).astype(jnp.int32)
+    topk_weights = topk_weights.reshape(m, -1)
+  k = topk_ids.shape[-1]
+  if not 1 <= k <= e_global:
+    raise ValueError(f"fused_moe: top_k = {k} must be in [1, E = {e_global}]")
+  if w13_bias is not None:
+    w13_bias = _float_array(w13_bias, "w13_bias", (e_local, n13))
+  if w2_bias is not None:
+    w2_bias = _float_array(w2_bias, "w2_bias", (e_local, hidden))
+  if m == 0:
+    return jnp.zeros((*lead, hidden), x.dtype)
+
+  bm = block_m or choose_block_m(m, k, e_global)
+  alignment = align_tokens(topk_ids, e_global, bm, expert_map)
+  rows = m * k
+
+  if _kernel_wanted():
+    w13 = prepare(w13) if isinstance(w13, NVFP4Weight) else w13
+    w2 = prepare(w2) if isinstance(w2, NVFP4Weight) else w2
+
+  def gemm(a, w, **kw):
+    if isinstance(w, PreparedNVFP4Weight):
+      return nvfp4_moe_gemm(a, w, alignment, num_rows_out=rows, **kw)
+    return _checkpoint_moe_gemm(a, w, alignment, num_rows_out=rows, **kw)
+
+  x2 = x.reshape(m, hidden)
+  h = gemm(x2, w13, gather_div=k, bias=w13_bias)                          # [M*k, N13]
+  a = apply_activation(h, activation, intermediate_size=inter, limit=limit, alpha=alpha,
+                       dtype=x.dtype)                                      # [M*k, I]
+  y = gemm(a, w2, gather_div=1, topk_weights=topk_weights.reshape(rows),
+           bias=w2_bias)                                                   # [M*k, H]
+  out = jnp.sum(y.reshape(m, k, hidden).astype(jnp.float32), axis=1)
+  return out.astype(x.dtype).reshape(*lead, hidden)

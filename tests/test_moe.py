@@ -1,0 +1,500 @@
+"""fused_moe and the nvfp4_moe_gemm primitive through the reference path (CPU), against the
+independent float64 NumPy layer in tests/numpy_moe_reference.py.
+
+Tolerances: the implementation rounds GEMM1's output, the activation and each GEMM2 row to the
+activation dtype, and the result once more; four roundings of bf16 (8 significant bits) give a
+rel-L2 of about 3.8e-3 even with exact products, of fp16 (11 bits) about 5e-4. relu2 squares
+GEMM1's output and so doubles that rounding's error (4.3-4.5e-3 in bf16): its bound is 6e-3.
+One grouped GEMM alone rounds once (the dense matmul's bounds).
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jax_nvfp4 as nf
+from jax_nvfp4.ops import moe as moe_ops
+from tests import numpy_moe_reference as ref
+from tests import numpy_reference as npref
+
+TOL = {jnp.bfloat16: 5e-3, jnp.float16: 1e-3}
+TOL_RELU2 = {jnp.bfloat16: 6e-3, jnp.float16: 1e-3}
+GEMM_TOL = {jnp.bfloat16: 4e-3, jnp.float16: 6e-4}
+CODE_RMS = float(np.sqrt(np.mean(npref.E2M1[:8] ** 2)))
+
+
+def random_experts(rng, e, n, k, *, out_std=1.0, scale_range=(2.0**-6, 8.0), gs=None):
+  """Random codes (all 16) and E4M3 block scales for [E, N, K]; the global scale makes a row
+  dot a unit-variance x have std ``out_std`` unless ``gs`` is given (scalar or [E])."""
+  packed = rng.integers(0, 256, size=(e, n, k // 2), dtype=np.uint8)
+  scales = rng.uniform(*scale_range, size=(e, n, k // 16)).astype(ml_dtypes.float8_e4m3fn)
+  if gs is None:
+    s_rms = np.sqrt(np.mean(scales.astype(np.float64) ** 2))
+    gs = out_std / (np.sqrt(k) * CODE_RMS * s_rms) * rng.uniform(0.7, 1.4, e)
+  gs = np.broadcast_to(np.asarray(gs, np.float32), (e,))
+  return nf.NVFP4Weight(jnp.asarray(packed), jnp.asarray(scales), jnp.asarray(gs))
+
+
+def _layer(rng, m, h, i, e, *, gated=True, dtype=jnp.bfloat16, x_std=1.0, **wkw):
+  w13 = random_experts(rng, e, 2 * i if gated else i, h, out_std=2.0, **wkw)
+  w2 = random_experts(rng, e, h, i)
+  x = jnp.asarray(rng.standard_normal((m, h)) * x_std, dtype)
+  return x, w13, w2
+
+
+def _ref(x, w13, w2, tw, ti, **kw):
+  return ref.moe(np.asarray(x, np.float64), ref.dequantize_experts(w13),
+                 ref.dequantize_experts(w2), tw, ti, **kw)
+
+
+def _distinct_topk(rng, m, e, k):
+  ids = np.stack([rng.choice(e, k, replace=False) for _ in range(m)]).astype(np.int32)
+  w = rng.uniform(0.05, 1.0, (m, k)).astype(np.float32)
+  return w, ids
+
+
+_fused = jax.jit(nf.fused_moe, static_argnames=("top_k", "routing", "activation", "limit",
+                                                "alpha", "block_m"))
+
+
+# ----------------------------------------------------------------------------- peer shapes
+
+# (m, H, I, E, top_k, dtype): peer MoE shapes (m in {1, 123, 666}, n=I in {128, 1024},
+# k=H in {256, 2048}, e in {5, 12}, topk in {2, 3}) with H and I scaled down for the CPU.
+PEER = [(1, 256, 128, 5, 2, jnp.bfloat16), (123, 256, 128, 12, 3, jnp.float16),
+        (666, 128, 64, 12, 2, jnp.bfloat16), (123, 256, 256, 5, 3, jnp.bfloat16),
+        (666, 64, 128, 5, 3, jnp.float16), (1, 512, 64, 12, 3, jnp.float16)]
+
+
+@pytest.mark.parametrize("m, h, i, e, k, dtype", PEER)
+def test_peer_shapes_router_logits(rng, m, h, i, e, k, dtype):
+  x, w13, w2 = _layer(rng, m, h, i, e, dtype=dtype)
+  logits = rng.standard_normal((m, e)).astype(np.float32)
+  out = _fused(x, w13, w2, router_logits=logits, top_k=k)
+  assert out.shape == (m, h) and out.dtype == dtype
+  tw, ti = ref.route(logits, k)
+  assert ref.rel_l2(out, _ref(x, w13, w2, tw, ti)) <= TOL[dtype]
+  rd = ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.float16
+  rounded = _ref(x, w13, w2, tw, ti, round_dtype=rd).astype(rd)
+  assert ref.rel_l2(out, rounded) <= (1e-3 if dtype == jnp.bfloat16 else 2e-4)
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_prepared_and_checkpoint_weights_agree(rng, prepared):
+  x, w13, w2 = _layer(rng, 37, 128, 96, 6)
+  tw, ti = _distinct_topk(rng, 37, 6, 2)
+  a13, a2 = (nf.prepare(w13), nf.prepare(w2)) if prepared else (w13, w2)
+  out = _fused(x, a13, a2, topk_weights=tw, topk_ids=ti)
+  assert ref.rel_l2(out, _ref(x, w13, w2, tw, ti)) <= TOL[jnp.bfloat16]
+  if prepared:  # the primitive's reference lowering and the checkpoint path: same arithmetic
+    np.testing.assert_array_equal(np.asarray(out),
+                                  np.asarray(_fused(x, w13, w2, topk_weights=tw, topk_ids=ti)))
+
+
+# ----------------------------------------------------------------------------- expert parallel
+
+def test_expert_map_partition_sums_to_full_layer(rng):
+  m, h, i, e, k = 40, 128, 64, 8, 3
+  x, w13, w2 = _layer(rng, m, h, i, e, dtype=jnp.float16)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  full = np.asarray(_fused(x, w13, w2, topk_weights=tw, topk_ids=ti), np.float64)
+  parts = []
+  for local in (np.array([0, 3, 5]), np.array([1, 2, 4, 6, 7])):
+    emap = np.full(e, -1, np.int32)
+    emap[local] = np.arange(len(local))
+    sub = lambda w: jax.tree.map(lambda a: a[local], w)
+    out = _fused(x, sub(w13), sub(w2), topk_weights=tw, topk_ids=ti, expert_map=emap)
+    want = _ref(x, sub(w13), sub(w2), tw, ti, expert_map=emap)
+    assert ref.rel_l2(out, want) <= TOL[jnp.float16]
+    # Tokens with no local expert get exactly zero (the 3-expert part has some).
+    none_local = ~np.isin(ti, local).any(axis=1)
+    assert none_local.any() or len(local) > 3
+    assert not np.asarray(out)[none_local].any()
+    parts.append(np.asarray(out, np.float64))
+  assert ref.rel_l2(parts[0] + parts[1], full) <= 1e-3
+
+
+def test_expert_map_with_router_logits_and_bad_maps(rng):
+  x, w13, w2 = _layer(rng, 9, 64, 32, 2)
+  logits = rng.standard_normal((9, 6)).astype(np.float32)
+  emap = np.array([-1, 0, -1, -1, 1, -1], np.int32)
+  out = _fused(x, w13, w2, router_logits=logits, top_k=2, expert_map=emap)
+  tw, ti = ref.route(logits, 2)
+  assert ref.rel_l2(out, _ref(x, w13, w2, tw, ti, expert_map=emap)) <= TOL[jnp.bfloat16]
+  with pytest.raises(ValueError, match="local id"):
+    nf.fused_moe(x, w13, w2, router_logits=logits, top_k=2,
+                 expert_map=np.array([-1, 0, 2, -1, 1, -1]))
+  with pytest.raises(ValueError, match="two global experts"):
+    nf.fused_moe(x, w13, w2, router_logits=logits, top_k=2,
+                 expert_map=np.array([0, 0, -1, -1, 1, -1]))
+  with pytest.raises(ValueError, match="router_logits must have shape"):
+    nf.fused_moe(x, w13, w2, router_logits=logits[:, :2], top_k=2, expert_map=emap)
+
+
+# ----------------------------------------------------------------------------- activations
+
+@pytest.mark.parametrize("m, e, k", [(1, 8, 2), (64, 8, 2), (256, 64, 4)])
+def test_relu2_non_gated(rng, m, e, k):
+  # Peer relu2 shapes: m in {1, 64, 256}, (e, topk) in {(8, 2), (64, 4)}; H = I = 128 here.
+  x, w13, w2 = _layer(rng, m, 128, 128, e, gated=False)
+  assert w13.shape == (e, 128, 128)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  out = _fused(x, w13, w2, topk_weights=tw, topk_ids=ti, activation="relu2")
+  want = _ref(x, w13, w2, tw, ti, activation_kind="relu2")
+  assert ref.rel_l2(out, want) <= TOL_RELU2[jnp.bfloat16]
+  # Rounding where the implementation rounds, only accumulation order differs.
+  rounded = _ref(x, w13, w2, tw, ti, activation_kind="relu2", round_dtype=ml_dtypes.bfloat16)
+  assert ref.rel_l2(out, rounded.astype(ml_dtypes.bfloat16)) <= 1e-3
+
+
+@pytest.mark.parametrize("limit, gs", [(5.0, 2.0**-13), (7.0, 2.0**-12), (10.0, 2.0**-11),
+                                       (15.0, 2.0**-10), (15.0, 2.0**-9), (5.0, 2.0**-9)])
+def test_swiglu_clamp_active(rng, limit, gs):
+  # Peer clamp case (k=4096, n=2048, topk=6) scaled down: H = 512, I = 128, E = 8, topk = 6.
+  m, h, i, e, k = 24, 512, 128, 8, 6
+  # Large block scales so that a tiny global scale still gives large weights; x is sized so
+  # that GEMM1's outputs spread to about twice the clamp.
+  w13 = random_experts(rng, e, 2 * i, h, scale_range=(64.0, 448.0), gs=gs)
+  w2 = random_experts(rng, e, h, i, out_std=1.0 / limit)
+  dq13 = ref.dequantize_experts(w13)
+  x_std = 2 * limit / (np.sqrt(h) * np.sqrt(np.mean(dq13 ** 2)))
+  x = jnp.asarray(rng.standard_normal((m, h)) * x_std, jnp.bfloat16)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  out = _fused(x, w13, w2, topk_weights=tw, topk_ids=ti, limit=limit)
+  want = _ref(x, w13, w2, tw, ti, limit=limit)
+  assert ref.rel_l2(out, want) <= TOL[jnp.bfloat16]
+  # The clamp is active: on a good share of the entries, and clamping changes the result.
+  hid = np.einsum("mh,enh->men", np.asarray(x, np.float64), dq13)
+  gate, up = hid[..., :i], hid[..., i:]
+  assert np.mean(ref.silu(gate) > limit) > 0.05 and np.mean(np.abs(up) > limit) > 0.1
+  assert ref.rel_l2(_ref(x, w13, w2, tw, ti), want) > 0.05
+
+
+def test_gptoss_interleaved_checkpoint_with_biases(rng):
+  m, h, i, e, k = 33, 128, 64, 4, 2
+  # A gpt-oss style checkpoint: gate/up rows interleaved (gate i at 2i, up i at 2i+1).
+  w13_inter = random_experts(rng, e, 2 * i, h, out_std=4.0)
+  b13_inter = rng.standard_normal((e, 2 * i)).astype(np.float32)
+  w2 = random_experts(rng, e, h, i, out_std=0.3)
+  b2 = rng.standard_normal((e, h)).astype(np.float32)
+  x = jnp.asarray(rng.standard_normal((m, h)), jnp.bfloat16)
+  logits = rng.standard_normal((m, e)).astype(np.float32)
+  w13 = nf.deinterleave_gate_up(w13_inter)
+  b13 = nf.deinterleave_gate_up(b13_inter, axis=-1)
+  out = _fused(x, w13, w2, router_logits=logits, top_k=k, activation="gptoss", limit=7.0,
+               w13_bias=b13, w2_bias=b2)
+  # The oracle reads the interleaved checkpoint directly.
+  d = ref.dequantize_experts(w13_inter)
+  d = np.concatenate([d[:, 0::2], d[:, 1::2]], axis=1)
+  bb = np.concatenate([b13_inter[:, 0::2], b13_inter[:, 1::2]], axis=1)
+  tw, ti = ref.route(logits, k)
+  want = ref.moe(np.asarray(x, np.float64), d, ref.dequantize_experts(w2), tw, ti,
+                 activation_kind="gptoss", limit=7.0, b13=bb, b2=b2)
+  assert ref.rel_l2(out, want) <= TOL[jnp.bfloat16]
+  hid = np.einsum("mh,enh->men", np.asarray(x, np.float64), d) + bb[None]
+  assert np.mean(np.abs(hid) > 7.0) > 0.02  # the gpt-oss clamp is exercised too
+  # Feeding the interleaved weight without the helper is a different (wrong) layer.
+  wrong = _fused(x, w13_inter, w2, router_logits=logits, top_k=k, activation="gptoss",
+                 limit=7.0, w13_bias=b13_inter, w2_bias=b2)
+  assert ref.rel_l2(wrong, want) > 0.1
+
+
+def test_deinterleave_is_a_row_permutation(rng):
+  w = random_experts(rng, 2, 8, 32)
+  d = nf.deinterleave_gate_up(w)
+  np.testing.assert_array_equal(np.asarray(d.packed)[:, :4], np.asarray(w.packed)[:, 0::2])
+  np.testing.assert_array_equal(np.asarray(d.packed)[:, 4:], np.asarray(w.packed)[:, 1::2])
+  np.testing.assert_array_equal(np.asarray(d.scales).view(np.uint8)[:, 4:],
+                                np.asarray(w.scales).view(np.uint8)[:, 1::2])
+  np.testing.assert_array_equal(np.asarray(nf.deinterleave_gate_up(jnp.arange(6), axis=0)),
+                                [0, 2, 4, 1, 3, 5])
+  with pytest.raises(ValueError, match="odd"):
+    nf.deinterleave_gate_up(jnp.arange(5), axis=0)
+
+
+def test_swiglu_with_biases(rng):
+  x, w13, w2 = _layer(rng, 21, 64, 48, 5, dtype=jnp.float16)
+  b13 = rng.standard_normal((5, 96)).astype(np.float32)
+  b2 = rng.standard_normal((5, 64)).astype(np.float32)
+  tw, ti = _distinct_topk(rng, 21, 5, 2)
+  out = _fused(x, w13, w2, topk_weights=tw, topk_ids=ti, w13_bias=b13, w2_bias=b2)
+  want = _ref(x, w13, w2, tw, ti, b13=b13, b2=b2)
+  assert ref.rel_l2(out, want) <= TOL[jnp.float16]
+  assert ref.rel_l2(_ref(x, w13, w2, tw, ti), want) > 0.05  # the biases matter
+
+
+def test_activation_formulas_hand_values():
+  h = jnp.array([[1.0, 20.0, 3.0, -30.0]], jnp.float32)  # gate = [1, 20], up = [3, -30]
+  silu = lambda v: v / (1 + np.exp(-v))
+  np.testing.assert_allclose(np.asarray(nf.apply_activation(h, "swiglu")),
+                             [[silu(1) * 3, silu(20) * -30]], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(nf.apply_activation(h, "swiglu", limit=7.0)),
+                             [[silu(1) * 3, 7.0 * -7.0]], rtol=1e-6)
+  sig = lambda v: 1 / (1 + np.exp(-v))
+  np.testing.assert_allclose(np.asarray(nf.apply_activation(h, "gptoss", limit=7.0)),
+                             [[1 * sig(1.702) * 4, 7 * sig(7 * 1.702) * (-7 + 1)]], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(nf.apply_activation(h, "relu2")),
+                             [[1.0, 400.0, 9.0, 0.0]])
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+@pytest.mark.parametrize("case", ["empty_experts", "one_expert", "m1", "m_not_multiple"])
+def test_edge_routings(rng, case):
+  e, k = 8, 2
+  m = {"m1": 1, "m_not_multiple": 19}.get(case, 40)
+  x, w13, w2 = _layer(rng, m, 64, 32, e)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  if case == "empty_experts":
+    ti = np.where(ti < 4, ti, ti % 2 + 1).astype(np.int32)  # experts 4..7 and 0..? unused
+    ti[:, 1] = np.where(ti[:, 1] == ti[:, 0], 3, ti[:, 1])
+  elif case == "one_expert":
+    ti = np.stack([np.full(m, 5), np.full(m, 2)], 1).astype(np.int32)
+  out = _fused(x, w13, w2, topk_weights=tw, topk_ids=ti, block_m=16)
+  assert ref.rel_l2(out, _ref(x, w13, w2, tw, ti)) <= TOL[jnp.bfloat16]
+
+
+def test_block_m_does_not_change_the_result(rng):
+  x, w13, w2 = _layer(rng, 50, 64, 32, 6)
+  tw, ti = _distinct_topk(rng, 50, 6, 3)
+  outs = [np.asarray(_fused(x, w13, w2, topk_weights=tw, topk_ids=ti, block_m=b), np.float64)
+          for b in (8, 16, 32, 64)]
+  for o in outs[1:]:  # each row is its own f32 dot whatever the blocking
+    np.testing.assert_allclose(o, outs[0], rtol=1e-2, atol=1e-3)
+    assert ref.rel_l2(o, outs[0]) < 1e-4
+
+
+def test_leading_dims_m_zero_jit_eval_shape(rng):
+  x, w13, w2 = _layer(rng, 6, 64, 32, 4)
+  logits = rng.standard_normal((6, 4)).astype(np.float32)
+  out = _fused(x.reshape(2, 3, 64), w13, w2, router_logits=logits.reshape(2, 3, 4), top_k=2)
+  np.testing.assert_array_equal(np.asarray(out).reshape(6, 64),
+                                np.asarray(_fused(x, w13, w2, router_logits=logits, top_k=2)))
+  empty = _fused(x[:0], w13, w2, router_logits=logits[:0], top_k=2)
+  assert empty.shape == (0, 64) and empty.dtype == jnp.bfloat16
+  shape = jax.eval_shape(lambda a, b, c, l: nf.fused_moe(a, b, c, router_logits=l, top_k=2),
+                         jax.ShapeDtypeStruct((1000, 64), jnp.float16), w13, nf.prepare(w2),
+                         jax.ShapeDtypeStruct((1000, 4), jnp.float32))
+  assert shape.shape == (1000, 64) and shape.dtype == jnp.float16
+
+
+def test_deepseek_routing_through_fused_moe(rng):
+  m, e, k = 17, 16, 4
+  x, w13, w2 = _layer(rng, m, 64, 32, e)
+  logits = rng.standard_normal((m, e)).astype(np.float32)
+  bias = rng.uniform(-0.2, 0.2, e).astype(np.float32)
+  cfg = nf.RoutingConfig.deepseek_v3(k, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                                     correction_bias=jnp.asarray(bias))
+  out = jax.jit(lambda *a: nf.fused_moe(*a[:3], router_logits=a[3], routing=a[4]))(
+      x, w13, w2, logits, cfg)
+  tw, ti = ref.route(logits, k, scoring="sigmoid", n_group=4, topk_group=2,
+                     routed_scaling_factor=2.5, correction_bias=bias)
+  assert ref.rel_l2(out, _ref(x, w13, w2, tw, ti)) <= TOL[jnp.bfloat16]
+
+
+def test_vmap_over_a_batch_of_sequences(rng):
+  x, w13, w2 = _layer(rng, 12, 64, 32, 4)
+  tw, ti = _distinct_topk(rng, 12, 4, 2)
+  p13, p2 = nf.prepare(w13), nf.prepare(w2)
+  f = lambda xx, w, i: nf.fused_moe(xx, p13, p2, topk_weights=w, topk_ids=i)
+  out = jax.jit(jax.vmap(f))(x.reshape(3, 4, 64), tw.reshape(3, 4, 2), ti.reshape(3, 4, 2))
+  jf = jax.jit(f)
+  for b in range(3):
+    np.testing.assert_array_equal(np.asarray(out[b]),
+                                  np.asarray(jf(x[4 * b:4 * b + 4], tw[4 * b:4 * b + 4],
+                                                ti[4 * b:4 * b + 4])))
+
+
+# ----------------------------------------------------------------------------- the primitive
+
+def _contract_numpy(x, w, sorted_ids, block_expert, num_padded, topk_weights, bias, *, gather_div,
+                    num_rows_out, block_m):
+  """The contract of nvfp4_moe_gemm, literally, in float64."""
+  W = ref.dequantize_experts(w)
+  out = np.zeros((num_rows_out, W.shape[1]))
+  for b in range(len(block_expert)):
+    e = block_expert[b]
+    if b * block_m >= num_padded or e < 0:
+      continue
+    for r in range(block_m):
+      sid = sorted_ids[b * block_m + r]
+      if sid < num_rows_out:
+        v = np.asarray(x, np.float64)[sid // gather_div] @ W[e].T
+        if bias is not None:
+          v = v + bias[e]
+        out[sid] = v * (topk_weights[sid] if topk_weights is not None else 1.0)
+  return out
+
+
+@pytest.mark.parametrize("loop", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_primitive_contract_hand_schedule(rng, monkeypatch, loop, dtype):
+  """A schedule that exercises every rule: -1 blocks, blocks past num_padded that name a real
+  expert (must be skipped), sids >= num_rows_out, gathers, epilogue weight and bias."""
+  if loop:  # force the one-expert-at-a-time path
+    monkeypatch.setattr(moe_ops, "SMALL_ALL_EXPERTS", 0)
+  e, n, k, bm = 3, 40, 96, 8
+  w = random_experts(rng, e, n, k)
+  rows_out, gd = 20, 2
+  x = jnp.asarray(rng.standard_normal((10, k)), dtype)
+  sids = np.full(48, 99, np.int32)
+  sids[0:5] = [0, 7, 3, 19, 25]     # block 0 -> expert 2 (25 >= rows_out: skipped)
+  sids[8:11] = [1, 2, 4]            # block 1 -> -1 (skipped)
+  sids[16:20] = [5, 6, 8, 9]        # block 2 -> expert 0
+  sids[24:26] = [10, 11]            # block 3 -> expert 1
+  sids[32:34] = [12, 13]            # block 4 -> expert 1 but past num_padded = 32: skipped
+  block_expert = np.array([2, -1, 0, 1, 1, -1], np.int32)
+  tw = rng.uniform(0.1, 1, rows_out).astype(np.float32)
+  bias = rng.standard_normal((e, n)).astype(np.float32)
+  p = nf.prepare(w)
+  al = nf.Alignment(jnp.asarray(sids), jnp.asarray(block_expert), jnp.array([32], jnp.int32),
+                    block_m=bm, num_pairs=rows_out)
+  for weights, b in ((None, None), (tw, bias)):
+    out = jax.jit(lambda xx: nf.nvfp4_moe_gemm(xx, p, al, gather_div=gd, num_rows_out=rows_out,
+                                               topk_weights=weights, bias=b))(x)
+    assert out.shape == (rows_out, n) and out.dtype == dtype
+    want = _contract_numpy(x, w, sids, block_expert, 32, weights, b, gather_div=gd,
+                           num_rows_out=rows_out, block_m=bm)
+    written = [0, 7, 3, 19, 5, 6, 8, 9, 10, 11]
+    untouched = np.setdiff1d(np.arange(rows_out), written)
+    assert not np.asarray(out)[untouched].any()
+    assert ref.rel_l2(np.asarray(out)[written], want[written]) <= GEMM_TOL[dtype]
+
+
+def test_reference_loop_path_equals_all_at_once(rng, monkeypatch):
+  x, w13, w2 = _layer(rng, 30, 64, 32, 5)
+  tw, ti = _distinct_topk(rng, 30, 5, 2)
+  p13, p2 = nf.prepare(w13), nf.prepare(w2)
+  f = jax.jit(lambda a, b: nf.fused_moe(x, a, b, topk_weights=tw, topk_ids=ti, block_m=8))
+  a = f(p13, p2)
+  monkeypatch.setattr(moe_ops, "SMALL_ALL_EXPERTS", 0)
+  f = jax.jit(lambda a, b: nf.fused_moe(x, a, b, topk_weights=tw, topk_ids=ti, block_m=8))
+  b = f(p13, p2)
+  c = f(w13, w2)
+  assert ref.rel_l2(b, np.asarray(a, np.float64)) < 1e-4
+  np.testing.assert_array_equal(np.asarray(b), np.asarray(c))
+
+
+def test_primitive_abstract_eval_errors(rng):
+  w = random_experts(rng, 2, 32, 64)
+  p = nf.prepare(w)
+  x = jnp.zeros((4, 64), jnp.bfloat16)
+  al = nf.align_tokens(jnp.zeros((4, 1), jnp.int32), 2, 8)
+  ok = dict(gather_div=1, num_rows_out=4)
+  assert jax.eval_shape(lambda: nf.nvfp4_moe_gemm(x, p, al, **ok)).shape == (4, 32)
+  bind = moe_ops.nvfp4_moe_gemm_p.bind
+  args = [x, p.qweight, p.qscales, p.global_scale, al.sorted_ids, al.block_expert,
+          al.num_padded, jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32)]
+  params = dict(n=32, k=64, gather_div=1, num_rows_out=4, block_m=8, mul_topk_weight=False,
+                has_bias=False)
+  cases = [
+      ({0: x.astype(jnp.float32)}, {}, TypeError, "bfloat16 or float16"),
+      ({0: jnp.zeros((4, 48), jnp.bfloat16)}, {}, ValueError, "k = 64"),
+      ({}, {"k": 60}, ValueError, "k % 16"),
+      ({}, {"n": 48}, ValueError, "qweight must have shape"),
+      ({1: p.qweight[0]}, {}, ValueError, "stacked"),
+      ({2: p.qscales.astype(jnp.int32)}, {}, TypeError, "qscales must be uint8"),
+      ({3: p.global_scale[:1]}, {}, ValueError, "global_scale must have shape"),
+      ({4: al.sorted_ids[:-1]}, {}, ValueError, "multiple of block_m"),
+      ({5: al.block_expert[:-1]}, {}, ValueError, "block_expert must have shape"),
+      ({6: jnp.zeros((2,), jnp.int32)}, {}, ValueError, "num_padded"),
+      ({}, {"mul_topk_weight": True}, ValueError, r"topk_weights must have shape \(4,\)"),
+      ({}, {"has_bias": True}, ValueError, r"bias must have shape \(2, 32\)"),
+      ({}, {"block_m": 12}, ValueError, "block_m must be one of"),
+      ({}, {"num_rows_out": 5}, ValueError, "reads rows"),
+      ({4: al.sorted_ids.astype(jnp.uint32)}, {}, TypeError, "sorted_ids must be int32"),
+  ]
+  for over, pover, exc, match in cases:
+    a = list(args)
+    for i, v in over.items():
+      a[i] = v
+    with pytest.raises(exc, match=match):
+      jax.eval_shape(lambda *ops: bind(*ops, **{**params, **pover}), *a)
+
+
+def test_fused_moe_bad_inputs_raise(rng):
+  x, w13, w2 = _layer(rng, 4, 64, 32, 4)
+  tw, ti = _distinct_topk(rng, 4, 4, 2)
+  kw = dict(topk_weights=tw, topk_ids=ti)
+  relu_w13 = random_experts(rng, 4, 32, 64)
+  cases = [
+      (lambda: nf.fused_moe(x.astype(jnp.float32), w13, w2, **kw), TypeError, "bfloat16"),
+      (lambda: nf.fused_moe(x[:, :32], w13, w2, **kw), ValueError, "hidden size"),
+      (lambda: nf.fused_moe(x, w13, jax.tree.map(lambda a: a[:3], w2), **kw), ValueError,
+       "w2 has 3"),
+      (lambda: nf.fused_moe(x, w2, w2, **kw), ValueError, "hidden size"),
+      (lambda: nf.fused_moe(x, w13, w2, activation="relu2", **kw), ValueError, "needs w13"),
+      (lambda: nf.fused_moe(x, relu_w13, w2, **kw), ValueError, r"needs w13 \[E, 64, H\]"),
+      (lambda: nf.fused_moe(x, relu_w13, w2, activation="relu2", limit=5.0, **kw), ValueError,
+       "relu2"),
+      (lambda: nf.fused_moe(x, w13, w2, activation="gptoss", **kw), ValueError, "limit=7"),
+      (lambda: nf.fused_moe(x, w13, w2, activation="gelu", **kw), ValueError, "activation"),
+      (lambda: nf.fused_moe(x, w13, w2, limit=-1.0, **kw), ValueError, "> 0"),
+      (lambda: nf.fused_moe(x, w13, w2, router_logits=np.zeros((4, 4)), top_k=5), ValueError,
+       "exceeds"),
+      (lambda: nf.fused_moe(x, w13, w2, topk_weights=np.ones((4, 5)),
+                            topk_ids=np.zeros((4, 5), np.int32)), ValueError, "top_k = 5"),
+      (lambda: nf.fused_moe(x, w13, w2, router_logits=np.zeros((4, 4))), ValueError, "top_k"),
+      (lambda: nf.fused_moe(x, w13, w2), ValueError, "router_logits"),
+      (lambda: nf.fused_moe(x, w13, w2, router_logits=np.zeros((4, 4)), top_k=2, **kw),
+       ValueError, "not both"),
+      (lambda: nf.fused_moe(x, w13, w2, topk_weights=tw, topk_ids=ti.astype(np.float32)),
+       TypeError, "integer"),
+      (lambda: nf.fused_moe(x, w13, w2, topk_weights=tw[:, :1], topk_ids=ti), ValueError,
+       "topk_weights must have shape"),
+      (lambda: nf.fused_moe(x, w13, w2, topk_weights=tw, topk_ids=ti[:3]), ValueError,
+       "topk_ids must be"),
+      (lambda: nf.fused_moe(x, w13, w2, w13_bias=np.zeros((4, 32)), **kw), ValueError,
+       r"w13_bias must have shape \(4, 64\)"),
+      (lambda: nf.fused_moe(x, w13, w2, w2_bias=np.zeros((4, 32)), **kw), ValueError,
+       r"w2_bias must have shape \(4, 64\)"),
+      (lambda: nf.fused_moe(x, w13, w2, expert_map=np.zeros((2,), np.int32), **kw), ValueError,
+       "expert_map has 2"),
+      (lambda: nf.fused_moe(x, w13, w2, block_m=24, **kw), ValueError, "block_m"),
+      (lambda: nf.fused_moe(x, jnp.zeros((4, 64, 64)), w2, **kw), TypeError, "NVFP4Weight"),
+      (lambda: nf.fused_moe(x, jax.tree.map(lambda a: a[0], w13), w2, **kw), ValueError,
+       "stacked"),
+      (lambda: nf.fused_moe(x, w13, w2, router_logits=np.zeros((4, 4)), top_k=3,
+                            routing=nf.RoutingConfig(top_k=2)), ValueError, "disagrees"),
+  ]
+  for fn, exc, match in cases:
+    with pytest.raises(exc, match=match):
+      fn()
+
+
+def test_cuda_lowering_emits_the_ffi_call(rng):
+  """The CUDA lowering (exported for the cuda platform, no GPU needed): operands in contract
+  order, attributes typed as the handler binds them, the workspace result only internal."""
+  from jax.interpreters import mlir
+  mlir.register_lowering(moe_ops.nvfp4_moe_gemm_p, moe_ops._moe_gemm_cuda_lowering,
+                         platform="cuda")  # what importing does where the kernel is built
+  p13 = nf.prepare(random_experts(rng, 4, 64, 128))
+  p2 = nf.prepare(random_experts(rng, 4, 128, 32))
+  f = jax.jit(lambda x, l: nf.fused_moe(x, p13, p2, router_logits=l, top_k=2))
+  exp = jax.export.export(f, platforms=["cuda"], disabled_checks=[
+      jax.export.DisabledSafetyCheck.custom_call(moe_ops.CUDA_TARGET)])(
+          jax.ShapeDtypeStruct((3, 128), jnp.bfloat16), jax.ShapeDtypeStruct((3, 4), jnp.float32))
+  calls = [l for l in exp.mlir_module().split("\n") if "custom_call @jax_nvfp4_moe_gemm_cuda" in l]
+  assert len(calls) == 2 and exp.out_avals[0].shape == (3, 128)
+  gemm1, gemm2 = calls
+  for attr in ("block_m = 8 : i64", "num_rows_out = 6 : i64", "splits = ", "has_bias = false"):
+    assert attr in gemm1 and attr in gemm2
+  assert "gather_div = 2 : i64" in gemm1 and "mul_topk_weight = false" in gemm1
+  assert "n = 64 : i64" in gemm1 and "k = 128 : i64" in gemm1
+  assert "gather_div = 1 : i64" in gemm2 and "mul_topk_weight = true" in gemm2
+  assert ("(tensor<3x128xbf16>, tensor<4x4x2x32x4xui32>, tensor<4x4x2x64xui8>, tensor<4xf32>, "
+          "tensor<40xi32>, tensor<5xi32>, tensor<1xi32>, tensor<0xf32>, tensor<0xf32>) -> "
+          "(tensor<6x64xbf16>, tensor<256xui8>)") in gemm1
+  assert "tensor<6xf32>, tensor<0xf32>) -> (tensor<6x128xbf16>" in gemm2
+
+
+def test_split_k_choice_and_workspace():
+  # decode-sized GEMM2 of (E, H, I) = (128, 2048, 768): 16 N blocks x 8 tiles leave SMs idle
+  assert moe_ops.choose_moe_splits(64, 2048, 768, 8) > 1
+  assert moe_ops.choose_moe_splits(48896, 4096, 7168, 64) == 1   # prefill: no split
+  assert moe_ops.choose_moe_splits(64, 2048, 64, 8) == 1          # one k64 chunk: no split
+  s = moe_ops.choose_moe_splits(64, 2048, 768, 8)
+  assert moe_ops.moe_workspace_bytes(64, 2048, 8, s) == 512 + s * 64 * 2048 * 4  # 8x16 tickets
+  assert moe_ops.moe_workspace_bytes(64, 2048, 8, 1) == 256

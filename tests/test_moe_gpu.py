@@ -1,0 +1,284 @@
+"""fused_moe through the CUDA grouped-GEMM kernel at full peer shapes (skipped without a GPU).
+
+Two references: the float64 NumPy layer (tests/numpy_moe_reference.py) with the bf16/fp16
+tolerances of tests/test_moe.py, and the same NumPy layer rounding to the activation dtype at
+the points the implementation rounds (GEMM1 output, activation, each GEMM2 row, result): the
+kernel may differ from that one only by float32 accumulation order, so its bound is tight.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jax_nvfp4 as nf
+from jax_nvfp4.ops import moe as moe_ops
+from tests import numpy_moe_reference as ref
+from tests.test_moe import _distinct_topk, random_experts
+
+pytestmark = pytest.mark.gpu
+
+TOL = {jnp.bfloat16: 5e-3, jnp.float16: 1e-3}
+# relu2 squares GEMM1's output, doubling its rounding error: four bf16 roundings with one of
+# them doubled measure 4.3-4.5e-3 on these shapes even for an exact implementation.
+TOL_RELU2 = {jnp.bfloat16: 6e-3, jnp.float16: 1e-3}
+# Against the NumPy layer that rounds where we round: only accumulation order differs, which
+# flips a small share of roundings by one unit.
+TOL_ROUNDED = {jnp.bfloat16: 1.5e-3, jnp.float16: 3e-4}
+ROUND = {jnp.bfloat16: ml_dtypes.bfloat16, jnp.float16: np.float16}
+
+
+@pytest.fixture(autouse=True)
+def kernel_built():
+  if moe_ops.CUDA_TARGET not in moe_ops._ffi.REGISTERED:
+    pytest.skip("jax_nvfp4 was built without the grouped MoE kernel")
+
+
+def poisoned(fn, *args, out_shape, dtype, **kw):
+  """Fills freshly freed device memory of the output's size with NaN first, so that an output
+  row the kernel forgets to write (or to zero) shows up as NaN."""
+  poison = jnp.full(out_shape, jnp.nan, dtype).block_until_ready()
+  del poison
+  return fn(*args, **kw)
+
+
+_fused = jax.jit(nf.fused_moe, static_argnames=("top_k", "routing", "activation", "limit",
+                                                "alpha", "block_m"))
+
+
+def _layer(rng, m, h, i, e, *, gated=True, dtype=jnp.bfloat16):
+  w13 = random_experts(rng, e, 2 * i if gated else i, h, out_std=2.0)
+  w2 = random_experts(rng, e, h, i)
+  x = jnp.asarray(rng.standard_normal((m, h)), dtype)
+  return x, w13, w2
+
+
+def _check(x, w13, w2, out, tw, ti, *, tol=None, **kw):
+  dtype = jnp.bfloat16 if x.dtype == jnp.bfloat16 else jnp.float16
+  out = np.asarray(out, np.float64)
+  assert out.shape == x.shape and np.isfinite(out).all(), "NaN-poisoned or overflowed rows"
+  x64 = np.asarray(x, np.float64)
+  d13, d2 = ref.dequantize_experts(w13), ref.dequantize_experts(w2)
+  exact = ref.moe(x64, d13, d2, tw, ti, **kw)
+  rounded = ref.moe(x64, d13, d2, tw, ti, round_dtype=ROUND[dtype], **kw)
+  rounded = rounded.astype(ROUND[dtype]).astype(np.float64)
+  tol = tol or TOL
+  assert ref.rel_l2(out, exact) <= tol[dtype]
+  assert ref.rel_l2(out, rounded) <= TOL_ROUNDED[dtype]
+
+
+# ----------------------------------------------------------------------------- peer shapes
+
+PEER_M = [1, 123, 666]
+PEER_IH = [(128, 256), (128, 2048), (1024, 256), (1024, 2048)]
+PEER_EK = [(5, 2), (12, 3), (12, 2), (5, 3)]
+
+
+@pytest.mark.parametrize("m", PEER_M)
+@pytest.mark.parametrize("i, h", PEER_IH)
+@pytest.mark.parametrize("e, k", PEER_EK)
+def test_peer_shapes_bf16(rng, m, i, h, e, k):
+  x, w13, w2 = _layer(rng, m, h, i, e)
+  logits = rng.standard_normal((m, e)).astype(np.float32)
+  out = poisoned(_fused, x, w13, w2, router_logits=logits, top_k=k, out_shape=(m * k, 2 * i),
+                 dtype=jnp.bfloat16)
+  tw, ti = ref.route(logits, k)
+  _check(x, w13, w2, out, tw, ti)
+
+
+@pytest.mark.parametrize("m, i, h, e, k", [(1, 1024, 2048, 12, 3), (123, 128, 256, 5, 2),
+                                           (666, 1024, 2048, 12, 3), (666, 128, 2048, 5, 3)])
+def test_peer_shapes_fp16(rng, m, i, h, e, k):
+  x, w13, w2 = _layer(rng, m, h, i, e, dtype=jnp.float16)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  out = poisoned(_fused, x, nf.prepare(w13), nf.prepare(w2),
+                 topk_weights=tw, topk_ids=ti, out_shape=(m, h), dtype=jnp.float16)
+  _check(x, w13, w2, out, tw, ti)
+
+
+@pytest.mark.parametrize("m", [1, 64, 256])
+@pytest.mark.parametrize("i, h", [(1024, 1024), (2048, 2048)])
+@pytest.mark.parametrize("e, k", [(8, 2), (64, 4)])
+def test_relu2_peer_shapes(rng, m, i, h, e, k):
+  x, w13, w2 = _layer(rng, m, h, i, e, gated=False)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  out = poisoned(_fused, x, w13, w2, topk_weights=tw, topk_ids=ti, activation="relu2",
+                 out_shape=(m * k, i), dtype=jnp.bfloat16)
+  _check(x, w13, w2, out, tw, ti, tol=TOL_RELU2, activation_kind="relu2")
+
+
+@pytest.mark.parametrize("limit", [5.0, 7.0, 10.0, 15.0])
+@pytest.mark.parametrize("gs", [2.0**-13, 2.0**-11, 2.0**-9])
+def test_swiglu_clamp_peer_shapes(rng, limit, gs):
+  m, h, i, e, k = 64, 4096, 2048, 8, 6
+  w13 = random_experts(rng, e, 2 * i, h, scale_range=(64.0, 448.0), gs=gs)
+  w2 = random_experts(rng, e, h, i, out_std=1.0 / limit)
+  d13 = ref.dequantize_experts(w13)
+  x_std = 2 * limit / (np.sqrt(h) * np.sqrt(np.mean(d13 ** 2)))
+  x = jnp.asarray(rng.standard_normal((m, h)) * x_std, jnp.bfloat16)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  out = _fused(x, w13, w2, topk_weights=tw, topk_ids=ti, limit=limit)
+  _check(x, w13, w2, out, tw, ti, limit=limit)
+  hid = np.einsum("mh,enh->men", np.asarray(x, np.float64), d13)
+  assert np.mean(np.abs(hid[..., i:]) > limit) > 0.1  # the clamp is active
+
+
+# ----------------------------------------------------------------------------- properties
+
+def test_expert_map_partition_and_zero_rows(rng):
+  m, h, i, e, k = 200, 2048, 1024, 12, 3
+  x, w13, w2 = _layer(rng, m, h, i, e)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  full = np.asarray(_fused(x, w13, w2, topk_weights=tw, topk_ids=ti), np.float64)
+  total = np.zeros_like(full)
+  for local in (np.array([0, 5, 7]), np.array([1, 2, 3, 4, 6, 8, 9, 10, 11])):
+    emap = np.full(e, -1, np.int32)
+    emap[local] = np.arange(len(local))
+    sub = lambda w: jax.tree.map(lambda a: a[local], w)
+    out = poisoned(_fused, x, sub(w13), sub(w2), topk_weights=tw, topk_ids=ti, expert_map=emap,
+                   out_shape=(m * k, h), dtype=jnp.bfloat16)
+    _check(x, sub(w13), sub(w2), out, tw, ti, expert_map=emap)
+    none_local = ~np.isin(ti, local).any(axis=1)
+    assert not np.asarray(out)[none_local].any()
+    total += np.asarray(out, np.float64)
+  assert ref.rel_l2(total, full) <= 5e-3
+
+
+def test_gptoss_with_biases_and_deepseek_routing(rng):
+  m, h, i, e, k = 300, 2048, 1024, 32, 4
+  w13 = random_experts(rng, e, 2 * i, h, out_std=4.0)
+  w2 = random_experts(rng, e, h, i, out_std=0.3)
+  b13 = rng.standard_normal((e, 2 * i)).astype(np.float32)
+  b2 = rng.standard_normal((e, h)).astype(np.float32)
+  x = jnp.asarray(rng.standard_normal((m, h)), jnp.bfloat16)
+  logits = rng.standard_normal((m, e)).astype(np.float32)
+  bias = rng.uniform(-0.2, 0.2, e).astype(np.float32)
+  cfg = nf.RoutingConfig.deepseek_v3(k, n_group=8, topk_group=3, routed_scaling_factor=2.5,
+                                     correction_bias=bias)
+  out = jax.jit(lambda *a: nf.fused_moe(*a[:3], router_logits=a[3], routing=a[4],
+                                        activation="gptoss", limit=7.0, w13_bias=a[5],
+                                        w2_bias=a[6]))(x, w13, w2, logits, cfg, b13, b2)
+  tw, ti = ref.route(logits, k, scoring="sigmoid", n_group=8, topk_group=3,
+                     routed_scaling_factor=2.5, correction_bias=bias)
+  _check(x, w13, w2, out, tw, ti, activation_kind="gptoss", limit=7.0, b13=b13, b2=b2)
+
+
+@pytest.mark.parametrize("case", ["empty_experts", "one_expert", "m1", "m_not_multiple"])
+@pytest.mark.parametrize("block_m", [8, 16, 32, 64])
+def test_edge_routings(rng, case, block_m):
+  e, k = 16, 2
+  m = {"m1": 1, "m_not_multiple": 77, "one_expert": 666}.get(case, 150)
+  x, w13, w2 = _layer(rng, m, 1024, 512, e)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  if case == "empty_experts":
+    ti = np.stack([ti[:, 0] % 3, 3 + ti[:, 1] % 2], 1).astype(np.int32)  # experts 0..4 only
+  elif case == "one_expert":
+    ti = np.stack([np.full(m, 9), np.full(m, 2)], 1).astype(np.int32)
+  out = poisoned(_fused, x, w13, w2, topk_weights=tw, topk_ids=ti, block_m=block_m,
+                 out_shape=(m * k, 1024), dtype=jnp.bfloat16)
+  _check(x, w13, w2, out, tw, ti)
+
+
+def test_sizes_not_multiples_of_the_tile(rng):
+  m, h, i, e, k = 37, 208, 96, 6, 2     # N13 = 192, K = 208 and 96: padded k64 chunks
+  x, w13, w2 = _layer(rng, m, h, i, e)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  _check(x, w13, w2, _fused(x, w13, w2, topk_weights=tw, topk_ids=ti), tw, ti)
+
+
+def test_deterministic_eager_jit_prepared_bitwise(rng):
+  m, h, i, e, k = 64, 2048, 768, 128, 8
+  x, w13, w2 = _layer(rng, m, h, i, e)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  p13, p2 = nf.prepare(w13), nf.prepare(w2)
+  a = np.asarray(_fused(x, p13, p2, topk_weights=tw, topk_ids=ti))
+  for _ in range(3):
+    np.testing.assert_array_equal(np.asarray(_fused(x, p13, p2, topk_weights=tw, topk_ids=ti)), a)
+  np.testing.assert_array_equal(np.asarray(_fused(x, w13, w2, topk_weights=tw, topk_ids=ti)), a)
+  np.testing.assert_array_equal(np.asarray(nf.fused_moe(x, p13, p2, topk_weights=tw,
+                                                        topk_ids=ti)), a)
+
+
+def test_kernel_matches_xla_reference_at_qwen3_prefill(rng, monkeypatch):
+  """(E, H, I, k) = (128, 2048, 768, 8) at T = 4096 against the reference lowering run by XLA on
+  the same GPU (same rounding points, float32 products)."""
+  m, h, i, e, k = 4096, 2048, 768, 128, 8
+  x, w13, w2 = _layer(rng, m, h, i, e)
+  logits = jnp.asarray(rng.standard_normal((m, e)), jnp.float32)
+  out = _fused(x, nf.prepare(w13), nf.prepare(w2), router_logits=logits, top_k=k)
+  monkeypatch.setattr(moe_ops, "_kernel_wanted", lambda: False)
+  want = jax.jit(lambda *a: nf.fused_moe(*a[:3], router_logits=a[3], top_k=k))(x, w13, w2,
+                                                                               logits)
+  assert ref.rel_l2(out, np.asarray(want, np.float64)) <= TOL_ROUNDED[jnp.bfloat16]
+
+
+def test_fp16_epilogue_does_not_overflow(rng):
+  """Regression: the global scale multiplies the fp32 accumulator. Here x @ (code x block scale)
+  is ~1e5 (past fp16's 65504) while the scaled result is O(1)."""
+  m, h, i, e, k = 16, 4096, 512, 4, 2
+  w13 = random_experts(rng, e, 2 * i, h, scale_range=(256.0, 448.0), gs=2.0**-13)
+  w2 = random_experts(rng, e, h, i, scale_range=(256.0, 448.0), gs=2.0**-14)
+  x = jnp.asarray(rng.standard_normal((m, h)), jnp.float16)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  _check(x, w13, w2, _fused(x, w13, w2, topk_weights=tw, topk_ids=ti), tw, ti)
+
+
+def test_global_scale_one_with_tiny_block_scales(rng):
+  """Regression: checkpoints with global_scale = 1 have subnormal E4M3 block scales."""
+  m, h, i, e, k = 33, 1024, 256, 8, 2
+  w13 = random_experts(rng, e, 2 * i, h, scale_range=(2.0**-9, 2.0**-6), gs=1.0)
+  w2 = random_experts(rng, e, h, i, scale_range=(2.0**-9, 2.0**-6), gs=1.0)
+  x = jnp.asarray(rng.standard_normal((m, h)) * 64, jnp.bfloat16)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  _check(x, w13, w2, _fused(x, w13, w2, topk_weights=tw, topk_ids=ti), tw, ti)
+
+
+def test_primitive_contract_hand_schedule(rng):
+  """Every rule of the contract through the kernel, with poisoned output memory."""
+  from tests.test_moe import _contract_numpy
+  e, n, k, bm = 3, 300, 1024, 8
+  w = random_experts(rng, e, n, k)
+  rows_out, gd = 20, 2
+  x = jnp.asarray(rng.standard_normal((10, k)), jnp.bfloat16)
+  sids = np.full(48, 99, np.int32)
+  sids[0:5] = [0, 7, 3, 19, 25]
+  sids[8:11] = [1, 2, 4]
+  sids[16:20] = [5, 6, 8, 9]
+  sids[24:26] = [10, 11]
+  sids[32:34] = [12, 13]
+  block_expert = np.array([2, -1, 0, 1, 1, -1], np.int32)
+  tw = rng.uniform(0.1, 1, rows_out).astype(np.float32)
+  bias = rng.standard_normal((e, n)).astype(np.float32)
+  p = nf.prepare(w)
+  al = nf.Alignment(jnp.asarray(sids), jnp.asarray(block_expert), jnp.array([32], jnp.int32),
+                    block_m=bm, num_pairs=rows_out)
+  written = [0, 7, 3, 19, 5, 6, 8, 9, 10, 11]
+  untouched = np.setdiff1d(np.arange(rows_out), written)
+  for weights, b in ((None, None), (tw, bias)):
+    f = jax.jit(lambda xx: nf.nvfp4_moe_gemm(xx, p, al, gather_div=gd, num_rows_out=rows_out,
+                                             topk_weights=weights, bias=b))
+    out = np.asarray(poisoned(f, x, out_shape=(rows_out, n), dtype=jnp.bfloat16))
+    assert not out[untouched].any() and np.isfinite(out).all()
+    want = _contract_numpy(x, w, sids, block_expert, 32, weights, b, gather_div=gd,
+                           num_rows_out=rows_out, block_m=bm)
+    assert ref.rel_l2(out[written], want[written]) <= 4e-3
+
+
+@pytest.mark.parametrize("m, e, k, block_m", [(1, 256, 8, 8), (4096, 256, 8, 64),
+                                              (123, 12, 3, 16)])
+def test_alignment_on_gpu(rng, m, e, k, block_m):
+  ids = _distinct_topk(rng, m, e, k)[1]
+  al = jax.jit(nf.align_tokens, static_argnums=(1, 2))(jnp.asarray(ids), e, block_m)
+  ref.check_alignment(al.sorted_ids, al.block_expert, al.num_padded, ids, e, block_m)
+
+
+def test_vmap_over_sequences(rng):
+  x, w13, w2 = _layer(rng, 96, 1024, 512, 8)
+  tw, ti = _distinct_topk(rng, 96, 8, 2)
+  p13, p2 = nf.prepare(w13), nf.prepare(w2)
+  f = jax.jit(lambda xx, w, i: nf.fused_moe(xx, p13, p2, topk_weights=w, topk_ids=i))
+  out = jax.jit(jax.vmap(f))(x.reshape(3, 32, 1024), tw.reshape(3, 32, 2), ti.reshape(3, 32, 2))
+  for b in range(3):
+    s = slice(32 * b, 32 * b + 32)
+    np.testing.assert_array_equal(np.asarray(out[b]), np.asarray(f(x[s], tw[s], ti[s])))
