@@ -54,6 +54,11 @@ def _demo(args) -> int:
   return 0
 
 
+def _inspect(args) -> int:
+  from jax_nvfp4.checkpoint import inspect
+  return inspect.main(args.path)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m jax_nvfp4", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -62,9 +67,13 @@ def main(argv=None) -> int:
   demo.add_argument("--k", type=int, default=1024, help="input features (multiple of 16)")
   demo.add_argument("--m", type=int, default=16, help="tokens")
   demo.add_argument("--seed", type=int, default=0)
+  inspect = sub.add_parser("inspect", help="list a checkpoint's modules: format, shapes, backend")
+  inspect.add_argument("path", help="checkpoint directory (ModelOpt or compressed-tensors)")
   args = parser.parse_args(argv)
   if args.command == "demo":
     return _demo(args)
+  if args.command == "inspect":
+    return _inspect(args)
   return 2
 
 

@@ -17,16 +17,24 @@ _py_ok() {  # is $1 a Python >= 3.12?
   "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1
 }
 
+_has_jax() {  # does $1 already import jax (e.g. a machine with a preinstalled CUDA jax)?
+  "$1" -c 'import jax' >/dev/null 2>&1
+}
+
 find_python() {
   if [ -n "${JAX_NVFP4_PYTHON:-}" ]; then echo "$JAX_NVFP4_PYTHON"; return; fi
-  local c
-  for c in python3.14 python3.13 python3.12 python3 \
+  local c p candidates=()
+  for c in python3 python3.14 python3.13 python3.12 \
            "$HOME"/.pyenv/versions/3.1[2-9]*/bin/python3 /usr/local/bin/python3.1[2-9] \
            /usr/bin/python3.1[2-9]; do
-    if command -v "$c" >/dev/null 2>&1 && _py_ok "$(command -v "$c")"; then
-      command -v "$c"; return
-    fi
+    p="$(command -v "$c" 2>/dev/null)" || continue
+    _py_ok "$p" && candidates+=("$p")
   done
+  # Prefer an interpreter whose jax is already installed (offline machines), else the first.
+  for p in "${candidates[@]}"; do
+    if _has_jax "$p"; then echo "$p"; return; fi
+  done
+  if [ "${#candidates[@]}" -gt 0 ]; then echo "${candidates[0]}"; return; fi
   echo "jax_nvfp4 needs Python >= 3.12 (jax >= 0.11 does); set JAX_NVFP4_PYTHON" >&2
   return 1
 }
@@ -35,6 +43,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   PY="$(find_python)"
   echo "[setup] creating $VENV from $PY ($("$PY" --version))"
   "$PY" -m venv --system-site-packages "$VENV"
+  # --system-site-packages only reaches the base installation; when $PY is itself a venv,
+  # make its packages visible too.
+  "$PY" - "$VENV" <<'PY'
+import pathlib, site, sys, sysconfig
+if sys.prefix != sys.base_prefix:
+  venv = pathlib.Path(sys.argv[1])
+  ours = next(venv.glob("lib/python*/site-packages"))
+  paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+  (ours / "_jax_nvfp4_parent_env.pth").write_text("\n".join(sorted(paths)) + "\n")
+PY
 fi
 PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
 
@@ -50,7 +68,7 @@ want="$(cat "$ROOT/pyproject.toml" "$ROOT/CMakeLists.txt" "$ROOT"/csrc/* 2>/dev/
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   if [ "${JAX_NVFP4_OFFLINE:-0}" = "1" ]; then
     "$VENV/bin/python" - <<'PY'
-import importlib, sys
+import importlib.util, sys
 missing = [m for m in ("jax", "numpy", "ml_dtypes", "nanobind", "scikit_build_core")
            if importlib.util.find_spec(m) is None]
 if missing:
