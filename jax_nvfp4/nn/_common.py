@@ -1,0 +1,167 @@
+"""Helpers shared by the NNX and Linen layers: dtype rule, weight layout, matmul dispatch."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_nvfp4 import backend as backend_lib
+from jax_nvfp4.format import BLOCK_SIZE, NVFP4Weight, dequantize
+from jax_nvfp4.ops import dense
+from jax_nvfp4.prepare import PreparedNVFP4Weight, prepare, unprepare
+from jax_nvfp4.reference import reference_matmul
+
+COMPUTE_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+
+#: Names of the arrays of each weight layout, as stored in the layers' variables.
+CHECKPOINT_FIELDS = ("packed", "scales", "global_scale")
+PREPARED_FIELDS = ("qweight", "qscales", "global_scale")
+
+
+def choose_backend(backend, activation_format, who: str, moe_activation=None, limit=None):
+  """The oracle's choice for an NVFP4 layer; its ValueError is prefixed with the layer name."""
+  try:
+    return backend_lib.select_backend(weight_format="nvfp4", activation_format=activation_format,
+                                      backend=backend, moe_activation=moe_activation,
+                                      limit=limit)
+  except ValueError as e:
+    raise ValueError(f"{who}: {e}") from None
+
+
+def check_compute_dtype(dtype, who: str):
+  """``dtype`` must be None, bfloat16 or float16; returns it as a NumPy dtype (or None)."""
+  if dtype is None:
+    return None
+  d = np.dtype(dtype)
+  if d not in COMPUTE_DTYPES:
+    raise ValueError(f"{who}: dtype must be None, bfloat16 or float16 (the NVFP4 ops take "
+                     f"16-bit activations), got {d}. With dtype=None, float32 inputs are "
+                     "computed in bfloat16 and the result is returned as float32.")
+  return d
+
+
+def activation_dtypes(x: jax.Array, dtype, who: str):
+  """(compute dtype, output dtype) for input ``x`` under the layers' documented rule.
+
+  * ``dtype`` set (bf16/fp16): ``x`` is cast to it and the output is in it.
+  * ``dtype=None``: bf16/fp16 inputs are computed and returned in their own dtype; any other
+    floating input (float32, float64) is computed in bfloat16 (float32 accumulation inside the
+    op) and the output is cast back to the input's dtype, so a float32 model keeps float32
+    activations between layers.
+  """
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{who}: inputs must be floating, got {x.dtype}")
+  if dtype is not None:
+    return dtype, dtype
+  d = np.dtype(x.dtype)
+  return (d, d) if d in COMPUTE_DTYPES else (np.dtype(jnp.bfloat16), d)
+
+
+def check_in_features(in_features: int, who: str) -> None:
+  if not isinstance(in_features, (int, np.integer)) or in_features <= 0:
+    raise ValueError(f"{who}: in_features must be a positive int, got {in_features!r}")
+  if in_features % BLOCK_SIZE:
+    raise ValueError(f"{who}: in_features = {in_features} must be a multiple of {BLOCK_SIZE} "
+                     "(one FP8 block scale per 16 inputs)")
+
+
+def resolve_prepare(prepare_arg, choice: backend_lib.BackendChoice, who: str) -> bool:
+  """``prepare="auto"``: the kernel layout iff the chosen backend is "cuda"."""
+  if prepare_arg == "auto":
+    return choice.name == "cuda"
+  if isinstance(prepare_arg, bool):
+    return prepare_arg
+  raise ValueError(f"{who}: prepare must be 'auto', True or False, got {prepare_arg!r}")
+
+
+def to_layout(w, prepared: bool):
+  """Converts a 2-D ``NVFP4Weight``/``PreparedNVFP4Weight`` to the wanted layout (exact)."""
+  if prepared:
+    return w if isinstance(w, PreparedNVFP4Weight) else prepare(w)
+  return unprepare(w) if isinstance(w, PreparedNVFP4Weight) else w
+
+
+def weight_arrays(w) -> tuple[jax.Array, jax.Array, jax.Array]:
+  if isinstance(w, PreparedNVFP4Weight):
+    return w.qweight, w.qscales, w.global_scale
+  return w.packed, w.scales, w.global_scale
+
+
+def weight_from_arrays(arrays, *, prepared: bool, n: int, k: int, dtype):
+  a, b, gs = arrays
+  if prepared:
+    return PreparedNVFP4Weight(a, b, gs, n=n, k=k, dtype=dtype)
+  return NVFP4Weight(a, b, gs, dtype=dtype)
+
+
+def weight_nbytes(n: int, k: int, prepared: bool) -> int:
+  """Bytes of an [N, K] NVFP4 weight in either layout (the prepared one pads N to 16, K to 64)."""
+  if prepared:
+    n16, k64 = -(-n // 16), -(-k // 64)
+    return n16 * k64 * 32 * 4 * 4 + n16 * k64 * 64 + 4
+  return n * k // 2 + n * k // BLOCK_SIZE + 4
+
+
+def sharding_specs(kernel_sharding, prepared: bool, who: str):
+  """Per-array ``out_sharding`` tuples for a weight annotated along its logical [N, K] dims.
+
+  The packed codes and block scales keep N and K as their first two dims (K halved or divided
+  by 16; in the prepared layout N and K become 16-row tiles and 64-column chunks), so the [N, K]
+  names carry over; the global scale is a replicated scalar.
+  """
+  if kernel_sharding is None:
+    return None, None, None
+  ks = tuple(kernel_sharding)
+  if len(ks) != 2 or not all(a is None or isinstance(a, (str, tuple)) for a in ks):
+    raise ValueError(f"{who}: kernel_sharding must name the mesh axes of the weight's [N, K] "
+                     f"= [out, in] dims, e.g. ('model', None), got {kernel_sharding!r}")
+  if prepared:
+    return (*ks, None, None), (*ks, None), None
+  return ks, ks, None
+
+
+def _forward(x, w, bias, backend_name: str):
+  # The reference backend must never reach the CUDA kernel (it is chosen exactly when the kernel
+  # cannot run, e.g. on a GPU older than SM80), so where nvfp4_matmul would pick the kernel it
+  # goes to reference_matmul instead: the same numbers as nvfp4_matmul's CPU lowering.
+  if backend_name == "reference" and dense._kernel_wanted():
+    w = unprepare(w) if isinstance(w, PreparedNVFP4Weight) else w
+    return reference_matmul(x, w, bias)
+  return dense.nvfp4_matmul(x, w, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _matmul(x, w, bias, backend_name):
+  return _forward(x, w, bias, backend_name)
+
+
+def _matmul_fwd(x, w, bias, backend_name):
+  return _forward(x, w, bias, backend_name), (x, w, bias)
+
+
+def _matmul_bwd(backend_name, res, g):
+  x, w, bias = res
+  checkpoint = unprepare(w) if isinstance(w, PreparedNVFP4Weight) else w
+  w16 = dequantize(checkpoint, x.dtype)
+  dx = jnp.einsum("...n,nk->...k", g.astype(x.dtype), w16,
+                  preferred_element_type=jnp.float32).astype(x.dtype)
+  dbias = None
+  if bias is not None:
+    dbias = jnp.sum(g.astype(jnp.float32).reshape(-1, g.shape[-1]), axis=0).astype(bias.dtype)
+  return dx, None, dbias  # the NVFP4 weight is frozen: no cotangent
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x: jax.Array, w, bias, backend_name: str) -> jax.Array:
+  """``x @ W.T + bias`` through ``jax_nvfp4.nvfp4_matmul``, differentiable in ``x`` and ``bias``.
+
+  The NVFP4 weight is frozen (no gradient; it is not a parameter). The backward pass is
+  ``dx = g @ dequantize(W)`` in ``x.dtype`` with float32 accumulation and ``dbias = sum(g)``.
+  (The primitive has no differentiation rule of its own, hence the custom VJP here.)
+  """
+  return _matmul(x, w, bias, backend_name)

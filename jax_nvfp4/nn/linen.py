@@ -1,0 +1,282 @@
+"""Flax Linen layers with NVFP4 weights: ``NVFP4Dense`` (and ``NVFP4MoE``, below).
+
+Collections. The float parameters (the bias; the MoE router) live in ``"params"``; the NVFP4
+arrays live in a separate collection, ``"nvfp4"`` by default, so an optimizer over
+``variables["params"]`` never sees them and ``jax.grad`` over the params gives no gradient for
+them (the weight is frozen). Inside ``"nvfp4"`` each layer stores the arrays of its weight pytree
+under the field names: ``packed``, ``scales``, ``global_scale`` (checkpoint layout) or
+``qweight``, ``qscales``, ``global_scale`` (kernel layout, ``prepare=True``).
+
+Init and apply::
+
+    layer = NVFP4Dense(features=256)
+    variables = layer.init(jax.random.key(0), x)   # {"params": {"bias"}, "nvfp4": {...}}
+    y = layer.apply(variables, x)                   # pass BOTH collections
+
+``init`` draws a float ``[in, features]`` kernel with ``kernel_init`` from the ``"params"`` rng
+(the same draw ``nn.Dense`` makes, in the same order as its kernel and bias), transposes and
+quantizes it. At apply time the stored layout is used as it is (``prepare`` only matters at
+init). ``quantize_dense_variables`` converts the variables of a trained ``nn.Dense`` instead.
+
+Dtypes follow the NNX layers: ``dtype`` None/bf16/fp16; with None, float32 inputs are computed in
+bfloat16 and returned as float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from jax_nvfp4.format import NVFP4Weight, quantize
+from jax_nvfp4.nn import _common
+from jax_nvfp4.prepare import PreparedNVFP4Weight
+
+COLLECTION = "nvfp4"
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def _weight_vars(module: nn.Module, collection: str, make_weight: Callable[[], Any],
+                 *, shape: tuple[int, ...], prepared: bool, who: str, prefix: str = ""):
+  """Reads the arrays of a weight of logical ``shape`` from ``collection`` (names
+  ``prefix + field``), creating them with ``make_weight`` at init. Returns the weight pytree in
+  whichever layout is stored."""
+  if module.has_variable(collection, prefix + "qweight"):
+    stored_prepared = True
+  elif module.has_variable(collection, prefix + "packed"):
+    stored_prepared = False
+  elif module.is_initializing() or module.is_mutable_collection(collection):
+    w = _common.to_layout(make_weight(), prepared)
+    fields = _common.PREPARED_FIELDS if prepared else _common.CHECKPOINT_FIELDS
+    for f, a in zip(fields, _common.weight_arrays(w)):
+      module.put_variable(collection, prefix + f, a)
+    return w
+  else:
+    raise ValueError(f"{who}: the {collection!r} collection holds no {prefix}weight for this "
+                     "layer: pass all the variables returned by init to apply (not only "
+                     "'params')")
+  fields = _common.PREPARED_FIELDS if stored_prepared else _common.CHECKPOINT_FIELDS
+  arrays = tuple(module.get_variable(collection, prefix + f) for f in fields)
+  w = _common.weight_from_arrays(arrays, prepared=stored_prepared, n=shape[-2], k=shape[-1],
+                                 dtype=jnp.bfloat16)
+  if tuple(w.shape) != tuple(shape):
+    raise ValueError(f"{who}: the stored {prefix}weight has logical shape {tuple(w.shape)}, "
+                     f"expected {tuple(shape)}")
+  return w
+
+
+class NVFP4Dense(nn.Module):
+  """``y = x @ W.T + b`` with ``W[features, in]`` in NVFP4; a counterpart of ``nn.Dense``.
+
+  Attributes:
+    features: output size N.
+    use_bias: whether to add a bias (``params/bias`` ``[features]`` of ``param_dtype``).
+    dtype: None, bfloat16 or float16 (see the module docstring).
+    param_dtype: dtype of the bias and of the float kernel drawn at init.
+    kernel_init, bias_init: as in ``nn.Dense``.
+    prepare: ``"auto"`` (kernel layout iff the backend is "cuda"), True or False; init only.
+    backend: ``"auto"``, ``"cuda"`` or ``"reference"`` (``jax_nvfp4.backend.select_backend``).
+    activation_format: None (W4A16) or ``"nvfp4"`` (W4A4 checkpoint: activation scales dropped).
+    collection: the variable collection of the NVFP4 arrays.
+  """
+
+  features: int
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = default_kernel_init
+  bias_init: Callable = nn.initializers.zeros_init()
+  prepare: bool | str = "auto"
+  backend: str = "auto"
+  activation_format: str | None = None
+  collection: str = COLLECTION
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``[..., in] -> [..., features]``; ``in`` must be a multiple of 16."""
+    who = "NVFP4Dense"
+    x = jnp.asarray(x)
+    if x.ndim < 1:
+      raise ValueError(f"{who}: input must be [..., in], got a scalar")
+    k, n = int(x.shape[-1]), int(self.features)
+    _common.check_in_features(k, who)
+    if not isinstance(self.features, (int, np.integer)) or n <= 0:
+      raise ValueError(f"{who}: features must be a positive int, got {self.features!r}")
+    dtype = _common.check_compute_dtype(self.dtype, who)
+    choice = _common.choose_backend(self.backend, self.activation_format, who)
+    prepared = _common.resolve_prepare(self.prepare, choice, who)
+
+    def make_weight():
+      kernel = self.kernel_init(self.make_rng("params"), (k, n), self.param_dtype)
+      return quantize(jnp.asarray(kernel).T)
+
+    w = _weight_vars(self, self.collection, make_weight, shape=(n, k), prepared=prepared,
+                     who=who)
+    bias = self.param("bias", self.bias_init, (n,), self.param_dtype) if self.use_bias else None
+    compute, out = _common.activation_dtypes(x, dtype, who)
+    return _common.matmul(x.astype(compute), w, bias, choice.name).astype(out)
+
+
+def quantize_dense_variables(params, *, prepare: bool = False, collection: str = COLLECTION,
+                             global_scale=None) -> dict:
+  """Variables for ``NVFP4Dense`` from the params of an ``nn.Dense`` (``{"kernel": [in, out],
+  "bias": [out]}``, bias optional): ``{"params": {"bias"}, collection: {weight arrays}}``.
+
+  The kernel is transposed to ``[out, in]`` and quantized (``jax_nvfp4.quantize``); the bias is
+  copied unchanged.
+  """
+  if not hasattr(params, "keys") or "kernel" not in params:
+    raise TypeError("quantize_dense_variables: params must be an nn.Dense params dict with a "
+                    f"'kernel', got {type(params).__name__}")
+  kernel = jnp.asarray(params["kernel"])
+  if kernel.ndim != 2:
+    raise ValueError(f"quantize_dense_variables: kernel must be [in, out], got {kernel.shape}")
+  _common.check_in_features(int(kernel.shape[0]), "quantize_dense_variables")
+  w = _common.to_layout(quantize(kernel.T, global_scale=global_scale), bool(prepare))
+  fields = _common.PREPARED_FIELDS if prepare else _common.CHECKPOINT_FIELDS
+  out = {collection: dict(zip(fields, _common.weight_arrays(w))), "params": {}}
+  if "bias" in params:
+    out["params"]["bias"] = params["bias"]
+  return out
+
+
+class NVFP4MoE(nn.Module):
+  """Linen counterpart of ``jax_nvfp4.nn.nnx.NVFP4MoE`` (same math, through ``fused_moe``).
+
+  Variables: ``params/router`` ``[E_global, H]`` (``router_dtype``), ``params/w13_bias``
+  ``[E, N13]`` and ``params/w2_bias`` ``[E, H]`` (float32, when ``use_expert_bias``); in
+  ``collection``: ``w13_<field>``, ``w2_<field>`` (the stacked NVFP4 arrays, w13 ``[E, N13, H]``
+  rows ``[gate; up]`` when gated, w2 ``[E, H, I]``) and, when ``use_correction_bias``,
+  ``correction_bias`` float32 ``[E_global]`` (non-trainable: selection only). H is taken from
+  the input at init. ``moe_variables`` builds the variables from dense or NVFP4 experts.
+  Inference only (the grouped GEMM has no gradient rule).
+
+  Attributes:
+    intermediate_size, num_experts: I and the local expert count E.
+    top_k / routing: as ``fused_moe`` (``routing`` a ``RoutingConfig`` without
+      ``correction_bias``: that comes from the collection).
+    activation, limit, alpha: ``"swiglu"`` (optional limit), ``"gptoss"`` (limit required),
+      ``"relu2"``.
+    use_expert_bias, use_correction_bias: create those variables at init (zeros).
+    expert_map: optional tuple of ints ``[E_global]`` (global id -> local id or -1).
+    dtype, router_dtype, expert_init, router_init, prepare, backend, activation_format,
+    collection: as ``NVFP4Dense`` / the NNX layer.
+  """
+
+  intermediate_size: int
+  num_experts: int
+  top_k: int | None = None
+  routing: Any = None
+  activation: str = "swiglu"
+  limit: float | None = None
+  alpha: float = 1.702
+  use_expert_bias: bool = False
+  use_correction_bias: bool = False
+  expert_map: tuple[int, ...] | None = None
+  dtype: Any = None
+  router_dtype: Any = jnp.bfloat16
+  expert_init: Callable = nn.initializers.lecun_normal(in_axis=-1, out_axis=-2, batch_axis=(0,))
+  router_init: Callable = nn.initializers.lecun_normal()
+  prepare: bool | str = "auto"
+  backend: str = "auto"
+  activation_format: str | None = None
+  collection: str = COLLECTION
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``[..., H] -> [..., H]``."""
+    from jax_nvfp4.moe import activations as acts
+    from jax_nvfp4.moe.routing import RoutingConfig
+    from jax_nvfp4.ops import moe as moe_ops
+    who = "NVFP4MoE"
+    x = jnp.asarray(x)
+    if x.ndim < 1:
+      raise ValueError(f"{who}: input must be [..., H], got a scalar")
+    h, i, e = int(x.shape[-1]), int(self.intermediate_size), int(self.num_experts)
+    if h % 16 or i % 16:
+      raise ValueError(f"{who}: H = {h} and intermediate_size = {i} must be multiples of 16")
+    if self.activation not in acts.ACTIVATIONS:
+      raise ValueError(f"{who}: activation must be one of {acts.ACTIVATIONS}, "
+                       f"got {self.activation!r}")
+    dtype = _common.check_compute_dtype(self.dtype, who)
+    choice = _common.choose_backend(self.backend, self.activation_format, who,
+                                    moe_activation=self.activation, limit=self.limit)
+    prepared = _common.resolve_prepare(self.prepare, choice, who)
+    if choice.name == "reference" and moe_ops._kernel_wanted():
+      raise NotImplementedError(
+          f"{who}: backend 'reference' was chosen, but on this GPU fused_moe would run its "
+          "CUDA kernel and it has no switch to force its pure-JAX path")
+    n13 = 2 * i if acts.is_gated(self.activation) else i
+    e_global = e if self.expert_map is None else len(self.expert_map)
+    routing = self.routing
+    if routing is None:
+      if self.top_k is None:
+        raise ValueError(f"{who}: set top_k or routing")
+      routing = RoutingConfig.softmax_topk(int(self.top_k))
+    elif not isinstance(routing, RoutingConfig) or routing.correction_bias is not None:
+      raise TypeError(f"{who}: routing must be a RoutingConfig without correction_bias (use "
+                      "use_correction_bias and the collection for that)")
+
+    router = self.param("router", self.router_init, (e_global, h), self.router_dtype)
+    w13 = _weight_vars(self, self.collection,
+                       lambda: quantize(self.expert_init(self.make_rng("params"), (e, n13, h),
+                                                         jnp.float32)),
+                       shape=(e, n13, h), prepared=prepared, who=who, prefix="w13_")
+    w2 = _weight_vars(self, self.collection,
+                      lambda: quantize(self.expert_init(self.make_rng("params"), (e, h, i),
+                                                        jnp.float32)),
+                      shape=(e, h, i), prepared=prepared, who=who, prefix="w2_")
+    b13 = b2 = None
+    if self.use_expert_bias:
+      b13 = self.param("w13_bias", nn.initializers.zeros_init(), (e, n13), jnp.float32)
+      b2 = self.param("w2_bias", nn.initializers.zeros_init(), (e, h), jnp.float32)
+    if self.use_correction_bias:
+      cb = self.variable(self.collection, "correction_bias",
+                         lambda: jnp.zeros((e_global,), jnp.float32)).value
+      routing = dataclasses.replace(routing, correction_bias=cb)
+
+    compute, out = _common.activation_dtypes(x, dtype, who)
+    xc = x.astype(compute)
+    logits = jnp.einsum("...h,eh->...e", xc.astype(router.dtype), router,
+                        preferred_element_type=jnp.float32)
+    y = moe_ops.fused_moe(
+        xc, w13, w2, router_logits=logits, routing=routing, activation=self.activation,
+        limit=self.limit, alpha=self.alpha, w13_bias=b13, w2_bias=b2,
+        expert_map=None if self.expert_map is None else jnp.asarray(self.expert_map, jnp.int32))
+    return y.astype(out)
+
+
+def moe_variables(router_weight, w13, w2, *, w13_bias=None, w2_bias=None, correction_bias=None,
+                  prepare: bool = False, router_dtype: Any = jnp.bfloat16,
+                  collection: str = COLLECTION) -> dict:
+  """Variables for the Linen ``NVFP4MoE`` from checkpoint tensors.
+
+  ``w13`` ``[E, N13, H]`` and ``w2`` ``[E, H, I]`` are float arrays (quantized here, one global
+  scale per expert and matrix) or stacked ``NVFP4Weight``/``PreparedNVFP4Weight`` (used as
+  they are, converted to the asked layout). ``router_weight`` ``[E_global, H]`` float (stored
+  as ``router_dtype``); the optional biases are float ``[E, N13]``, ``[E, H]`` and
+  ``[E_global]``. Set the module's ``use_expert_bias`` / ``use_correction_bias`` to match.
+  """
+  params = {"router": jnp.asarray(router_weight).astype(router_dtype)}
+  store = {}
+  for name, w in (("w13", w13), ("w2", w2)):
+    if not isinstance(w, (NVFP4Weight, PreparedNVFP4Weight)):
+      w = jnp.asarray(w)
+      if w.ndim != 3:
+        raise ValueError(f"moe_variables: {name} must be [E, N, K], got shape {w.shape}")
+      w = quantize(w)
+    w = _common.to_layout(w, bool(prepare))
+    fields = _common.PREPARED_FIELDS if prepare else _common.CHECKPOINT_FIELDS
+    store.update({f"{name}_{f}": a for f, a in zip(fields, _common.weight_arrays(w))})
+  if (w13_bias is None) != (w2_bias is None):
+    raise ValueError("moe_variables: give both w13_bias and w2_bias or neither")
+  if w13_bias is not None:
+    params["w13_bias"] = jnp.asarray(w13_bias, jnp.float32)
+    params["w2_bias"] = jnp.asarray(w2_bias, jnp.float32)
+  if correction_bias is not None:
+    store["correction_bias"] = jnp.asarray(correction_bias, jnp.float32)
+  return {"params": params, collection: store}

@@ -1,0 +1,463 @@
+"""Flax NNX layers with NVFP4 weights: ``NVFP4Linear`` (and ``NVFP4MoE``, below).
+
+State layout. The quantized weight is a pytree of three arrays (``NVFP4Weight``: packed,
+scales, global_scale; ``PreparedNVFP4Weight``: qweight, qscales, global_scale). Each array is
+its own ``NVFP4Variable`` attribute of the layer, named after the pytree field, and the layer's
+``weight`` property rebuilds the pytree. One variable per array (rather than one variable holding
+the whole pytree) is what lets every array carry its own sharding metadata: nnx turns a
+variable's ``out_sharding`` into one ``PartitionSpec`` for its whole value, and the scalar global
+scale cannot take the [N, K] names of the codes and block scales.
+
+``NVFP4Variable`` is an ``nnx.Variable`` that is not an ``nnx.Param``: ``nnx.state(m, nnx.Param)``
+holds only the bias (and other float parameters of the model), ``nnx.Optimizer(m, tx,
+wrt=nnx.Param)`` never updates the quantized weight, and ``nnx.split(m, nnx.Param, ...)`` puts
+the weight in the rest.
+
+Dtypes. The NVFP4 ops take bf16/fp16 activations with float32 accumulation. ``dtype`` (None,
+bfloat16 or float16) follows ``nnx.Linear``: when set, inputs are cast to it and the output is
+in it. With ``dtype=None``, bf16/fp16 inputs stay as they are; float32 (or float64) inputs are
+computed in bfloat16 and the output is cast back to the input dtype, so a float32 model keeps
+float32 activations between layers (but the product is a bf16 one: ~3 significant digits).
+
+Gradients. ``NVFP4Linear`` is differentiable in its input and bias (``dx = g @ dequantize(W)``
+in the activation dtype with float32 accumulation, ``dbias = sum(g)``), so a frozen NVFP4 base
+can sit under trainable layers or biases; the quantized weight gets no gradient. ``NVFP4MoE`` is
+inference only (the grouped GEMM has no differentiation rule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_nvfp4.format import NVFP4Weight, quantize
+from jax_nvfp4.nn import _common
+from jax_nvfp4.prepare import PreparedNVFP4Weight
+
+default_kernel_init = nnx.initializers.lecun_normal()
+default_bias_init = nnx.initializers.zeros_init()
+
+
+class NVFP4Variable(nnx.Variable):
+  """A non-trainable variable holding one array of an NVFP4 weight (not an ``nnx.Param``)."""
+
+
+class NVFP4Linear(nnx.Module):
+  """``y = x @ W.T + b`` with ``W[out, in]`` stored in NVFP4 (4.5 bits per weight).
+
+  A drop-in for ``nnx.Linear`` at inference: same constructor arguments (``kernel_init`` draws a
+  float ``[in, out]`` kernel from ``rngs.params()`` exactly as ``nnx.Linear`` does, which is then
+  transposed and quantized with ``jax_nvfp4.quantize``; the bias is drawn next, as there), the
+  same ``[..., in] -> [..., out]`` call on any number of leading dims.
+
+  Args:
+    in_features: K, a multiple of 16.
+    out_features: N.
+    use_bias: whether the layer has a bias (an ``nnx.Param`` ``[out]`` of ``param_dtype``).
+    dtype: None, bfloat16 or float16: the activation dtype (see the module docstring).
+    param_dtype: dtype of the bias and of the float kernel drawn before quantization.
+    kernel_init, bias_init: as in ``nnx.Linear``.
+    rngs: ``nnx.Rngs`` to draw the kernel and bias. Optional when ``weight`` is given: then the
+      bias is drawn from ``bias_init`` with ``rngs.params()`` if rngs is given, else zeros.
+    weight: an already-quantized ``NVFP4Weight`` or ``PreparedNVFP4Weight`` of logical shape
+      ``[out, in]`` (e.g. from a checkpoint); then no kernel is drawn.
+    prepare: ``"auto"`` (kernel layout iff the backend is "cuda"), True or False.
+    backend: ``"auto"``, ``"cuda"`` or ``"reference"``, decided by
+      ``jax_nvfp4.backend.select_backend`` at construction (a ValueError lists the reasons when
+      the asked backend cannot run here).
+    activation_format: None for a W4A16 checkpoint, ``"nvfp4"`` for a W4A4 one (its activation
+      scales are dropped, logged once; the layer is weight-only either way).
+    kernel_sharding: optional mesh-axis names along the weight's ``[out, in]`` dims, e.g.
+      ``("model", None)``, stored as nnx ``out_sharding`` metadata on the codes and block scales
+      (the global scale is replicated). As for ``nnx.Linear`` with sharding metadata, creating
+      the layer then needs a mesh (``jax.set_mesh``) while nnx's eager sharding is on.
+    bias_sharding: mesh-axis names for the bias ``[out]``; defaults to ``(kernel_sharding[0],)``.
+
+  Attributes:
+    weight: the quantized weight pytree (rebuilt from the variables on access).
+    bias: ``nnx.Param`` ``[out]`` or None.
+    backend: the ``BackendChoice`` made at construction.
+    prepared: whether the weight is in the kernel layout.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               dtype: Any = None, param_dtype: Any = jnp.float32,
+               kernel_init=default_kernel_init, bias_init=default_bias_init,
+               rngs: nnx.Rngs | None = None,
+               weight: NVFP4Weight | PreparedNVFP4Weight | None = None,
+               prepare: bool | str = "auto", backend: str = "auto",
+               activation_format: str | None = None,
+               kernel_sharding=None, bias_sharding=None):
+    who = "NVFP4Linear"
+    _common.check_in_features(in_features, who)
+    if not isinstance(out_features, (int, np.integer)) or out_features <= 0:
+      raise ValueError(f"{who}: out_features must be a positive int, got {out_features!r}")
+    self.in_features = int(in_features)
+    self.out_features = int(out_features)
+    self.use_bias = bool(use_bias)
+    self.dtype = _common.check_compute_dtype(dtype, who)
+    self.param_dtype = param_dtype
+    self.backend = _common.choose_backend(backend, activation_format, who)
+    self.prepared = _common.resolve_prepare(prepare, self.backend, who)
+
+    if weight is None:
+      if rngs is None:
+        raise ValueError(f"{who}: pass rngs (to draw the kernel) or an already-quantized weight")
+      kernel = kernel_init(rngs.params(), (self.in_features, self.out_features), param_dtype)
+      weight = quantize(jnp.asarray(kernel).T)
+    elif not isinstance(weight, (NVFP4Weight, PreparedNVFP4Weight)):
+      raise TypeError(f"{who}: weight must be an NVFP4Weight or PreparedNVFP4Weight, got "
+                      f"{type(weight).__name__}")
+    if tuple(weight.shape) != (self.out_features, self.in_features):
+      raise ValueError(f"{who}: weight must have logical shape [out, in] = "
+                       f"{(self.out_features, self.in_features)}, got {tuple(weight.shape)}")
+    if isinstance(weight, NVFP4Weight):
+      weight.validate()
+    weight = _common.to_layout(weight, self.prepared)
+    self.weight_dtype = weight.dtype
+
+    specs = _common.sharding_specs(kernel_sharding, self.prepared, who)
+    fields = _common.PREPARED_FIELDS if self.prepared else _common.CHECKPOINT_FIELDS
+    for name, array, spec in zip(fields, _common.weight_arrays(weight), specs):
+      meta = {} if spec is None else {"out_sharding": spec}
+      setattr(self, name, NVFP4Variable(array, **meta))
+
+    if bias_sharding is None and kernel_sharding is not None:
+      bias_sharding = (tuple(kernel_sharding)[0],)
+    if self.use_bias:
+      if rngs is None:  # only with an explicit weight
+        bias = jnp.zeros((self.out_features,), param_dtype)
+      else:
+        bias = bias_init(rngs.params(), (self.out_features,), param_dtype)
+      meta = {} if bias_sharding is None else {"out_sharding": tuple(bias_sharding)}
+      self.bias = nnx.Param(bias, **meta)
+    else:
+      self.bias = nnx.data(None)
+
+  # --------------------------------------------------------------------------- constructors
+
+  @classmethod
+  def from_linear(cls, linear: nnx.Linear, *, dtype: Any = "same", prepare: bool | str = "auto",
+                  backend: str = "auto", global_scale=None) -> "NVFP4Linear":
+    """Quantizes an ``nnx.Linear`` (kernel ``[in, out]``: transposed to ``[out, in]``).
+
+    The bias is copied (same values, dtype and metadata); sharding metadata of the kernel
+    carries over transposed. ``dtype="same"`` keeps ``linear.dtype`` when it is bf16/fp16 and
+    uses None otherwise. ``global_scale`` overrides the per-tensor scale (see ``quantize``).
+    """
+    if not isinstance(linear, nnx.Linear):
+      raise TypeError(f"NVFP4Linear.from_linear expects an nnx.Linear, got "
+                      f"{type(linear).__name__}")
+    if dtype == "same":
+      ld = linear.dtype
+      dtype = ld if ld is not None and np.dtype(ld) in _common.COMPUTE_DTYPES else None
+    kernel = linear.kernel.get_value()
+    kernel_spec = linear.kernel.get_metadata().get("out_sharding")
+    weight = quantize(jnp.asarray(kernel).T, global_scale=global_scale)
+    bias_meta = {}
+    if linear.bias is not None:
+      bias_meta = {k: v for k, v in linear.bias.get_metadata().items() if k == "out_sharding"}
+    layer = cls(linear.in_features, linear.out_features, use_bias=linear.bias is not None,
+                dtype=dtype, param_dtype=linear.param_dtype, weight=weight, prepare=prepare,
+                backend=backend,
+                kernel_sharding=None if not kernel_spec else tuple(kernel_spec)[::-1],
+                bias_sharding=bias_meta.get("out_sharding"))
+    if linear.bias is not None:
+      layer.bias.set_value(linear.bias.get_value())
+    return layer
+
+  @classmethod
+  def from_nvfp4(cls, weight: NVFP4Weight | PreparedNVFP4Weight, bias=None, *,
+                 dtype: Any = None, prepare: bool | str = "auto", backend: str = "auto",
+                 activation_format: str | None = None, kernel_sharding=None,
+                 bias_sharding=None) -> "NVFP4Linear":
+    """Wraps an already-quantized ``[out, in]`` weight (e.g. loaded from a checkpoint).
+
+    ``bias``: None or a float ``[out]`` array (kept in its dtype).
+    """
+    if not isinstance(weight, (NVFP4Weight, PreparedNVFP4Weight)) or len(weight.shape) != 2:
+      raise TypeError("NVFP4Linear.from_nvfp4: weight must be a 2-D NVFP4Weight or "
+                      f"PreparedNVFP4Weight, got {type(weight).__name__}")
+    n, k = weight.shape
+    param_dtype = jnp.float32
+    if bias is not None:
+      bias = jnp.asarray(bias)
+      if bias.shape != (n,) or not jnp.issubdtype(bias.dtype, jnp.floating):
+        raise ValueError(f"NVFP4Linear.from_nvfp4: bias must be a float [{n}] array, got "
+                         f"{bias.dtype} {bias.shape}")
+      param_dtype = bias.dtype
+    layer = cls(k, n, use_bias=bias is not None, dtype=dtype, param_dtype=param_dtype,
+                weight=weight, prepare=prepare, backend=backend,
+                activation_format=activation_format, kernel_sharding=kernel_sharding,
+                bias_sharding=bias_sharding)
+    if bias is not None:
+      layer.bias.set_value(bias)
+    return layer
+
+  # --------------------------------------------------------------------------- use
+
+  @property
+  def weight(self) -> NVFP4Weight | PreparedNVFP4Weight:
+    fields = _common.PREPARED_FIELDS if self.prepared else _common.CHECKPOINT_FIELDS
+    arrays = tuple(getattr(self, f).get_value() for f in fields)
+    return _common.weight_from_arrays(arrays, prepared=self.prepared, n=self.out_features,
+                                      k=self.in_features, dtype=self.weight_dtype)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of the quantized weight (bias excluded)."""
+    return _common.weight_nbytes(self.out_features, self.in_features, self.prepared)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``[..., in] -> [..., out]``; dtypes as in the module docstring."""
+    x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[-1] != self.in_features:
+      raise ValueError(f"NVFP4Linear: input must be [..., {self.in_features}], got {x.shape}")
+    compute, out = _common.activation_dtypes(x, self.dtype, "NVFP4Linear")
+    bias = None if self.bias is None else self.bias.get_value()
+    y = _common.matmul(x.astype(compute), self.weight, bias, self.backend.name)
+    return y.astype(out)
+
+
+# ============================================================================= MoE
+
+class MoEBuffer(nnx.Variable):
+  """A non-trainable float buffer of an MoE layer (the routing score-correction bias)."""
+
+
+class NVFP4MoE(nnx.Module):
+  """A mixture-of-experts block with NVFP4 experts, through ``jax_nvfp4.ops.moe.fused_moe``.
+
+  ``y = sum_j w_j * (act(x @ W13[e_j].T + b13[e_j]) @ W2[e_j].T + b2[e_j])`` where the top-k
+  experts ``e_j`` and weights ``w_j`` come from the router: ``logits = x @ router.T`` (bf16
+  router weight ``[E_global, H]``, float32 accumulation) routed by ``routing`` (a
+  ``jax_nvfp4.RoutingConfig``; default softmax -> top-k -> renormalize). Inference only: the
+  grouped GEMM has no gradient rule.
+
+  State: ``router`` (``nnx.Param`` ``[E_global, H]``, ``router_dtype``), optionally
+  ``correction_bias`` (``MoEBuffer`` float32 ``[E_global]``, the DeepSeek-V3 score-correction
+  bias: selection only), optionally ``w13_bias`` ``[E, N13]`` and ``w2_bias`` ``[E, H]``
+  (``nnx.Param`` float32), and the stacked expert weights as ``NVFP4Variable``\\ s named
+  ``w13_<field>`` / ``w2_<field>`` (fields as in ``NVFP4Linear``): w13 ``[E, N13, H]`` with
+  ``N13 = 2I`` rows ``[gate; up]`` for gated activations or ``I`` for ``relu2``; w2 ``[E, H, I]``.
+  ``expert_map`` (global id -> local id or -1, for expert parallelism) is static config.
+
+  Args:
+    hidden_size, intermediate_size, num_experts: H, I and the local expert count E.
+    top_k, routing: experts per token and/or a ``RoutingConfig`` (its ``correction_bias`` is
+      moved into the ``correction_bias`` buffer).
+    activation: ``"swiglu"`` (optional clamp ``limit``), ``"gptoss"`` (``limit`` required,
+      ``alpha``), ``"relu2"`` (non-gated).
+    use_expert_bias: create zero expert biases (random init only; the constructors take arrays).
+    expert_map: optional ints ``[E_global]``.
+    dtype: None/bf16/fp16, the activation rule of ``NVFP4Linear``.
+    router_dtype: dtype of the router weight (bfloat16, as checkpoints keep it).
+    expert_init: initializer for random float experts ``[E, N, K]`` before quantization.
+    rngs: draws the router and the experts (random init).
+    prepare, backend, activation_format: as in ``NVFP4Linear`` (the oracle also checks the MoE
+      activation and that the grouped-GEMM kernel is built for "cuda").
+  """
+
+  def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, *,
+               top_k: int | None = None, routing=None, activation: str = "swiglu",
+               limit: float | None = None, alpha: float = 1.702, use_expert_bias: bool = False,
+               expert_map=None, dtype: Any = None, router_dtype: Any = jnp.bfloat16,
+               expert_init=None, rngs: nnx.Rngs | None = None,
+               prepare: bool | str = "auto", backend: str = "auto",
+               activation_format: str | None = None, _weights=None):
+    from jax_nvfp4.moe import activations as acts
+    from jax_nvfp4.moe.routing import RoutingConfig
+    who = "NVFP4MoE"
+    for name, v in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+                    ("num_experts", num_experts)):
+      if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"{who}: {name} must be a positive int, got {v!r}")
+    if hidden_size % 16 or intermediate_size % 16:
+      raise ValueError(f"{who}: hidden_size = {hidden_size} and intermediate_size = "
+                       f"{intermediate_size} must be multiples of 16 (the K dims of w13 / w2)")
+    if activation not in acts.ACTIVATIONS:
+      raise ValueError(f"{who}: activation must be one of {acts.ACTIVATIONS}, got {activation!r}")
+    self.hidden_size, self.intermediate_size = int(hidden_size), int(intermediate_size)
+    self.num_experts = int(num_experts)
+    self.activation, self.alpha = activation, float(alpha)
+    self.limit = None if limit is None else float(limit)
+    self.dtype = _common.check_compute_dtype(dtype, who)
+    self.backend = _common.choose_backend(backend, activation_format, who,
+                                          moe_activation=activation, limit=self.limit)
+    self.prepared = _common.resolve_prepare(prepare, self.backend, who)
+    n13 = 2 * self.intermediate_size if acts.is_gated(activation) else self.intermediate_size
+    self.n13 = n13
+
+    self.expert_map = None
+    if expert_map is not None:
+      em = np.asarray(expert_map)
+      if em.ndim != 1 or not np.issubdtype(em.dtype, np.integer):
+        raise ValueError(f"{who}: expert_map must be ints [E_global], got {em.dtype} {em.shape}")
+      if em.min(initial=-1) < -1 or em.max(initial=-1) >= self.num_experts:
+        raise ValueError(f"{who}: expert_map values must be -1 or in [0, {self.num_experts})")
+      self.expert_map = tuple(int(v) for v in em)
+    e_global = self.num_experts if self.expert_map is None else len(self.expert_map)
+    self.num_global_experts = e_global
+
+    correction = None
+    if routing is None:
+      if top_k is None:
+        raise ValueError(f"{who}: pass top_k or routing=RoutingConfig(...)")
+      routing = RoutingConfig.softmax_topk(int(top_k))
+    elif not isinstance(routing, RoutingConfig):
+      raise TypeError(f"{who}: routing must be a jax_nvfp4.RoutingConfig, got "
+                      f"{type(routing).__name__}")
+    elif top_k is not None and top_k != routing.top_k:
+      raise ValueError(f"{who}: top_k = {top_k} disagrees with routing.top_k = {routing.top_k}")
+    if routing.correction_bias is not None:
+      correction = jnp.asarray(routing.correction_bias, jnp.float32)
+      routing = dataclasses.replace(routing, correction_bias=None)
+    routing.validate(e_global)
+    self.routing = routing
+    self.top_k = routing.top_k
+
+    if _weights is None:
+      if rngs is None:
+        raise ValueError(f"{who}: pass rngs (random init) or use from_dense / from_nvfp4")
+      init = expert_init or nnx.initializers.lecun_normal(in_axis=-1, out_axis=-2,
+                                                          batch_axis=(0,))
+      h, i, e = self.hidden_size, self.intermediate_size, self.num_experts
+      router = nnx.initializers.lecun_normal()(rngs.params(), (e_global, h), jnp.float32)
+      w13 = quantize(init(rngs.params(), (e, n13, h), jnp.float32))
+      w2 = quantize(init(rngs.params(), (e, h, i), jnp.float32))
+      b13 = jnp.zeros((e, n13), jnp.float32) if use_expert_bias else None
+      b2 = jnp.zeros((e, h), jnp.float32) if use_expert_bias else None
+    else:
+      router, w13, w2, b13, b2 = _weights
+
+    router = jnp.asarray(router)
+    if router.shape != (e_global, self.hidden_size) or not jnp.issubdtype(router.dtype,
+                                                                           jnp.floating):
+      raise ValueError(f"{who}: router weight must be float [E_global, H] = "
+                       f"{(e_global, self.hidden_size)}, got {router.dtype} {router.shape}")
+    self.router = nnx.Param(router.astype(router_dtype))
+    self.correction_bias = (nnx.data(None) if correction is None else MoEBuffer(correction))
+    shapes = {"w13": (self.num_experts, n13, self.hidden_size),
+              "w2": (self.num_experts, self.hidden_size, self.intermediate_size)}
+    for name, w in (("w13", w13), ("w2", w2)):
+      if not isinstance(w, (NVFP4Weight, PreparedNVFP4Weight)):
+        raise TypeError(f"{who}: {name} must be an NVFP4Weight or PreparedNVFP4Weight, got "
+                        f"{type(w).__name__}")
+      if tuple(w.shape) != shapes[name]:
+        raise ValueError(f"{who}: {name} must have logical shape {shapes[name]}"
+                         + (" ([gate; up] rows)" if name == "w13" and n13 != self.intermediate_size
+                            else "") + f", got {tuple(w.shape)}")
+      if isinstance(w, NVFP4Weight):
+        w.validate()
+      w = _common.to_layout(w, self.prepared)
+      setattr(self, f"{name}_dtype", w.dtype)
+      fields = _common.PREPARED_FIELDS if self.prepared else _common.CHECKPOINT_FIELDS
+      for f, a in zip(fields, _common.weight_arrays(w)):
+        setattr(self, f"{name}_{f}", NVFP4Variable(a))
+    for name, b, shape in (("w13_bias", b13, (self.num_experts, n13)),
+                           ("w2_bias", b2, (self.num_experts, self.hidden_size))):
+      if b is None:
+        setattr(self, name, nnx.data(None))
+        continue
+      b = jnp.asarray(b)
+      if b.shape != shape or not jnp.issubdtype(b.dtype, jnp.floating):
+        raise ValueError(f"{who}: {name} must be float {shape}, got {b.dtype} {b.shape}")
+      setattr(self, name, nnx.Param(b.astype(jnp.float32)))
+
+  # --------------------------------------------------------------------------- constructors
+
+  @classmethod
+  def from_dense(cls, router_weight, w13, w2, *, w13_bias=None, w2_bias=None,
+                 **kwargs) -> "NVFP4MoE":
+    """Quantizes float experts: ``w13 [E, N13, H]`` (rows ``[gate; up]`` for gated
+    activations), ``w2 [E, H, I]`` (one global scale per expert and matrix, so gate and up of an
+    expert share theirs, as ModelOpt writes them); ``router_weight [E_global, H]``.
+
+    ``kwargs``: the constructor's keyword arguments (top_k/routing, activation, limit, ...).
+    """
+    w13, w2 = jnp.asarray(w13), jnp.asarray(w2)
+    if w13.ndim != 3 or w2.ndim != 3:
+      raise ValueError(f"NVFP4MoE.from_dense: w13 and w2 must be [E, N, K], got {w13.shape} "
+                       f"and {w2.shape}")
+    return cls.from_nvfp4(router_weight, quantize(w13), quantize(w2), w13_bias=w13_bias,
+                          w2_bias=w2_bias, **kwargs)
+
+  @classmethod
+  def from_nvfp4(cls, router_weight, w13, w2, *, w13_bias=None, w2_bias=None,
+                 **kwargs) -> "NVFP4MoE":
+    """Wraps already-quantized stacked experts (``NVFP4Weight`` or ``PreparedNVFP4Weight``
+    ``[E, N13, H]`` and ``[E, H, I]``, e.g. from a checkpoint loader)."""
+    from jax_nvfp4.moe import activations as acts
+    if not isinstance(w2, (NVFP4Weight, PreparedNVFP4Weight)) or len(w2.shape) != 3:
+      raise TypeError("NVFP4MoE.from_nvfp4: w2 must be a stacked NVFP4Weight or "
+                      f"PreparedNVFP4Weight [E, H, I], got {type(w2).__name__}")
+    if "rngs" in kwargs:
+      raise TypeError("NVFP4MoE.from_nvfp4: takes no rngs (the weights are given)")
+    e, h, i = w2.shape
+    activation = kwargs.get("activation", "swiglu")
+    if activation not in acts.ACTIVATIONS:
+      raise ValueError(f"NVFP4MoE: activation must be one of {acts.ACTIVATIONS}, "
+                       f"got {activation!r}")
+    return cls(h, i, e, _weights=(router_weight, w13, w2, w13_bias, w2_bias), **kwargs)
+
+  # --------------------------------------------------------------------------- use
+
+  def _weight(self, name: str):
+    fields = _common.PREPARED_FIELDS if self.prepared else _common.CHECKPOINT_FIELDS
+    arrays = tuple(getattr(self, f"{name}_{f}").get_value() for f in fields)
+    n, k = ((self.n13, self.hidden_size) if name == "w13"
+            else (self.hidden_size, self.intermediate_size))
+    return _common.weight_from_arrays(arrays, prepared=self.prepared, n=n, k=k,
+                                      dtype=getattr(self, f"{name}_dtype"))
+
+  @property
+  def w13(self):
+    """The stacked gate/up weight pytree ``[E, N13, H]``."""
+    return self._weight("w13")
+
+  @property
+  def w2(self):
+    """The stacked down weight pytree ``[E, H, I]``."""
+    return self._weight("w2")
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of the quantized expert weights (router and biases excluded)."""
+    e = self.num_experts
+    return e * (_common.weight_nbytes(self.n13, self.hidden_size, self.prepared)
+                + _common.weight_nbytes(self.hidden_size, self.intermediate_size, self.prepared))
+
+  def router_logits(self, x: jax.Array) -> jax.Array:
+    """float32 ``[..., E_global]`` = ``x @ router.T`` (inputs in the router's dtype)."""
+    r = self.router.get_value()
+    return jnp.einsum("...h,eh->...e", x.astype(r.dtype), r,
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``[..., H] -> [..., H]``; dtypes as ``NVFP4Linear``."""
+    from jax_nvfp4.ops import moe as moe_ops
+    x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[-1] != self.hidden_size:
+      raise ValueError(f"NVFP4MoE: input must be [..., {self.hidden_size}], got {x.shape}")
+    compute, out = _common.activation_dtypes(x, self.dtype, "NVFP4MoE")
+    if self.backend.name == "reference" and moe_ops._kernel_wanted():
+      raise NotImplementedError(
+          "NVFP4MoE: backend 'reference' was chosen, but on this GPU fused_moe would run its "
+          "CUDA kernel and it has no switch to force its pure-JAX path")
+    xc = x.astype(compute)
+    routing = self.routing
+    if self.correction_bias is not None:
+      routing = dataclasses.replace(routing, correction_bias=self.correction_bias.get_value())
+    bias13 = None if self.w13_bias is None else self.w13_bias.get_value()
+    bias2 = None if self.w2_bias is None else self.w2_bias.get_value()
+    y = moe_ops.fused_moe(
+        xc, self.w13, self.w2, router_logits=self.router_logits(xc), routing=routing,
+        activation=self.activation, limit=self.limit, alpha=self.alpha, w13_bias=bias13,
+        w2_bias=bias2,
+        expert_map=None if self.expert_map is None else jnp.asarray(self.expert_map, jnp.int32))
+    return y.astype(out)

@@ -1,0 +1,164 @@
+"""Flax Linen layers: NVFP4Dense and NVFP4MoE (init/apply, collections, numerics)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import jax_nvfp4 as nf
+from jax_nvfp4.nn import linen as L
+from jax_nvfp4.nn.nnx import NVFP4MoE as NNXMoE
+from tests.test_nnx import (NVFP4_REL_MAX, NVFP4_REL_MIN, REF_REL, bf16, dequant64, np_moe,
+                            randn, rel_l2)
+
+
+def test_dense_init_collections_and_nn_dense_kernel(rng):
+  x = jnp.asarray(randn(rng, 2, 5, 64), jnp.bfloat16)
+  layer = L.NVFP4Dense(32)
+  variables = layer.init(jax.random.key(0), x)
+  assert set(variables) == {"params", "nvfp4"}
+  assert set(variables["params"]) == {"bias"}  # the optimizer's collection: bias only
+  assert set(variables["nvfp4"]) == {"packed", "scales", "global_scale"}
+  # The same draw as nn.Dense (kernel then bias from the "params" rng), transposed, quantized.
+  dense_params = nn.Dense(32).init(jax.random.key(0), x)["params"]
+  q = nf.quantize(dense_params["kernel"].T)
+  np.testing.assert_array_equal(np.asarray(variables["nvfp4"]["packed"]), np.asarray(q.packed))
+  np.testing.assert_array_equal(np.asarray(variables["nvfp4"]["scales"]).view(np.uint8),
+                                np.asarray(q.scales).view(np.uint8))
+  y = layer.apply(variables, x)
+  assert y.shape == (2, 5, 32) and y.dtype == jnp.bfloat16
+  w = nf.NVFP4Weight(*(variables["nvfp4"][k] for k in ("packed", "scales", "global_scale")))
+  want = bf16(x) @ dequant64(w).T
+  assert rel_l2(y, want) < REF_REL
+  # Against the float nn.Dense within the NVFP4 error (see tests/test_nnx.py for the bound).
+  x32 = jnp.asarray(randn(rng, 32, 64))
+  err = rel_l2(layer.apply(variables, x32),
+               np.asarray(x32, np.float64) @ np.asarray(dense_params["kernel"], np.float64))
+  assert NVFP4_REL_MIN < err < NVFP4_REL_MAX, err
+
+
+def test_dense_optax_on_params_leaves_nvfp4_alone(rng):
+  x = jnp.asarray(randn(rng, 8, 64))
+  layer = L.NVFP4Dense(16)
+  variables = layer.init(jax.random.key(1), x)
+  frozen = variables["nvfp4"]
+  tx = optax.sgd(0.25)
+  params = variables["params"]
+  opt_state = tx.init(params)
+
+  def loss(p):
+    return jnp.sum(layer.apply({"params": p, "nvfp4": frozen}, x))
+
+  grads = jax.grad(loss)(params)
+  np.testing.assert_array_equal(np.asarray(grads["bias"]), np.full(16, 8.0))  # rows, exactly
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(np.asarray(params["bias"]), np.full(16, -2.0))
+  y_new = layer.apply({"params": params, "nvfp4": frozen}, x)
+  y_old = layer.apply(variables, x)
+  # The output is a bf16 product cast to float32: equal up to one bf16 rounding.
+  np.testing.assert_allclose(np.asarray(y_new), np.asarray(y_old) - 2.0, rtol=2**-7, atol=2**-7)
+
+
+def test_dense_quantize_dense_variables_and_prepare(rng):
+  x = jnp.asarray(randn(rng, 3, 64), jnp.bfloat16)
+  dense = nn.Dense(48)
+  params = dense.init(jax.random.key(2), x)["params"]
+  params = {**params, "bias": jnp.asarray(randn(rng, 48))}
+  layer = L.NVFP4Dense(48)
+  v = L.quantize_dense_variables(params)
+  vp = L.quantize_dense_variables(params, prepare=True)
+  assert set(vp["nvfp4"]) == {"qweight", "qscales", "global_scale"}
+  y = layer.apply(v, x)
+  # The stored layout is used as it is at apply time.
+  np.testing.assert_allclose(np.asarray(layer.apply(vp, x), np.float32),
+                             np.asarray(y, np.float32), rtol=2**-7, atol=1e-2)
+  w = nf.NVFP4Weight(*(v["nvfp4"][k] for k in ("packed", "scales", "global_scale")))
+  want = bf16(x) @ dequant64(w).T + np.asarray(params["bias"], np.float64)
+  assert rel_l2(y, want) < REF_REL
+  init_prepared = L.NVFP4Dense(48, prepare=True).init(jax.random.key(2), x)
+  assert init_prepared["nvfp4"]["qweight"].shape == (3, 1, 32, 4)
+  np.testing.assert_array_equal(np.asarray(init_prepared["nvfp4"]["qweight"]),
+                                np.asarray(nf.prepare(nf.quantize(
+                                    dense.init(jax.random.key(2), x)["params"]["kernel"].T))
+                                    .qweight))
+
+
+def test_dense_dtypes_and_errors(rng):
+  x32 = jnp.asarray(randn(rng, 4, 32))
+  layer = L.NVFP4Dense(16, use_bias=False)
+  v = layer.init(jax.random.key(0), x32)
+  assert "params" not in v or not v["params"]
+  y = layer.apply(v, x32)
+  assert y.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(y),
+                                np.asarray(layer.apply(v, x32.astype(jnp.bfloat16)), np.float32))
+  assert L.NVFP4Dense(16, use_bias=False, dtype=jnp.float16).apply(v, x32).dtype == jnp.float16
+  with pytest.raises(ValueError, match="pass all the variables"):
+    L.NVFP4Dense(16).apply({"params": {"bias": jnp.zeros(16)}}, x32)
+  with pytest.raises(ValueError, match="multiple of 16"):
+    L.NVFP4Dense(16).init(jax.random.key(0), jnp.ones((2, 40)))
+  with pytest.raises(ValueError, match="dtype must be"):
+    L.NVFP4Dense(16, dtype=jnp.float32).init(jax.random.key(0), x32)
+  with pytest.raises(ValueError, match="stored weight has logical shape"):
+    L.NVFP4Dense(8, use_bias=False).apply(v, x32)
+  with pytest.raises(TypeError, match="kernel"):
+    L.quantize_dense_variables({"w": jnp.ones((32, 8))})
+
+
+def test_moe_matches_nnx_and_reference(rng):
+  e, h, i, k = 4, 64, 32, 2
+  router = randn(rng, e, h, scale=0.3)
+  w13, w2 = randn(rng, e, 2 * i, h, scale=0.15), randn(rng, e, h, i, scale=0.2)
+  b13, b2 = randn(rng, e, 2 * i, scale=0.1), randn(rng, e, h, scale=0.1)
+  x = jnp.asarray(randn(rng, 12, h), jnp.bfloat16)
+  layer = L.NVFP4MoE(i, e, top_k=k, use_expert_bias=True)
+  v = L.moe_variables(router, w13, w2, w13_bias=b13, w2_bias=b2)
+  assert set(v["params"]) == {"router", "w13_bias", "w2_bias"}
+  assert v["params"]["router"].dtype == jnp.bfloat16
+  y = jax.jit(layer.apply)(v, x)
+  nnx_layer = NNXMoE.from_dense(router, w13, w2, w13_bias=b13, w2_bias=b2, top_k=k)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(nnx.jit(lambda m, a: m(a))(nnx_layer,
+                                                                                      x)))
+  w13q = nf.NVFP4Weight(*(v["nvfp4"][f"w13_{f}"] for f in ("packed", "scales", "global_scale")))
+  w2q = nf.NVFP4Weight(*(v["nvfp4"][f"w2_{f}"] for f in ("packed", "scales", "global_scale")))
+  want = np_moe(bf16(x), bf16(router), dequant64(w13q), dequant64(w2q), k, "swiglu", b13=b13,
+                b2=b2)
+  assert rel_l2(y, want) < 1e-2
+
+
+def test_moe_init_and_correction_bias(rng):
+  e, h, i, k = 4, 64, 32, 2
+  x = jnp.asarray(randn(rng, 12, h), jnp.bfloat16)
+  routing = nf.RoutingConfig.deepseek_v3(k, n_group=2, topk_group=1, routed_scaling_factor=1.5)
+  layer = L.NVFP4MoE(i, e, routing=routing, use_correction_bias=True, activation="relu2")
+  v = layer.init(jax.random.key(0), x)
+  assert set(v["params"]) == {"router"}
+  assert set(v["nvfp4"]) == {"w13_packed", "w13_scales", "w13_global_scale", "w2_packed",
+                             "w2_scales", "w2_global_scale", "correction_bias"}
+  assert v["nvfp4"]["w13_packed"].shape == (e, i, h // 2)  # relu2: w13 has I rows
+  correction = randn(rng, e, scale=0.5)
+  v = {"params": v["params"], "nvfp4": {**v["nvfp4"], "correction_bias": jnp.asarray(correction)}}
+  y = jax.jit(layer.apply)(v, x)
+  w13q = nf.NVFP4Weight(*(v["nvfp4"][f"w13_{f}"] for f in ("packed", "scales", "global_scale")))
+  w2q = nf.NVFP4Weight(*(v["nvfp4"][f"w2_{f}"] for f in ("packed", "scales", "global_scale")))
+  router = np.asarray(v["params"]["router"], np.float64)
+  # Group-limited (2 groups of 2, best 1 group by top-2 sum): with top_k = 2 that is exactly
+  # the best group's two experts; the NumPy oracle below selects the groups itself.
+  choice = 1.0 / (1.0 + np.exp(-(bf16(x) @ router.T))) + correction
+  best_group = np.argmax(choice.reshape(12, 2, 2).sum(-1), axis=-1)
+  mask = np.repeat(np.eye(2)[best_group], 2, axis=-1)
+  want = np_moe(bf16(x), router, dequant64(w13q), dequant64(w2q), k, "relu2",
+                scoring="sigmoid", correction=np.where(mask > 0, correction, -1e9), scale=1.5)
+  assert rel_l2(y, want) < 1e-2
+  with pytest.raises(TypeError, match="without correction_bias"):
+    L.NVFP4MoE(i, e, routing=nf.RoutingConfig.deepseek_v3(
+        k, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        correction_bias=jnp.zeros(e))).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="top_k or routing"):
+    L.NVFP4MoE(i, e).init(jax.random.key(0), x)
