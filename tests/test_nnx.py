@@ -31,6 +31,19 @@ NVFP4_REL_MIN = 0.05
 # Against float64 math on the *dequantized* weight the only error is the bf16 output rounding
 # (2^-9 relative, ~2^-10 RMS) and bf16 inputs (exact here: the reference uses the same inputs).
 REF_REL = 5e-3
+from jax_nvfp4.nn import _common
+
+@pytest.fixture(autouse=True)
+def checkpoint_layout_by_default(request, monkeypatch):
+  """The layout and byte assertions here are written for prepare="auto" choosing the checkpoint
+  layout (the CPU choice); on a GPU "auto" picks the kernel layout, which the tests marked gpu
+  cover. Keep the CPU choice for the others wherever they run."""
+  if "gpu" in request.keywords:
+    return
+  original = _common.resolve_prepare
+  monkeypatch.setattr(_common, "resolve_prepare",
+                      lambda arg, choice, who: False if arg == "auto" else original(arg, choice, who))
+
 
 
 def rel_l2(a, b) -> float:

@@ -362,10 +362,14 @@ def test_weight_shardings_rejects_unaligned_splits(rng):
   assert s.packed.spec == P("data", "model") and s.global_scale.spec == P()
 
 
-def test_single_device_goes_through_the_partitioned_op(rng):
+def test_single_device_skips_the_partitioned_op(rng):
+  # This process has one device: nvfp4_matmul calls the op directly (the 8-device workers
+  # above cover the partitioned path), and the partitioned op equals it on one device.
+  assert jax.device_count() == 1
   w = _random_weight(rng, 32, 64)
   x = jnp.asarray(rng.standard_normal((3, 64)), jnp.bfloat16)
-  jaxpr = str(jax.make_jaxpr(nf.nvfp4_matmul)(x, w))
-  assert "custom_partitioning" in jaxpr
-  # On one device the partitioned op is lowered inline: no partitioner custom call is left.
-  assert "CustomSPMDPartitioning" not in jax.jit(nf.nvfp4_matmul).lower(x, w).as_text()
+  assert "custom_partitioning" not in str(jax.make_jaxpr(nf.nvfp4_matmul)(x, w))
+  from jax_nvfp4.parallel import dense as parallel_dense
+  assert "custom_partitioning" in str(jax.make_jaxpr(parallel_dense.partitioned_matmul)(x, w, None))
+  np.testing.assert_array_equal(np.asarray(jax.jit(nf.nvfp4_matmul)(x, w)),
+                                np.asarray(jax.jit(parallel_dense.partitioned_matmul)(x, w, None)))

@@ -248,7 +248,9 @@ def nvfp4_matmul(x: jax.Array, w: NVFP4Weight | PreparedNVFP4Weight,
     bias = bias.astype(jnp.float32)
   # Multi-device: custom_partitioning rules (jax_nvfp4/parallel/dense.py) run the rest per shard.
   from jax_nvfp4.parallel import dense as _parallel  # pylint: disable=import-outside-toplevel
-  if _parallel.routing():
+  # One device: nothing to partition (and the partitioned wrapper's single-device lowering has
+  # not been exercised on GPUs with the prefill dispatch).
+  if _parallel.routing() and jax.device_count() > 1:
     return _parallel.partitioned_matmul(x, w, bias)
   if isinstance(w, NVFP4Weight) and _kernel_wanted():
     if len(w.shape) == 2:
