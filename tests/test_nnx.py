@@ -228,7 +228,14 @@ def test_sharding_metadata_one_device_mesh(rng):
     state = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()
   graphdef = nnx.graphdef(abstract)
   x = jnp.asarray(randn(rng, 2, 64), jnp.bfloat16)
-  np.testing.assert_array_equal(np.asarray(nnx.merge(graphdef, state)(x)), np.asarray(layer(x)))
+  merged, eager = np.asarray(nnx.merge(graphdef, state)(x)), np.asarray(layer(x))
+  if jax.default_backend() == "cpu":
+    np.testing.assert_array_equal(merged, eager)
+  else:
+    # On a GPU, quantize under jit and eagerly may pick global scales 1 ulp apart (XLA's f32
+    # division is not correctly rounded there; README Limits), so equal only to bf16 rounding.
+    np.testing.assert_allclose(merged.astype(np.float32), eager.astype(np.float32),
+                               rtol=2**-7, atol=1e-2)
   # Prepared layout: names along [N16, K64, 32, 4] / [N16, K64, 64].
   with jax.set_mesh(mesh):
     prepped = nnx.eval_shape(lambda: NVFP4Linear(64, 32, rngs=nnx.Rngs(0), prepare=True,
