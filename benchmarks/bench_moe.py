@@ -37,6 +37,8 @@ import numpy as np
 import jax_nvfp4 as nf
 from jax_nvfp4.ops import moe as moe_ops
 
+from bench_dense import copy_bandwidth  # same method in both benchmarks
+
 RUNS = 5
 TRIALS = 5
 SHAPES = ((128, 2048, 768, 8), (256, 7168, 2048, 8), (8, 4096, 14336, 2))
@@ -56,21 +58,6 @@ def routing_for(e: int, k: int) -> nf.RoutingConfig:
     return nf.RoutingConfig(top_k=k, scoring="sigmoid", n_group=8, topk_group=4,
                             routed_scaling_factor=2.5)
   return nf.RoutingConfig(top_k=k)  # Qwen3 / Mixtral: softmax, top-k, renormalise
-
-
-def copy_bandwidth() -> float:
-  """Device-to-device copy bandwidth in bytes/s (bytes read + written)."""
-  n = 1 << 28 if jax.default_backend() == "gpu" else 1 << 22  # 1 GiB of f32 on a GPU
-  a = jnp.ones((n,), jnp.float32)
-  f = jax.jit(lambda a: [a + jnp.float32(i) for i in range(4)])
-  jax.block_until_ready(f(a))
-  times = []
-  for _ in range(5):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(a))
-    times.append(time.perf_counter() - t0)
-  del a
-  return 4 * 2 * n * 4 / statistics.median(times)
 
 
 def time_program(fn, *args) -> float:

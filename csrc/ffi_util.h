@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "nvfp4_kernel.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -19,6 +20,44 @@ inline std::string dims_str(ffi::Span<const int64_t> d) {
 
 inline ffi::Error cuda_error(const char *what, cudaError_t e) {
   return ffi::Error(ffi::ErrorCode::kInternal, std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+// The launch fields both handlers share. The workspace holds `ticket_bytes` of split-K tickets,
+// then the fp32 partials.
+inline GemmParams common_params(const ffi::AnyBuffer &x, const ffi::Buffer<ffi::U32> &qweight,
+                                const ffi::Buffer<ffi::U8> &qscales,
+                                const ffi::Buffer<ffi::F32> &global_scale, const float *bias,
+                                void *out, void *workspace, int64_t ticket_bytes, int64_t n,
+                                int64_t k, int64_t splits) {
+  GemmParams p{};
+  p.x = x.untyped_data();
+  p.qweight = reinterpret_cast<const uint4 *>(qweight.typed_data());
+  p.qscales = reinterpret_cast<const uint4 *>(qscales.typed_data());
+  p.global_scale = global_scale.typed_data();
+  p.bias = bias;
+  p.out = out;
+  auto *ws = static_cast<uint8_t *>(workspace);
+  p.tickets = reinterpret_cast<int *>(ws);
+  p.partials = reinterpret_cast<float *>(ws + ticket_bytes);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.n16 = static_cast<int>((n + 15) / 16);
+  p.k64 = static_cast<int>((k + 63) / 64);
+  p.splits = static_cast<int>(splits);
+  return p;
+}
+
+// Clears the split-K tickets (when K is split) and launches; `name` prefixes CUDA errors.
+template <bool kMoe>
+ffi::Error clear_and_launch(const GemmParams &p, int64_t ticket_bytes, bool bf16, int m_tile,
+                            int64_t token_tiles, cudaStream_t stream, const std::string &name) {
+  if (p.splits > 1) {
+    cudaError_t e = cudaMemsetAsync(p.tickets, 0, ticket_bytes, stream);
+    if (e != cudaSuccess) return cuda_error((name + " memset").c_str(), e);
+  }
+  cudaError_t e = launch<kMoe>(p, bf16, m_tile, static_cast<int>(token_tiles), stream);
+  if (e != cudaSuccess) return cuda_error((name + " launch").c_str(), e);
+  return ffi::Error::Success();
 }
 
 }  // namespace jax_nvfp4

@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "ffi_util.h"
-#include "nvfp4_kernel.cuh"
 
 namespace jax_nvfp4 {
 namespace {
@@ -60,32 +59,13 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32>
                    " < " + std::to_string(need));
   if (token_tiles > 65535) return invalid("too many token tiles for one launch");
 
-  GemmParams p{};
-  p.x = x.untyped_data();
-  p.qweight = reinterpret_cast<const uint4 *>(qweight.typed_data());
-  p.qscales = reinterpret_cast<const uint4 *>(qscales.typed_data());
-  p.global_scale = global_scale.typed_data();
-  p.bias = has_bias ? bias.typed_data() : nullptr;
-  p.out = out->untyped_data();
-  auto *ws = static_cast<uint8_t *>(workspace->untyped_data());
-  p.tickets = reinterpret_cast<int *>(ws);
-  p.partials = reinterpret_cast<float *>(ws + tickets);
+  GemmParams p = common_params(x, qweight, qscales, global_scale,
+                               has_bias ? bias.typed_data() : nullptr, out->untyped_data(),
+                               workspace->untyped_data(), tickets, n, k, splits);
   p.rows_out = static_cast<int>(m);
   p.slots = static_cast<int>(m);
-  p.n = static_cast<int>(n);
-  p.k = static_cast<int>(k);
-  p.n16 = static_cast<int>(n16);
-  p.k64 = static_cast<int>(k64);
-  p.splits = static_cast<int>(splits);
-
-  if (splits > 1) {
-    cudaError_t e = cudaMemsetAsync(p.tickets, 0, tickets, stream);
-    if (e != cudaSuccess) return cuda_error("jax_nvfp4_gemm memset", e);
-  }
-  cudaError_t err = launch<false>(p, xt == ffi::DataType::BF16, static_cast<int>(m_tile),
-                                  static_cast<int>(token_tiles), stream);
-  if (err != cudaSuccess) return cuda_error("jax_nvfp4_gemm launch", err);
-  return ffi::Error::Success();
+  return clear_and_launch<false>(p, tickets, xt == ffi::DataType::BF16, static_cast<int>(m_tile),
+                                 token_tiles, stream, "jax_nvfp4_gemm");
 }
 
 }  // namespace

@@ -14,7 +14,6 @@
 #include <vector>
 
 #include "ffi_util.h"
-#include "nvfp4_kernel.cuh"
 
 namespace jax_nvfp4 {
 namespace {
@@ -83,37 +82,19 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
   if (e != cudaSuccess) return cuda_error("jax_nvfp4_moe_gemm memset", e);
   if (token_tiles == 0) return ffi::Error::Success();
 
-  GemmParams p{};
-  p.x = x.untyped_data();
-  p.qweight = reinterpret_cast<const uint4 *>(qweight.typed_data());
-  p.qscales = reinterpret_cast<const uint4 *>(qscales.typed_data());
-  p.global_scale = global_scale.typed_data();
-  p.bias = has_bias ? bias.typed_data() : nullptr;
-  p.out = out->untyped_data();
-  auto *ws = static_cast<uint8_t *>(workspace->untyped_data());
-  p.tickets = reinterpret_cast<int *>(ws);
-  p.partials = reinterpret_cast<float *>(ws + tickets);
+  GemmParams p = common_params(x, qweight, qscales, global_scale,
+                               has_bias ? bias.typed_data() : nullptr, out->untyped_data(),
+                               workspace->untyped_data(), tickets, n, k, splits);
   p.rows_out = static_cast<int>(num_rows_out);
   p.slots = static_cast<int>(slots);
-  p.n = static_cast<int>(n);
-  p.k = static_cast<int>(k);
-  p.n16 = static_cast<int>(n16);
-  p.k64 = static_cast<int>(k64);
-  p.splits = static_cast<int>(splits);
   p.sorted_ids = sorted_ids.typed_data();
   p.block_expert = block_expert.typed_data();
   p.num_padded = num_padded.typed_data();
   p.topk_weights = mul_topk_weight ? topk_weights.typed_data() : nullptr;
   p.gather_div = static_cast<int>(gather_div);
-
-  if (splits > 1) {
-    e = cudaMemsetAsync(p.tickets, 0, tickets, stream);
-    if (e != cudaSuccess) return cuda_error("jax_nvfp4_moe_gemm memset", e);
-  }
-  e = launch<true>(p, xt == ffi::DataType::BF16, static_cast<int>(block_m / 8),
-                   static_cast<int>(token_tiles), stream);
-  if (e != cudaSuccess) return cuda_error("jax_nvfp4_moe_gemm launch", e);
-  return ffi::Error::Success();
+  return clear_and_launch<true>(p, tickets, xt == ffi::DataType::BF16,
+                                static_cast<int>(block_m / 8), token_tiles, stream,
+                                "jax_nvfp4_moe_gemm");
 }
 
 }  // namespace

@@ -13,21 +13,9 @@ from flax import nnx
 import jax_nvfp4 as nf
 from jax_nvfp4.nn import linen as L
 from jax_nvfp4.nn.nnx import NVFP4MoE as NNXMoE
+from tests.test_nnx import checkpoint_layout_by_default  # noqa: F401 (autouse fixture)
 from tests.test_nnx import (NVFP4_REL_MAX, NVFP4_REL_MIN, REF_REL, bf16, dequant64, np_moe,
                             randn, rel_l2)
-from jax_nvfp4.nn import _common
-
-@pytest.fixture(autouse=True)
-def checkpoint_layout_by_default(request, monkeypatch):
-  """The layout and byte assertions here are written for prepare="auto" choosing the checkpoint
-  layout (the CPU choice); on a GPU "auto" picks the kernel layout, which the tests marked gpu
-  cover. Keep the CPU choice for the others wherever they run."""
-  if "gpu" in request.keywords:
-    return
-  original = _common.resolve_prepare
-  monkeypatch.setattr(_common, "resolve_prepare",
-                      lambda arg, choice, who: False if arg == "auto" else original(arg, choice, who))
-
 
 
 def test_dense_init_collections_and_nn_dense_kernel(rng):
