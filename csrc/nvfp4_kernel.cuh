@@ -72,8 +72,9 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const 
   }
   const bool active = tile_n < p.n16;
 
-  const int c_begin = static_cast<int>((static_cast<int64_t>(p.k64) * split) / p.splits);
-  const int c_end = static_cast<int>((static_cast<int64_t>(p.k64) * (split + 1)) / p.splits);
+  const int units = (p.k64 + kChunksPerStage - 1) / kChunksPerStage;
+  const int u_begin = static_cast<int>((static_cast<int64_t>(units) * split) / p.splits);
+  const int u_end = static_cast<int>((static_cast<int64_t>(units) * (split + 1)) / p.splits);
 
   const T *xsrc[Cfg::kXPerThread];
 #pragma unroll
@@ -81,10 +82,11 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const 
     const int piece = threadIdx.x + i * kThreads;
     xsrc[i] = nullptr;
     if (piece < Cfg::kXPieces) {
-      const int row = slot_row<kMoe>(p, slot0 + (piece >> 3));
+      const int row = slot_row<kMoe>(p, slot0 + piece / Cfg::kXPiecesPerRow);
       if (row >= 0) {
         const int xrow = kMoe ? row / p.gather_div : row;
-        xsrc[i] = static_cast<const T *>(p.x) + static_cast<int64_t>(xrow) * p.k + (piece & 7) * 8;
+        xsrc[i] = static_cast<const T *>(p.x) + static_cast<int64_t>(xrow) * p.k +
+                  (piece % Cfg::kXPiecesPerRow) * 8;
       }
     }
   }
@@ -96,7 +98,7 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const 
 #pragma unroll
     for (int r = 0; r < 4; ++r) acc[mt][r] = 0.f;
   tile_mainloop<T, MT>(p.qweight + tile_off * 32, p.qscales + tile_off * 4, active, xsrc, p.x,
-                       p.k, c_begin, c_end, acc);
+                       p.k, p.k64, u_begin, u_end, acc);
 
   const float gscale = __ldg(p.global_scale + expert) * Tr::kUnbias;
   const int n_lo = tile_n * 16 + g;
@@ -176,8 +178,18 @@ inline int64_t ticket_bytes(int64_t token_tiles, int64_t n_blocks) {
   return (token_tiles * n_blocks * 4 + 255) / 256 * 256;
 }
 
+// Above 48 KB of dynamic shared memory a kernel must opt in, once per process and device.
+template <typename T, int MT, bool kMoe>
+cudaError_t allow_shared_memory() {
+  static const cudaError_t once = cudaFuncSetAttribute(
+      nvfp4_kernel<T, MT, kMoe>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      TileConfig<MT>::kSmemBytes);
+  return once;
+}
+
 template <typename T, int MT, bool kMoe>
 cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stream) {
+  if (cudaError_t e = allow_shared_memory<T, MT, kMoe>(); e != cudaSuccess) return e;
   dim3 grid((p.n16 + kWarps - 1) / kWarps, p.splits, token_tiles);
   nvfp4_kernel<T, MT, kMoe><<<grid, kThreads, TileConfig<MT>::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
@@ -202,6 +214,8 @@ int blocks_per_sm(int mt, bool bf16) {
   int blocks = 0;
   cudaError_t e = cudaSuccess;
 #define JAX_NVFP4_OCC(MT_)                                                                      \
+  e = bf16 ? allow_shared_memory<__nv_bfloat16, MT_, kMoe>() : allow_shared_memory<__half, MT_, kMoe>(); \
+  if (e != cudaSuccess) break;                                                                  \
   e = bf16 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(                                     \
                  &blocks, nvfp4_kernel<__nv_bfloat16, MT_, kMoe>, kThreads,                   \
                  TileConfig<MT_>::kSmemBytes)                                                   \

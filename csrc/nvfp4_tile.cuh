@@ -38,18 +38,21 @@
 // second one bytes 1 and 3; the HMUL2 that applies the scale reads the half it needs.
 //
 // Pipeline. A block is 8 warps; warp w owns N tile (16 rows) blockIdx.x * 8 + w, and the block
-// owns 8 * MT token rows and a range of k64 chunks (split K over gridDim.y). Each k64 chunk is
-// one stage of a kStages-deep cp.async ring in shared memory: 8 x 512 B of weights (one 16-byte
-// copy per thread, L2 evict-first: streamed once), 8 x 64 B of block scales, and the x tile
-// (8*MT rows x 128 B, L2-cached: every block re-reads it). The loads of chunk c + kStages - 1
-// are issued before chunk c is computed, so up to kStages - 1 chunks per block are in flight
-// without holding registers. x rows past M (or padding rows of an MoE block) and columns past K
-// are zero-filled by the copy itself (src-size 0); weight padding is code 0 with scale 1, so the
-// K tail needs no branch.
+// owns 8 * MT token rows and a range of k128 units (two k64 chunks; split K over gridDim.y).
+// Each unit is one stage of a kStages-deep cp.async ring in shared memory: 8 x 2 x 512 B of
+// weights (two 16-byte copies per thread, L2 evict-first: streamed once), 8 x 128 B of block
+// scales, and the x tile (8*MT rows x 256 B, L2-cached: every block re-reads it). The loads of
+// unit u + kStages - 1 are issued before unit u is computed, so up to kStages - 1 units per
+// block are in flight without holding registers. Two chunks per stage halve the per-stage cost
+// (barrier, wait, address updates, copy issue) per weight byte; ncu showed that overhead to be a
+// third of the instructions with one chunk per stage. A chunk past K64 (odd K64) and x columns
+// past K are zero-filled by the copy itself (src-size 0); weight padding is code 0 with scale 1,
+// so the K tail needs no branch. x rows past M (or padding rows of an MoE block) are never
+// copied: their rows are zeroed once in every stage before the loop.
 //
-// x tile in shared memory: row r (a token), 16-byte piece q (8 k values) sits at
-// r * 128 + (q ^ (r % 8)) * 16. ldmatrix.x4 then reads eight rows of one piece column without
-// bank conflicts and hands each lane exactly b[0], b[1] of two k16 steps.
+// x tile in shared memory: row r (a token), 16-byte piece q (8 k values, 0..15) sits at
+// r * 256 + ((q & 8) | ((q ^ r) & 7)) * 16. ldmatrix.x4 then reads eight rows of one piece
+// column without bank conflicts and hands each lane exactly b[0], b[1] of two k16 steps.
 // ---------------------------------------------------------------------------------------------
 #pragma once
 
@@ -64,18 +67,30 @@ namespace jax_nvfp4 {
 constexpr int kWarps = 8;               // warps per block, one N tile (16 rows) each
 constexpr int kThreads = kWarps * 32;
 
+// Tuning knobs, overridable at compile time for benchmarks/kernel_lab.cu only.
+#ifndef JAX_NVFP4_CHUNKS_PER_STAGE
+#define JAX_NVFP4_CHUNKS_PER_STAGE 2
+#endif
+#ifndef JAX_NVFP4_DECODE_STAGES
+#define JAX_NVFP4_DECODE_STAGES 4
+#endif
+constexpr int kChunksPerStage = JAX_NVFP4_CHUNKS_PER_STAGE;  // k64 chunks per stage ("unit")
+
 template <int MT>
 struct TileConfig {
   // Deeper rings where a stage is small (decode): more bytes in flight per SM.
-  static constexpr int kStages = MT == 1 ? 8 : MT == 2 ? 6 : MT == 4 ? 5 : 3;
-  static constexpr int kWBytes = kWarps * 512;
-  static constexpr int kSBytes = kWarps * 64;
-  static constexpr int kXBytes = 8 * MT * 128;
+  static constexpr int kStages = MT <= 2 ? JAX_NVFP4_DECODE_STAGES : 3;
+  static constexpr int kWBytes = kChunksPerStage * kWarps * 512;
+  static constexpr int kSBytes = kWarps * kChunksPerStage * 64;
+  static constexpr int kXRowBytes = kChunksPerStage * 128;
+  static constexpr int kXBytes = 8 * MT * kXRowBytes;
   static constexpr int kStageBytes = kWBytes + kSBytes + kXBytes;
-  static constexpr int kSmemBytes = kStages * kStageBytes;   // <= 48 KB: no opt-in needed
-  static constexpr int kXPieces = 8 * MT * 8;                // 16-byte pieces of an x tile
+  static constexpr int kSmemBytes = kStages * kStageBytes;   // above 48 KB: opt-in at launch
+  static constexpr int kXPiecesPerRow = kXRowBytes / 16;
+  static constexpr int kXPieces = 8 * MT * kXPiecesPerRow;   // 16-byte pieces of an x tile
   static constexpr int kXPerThread = (kXPieces + kThreads - 1) / kThreads;
-  static_assert(kSmemBytes <= 48 * 1024, "dynamic shared memory above the default limit");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory above the sm_80/sm_90 limit");
+  static_assert(kXPieces % kThreads == 0 || kXPieces < kThreads, "x pieces must tile the block");
 };
 
 template <typename T>
@@ -177,10 +192,11 @@ __device__ __forceinline__ uint32_t smem_addr(const void *p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// Weights: streamed once, so L2 may evict them first.
-__device__ __forceinline__ void cp_async16_stream(uint32_t dst, const void *src, uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n"
-               :: "r"(dst), "l"(src), "l"(policy));
+// Weights and scales: streamed once, so L2 may evict them first; src_bytes = 0 zero-fills.
+__device__ __forceinline__ void cp_async16_stream_zfill(uint32_t dst, const void *src,
+                                                        uint32_t src_bytes, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n"
+               :: "r"(dst), "l"(src), "r"(src_bytes), "l"(policy));
 }
 
 // Activations: cached in L2 (every block re-reads them); src_bytes = 0 zero-fills.
@@ -202,20 +218,22 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
                : "r"(addr));
 }
 
-// The main loop of one block: accumulates x_rows @ W_tile^T over k64 chunks [c_begin, c_end).
+// The main loop of one block: accumulates x_rows @ W_tile^T over k128 units [u_begin, u_end).
 //   wtile: this warp's weight tile, [K64][32] uint4 (only read when active)
 //   stile: this warp's scale tile, [K64][4] uint4 (only read when active)
 //   xsrc:  per x piece this thread copies, the address of its token row at piece q (or null
-//          for a zero row); piece p = threadIdx.x + i * kThreads covers row p / 8, piece p % 8
+//          for a row that holds no token); piece p = threadIdx.x + i * kThreads covers row
+//          p / kXPiecesPerRow, piece q = p % kXPiecesPerRow
 //   x_any: any valid global address (a zero-filling copy still names a source)
 // All threads of the block must call it (it synchronises the block).
 template <typename T, int MT>
 __device__ __forceinline__ void tile_mainloop(
     const uint4 *__restrict__ wtile, const uint4 *__restrict__ stile, bool active,
-    const T *const (&xsrc)[TileConfig<MT>::kXPerThread], const void *x_any, int k, int c_begin,
-    int c_end, float (&acc)[MT][4]) {
+    const T *const (&xsrc)[TileConfig<MT>::kXPerThread], const void *x_any, int k, int k64,
+    int u_begin, int u_end, float (&acc)[MT][4]) {
   using Cfg = TileConfig<MT>;
   constexpr int S = Cfg::kStages;
+  constexpr int KC = kChunksPerStage;
   extern __shared__ __align__(16) unsigned char smem[];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -223,87 +241,127 @@ __device__ __forceinline__ void tile_mainloop(
   const uint64_t policy = evict_first_policy();
   const uint32_t smem_base = smem_addr(smem);
 
-  // Where this thread's copies land inside a stage.
+  // Where this thread's copies land inside a stage, and what they read at unit u_begin.
   const uint32_t w_dst = threadIdx.x * 16;
-  const uint32_t s_dst = Cfg::kWBytes + warp * 64 + lane * 16;   // lanes 0..3
+  const uint32_t s_dst = Cfg::kWBytes + warp * (KC * 64) + lane * 16;   // lanes 0 .. 4*KC-1
+  const uint4 *w_src = wtile + static_cast<int64_t>(u_begin) * KC * 32 + lane;
+  const uint4 *s_src = stile + u_begin * KC * 4 + lane;
+  const bool s_copier = active && lane < 4 * KC;
   uint32_t x_dst[Cfg::kXPerThread];
+  const T *x_src[Cfg::kXPerThread];
   int x_col[Cfg::kXPerThread];
 #pragma unroll
   for (int i = 0; i < Cfg::kXPerThread; ++i) {
     const int piece = threadIdx.x + i * kThreads;
-    const int row = piece >> 3, q = piece & 7;
-    x_dst[i] = Cfg::kWBytes + Cfg::kSBytes + row * 128 + ((q ^ (row & 7)) << 4);
-    x_col[i] = q * 8;
+    const int row = piece / Cfg::kXPiecesPerRow, q = piece % Cfg::kXPiecesPerRow;
+    x_dst[i] = Cfg::kWBytes + Cfg::kSBytes + row * Cfg::kXRowBytes +
+               (((q & 8) | ((q ^ row) & 7)) << 4);
+    const bool mine = Cfg::kXPieces >= kThreads || piece < Cfg::kXPieces;
+    x_src[i] = mine ? xsrc[i] : nullptr;
+    x_col[i] = u_begin * KC * 64 + q * 8;
+    // A row without a token is zero in every stage, once; it is never copied.
+    if (mine && xsrc[i] == nullptr) {
+#pragma unroll
+      for (int s = 0; s < S; ++s)
+        *reinterpret_cast<uint4 *>(smem + s * Cfg::kStageBytes + x_dst[i]) = make_uint4(0, 0, 0, 0);
+    }
+    if (x_src[i] != nullptr) x_src[i] += u_begin * KC * 64;
   }
+  int chunk = u_begin * KC;   // first k64 chunk of the next unit to load
 
-  auto load_stage = [&](int slot, int c) {
-    const uint32_t base = smem_base + slot * Cfg::kStageBytes;
+  // Loads the next unit into the stage at byte offset `stage` and advances the sources.
+  auto load_next = [&](uint32_t stage) {
+    const uint32_t base = smem_base + stage;
     if (active) {
-      cp_async16_stream(base + w_dst, wtile + static_cast<int64_t>(c) * 32 + lane, policy);
-      if (lane < 4) cp_async16_stream(base + s_dst, stile + c * 4 + lane, policy);
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc) {
+        // An odd K64 leaves the second chunk of the last unit empty: zero-filled.
+        const bool in = chunk + kc < k64;
+        cp_async16_stream_zfill(base + kc * (kWarps * 512) + w_dst, in ? w_src + kc * 32 : wtile,
+                                in ? 16u : 0u, policy);
+      }
+    }
+    if (s_copier) {
+      const bool in = chunk + (lane >> 2) < k64;
+      cp_async16_stream_zfill(base + s_dst, in ? s_src : stile, in ? 16u : 0u, policy);
     }
 #pragma unroll
     for (int i = 0; i < Cfg::kXPerThread; ++i) {
-      if (Cfg::kXPieces % kThreads != 0 && threadIdx.x + i * kThreads >= Cfg::kXPieces) break;
-      const int col = c * 64 + x_col[i];
-      const bool ok = xsrc[i] != nullptr && col < k;
-      cp_async16_zfill(base + x_dst[i], ok ? static_cast<const void *>(xsrc[i] + c * 64) : x_any,
-                       ok ? 16u : 0u);
+      if (x_src[i] == nullptr) continue;
+      const bool in = x_col[i] < k;
+      cp_async16_zfill(base + x_dst[i], in ? static_cast<const void *>(x_src[i]) : x_any,
+                       in ? 16u : 0u);
+      x_src[i] += KC * 64;
+      x_col[i] += KC * 64;
     }
+    w_src += KC * 32;
+    s_src += KC * 4;
+    chunk += KC;
   };
 
-  // ldmatrix row addresses of this lane (relative to a stage's x tile) for k16 pairs 0-1, 2-3.
-  uint32_t x_ld[2];
+  // ldmatrix row addresses of this lane (relative to a stage's x tile) for k16 pairs 0-1, 2-3
+  // of chunk kc: matrix lane / 8 is piece 4 * (2 kc + jp) + lane / 8 of row lane % 8.
+  uint32_t x_ld[KC][2];
 #pragma unroll
-  for (int jp = 0; jp < 2; ++jp) {
-    const int r = lane & 7, q = 4 * jp + (lane >> 3);
-    x_ld[jp] = Cfg::kWBytes + Cfg::kSBytes + r * 128 + ((q ^ r) << 4);
-  }
+  for (int kc = 0; kc < KC; ++kc)
+#pragma unroll
+    for (int jp = 0; jp < 2; ++jp) {
+      const int r = lane & 7, q = 8 * kc + 4 * jp + (lane >> 3);
+      x_ld[kc][jp] = Cfg::kWBytes + Cfg::kSBytes + r * Cfg::kXRowBytes + (((q & 8) | ((q ^ r) & 7)) << 4);
+    }
 
+  const int units = u_end - u_begin;
+  uint32_t load_stage = 0;
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
-    if (c_begin + s < c_end) load_stage(s, c_begin + s);
+    if (s < units) load_next(load_stage);
     cp_async_commit();
+    load_stage += Cfg::kStageBytes;
   }
 
-  int slot = 0;
-  int next_slot = S - 1;
-  for (int c = c_begin; c < c_end; ++c) {
+  uint32_t stage = 0;
+  for (int u = 0; u < units; ++u) {
     cp_async_wait<S - 2>();
-    __syncthreads();  // chunk c has landed for everyone; slot next_slot is free again
-    if (c + S - 1 < c_end) load_stage(next_slot, c + S - 1);
+    __syncthreads();  // unit u has landed for everyone; the stage load_stage is free again
+    if (u + S - 1 < units) load_next(load_stage);
     cp_async_commit();
 
     if (active) {
-      const unsigned char *stage = smem + slot * Cfg::kStageBytes;
-      const uint4 w = *reinterpret_cast<const uint4 *>(stage + threadIdx.x * 16);
-      const uint2 sc = *reinterpret_cast<const uint2 *>(stage + Cfg::kWBytes + warp * 64 + g * 8);
-      // [row g | row g+8][even steps 0,2 | odd steps 1,3]
-      const uint32_t s_lo[2] = {widen_scales<T>(sc.x, true), widen_scales<T>(sc.x, false)};
-      const uint32_t s_hi[2] = {widen_scales<T>(sc.y, true), widen_scales<T>(sc.y, false)};
-      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-      const uint32_t x_stage = smem_base + slot * Cfg::kStageBytes;
+      const unsigned char *st = smem + stage;
+      const uint32_t x_stage = smem_base + stage;
 #pragma unroll
-      for (int jp = 0; jp < 2; ++jp) {
-        uint32_t b[MT][4];
+      for (int kc = 0; kc < KC; ++kc) {
+        const uint4 w = *reinterpret_cast<const uint4 *>(st + kc * (kWarps * 512) + threadIdx.x * 16);
+        const uint2 sc = *reinterpret_cast<const uint2 *>(st + Cfg::kWBytes + warp * (KC * 64) +
+                                                          kc * 64 + g * 8);
+        // [row g | row g+8][even steps 0,2 | odd steps 1,3]
+        const uint32_t s_lo[2] = {widen_scales<T>(sc.x, true), widen_scales<T>(sc.x, false)};
+        const uint32_t s_hi[2] = {widen_scales<T>(sc.y, true), widen_scales<T>(sc.y, false)};
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(b[mt], x_stage + x_ld[jp] + mt * 1024);
+        for (int jp = 0; jp < 2; ++jp) {
+          uint32_t b[MT][4];
 #pragma unroll
-        for (int jj = 0; jj < 2; ++jj) {
-          const int j = 2 * jp + jj;
-          uint32_t a[4];
-          dequant_word<T>(words[j], a);
-          a[0] = scale_half<T>(a[0], s_lo[jj], jp == 1);
-          a[1] = scale_half<T>(a[1], s_hi[jj], jp == 1);
-          a[2] = scale_half<T>(a[2], s_lo[jj], jp == 1);
-          a[3] = scale_half<T>(a[3], s_hi[jj], jp == 1);
+          for (int mt = 0; mt < MT; ++mt)
+            ldmatrix_x4(b[mt], x_stage + x_ld[kc][jp] + mt * 8 * Cfg::kXRowBytes);
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) mma_16816<T>(acc[mt], a, b[mt][2 * jj], b[mt][2 * jj + 1]);
+          for (int jj = 0; jj < 2; ++jj) {
+            const int j = 2 * jp + jj;
+            uint32_t a[4];
+            dequant_word<T>(words[j], a);
+            a[0] = scale_half<T>(a[0], s_lo[jj], jp == 1);
+            a[1] = scale_half<T>(a[1], s_hi[jj], jp == 1);
+            a[2] = scale_half<T>(a[2], s_lo[jj], jp == 1);
+            a[3] = scale_half<T>(a[3], s_hi[jj], jp == 1);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+              mma_16816<T>(acc[mt], a, b[mt][2 * jj], b[mt][2 * jj + 1]);
+          }
         }
       }
     }
-    slot = slot + 1 == S ? 0 : slot + 1;
-    next_slot = next_slot + 1 == S ? 0 : next_slot + 1;
+    stage = stage + Cfg::kStageBytes == S * Cfg::kStageBytes ? 0 : stage + Cfg::kStageBytes;
+    load_stage = load_stage + Cfg::kStageBytes == S * Cfg::kStageBytes ? 0 : load_stage + Cfg::kStageBytes;
   }
 }
 

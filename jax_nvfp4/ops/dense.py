@@ -114,19 +114,26 @@ def _blocks_per_sm(m_tile: int) -> int:
   return _ffi.blocks_per_sm(m_tile, True) or 2
 
 
+# Waves of resident blocks the split-K grid aims for. More, shorter blocks even out the work
+# per SM (blocks start as others finish) at the price of more fp32 partials; a tuning knob for
+# benchmarks/sweep_dense.py, not an API.
+WAVES = 1.0
+_CHUNKS_PER_UNIT = 2  # csrc/nvfp4_tile.cuh kChunksPerStage: K is split in k128 units
+
+
 def choose_launch(m: int, n: int, k: int) -> tuple[int, int]:
   """(splits, m_tile) for the dense kernel.
 
-  K is split so that the grid fills one wave of resident blocks (a partial second wave would
-  leave SMs idle for a whole block's time), with at least two k64 chunks per split.
+  K is split so that the grid fills ``WAVES`` waves of resident blocks, each split at least one
+  k128 unit (a pipeline stage) long, at most 64 splits.
   """
   mt = _m_tile(m)
   n_blocks = -(-(-(-n // 16)) // _WARPS_PER_BLOCK)
   m_tiles = max(1, -(-m // (8 * mt)))
-  k64 = -(-k // 64)
-  slots = _sm_count() * _blocks_per_sm(mt)
+  units = -(-(-(-k // 64)) // _CHUNKS_PER_UNIT)
+  slots = int(_sm_count() * _blocks_per_sm(mt) * WAVES)
   splits = slots // (n_blocks * m_tiles)
-  return int(max(1, min(splits, k64 // 2, 64))), mt
+  return int(max(1, min(splits, units, 64))), mt
 
 
 def workspace_bytes(m: int, n: int, splits: int, m_tile: int) -> int:

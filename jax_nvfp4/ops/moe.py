@@ -245,7 +245,8 @@ _WARPS_PER_BLOCK = 8  # csrc kWarps: one block covers 8 * 16 = 128 rows of N
 
 def choose_moe_splits(num_slots: int, n: int, k: int, block_m: int, bf16: bool = True) -> int:
   """Split-K factor of the grouped GEMM: enough (N block, token tile, split) blocks to fill one
-  wave of resident blocks, with at least two k64 chunks per split (at most 64 splits)."""
+  wave of resident blocks, with at least one k128 unit (two k64 chunks) per split (at most 64
+  splits)."""
   n_blocks = -(-(-(-n // 16)) // _WARPS_PER_BLOCK)
   tiles = max(1, num_slots // block_m)
   k64 = -(-k // 64)

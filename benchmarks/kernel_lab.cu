@@ -1,0 +1,101 @@
+// Kernel-only timing of the dense NVFP4 kernel without JAX (not a test), for variants built with
+// -D JAX_NVFP4_CHUNKS_PER_STAGE / JAX_NVFP4_DECODE_STAGES and for ncu:
+//   nvcc -std=c++17 -O3 -arch=sm_90a -I csrc benchmarks/kernel_lab.cu -o lab && ./lab K N M [splits]
+// Weights and scales are random bytes in COPIES rotating buffers (more than L2 holds); each
+// timed call is the ticket memset plus the kernel, as in the FFI handler. Prints the median
+// microseconds per call over TRIALS trials of COPIES calls, timed with CUDA events.
+#include <cstdio>
+#include <cstdlib>
+#include <algorithm>
+#include <vector>
+
+#include "nvfp4_kernel.cuh"
+
+#define CHECK(x)                                                                      \
+  do {                                                                                \
+    cudaError_t e_ = (x);                                                             \
+    if (e_ != cudaSuccess) {                                                          \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                   \
+    }                                                                                 \
+  } while (0)
+
+__global__ void fill_random(uint32_t *p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
+    h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
+    p[i] = h;
+  }
+}
+
+__global__ void fill_x(__nv_bfloat16 *p, size_t n) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    p[i] = __float2bfloat16(float(int(i % 17) - 8) * 0.125f);
+}
+
+int main(int argc, char **argv) {
+  using namespace jax_nvfp4;
+  if (argc < 4) { std::fprintf(stderr, "usage: lab K N M [splits]\n"); return 2; }
+  const int k = std::atoi(argv[1]), n = std::atoi(argv[2]), m = std::atoi(argv[3]);
+  const int mt = m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8;
+  const int n16 = (n + 15) / 16, k64 = (k + 63) / 64;
+  const int units = (k64 + kChunksPerStage - 1) / kChunksPerStage;
+  const int n_blocks = (n16 + kWarps - 1) / kWarps;
+  const int token_tiles = (m + 8 * mt - 1) / (8 * mt);
+  int sms = 0;
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const int bps = blocks_per_sm<false>(mt, true);
+  int splits = argc > 4 ? std::atoi(argv[4]) : std::max(1, std::min({sms * bps / (n_blocks * token_tiles), units, 64}));
+  const int copies = 16, trials = 9;
+  const size_t sbytes = size_t(n16) * k64 * 64;
+  std::vector<void *> w(copies), s(copies);
+  for (int c = 0; c < copies; ++c) {
+    CHECK(cudaMalloc(&w[c], size_t(n16) * k64 * 32 * 16));
+    CHECK(cudaMalloc(&s[c], sbytes));
+    fill_random<<<1024, 256>>>(static_cast<uint32_t *>(w[c]), size_t(n16) * k64 * 32 * 4, 17 + c);
+    fill_random<<<256, 256>>>(static_cast<uint32_t *>(s[c]), sbytes / 4, 91 + c);
+  }
+  __nv_bfloat16 *x, *out;
+  float *gs;
+  CHECK(cudaMalloc(&x, size_t(m) * k * 2));
+  CHECK(cudaMalloc(&out, size_t(m) * n * 2));
+  CHECK(cudaMalloc(&gs, 4));
+  fill_x<<<256, 256>>>(x, size_t(m) * k);
+  const float one = 1.f;
+  CHECK(cudaMemcpy(gs, &one, 4, cudaMemcpyHostToDevice));
+  const int64_t tickets = ticket_bytes(token_tiles, n_blocks);
+  void *ws;
+  CHECK(cudaMalloc(&ws, tickets + size_t(splits) * m * n * 4));
+  GemmParams p{};
+  p.x = x; p.global_scale = gs; p.out = out;
+  p.tickets = static_cast<int *>(ws);
+  p.partials = reinterpret_cast<float *>(static_cast<char *>(ws) + tickets);
+  p.n = n; p.k = k; p.n16 = n16; p.k64 = k64; p.splits = splits; p.rows_out = m; p.slots = m;
+  auto call = [&](int c) {
+    p.qweight = static_cast<const uint4 *>(w[c]);
+    p.qscales = static_cast<const uint4 *>(s[c]);
+    if (splits > 1) CHECK(cudaMemsetAsync(p.tickets, 0, tickets, 0));
+    CHECK(launch<false>(p, true, mt, token_tiles, 0));
+  };
+  for (int c = 0; c < copies; ++c) call(c);
+  CHECK(cudaDeviceSynchronize());
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  std::vector<float> t;
+  for (int r = 0; r < trials; ++r) {
+    CHECK(cudaEventRecord(a));
+    for (int c = 0; c < copies; ++c) call(c);
+    CHECK(cudaEventRecord(b));
+    CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms * 1e3f / copies);
+  }
+  std::sort(t.begin(), t.end());
+  const double bytes = double(n) * k / 2 + double(n) * k / 16;
+  std::printf("K=%d N=%d M=%d chunks/stage=%d stages=%d splits=%d blocks/SM=%d: %.1f us (%.0f GB/s)\n",
+              k, n, m, kChunksPerStage, TileConfig<1>::kStages, splits, bps, t[trials / 2],
+              bytes / t[trials / 2] * 1e-3);
+  return 0;
+}
