@@ -163,3 +163,29 @@ def test_moe_init_and_correction_bias(rng):
         correction_bias=jnp.zeros(e))).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="top_k or routing"):
     L.NVFP4MoE(i, e).init(jax.random.key(0), x)
+
+
+def test_moe_reference_backend_never_reaches_the_kernel(rng, monkeypatch):
+  """As the NNX test: backend="reference" lowers without the kernel for a CUDA GPU that has it."""
+  from jax_nvfp4.ops import moe as moe_ops
+  monkeypatch.setattr(nf._ffi, "REGISTERED", nf._ffi.REGISTERED | {moe_ops.CUDA_TARGET})
+  monkeypatch.setattr(moe_ops, "_kernel_wanted", lambda: True)  # "on this GPU"
+  e, h, i = 4, 64, 32
+  x = jnp.asarray(randn(rng, 5, h), jnp.bfloat16)
+  layer = L.NVFP4MoE(i, e, top_k=2, prepare=True, backend="reference")
+  v = layer.init(jax.random.key(0), x)
+  assert "w13_qweight" in v["nvfp4"]
+  lower = lambda f: jax.jit(f).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+  assert moe_ops.CUDA_TARGET not in lower(lambda a: layer.apply(v, a))
+  y = jax.jit(layer.apply)(v, x)
+  w13, w2 = (nf.PreparedNVFP4Weight(v["nvfp4"][f"{p}_qweight"], v["nvfp4"][f"{p}_qscales"],
+                                    v["nvfp4"][f"{p}_global_scale"], n=n, k=k)
+             for p, n, k in (("w13", 2 * i, h), ("w2", h, i)))
+  want = np_moe(bf16(x), bf16(v["params"]["router"]), dequant64(w13), dequant64(w2), 2,
+                "swiglu")
+  assert rel_l2(y, want) < 1e-2
+  if jax.default_backend() != "gpu":
+    control = lambda a: moe_ops.fused_moe(
+        a, w13, w2, router_logits=jnp.einsum("mh,eh->me", a, v["params"]["router"],
+                                             preferred_element_type=jnp.float32), top_k=2)
+    assert lower(control).count(moe_ops.CUDA_TARGET) == 2

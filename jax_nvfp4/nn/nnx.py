@@ -260,7 +260,8 @@ class NVFP4MoE(nnx.Module):
     expert_init: initializer for random float experts ``[E, N, K]`` before quantization.
     rngs: draws the router and the experts (random init).
     prepare, backend, activation_format: as in ``NVFP4Linear`` (the oracle also checks the MoE
-      activation and that the grouped-GEMM kernel is built for "cuda").
+      activation and that the grouped-GEMM kernel is built for "cuda"); the chosen backend is
+      passed to ``fused_moe``, so "reference" runs the pure-JAX path on a GPU too.
   """
 
   def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, *,
@@ -445,10 +446,6 @@ class NVFP4MoE(nnx.Module):
     if x.ndim < 1 or x.shape[-1] != self.hidden_size:
       raise ValueError(f"NVFP4MoE: input must be [..., {self.hidden_size}], got {x.shape}")
     compute, out = _common.activation_dtypes(x, self.dtype, "NVFP4MoE")
-    if self.backend.name == "reference" and moe_ops._kernel_wanted():
-      raise NotImplementedError(
-          "NVFP4MoE: backend 'reference' was chosen, but on this GPU fused_moe would run its "
-          "CUDA kernel and it has no switch to force its pure-JAX path")
     xc = x.astype(compute)
     routing = self.routing
     if self.correction_bias is not None:
@@ -458,6 +455,6 @@ class NVFP4MoE(nnx.Module):
     y = moe_ops.fused_moe(
         xc, self.w13, self.w2, router_logits=self.router_logits(xc), routing=routing,
         activation=self.activation, limit=self.limit, alpha=self.alpha, w13_bias=bias13,
-        w2_bias=bias2,
+        w2_bias=bias2, backend=self.backend.name,
         expert_map=None if self.expert_map is None else jnp.asarray(self.expert_map, jnp.int32))
     return y.astype(out)

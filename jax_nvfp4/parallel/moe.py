@@ -219,7 +219,7 @@ def sharded_fused_moe(x: jax.Array, weights: ShardedMoEWeights, *, token_axis=No
                       topk_weights: jax.Array | None = None, topk_ids: jax.Array | None = None,
                       top_k: int | None = None, routing=None, activation: str = "swiglu",
                       limit: float | None = None, alpha: float = GPTOSS_ALPHA,
-                      block_m: int | None = None) -> jax.Array:
+                      block_m: int | None = None, backend: str | None = None) -> jax.Array:
   """``fused_moe`` with expert weights split over a mesh (see the module docstring).
 
   Args:
@@ -228,8 +228,8 @@ def sharded_fused_moe(x: jax.Array, weights: ShardedMoEWeights, *, token_axis=No
     token_axis: mesh axis (or tuple) that splits M, or None (tokens replicated). M must be a
       multiple of its size. Where it is also an expert/tensor axis the tokens are all-gathered
       inside the layer and the output reduce-scattered back.
-    router_logits, topk_weights, topk_ids, top_k, routing, activation, limit, alpha, block_m:
-      as in ``fused_moe`` (routing is over all ``E`` global experts; ids are global).
+    router_logits, topk_weights, topk_ids, top_k, routing, activation, limit, alpha, block_m,
+      backend: as in ``fused_moe`` (routing is over all ``E`` global experts; ids are global).
 
   Returns:
     ``[..., H]`` in ``x.dtype``, laid out like ``x`` (split over ``token_axis``): the full
@@ -296,7 +296,7 @@ def sharded_fused_moe(x: jax.Array, weights: ShardedMoEWeights, *, token_axis=No
     w2 = _with_arrays(weights.w2, w2_arrays, hidden, inter_local)
     y = fused_moe(x, w13, w2, **route_in, top_k=top_k, routing=routing, activation=activation,
                   limit=limit, alpha=alpha, w13_bias=b13, w2_bias=b2, expert_map=expert_map,
-                  block_m=block_m)
+                  block_m=block_m, backend=backend)
     y = y.astype(jnp.float32)
     if sum_axes:
       y = jax.lax.psum(y, sum_axes)
