@@ -74,7 +74,8 @@ def test_dense_quantize_dense_variables_and_prepare(rng):
   layer = L.NVFP4Dense(48)
   v = L.quantize_dense_variables(params)
   vp = L.quantize_dense_variables(params, prepare=True)
-  assert set(vp["nvfp4"]) == {"qweight", "qscales", "global_scale"}
+  assert set(vp["nvfp4"]) == {"qweight", "qscales", "global_scale", "shape"}
+  assert vp["nvfp4"]["shape"].shape == (48, 64, 0) and vp["nvfp4"]["shape"].size == 0
   y = layer.apply(v, x)
   # The stored layout is used as it is at apply time.
   np.testing.assert_allclose(np.asarray(layer.apply(vp, x), np.float32),
@@ -88,6 +89,48 @@ def test_dense_quantize_dense_variables_and_prepare(rng):
                                 np.asarray(nf.prepare(nf.quantize(
                                     dense.init(jax.random.key(2), x)["params"]["kernel"].T))
                                     .qweight))
+
+
+def test_dense_kernel_layout_records_its_logical_shape(rng):
+  """The kernel layout pads N to 16 and K to 64: a stored [36, 48] weight has the arrays of a
+  [40, 64] one. The shape record makes the mismatch an error (eager and under jit), where the
+  layer used to run the padding rows/columns as zeros."""
+  x = jnp.asarray(randn(rng, 3, 64), jnp.bfloat16)
+  vp = L.quantize_dense_variables({"kernel": jnp.asarray(randn(rng, 64, 36))}, prepare=True)
+  vp48 = L.quantize_dense_variables({"kernel": jnp.asarray(randn(rng, 48, 36))}, prepare=True)
+  assert vp48["nvfp4"]["qweight"].shape == vp["nvfp4"]["qweight"].shape  # same arrays' shapes
+  for layer, variables, msg in (
+      (L.NVFP4Dense(40, use_bias=False), vp, r"\(36, 64\), expected \(40, 64\)"),
+      (L.NVFP4Dense(36, use_bias=False), vp48, r"\(36, 48\), expected \(36, 64\)")):
+    with pytest.raises(ValueError, match="stored weight has logical shape " + msg):
+      layer.apply(variables, x)
+    with pytest.raises(ValueError, match="stored weight has logical shape " + msg):
+      jax.jit(layer.apply)(variables, x)
+  assert L.NVFP4Dense(36, use_bias=False).apply(vp, x).shape == (3, 36)
+  no_record = {"nvfp4": {k: v for k, v in vp["nvfp4"].items() if k != "shape"}}
+  with pytest.raises(ValueError, match="without its logical-shape record 'shape'"):
+    L.NVFP4Dense(36, use_bias=False).apply(no_record, x)
+  # init writes the record too, and weight_variables builds it from a weight.
+  init = L.NVFP4Dense(36, prepare=True).init(jax.random.key(0), x)
+  assert init["nvfp4"]["shape"].shape == (36, 64, 0)
+  w = nf.quantize(jnp.asarray(randn(rng, 36, 64)))
+  wv = L.weight_variables(w, prepare=True, prefix="p_")
+  assert set(wv) == {"p_qweight", "p_qscales", "p_global_scale", "p_shape"}
+  assert set(L.weight_variables(w)) == {"packed", "scales", "global_scale"}
+  np.testing.assert_array_equal(np.asarray(wv["p_qweight"]), np.asarray(nf.prepare(w).qweight))
+
+
+def test_moe_kernel_layout_shape_mismatch_is_named(rng):
+  e, h, i = 4, 64, 32
+  x = jnp.asarray(randn(rng, 5, h), jnp.bfloat16)
+  v = L.moe_variables(randn(rng, e, h), randn(rng, e, 2 * i, h), randn(rng, e, h, i),
+                      prepare=True)
+  assert v["nvfp4"]["w13_shape"].shape == (e, 2 * i, h, 0)
+  assert v["nvfp4"]["w2_shape"].shape == (e, h, i, 0)
+  assert L.NVFP4MoE(i, e, top_k=2).apply(v, x).shape == (5, h)
+  with pytest.raises(ValueError, match=r"stored w13_weight has logical shape \(4, 64, 64\), "
+                                       r"expected \(4, 96, 64\)"):
+    L.NVFP4MoE(48, e, top_k=2).apply(v, x)
 
 
 def test_dense_dtypes_and_errors(rng):

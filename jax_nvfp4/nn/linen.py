@@ -5,7 +5,14 @@ arrays live in a separate collection, ``"nvfp4"`` by default, so an optimizer ov
 ``variables["params"]`` never sees them and ``jax.grad`` over the params gives no gradient for
 them (the weight is frozen). Inside ``"nvfp4"`` each layer stores the arrays of its weight pytree
 under the field names: ``packed``, ``scales``, ``global_scale`` (checkpoint layout) or
-``qweight``, ``qscales``, ``global_scale`` (kernel layout, ``prepare=True``).
+``qweight``, ``qscales``, ``global_scale`` plus ``shape`` (kernel layout, ``prepare=True``).
+
+The kernel layout pads N to 16-row tiles and K to 64-column chunks, so its arrays do not tell
+the weight's logical ``[N, K]`` apart from a slightly smaller one. ``shape`` records it: an
+empty uint8 array of shape ``(*logical_shape, 0)`` (no bytes; the shape is static, so it
+survives ``jax.jit``, unboxing and any checkpointer). Apply compares it with the module's
+``[features, in]`` (``ValueError`` on a mismatch, or when a kernel-layout weight lacks it).
+``weight_variables`` builds a weight's variables, record included.
 
 Init and apply::
 
@@ -37,36 +44,75 @@ from jax_nvfp4.nn import _common
 from jax_nvfp4.prepare import PreparedNVFP4Weight
 
 COLLECTION = "nvfp4"
+#: Name (after the prefix) of the kernel layout's logical-shape record (module docstring).
+SHAPE_FIELD = "shape"
 default_kernel_init = nn.initializers.lecun_normal()
+
+
+def weight_variables(w: NVFP4Weight | PreparedNVFP4Weight, *, prepare: bool | None = None,
+                     prefix: str = "") -> dict[str, jax.Array]:
+  """The arrays a Linen layer stores for weight ``w`` in its NVFP4 collection, named
+  ``prefix + field``: ``packed``/``scales``/``global_scale``, or ``qweight``/``qscales``/
+  ``global_scale``/``shape`` (the logical-shape record) for the kernel layout. ``prepare``: the
+  layout wanted (True/False, converted exactly), or None to keep ``w``'s."""
+  if not isinstance(w, (NVFP4Weight, PreparedNVFP4Weight)):
+    raise TypeError(f"weight_variables: w must be an NVFP4Weight or PreparedNVFP4Weight, got "
+                    f"{type(w).__name__}")
+  prepared = isinstance(w, PreparedNVFP4Weight) if prepare is None else bool(prepare)
+  w = _common.to_layout(w, prepared)
+  fields = _common.PREPARED_FIELDS if prepared else _common.CHECKPOINT_FIELDS
+  out = {prefix + f: a for f, a in zip(fields, _common.weight_arrays(w))}
+  if prepared:
+    out[prefix + SHAPE_FIELD] = jnp.zeros((*w.shape, 0), jnp.uint8)
+  return out
+
+
+def _stored_shape(module: nn.Module, collection: str, prefix: str, who: str):
+  """The logical shape recorded next to a kernel-layout weight."""
+  name = prefix + SHAPE_FIELD
+  if not module.has_variable(collection, name):
+    raise ValueError(f"{who}: the {collection!r} collection holds a kernel-layout (prepared) "
+                     f"{prefix}weight without its logical-shape record {name!r}: the layout pads "
+                     "N to 16 and K to 64, so the shape cannot be read from the arrays. Build "
+                     "the variables with jax_nvfp4.nn.linen.weight_variables (or init, "
+                     "quantize_dense_variables, moe_variables)")
+  record = module.get_variable(collection, name)
+  if getattr(record, "ndim", 0) < 1 or record.shape[-1] != 0:
+    raise ValueError(f"{who}: {name!r} must be an empty array of shape (*logical_shape, 0), "
+                     f"got shape {getattr(record, 'shape', None)}")
+  return tuple(int(d) for d in record.shape[:-1])
 
 
 def _weight_vars(module: nn.Module, collection: str, make_weight: Callable[[], Any],
                  *, shape: tuple[int, ...], prepared: bool, who: str, prefix: str = ""):
   """Reads the arrays of a weight of logical ``shape`` from ``collection`` (names
   ``prefix + field``), creating them with ``make_weight`` at init. Returns the weight pytree in
-  whichever layout is stored."""
+  whichever layout is stored; ``ValueError`` when the stored weight's logical shape (for the
+  kernel layout: its record) differs from ``shape``."""
   if module.has_variable(collection, prefix + "qweight"):
     stored_prepared = True
   elif module.has_variable(collection, prefix + "packed"):
     stored_prepared = False
   elif module.is_initializing() or module.is_mutable_collection(collection):
-    w = _common.to_layout(make_weight(), prepared)
-    fields = _common.PREPARED_FIELDS if prepared else _common.CHECKPOINT_FIELDS
-    for f, a in zip(fields, _common.weight_arrays(w)):
-      module.put_variable(collection, prefix + f, a)
-    return w
+    w = make_weight()
+    for name, a in weight_variables(w, prepare=prepared, prefix=prefix).items():
+      module.put_variable(collection, name, a)
+    return _common.to_layout(w, prepared)
   else:
     raise ValueError(f"{who}: the {collection!r} collection holds no {prefix}weight for this "
                      "layer: pass all the variables returned by init to apply (not only "
                      "'params')")
   fields = _common.PREPARED_FIELDS if stored_prepared else _common.CHECKPOINT_FIELDS
   arrays = tuple(module.get_variable(collection, prefix + f) for f in fields)
-  w = _common.weight_from_arrays(arrays, prepared=stored_prepared, n=shape[-2], k=shape[-1],
-                                 dtype=jnp.bfloat16)
-  if tuple(w.shape) != tuple(shape):
-    raise ValueError(f"{who}: the stored {prefix}weight has logical shape {tuple(w.shape)}, "
+  if stored_prepared:
+    logical = _stored_shape(module, collection, prefix, who)
+  else:
+    logical = (*arrays[0].shape[:-1], 2 * arrays[0].shape[-1])
+  if tuple(logical) != tuple(shape):
+    raise ValueError(f"{who}: the stored {prefix}weight has logical shape {tuple(logical)}, "
                      f"expected {tuple(shape)}")
-  return w
+  return _common.weight_from_arrays(arrays, prepared=stored_prepared, n=shape[-2], k=shape[-1],
+                                    dtype=jnp.bfloat16)
 
 
 class NVFP4Dense(nn.Module):
@@ -136,9 +182,8 @@ def quantize_dense_variables(params, *, prepare: bool = False, collection: str =
   if kernel.ndim != 2:
     raise ValueError(f"quantize_dense_variables: kernel must be [in, out], got {kernel.shape}")
   _common.check_in_features(int(kernel.shape[0]), "quantize_dense_variables")
-  w = _common.to_layout(quantize(kernel.T, global_scale=global_scale), bool(prepare))
-  fields = _common.PREPARED_FIELDS if prepare else _common.CHECKPOINT_FIELDS
-  out = {collection: dict(zip(fields, _common.weight_arrays(w))), "params": {}}
+  w = quantize(kernel.T, global_scale=global_scale)
+  out = {collection: weight_variables(w, prepare=bool(prepare)), "params": {}}
   if "bias" in params:
     out["params"]["bias"] = params["bias"]
   return out
@@ -266,9 +311,7 @@ def moe_variables(router_weight, w13, w2, *, w13_bias=None, w2_bias=None, correc
       if w.ndim != 3:
         raise ValueError(f"moe_variables: {name} must be [E, N, K], got shape {w.shape}")
       w = quantize(w)
-    w = _common.to_layout(w, bool(prepare))
-    fields = _common.PREPARED_FIELDS if prepare else _common.CHECKPOINT_FIELDS
-    store.update({f"{name}_{f}": a for f, a in zip(fields, _common.weight_arrays(w))})
+    store.update(weight_variables(w, prepare=bool(prepare), prefix=f"{name}_"))
   if (w13_bias is None) != (w2_bias is None):
     raise ValueError("moe_variables: give both w13_bias and w2_bias or neither")
   if w13_bias is not None:
