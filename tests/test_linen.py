@@ -74,7 +74,8 @@ def test_dense_quantize_dense_variables_and_prepare(rng):
   layer = L.NVFP4Dense(48)
   v = L.quantize_dense_variables(params)
   vp = L.quantize_dense_variables(params, prepare=True)
-  assert set(vp["nvfp4"]) == {"qweight", "qscales", "global_scale"}
+  assert set(vp["nvfp4"]) == {"qweight", "qscales", "global_scale", "shape"}
+  assert vp["nvfp4"]["shape"].shape == (48, 64, 0) and vp["nvfp4"]["shape"].size == 0
   y = layer.apply(v, x)
   # The stored layout is used as it is at apply time.
   np.testing.assert_allclose(np.asarray(layer.apply(vp, x), np.float32),
@@ -88,6 +89,48 @@ def test_dense_quantize_dense_variables_and_prepare(rng):
                                 np.asarray(nf.prepare(nf.quantize(
                                     dense.init(jax.random.key(2), x)["params"]["kernel"].T))
                                     .qweight))
+
+
+def test_dense_kernel_layout_records_its_logical_shape(rng):
+  """The kernel layout pads N to 16 and K to 64: a stored [36, 48] weight has the arrays of a
+  [40, 64] one. The shape record makes the mismatch an error (eager and under jit), where the
+  layer used to run the padding rows/columns as zeros."""
+  x = jnp.asarray(randn(rng, 3, 64), jnp.bfloat16)
+  vp = L.quantize_dense_variables({"kernel": jnp.asarray(randn(rng, 64, 36))}, prepare=True)
+  vp48 = L.quantize_dense_variables({"kernel": jnp.asarray(randn(rng, 48, 36))}, prepare=True)
+  assert vp48["nvfp4"]["qweight"].shape == vp["nvfp4"]["qweight"].shape  # same arrays' shapes
+  for layer, variables, msg in (
+      (L.NVFP4Dense(40, use_bias=False), vp, r"\(36, 64\), expected \(40, 64\)"),
+      (L.NVFP4Dense(36, use_bias=False), vp48, r"\(36, 48\), expected \(36, 64\)")):
+    with pytest.raises(ValueError, match="stored weight has logical shape " + msg):
+      layer.apply(variables, x)
+    with pytest.raises(ValueError, match="stored weight has logical shape " + msg):
+      jax.jit(layer.apply)(variables, x)
+  assert L.NVFP4Dense(36, use_bias=False).apply(vp, x).shape == (3, 36)
+  no_record = {"nvfp4": {k: v for k, v in vp["nvfp4"].items() if k != "shape"}}
+  with pytest.raises(ValueError, match="without its logical-shape record 'shape'"):
+    L.NVFP4Dense(36, use_bias=False).apply(no_record, x)
+  # init writes the record too, and weight_variables builds it from a weight.
+  init = L.NVFP4Dense(36, prepare=True).init(jax.random.key(0), x)
+  assert init["nvfp4"]["shape"].shape == (36, 64, 0)
+  w = nf.quantize(jnp.asarray(randn(rng, 36, 64)))
+  wv = L.weight_variables(w, prepare=True, prefix="p_")
+  assert set(wv) == {"p_qweight", "p_qscales", "p_global_scale", "p_shape"}
+  assert set(L.weight_variables(w)) == {"packed", "scales", "global_scale"}
+  np.testing.assert_array_equal(np.asarray(wv["p_qweight"]), np.asarray(nf.prepare(w).qweight))
+
+
+def test_moe_kernel_layout_shape_mismatch_is_named(rng):
+  e, h, i = 4, 64, 32
+  x = jnp.asarray(randn(rng, 5, h), jnp.bfloat16)
+  v = L.moe_variables(randn(rng, e, h), randn(rng, e, 2 * i, h), randn(rng, e, h, i),
+                      prepare=True)
+  assert v["nvfp4"]["w13_shape"].shape == (e, 2 * i, h, 0)
+  assert v["nvfp4"]["w2_shape"].shape == (e, h, i, 0)
+  assert L.NVFP4MoE(i, e, top_k=2).apply(v, x).shape == (5, h)
+  with pytest.raises(ValueError, match=r"stored w13_weight has logical shape \(4, 64, 64\), "
+                                       r"expected \(4, 96, 64\)"):
+    L.NVFP4MoE(48, e, top_k=2).apply(v, x)
 
 
 def test_dense_dtypes_and_errors(rng):
@@ -163,3 +206,29 @@ def test_moe_init_and_correction_bias(rng):
         correction_bias=jnp.zeros(e))).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="top_k or routing"):
     L.NVFP4MoE(i, e).init(jax.random.key(0), x)
+
+
+def test_moe_reference_backend_never_reaches_the_kernel(rng, monkeypatch):
+  """As the NNX test: backend="reference" lowers without the kernel for a CUDA GPU that has it."""
+  from jax_nvfp4.ops import moe as moe_ops
+  monkeypatch.setattr(nf._ffi, "REGISTERED", nf._ffi.REGISTERED | {moe_ops.CUDA_TARGET})
+  monkeypatch.setattr(moe_ops, "_kernel_wanted", lambda: True)  # "on this GPU"
+  e, h, i = 4, 64, 32
+  x = jnp.asarray(randn(rng, 5, h), jnp.bfloat16)
+  layer = L.NVFP4MoE(i, e, top_k=2, prepare=True, backend="reference")
+  v = layer.init(jax.random.key(0), x)
+  assert "w13_qweight" in v["nvfp4"]
+  lower = lambda f: jax.jit(f).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+  assert moe_ops.CUDA_TARGET not in lower(lambda a: layer.apply(v, a))
+  y = jax.jit(layer.apply)(v, x)
+  w13, w2 = (nf.PreparedNVFP4Weight(v["nvfp4"][f"{p}_qweight"], v["nvfp4"][f"{p}_qscales"],
+                                    v["nvfp4"][f"{p}_global_scale"], n=n, k=k)
+             for p, n, k in (("w13", 2 * i, h), ("w2", h, i)))
+  want = np_moe(bf16(x), bf16(v["params"]["router"]), dequant64(w13), dequant64(w2), 2,
+                "swiglu")
+  assert rel_l2(y, want) < 1e-2
+  if jax.default_backend() != "gpu":
+    control = lambda a: moe_ops.fused_moe(
+        a, w13, w2, router_logits=jnp.einsum("mh,eh->me", a, v["params"]["router"],
+                                             preferred_element_type=jnp.float32), top_k=2)
+    assert lower(control).count(moe_ops.CUDA_TARGET) == 2

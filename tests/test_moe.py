@@ -388,7 +388,7 @@ def test_primitive_abstract_eval_errors(rng):
   args = [x, p.qweight, p.qscales, p.global_scale, al.sorted_ids, al.block_expert,
           al.num_padded, jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32)]
   params = dict(n=32, k=64, gather_div=1, num_rows_out=4, block_m=8, mul_topk_weight=False,
-                has_bias=False)
+                has_bias=False, backend="auto")
   cases = [
       ({0: x.astype(jnp.float32)}, {}, TypeError, "bfloat16 or float16"),
       ({0: jnp.zeros((4, 48), jnp.bfloat16)}, {}, ValueError, "k = 64"),
@@ -405,6 +405,7 @@ def test_primitive_abstract_eval_errors(rng):
       ({}, {"block_m": 12}, ValueError, "block_m must be one of"),
       ({}, {"num_rows_out": 5}, ValueError, "reads rows"),
       ({4: al.sorted_ids.astype(jnp.uint32)}, {}, TypeError, "sorted_ids must be int32"),
+      ({}, {"backend": "kernel"}, ValueError, "backend must be one of"),
   ]
   for over, pover, exc, match in cases:
     a = list(args)
@@ -464,12 +465,11 @@ def test_fused_moe_bad_inputs_raise(rng):
       fn()
 
 
-def test_cuda_lowering_emits_the_ffi_call(rng):
+def test_cuda_lowering_emits_the_ffi_call(rng, monkeypatch):
   """The CUDA lowering (exported for the cuda platform, no GPU needed): operands in contract
   order, attributes typed as the handler binds them, the workspace result only internal."""
-  from jax.interpreters import mlir
-  mlir.register_lowering(moe_ops.nvfp4_moe_gemm_p, moe_ops._moe_gemm_cuda_lowering,
-                         platform="cuda")  # what importing does where the kernel is built
+  # The lowering rule asks at lowering time whether the kernel is built (here it is not).
+  monkeypatch.setattr(nf._ffi, "REGISTERED", nf._ffi.REGISTERED | {moe_ops.CUDA_TARGET})
   p13 = nf.prepare(random_experts(rng, 4, 64, 128))
   p2 = nf.prepare(random_experts(rng, 4, 128, 32))
   f = jax.jit(lambda x, l: nf.fused_moe(x, p13, p2, router_logits=l, top_k=2))
@@ -498,3 +498,87 @@ def test_split_k_choice_and_workspace():
   s = moe_ops.choose_moe_splits(64, 2048, 768, 8)
   assert moe_ops.moe_workspace_bytes(64, 2048, 8, s) == 512 + s * 64 * 2048 * 4  # 8x16 tickets
   assert moe_ops.moe_workspace_bytes(64, 2048, 8, 1) == 256
+
+
+# ----------------------------------------------------------------------------- backend choice
+
+
+def _kernel_calls(fn, *args, platform="cuda") -> int:
+  """Custom calls to the grouped-GEMM kernel in ``fn``'s module lowered for ``platform``."""
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  return text.count(moe_ops.CUDA_TARGET)
+
+
+@pytest.fixture
+def kernel_built(monkeypatch):
+  """Pretends the grouped-GEMM kernel is built: what the CUDA lowering rule asks at lowering
+  time. Lowering does not need the handler; these modules are never compiled."""
+  monkeypatch.setattr(nf._ffi, "REGISTERED", nf._ffi.REGISTERED | {moe_ops.CUDA_TARGET})
+
+
+def test_backend_picks_the_lowering_for_cuda(rng, kernel_built):
+  x, w13, w2 = _layer(rng, 6, 64, 32, 4)
+  p13, p2 = nf.prepare(w13), nf.prepare(w2)
+  logits = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
+  layer = lambda backend: (lambda a, l: nf.fused_moe(a, p13, p2, router_logits=l, top_k=2,
+                                                     backend=backend))
+  if jax.default_backend() != "gpu":
+    # Off a GPU, "auto" leaves the choice to the lowering: the kernel when lowered for cuda.
+    assert _kernel_calls(layer(None), x, logits) == 2
+    assert _kernel_calls(layer("auto"), x, logits) == 2
+  assert _kernel_calls(layer("reference"), x, logits) == 0
+  assert _kernel_calls(layer("reference"), x, logits, platform="cpu") == 0
+  # Checkpoint-layout weights with "reference" are never prepared for the kernel either.
+  assert _kernel_calls(lambda a, l: nf.fused_moe(a, w13, w2, router_logits=l, top_k=2,
+                                                 backend="reference"), x, logits) == 0
+  # The primitive itself: "cuda" is the kernel (and cannot lower for the CPU).
+  al = nf.align_tokens(jnp.asarray(_distinct_topk(rng, 6, 4, 2)[1]), 4, 8)
+  gemm = lambda backend: (lambda a: nf.nvfp4_moe_gemm(a, p13, al, gather_div=2, num_rows_out=12,
+                                                      backend=backend))
+  assert _kernel_calls(gemm("cuda"), x) == 1
+  assert _kernel_calls(gemm("reference"), x) == 0
+  with pytest.raises(ValueError, match="cannot lower for platform"):
+    _kernel_calls(gemm("cuda"), x, platform="cpu")
+
+
+def test_backend_without_the_kernel(rng):
+  x, w13, w2 = _layer(rng, 6, 64, 32, 4)
+  p13 = nf.prepare(w13)
+  al = nf.align_tokens(jnp.asarray(_distinct_topk(rng, 6, 4, 2)[1]), 4, 8)
+  gemm = lambda backend: (lambda a: nf.nvfp4_moe_gemm(a, p13, al, gather_div=2, num_rows_out=12,
+                                                      backend=backend))
+  if moe_ops.CUDA_TARGET not in nf._ffi.REGISTERED:
+    assert _kernel_calls(gemm("auto"), x) == 0  # auto falls back to the reference
+    with pytest.raises(ValueError, match="not in this build"):
+      gemm("cuda")(x)
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match=r"fused_moe: .*backend='cuda' cannot serve.*cuda: "
+                                         r"needs an NVIDIA GPU"):
+      nf.fused_moe(x, w13, w2, topk_weights=np.ones((6, 1), np.float32),
+                   topk_ids=np.zeros((6, 1), np.int32), backend="cuda")
+  with pytest.raises(ValueError, match="backend must be"):
+    nf.fused_moe(x, w13, w2, topk_weights=np.ones((6, 1), np.float32),
+                 topk_ids=np.zeros((6, 1), np.int32), backend="kernel")
+  with pytest.raises(ValueError, match="backend must be"):
+    gemm("kernel")(x)
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_reference_backend_equals_default(rng, prepared):
+  x, w13, w2 = _layer(rng, 20, 64, 32, 4)
+  b13 = jnp.asarray(rng.standard_normal((4, 64)) * 0.1, jnp.float32)
+  if prepared:
+    w13, w2 = nf.prepare(w13), nf.prepare(w2)
+  logits = jnp.asarray(rng.standard_normal((20, 4)), jnp.float32)
+  run = lambda backend: jax.jit(lambda a, l: nf.fused_moe(
+      a, w13, w2, router_logits=l, top_k=2, w13_bias=b13, backend=backend))(x, logits)
+  ref_out, default = np.asarray(run("reference")), np.asarray(run(None))
+  if jax.default_backend() == "gpu" and moe_ops.CUDA_TARGET in nf._ffi.REGISTERED:
+    assert ref.rel_l2(ref_out, np.asarray(default, np.float64)) <= TOL[jnp.bfloat16]
+  else:  # the default is the reference here: the same computation
+    np.testing.assert_array_equal(ref_out, default)
+  # And the layer it computes (so "equal" is not two identical wrong answers).
+  ck13, ck2 = (nf.unprepare(w13), nf.unprepare(w2)) if prepared else (w13, w2)
+  tw, ti = ref.route(logits, 2)
+  want = _ref(x, ck13, ck2, tw, ti, b13=np.asarray(b13, np.float64))
+  assert ref.rel_l2(ref_out, want) <= TOL[jnp.bfloat16]

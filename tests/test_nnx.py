@@ -450,6 +450,30 @@ def test_moe_constructors_agree_and_transforms(rng):
   assert nnx.eval_shape(lambda mm, v: mm(v), abstract, x).shape == (3, 4, h)
 
 
+def test_moe_reference_backend_never_reaches_the_kernel(rng, monkeypatch):
+  """backend="reference" runs fused_moe's pure-JAX path where the kernel would run: lowered for
+  a CUDA GPU with the kernel built (pretended: lowering needs no GPU), no kernel call; the same
+  weights through fused_moe's default choice do call it (the control)."""
+  from jax_nvfp4.ops import moe as moe_ops
+  monkeypatch.setattr(nf._ffi, "REGISTERED", nf._ffi.REGISTERED | {moe_ops.CUDA_TARGET})
+  monkeypatch.setattr(moe_ops, "_kernel_wanted", lambda: True)  # "on this GPU"
+  e, h, i = 4, 64, 32
+  layer = NVFP4MoE.from_dense(randn(rng, e, h), randn(rng, e, 2 * i, h), randn(rng, e, h, i),
+                              top_k=2, prepare=True, backend="reference")
+  assert layer.backend.name == "reference" and layer.prepared
+  x = jnp.asarray(randn(rng, 5, h), jnp.bfloat16)
+  lower = lambda f: jax.jit(f).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+  assert moe_ops.CUDA_TARGET not in lower(lambda v: layer(v))
+  y = call(layer, x)  # runs (used to raise NotImplementedError where the kernel was wanted)
+  want = np_moe(bf16(x), bf16(layer.router.get_value()), dequant64(layer.w13),
+                dequant64(layer.w2), 2, "swiglu")
+  assert rel_l2(y, want) < 1e-2
+  if jax.default_backend() != "gpu":
+    control = lambda v: moe_ops.fused_moe(v, layer.w13, layer.w2,
+                                          router_logits=layer.router_logits(v), top_k=2)
+    assert lower(control).count(moe_ops.CUDA_TARGET) == 2
+
+
 def test_moe_bad_arguments(rng):
   e, h, i = 4, 32, 16
   router, w13, w2 = randn(rng, e, h), randn(rng, e, 2 * i, h), randn(rng, e, h, i)

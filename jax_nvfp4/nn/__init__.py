@@ -3,7 +3,7 @@
 * ``jax_nvfp4.nn.nnx``: ``NVFP4Linear``, ``NVFP4MoE``, ``NVFP4Variable``, ``MoEBuffer`` (NNX),
   re-exported here.
 * ``jax_nvfp4.nn.linen``: ``NVFP4Dense``, ``NVFP4MoE``, ``quantize_dense_variables``,
-  ``moe_variables`` (Linen).
+  ``moe_variables``, ``weight_variables`` (Linen).
 * ``quantize_model``: swaps the ``nnx.Linear`` layers of an NNX model for ``NVFP4Linear``.
 """
 

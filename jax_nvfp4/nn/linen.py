@@ -5,7 +5,14 @@ arrays live in a separate collection, ``"nvfp4"`` by default, so an optimizer ov
 ``variables["params"]`` never sees them and ``jax.grad`` over the params gives no gradient for
 them (the weight is frozen). Inside ``"nvfp4"`` each layer stores the arrays of its weight pytree
 under the field names: ``packed``, ``scales``, ``global_scale`` (checkpoint layout) or
-``qweight``, ``qscales``, ``global_scale`` (kernel layout, ``prepare=True``).
+``qweight``, ``qscales``, ``global_scale`` plus ``shape`` (kernel layout, ``prepare=True``).
+
+The kernel layout pads N to 16-row tiles and K to 64-column chunks, so its arrays do not tell
+the weight's logical ``[N, K]`` apart from a slightly smaller one. ``shape`` records it: an
+empty uint8 array of shape ``(*logical_shape, 0)`` (no bytes; the shape is static, so it
+survives ``jax.jit``, unboxing and any checkpointer). Apply compares it with the module's
+``[features, in]`` (``ValueError`` on a mismatch, or when a kernel-layout weight lacks it).
+``weight_variables`` builds a weight's variables, record included.
 
 Init and apply::
 
@@ -33,18 +40,73 @@ import numpy as np
 from flax import linen as nn
 
 from jax_nvfp4.format import NVFP4Weight, quantize
-from jax_nvfp4.nn import _common
+from jax_nvfp4.nn import _common, _sharding
+from jax_nvfp4.parallel import moe as parallel_moe
 from jax_nvfp4.prepare import PreparedNVFP4Weight
 
 COLLECTION = "nvfp4"
+#: Name (after the prefix) of the kernel layout's logical-shape record (module docstring).
+SHAPE_FIELD = "shape"
+#: Name of the MoE record of w13's per-shard row order (``NVFP4MoE``'s docstring).
+GATE_UP_FIELD = "w13_gate_up_shards"
 default_kernel_init = nn.initializers.lecun_normal()
 
 
+def weight_variables(w: NVFP4Weight | PreparedNVFP4Weight, *, prepare: bool | None = None,
+                     prefix: str = "") -> dict[str, jax.Array]:
+  """The arrays a Linen layer stores for weight ``w`` in its NVFP4 collection, named
+  ``prefix + field``: ``packed``/``scales``/``global_scale``, or ``qweight``/``qscales``/
+  ``global_scale``/``shape`` (the logical-shape record) for the kernel layout. ``prepare``: the
+  layout wanted (True/False, converted exactly), or None to keep ``w``'s."""
+  if not isinstance(w, (NVFP4Weight, PreparedNVFP4Weight)):
+    raise TypeError(f"weight_variables: w must be an NVFP4Weight or PreparedNVFP4Weight, got "
+                    f"{type(w).__name__}")
+  prepared = isinstance(w, PreparedNVFP4Weight) if prepare is None else bool(prepare)
+  w = _common.to_layout(w, prepared)
+  fields = _common.PREPARED_FIELDS if prepared else _common.CHECKPOINT_FIELDS
+  out = {prefix + f: a for f, a in zip(fields, _common.weight_arrays(w))}
+  if prepared:
+    out[prefix + SHAPE_FIELD] = jnp.zeros((*w.shape, 0), jnp.uint8)
+  return out
+
+
+def _stored_shape(module: nn.Module, collection: str, prefix: str, who: str):
+  """The logical shape recorded next to a kernel-layout weight."""
+  name = prefix + SHAPE_FIELD
+  if not module.has_variable(collection, name):
+    raise ValueError(f"{who}: the {collection!r} collection holds a kernel-layout (prepared) "
+                     f"{prefix}weight without its logical-shape record {name!r}: the layout pads "
+                     "N to 16 and K to 64, so the shape cannot be read from the arrays. Build "
+                     "the variables with jax_nvfp4.nn.linen.weight_variables (or init, "
+                     "quantize_dense_variables, moe_variables)")
+  record = _get(module, collection, name)
+  if getattr(record, "ndim", 0) < 1 or record.shape[-1] != 0:
+    raise ValueError(f"{who}: {name!r} must be an empty array of shape (*logical_shape, 0), "
+                     f"got shape {getattr(record, 'shape', None)}")
+  return tuple(int(d) for d in record.shape[:-1])
+
+
+def _boxed(value, spec):
+  """``value`` in an ``nn.Partitioned`` box naming its mesh axes (as is when ``spec`` is None)."""
+  return value if spec is None else nn.Partitioned(value, names=tuple(spec))
+
+
+def _with_partitioning(init, spec):
+  return init if spec is None else nn.with_partitioning(init, tuple(spec))
+
+
+def _get(module: nn.Module, collection: str, name: str):
+  return nn.unbox(module.get_variable(collection, name))
+
+
 def _weight_vars(module: nn.Module, collection: str, make_weight: Callable[[], Any],
-                 *, shape: tuple[int, ...], prepared: bool, who: str, prefix: str = ""):
+                 *, shape: tuple[int, ...], prepared: bool, who: str, prefix: str = "",
+                 specs=None):
   """Reads the arrays of a weight of logical ``shape`` from ``collection`` (names
-  ``prefix + field``), creating them with ``make_weight`` at init. Returns the weight pytree in
-  whichever layout is stored."""
+  ``prefix + field``, unboxed), creating them with ``make_weight`` at init, in ``nn.Partitioned``
+  boxes where ``specs`` (one per field: codes, scales, global scale) names mesh axes. Returns
+  the weight pytree in whichever layout is stored; ``ValueError`` when the stored weight's
+  logical shape (for the kernel layout: its record) differs from ``shape``."""
   if module.has_variable(collection, prefix + "qweight"):
     stored_prepared = True
   elif module.has_variable(collection, prefix + "packed"):
@@ -52,21 +114,25 @@ def _weight_vars(module: nn.Module, collection: str, make_weight: Callable[[], A
   elif module.is_initializing() or module.is_mutable_collection(collection):
     w = _common.to_layout(make_weight(), prepared)
     fields = _common.PREPARED_FIELDS if prepared else _common.CHECKPOINT_FIELDS
-    for f, a in zip(fields, _common.weight_arrays(w)):
-      module.put_variable(collection, prefix + f, a)
+    field_specs = dict(zip(fields, specs or (None,) * 3))
+    for name, a in weight_variables(w, prefix=prefix).items():
+      module.put_variable(collection, name, _boxed(a, field_specs.get(name[len(prefix):])))
     return w
   else:
     raise ValueError(f"{who}: the {collection!r} collection holds no {prefix}weight for this "
                      "layer: pass all the variables returned by init to apply (not only "
                      "'params')")
   fields = _common.PREPARED_FIELDS if stored_prepared else _common.CHECKPOINT_FIELDS
-  arrays = tuple(module.get_variable(collection, prefix + f) for f in fields)
-  w = _common.weight_from_arrays(arrays, prepared=stored_prepared, n=shape[-2], k=shape[-1],
-                                 dtype=jnp.bfloat16)
-  if tuple(w.shape) != tuple(shape):
-    raise ValueError(f"{who}: the stored {prefix}weight has logical shape {tuple(w.shape)}, "
+  arrays = tuple(_get(module, collection, prefix + f) for f in fields)
+  if stored_prepared:
+    logical = _stored_shape(module, collection, prefix, who)
+  else:
+    logical = (*arrays[0].shape[:-1], 2 * arrays[0].shape[-1])
+  if tuple(logical) != tuple(shape):
+    raise ValueError(f"{who}: the stored {prefix}weight has logical shape {tuple(logical)}, "
                      f"expected {tuple(shape)}")
-  return w
+  return _common.weight_from_arrays(arrays, prepared=stored_prepared, n=shape[-2], k=shape[-1],
+                                    dtype=jnp.bfloat16)
 
 
 class NVFP4Dense(nn.Module):
@@ -82,6 +148,15 @@ class NVFP4Dense(nn.Module):
     backend: ``"auto"``, ``"cuda"`` or ``"reference"`` (``jax_nvfp4.backend.select_backend``).
     activation_format: None (W4A16) or ``"nvfp4"`` (W4A4 checkpoint: activation scales dropped).
     collection: the variable collection of the NVFP4 arrays.
+    kernel_sharding: optional mesh-axis names along the weight's ``[features, in]`` dims, e.g.
+      ``("model", None)``, as NNX ``NVFP4Linear``'s: init boxes the codes and block scales in
+      ``nn.Partitioned`` (the global scale and the shape record stay replicated), so
+      ``nn.get_partition_spec(jax.eval_shape(layer.init, ...))`` gives the ``out_shardings`` to
+      create the variables directly sharded. With a mesh in context (``jax.set_mesh``) the split
+      is checked at init and apply (``ValueError``: N per shard whole, or whole 16-row tiles in
+      the kernel layout; K per shard whole 16-column blocks, or 64-column chunks).
+    bias_sharding: mesh-axis names for the bias ``[features]``; default
+      ``(kernel_sharding[0],)``.
   """
 
   features: int
@@ -94,6 +169,8 @@ class NVFP4Dense(nn.Module):
   backend: str = "auto"
   activation_format: str | None = None
   collection: str = COLLECTION
+  kernel_sharding: tuple | None = None
+  bias_sharding: tuple | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -114,9 +191,17 @@ class NVFP4Dense(nn.Module):
       kernel = self.kernel_init(self.make_rng("params"), (k, n), self.param_dtype)
       return quantize(jnp.asarray(kernel).T)
 
+    bias_sharding = self.bias_sharding
+    if bias_sharding is None and self.kernel_sharding is not None:
+      bias_sharding = (tuple(self.kernel_sharding)[0],)
     w = _weight_vars(self, self.collection, make_weight, shape=(n, k), prepared=prepared,
-                     who=who)
-    bias = self.param("bias", self.bias_init, (n,), self.param_dtype) if self.use_bias else None
+                     who=who, specs=_common.sharding_specs(self.kernel_sharding, prepared, who))
+    _sharding.check_dense_sharding(self.kernel_sharding, bias_sharding if self.use_bias else None,
+                                 n, k, isinstance(w, PreparedNVFP4Weight), who)
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", _with_partitioning(self.bias_init, bias_sharding), (n,),
+                        self.param_dtype)
     compute, out = _common.activation_dtypes(x, dtype, who)
     return _common.matmul(x.astype(compute), w, bias, choice.name).astype(out)
 
@@ -136,9 +221,8 @@ def quantize_dense_variables(params, *, prepare: bool = False, collection: str =
   if kernel.ndim != 2:
     raise ValueError(f"quantize_dense_variables: kernel must be [in, out], got {kernel.shape}")
   _common.check_in_features(int(kernel.shape[0]), "quantize_dense_variables")
-  w = _common.to_layout(quantize(kernel.T, global_scale=global_scale), bool(prepare))
-  fields = _common.PREPARED_FIELDS if prepare else _common.CHECKPOINT_FIELDS
-  out = {collection: dict(zip(fields, _common.weight_arrays(w))), "params": {}}
+  w = quantize(kernel.T, global_scale=global_scale)
+  out = {collection: weight_variables(w, prepare=bool(prepare)), "params": {}}
   if "bias" in params:
     out["params"]["bias"] = params["bias"]
   return out
@@ -155,6 +239,16 @@ class NVFP4MoE(nn.Module):
   the input at init. ``moe_variables`` builds the variables from dense or NVFP4 experts.
   Inference only (the grouped GEMM has no gradient rule).
 
+  Sharding (``expert_axis`` / ``tensor_axis``, as NNX ``NVFP4MoE``'s and
+  ``jax_nvfp4.parallel.moe_state_specs``): init boxes every array in ``nn.Partitioned`` (E over
+  the expert axis, w13's N and w2's K over the tensor axis, router and correction bias
+  replicated), checks the split against the mesh in context, and, for a gated layer with a
+  tensor axis of size tp > 1 in that mesh, stores w13's rows (and w13_bias) in per-shard order
+  ``[gate_0; up_0; ...]`` with the record ``w13_gate_up_shards`` (an empty array of shape
+  ``(tp, 0)``). Applied under a mesh with these axes (total size > 1) the layer runs
+  ``jax_nvfp4.parallel.sharded_fused_moe`` (the mesh's tensor axis size must match the record);
+  elsewhere ``fused_moe`` on the whole, reordered-back weights.
+
   Attributes:
     intermediate_size, num_experts: I and the local expert count E.
     top_k / routing: as ``fused_moe`` (``routing`` a ``RoutingConfig`` without
@@ -164,7 +258,10 @@ class NVFP4MoE(nn.Module):
     use_expert_bias, use_correction_bias: create those variables at init (zeros).
     expert_map: optional tuple of ints ``[E_global]`` (global id -> local id or -1).
     dtype, router_dtype, expert_init, router_init, prepare, backend, activation_format,
-    collection: as ``NVFP4Dense`` / the NNX layer.
+    collection: as ``NVFP4Dense`` / the NNX layer (the chosen backend is passed to
+    ``fused_moe``: "reference" runs the pure-JAX path on a GPU too).
+    expert_axis, tensor_axis: mesh-axis names (or tuples) for expert / tensor parallelism (see
+      above); not combinable with ``expert_map``.
   """
 
   intermediate_size: int
@@ -185,6 +282,8 @@ class NVFP4MoE(nn.Module):
   backend: str = "auto"
   activation_format: str | None = None
   collection: str = COLLECTION
+  expert_axis: Any = None
+  tensor_axis: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -206,10 +305,6 @@ class NVFP4MoE(nn.Module):
     choice = _common.choose_backend(self.backend, self.activation_format, who,
                                     moe_activation=self.activation, limit=self.limit)
     prepared = _common.resolve_prepare(self.prepare, choice, who)
-    if choice.name == "reference" and moe_ops._kernel_wanted():
-      raise NotImplementedError(
-          f"{who}: backend 'reference' was chosen, but on this GPU fused_moe would run its "
-          "CUDA kernel and it has no switch to force its pure-JAX path")
     n13 = 2 * i if acts.is_gated(self.activation) else i
     e_global = e if self.expert_map is None else len(self.expert_map)
     routing = self.routing
@@ -221,38 +316,76 @@ class NVFP4MoE(nn.Module):
       raise TypeError(f"{who}: routing must be a RoutingConfig without correction_bias (use "
                       "use_correction_bias and the collection for that)")
 
-    router = self.param("router", self.router_init, (e_global, h), self.router_dtype)
-    w13 = _weight_vars(self, self.collection,
-                       lambda: quantize(self.expert_init(self.make_rng("params"), (e, n13, h),
-                                                         jnp.float32)),
-                       shape=(e, n13, h), prepared=prepared, who=who, prefix="w13_")
+    gated = acts.is_gated(self.activation)
+    sharded = self.expert_axis is not None or self.tensor_axis is not None
+    if sharded and self.expert_map is not None:
+      raise ValueError(f"{who}: expert_map and expert_axis/tensor_axis are two ways to split the "
+                       "experts: give one (the axes compute each device's expert map)")
+    stored_layout = (True if self.has_variable(self.collection, "w13_qweight") else
+                     False if self.has_variable(self.collection, "w13_packed") else None)
+    specs, gate_up_shards = None, 1
+    if stored_layout is None:  # init: the split is checked and w13's row order decided
+      specs, gate_up_shards = _sharding.moe_sharding(
+          self.expert_axis, self.tensor_axis, num_experts=e, intermediate_size=i,
+          prepared=prepared, gated=gated, who=who)
+    else:
+      if sharded and _sharding.context_mesh() is not None:  # apply: the split is checked
+        _sharding.moe_sharding(self.expert_axis, self.tensor_axis, num_experts=e,
+                             intermediate_size=i, prepared=stored_layout, gated=gated, who=who)
+      if self.has_variable(self.collection, GATE_UP_FIELD):
+        gate_up_shards = int(_get(self, self.collection, GATE_UP_FIELD).shape[0])
+    spec = lambda name: None if specs is None else specs[name]
+
+    def make_w13():
+      w = quantize(self.expert_init(self.make_rng("params"), (e, n13, h), jnp.float32))
+      return parallel_moe.gate_up_per_shard(_common.to_layout(w, prepared), gate_up_shards)[0]
+
+    router = self.param("router", _with_partitioning(self.router_init, spec("router")),
+                        (e_global, h), self.router_dtype)
+    w13 = _weight_vars(self, self.collection, make_w13, shape=(e, n13, h), prepared=prepared,
+                       who=who, prefix="w13_", specs=spec("w13"))
+    if stored_layout is None and gate_up_shards > 1:
+      self.put_variable(self.collection, GATE_UP_FIELD,
+                        jnp.zeros((gate_up_shards, 0), jnp.uint8))
     w2 = _weight_vars(self, self.collection,
                       lambda: quantize(self.expert_init(self.make_rng("params"), (e, h, i),
                                                         jnp.float32)),
-                      shape=(e, h, i), prepared=prepared, who=who, prefix="w2_")
+                      shape=(e, h, i), prepared=prepared, who=who, prefix="w2_",
+                      specs=spec("w2"))
     b13 = b2 = None
     if self.use_expert_bias:
-      b13 = self.param("w13_bias", nn.initializers.zeros_init(), (e, n13), jnp.float32)
-      b2 = self.param("w2_bias", nn.initializers.zeros_init(), (e, h), jnp.float32)
+      zeros = nn.initializers.zeros_init()
+      b13 = self.param("w13_bias", _with_partitioning(zeros, spec("w13_bias")), (e, n13),
+                       jnp.float32)
+      b2 = self.param("w2_bias", _with_partitioning(zeros, spec("w2_bias")), (e, h),
+                      jnp.float32)
     if self.use_correction_bias:
       cb = self.variable(self.collection, "correction_bias",
-                         lambda: jnp.zeros((e_global,), jnp.float32)).value
+                         lambda: _boxed(jnp.zeros((e_global,), jnp.float32),
+                                        spec("correction_bias"))).value
       routing = dataclasses.replace(routing, correction_bias=cb)
 
     compute, out = _common.activation_dtypes(x, dtype, who)
     xc = x.astype(compute)
     logits = jnp.einsum("...h,eh->...e", xc.astype(router.dtype), router,
                         preferred_element_type=jnp.float32)
+    kw = dict(router_logits=logits, routing=routing, activation=self.activation,
+              limit=self.limit, alpha=self.alpha, backend=choice.name)
+    weights = _sharding.sharded_moe_weights(w13, w2, b13, b2, expert_axis=self.expert_axis,
+                                          tensor_axis=self.tensor_axis, gated=gated,
+                                          gate_up_shards=gate_up_shards, who=who)
+    if weights is not None:
+      return parallel_moe.sharded_fused_moe(xc, weights, **kw).astype(out)
+    w13, b13 = parallel_moe.gate_up_canonical(w13, gate_up_shards, b13)
     y = moe_ops.fused_moe(
-        xc, w13, w2, router_logits=logits, routing=routing, activation=self.activation,
-        limit=self.limit, alpha=self.alpha, w13_bias=b13, w2_bias=b2,
+        xc, w13, w2, w13_bias=b13, w2_bias=b2, **kw,
         expert_map=None if self.expert_map is None else jnp.asarray(self.expert_map, jnp.int32))
     return y.astype(out)
 
 
 def moe_variables(router_weight, w13, w2, *, w13_bias=None, w2_bias=None, correction_bias=None,
                   prepare: bool = False, router_dtype: Any = jnp.bfloat16,
-                  collection: str = COLLECTION) -> dict:
+                  collection: str = COLLECTION, gate_up_shards: int = 1) -> dict:
   """Variables for the Linen ``NVFP4MoE`` from checkpoint tensors.
 
   ``w13`` ``[E, N13, H]`` and ``w2`` ``[E, H, I]`` are float arrays (quantized here, one global
@@ -260,6 +393,9 @@ def moe_variables(router_weight, w13, w2, *, w13_bias=None, w2_bias=None, correc
   they are, converted to the asked layout). ``router_weight`` ``[E_global, H]`` float (stored
   as ``router_dtype``); the optional biases are float ``[E, N13]``, ``[E, H]`` and
   ``[E_global]``. Set the module's ``use_expert_bias`` / ``use_correction_bias`` to match.
+  ``gate_up_shards``: for a gated layer with a ``tensor_axis`` of size tp > 1, tp: w13's rows
+  ``[gate; up]`` (and w13_bias) are stored in per-shard order with their record, as that
+  layer's init does (``jax_nvfp4.parallel.gate_up_per_shard``); 1 keeps ``[gate; up]``.
   """
   params = {"router": jnp.asarray(router_weight).astype(router_dtype)}
   store = {}
@@ -270,8 +406,10 @@ def moe_variables(router_weight, w13, w2, *, w13_bias=None, w2_bias=None, correc
         raise ValueError(f"moe_variables: {name} must be [E, N, K], got shape {w.shape}")
       w = quantize(w)
     w = _common.to_layout(w, bool(prepare))
-    fields = _common.PREPARED_FIELDS if prepare else _common.CHECKPOINT_FIELDS
-    store.update({f"{name}_{f}": a for f, a in zip(fields, _common.weight_arrays(w))})
+    if name == "w13" and gate_up_shards > 1:
+      w, w13_bias = parallel_moe.gate_up_per_shard(w, int(gate_up_shards), w13_bias)
+      store[GATE_UP_FIELD] = jnp.zeros((int(gate_up_shards), 0), jnp.uint8)
+    store.update(weight_variables(w, prefix=f"{name}_"))
   if (w13_bias is None) != (w2_bias is None):
     raise ValueError("moe_variables: give both w13_bias and w2_bias or neither")
   if w13_bias is not None:

@@ -36,7 +36,8 @@ import numpy as np
 from flax import nnx
 
 from jax_nvfp4.format import NVFP4Weight, quantize
-from jax_nvfp4.nn import _common
+from jax_nvfp4.nn import _common, _sharding
+from jax_nvfp4.parallel import moe as parallel_moe
 from jax_nvfp4.prepare import PreparedNVFP4Weight
 
 default_kernel_init = nnx.initializers.lecun_normal()
@@ -75,7 +76,10 @@ class NVFP4Linear(nnx.Module):
     kernel_sharding: optional mesh-axis names along the weight's ``[out, in]`` dims, e.g.
       ``("model", None)``, stored as nnx ``out_sharding`` metadata on the codes and block scales
       (the global scale is replicated). As for ``nnx.Linear`` with sharding metadata, creating
-      the layer then needs a mesh (``jax.set_mesh``) while nnx's eager sharding is on.
+      the layer then needs a mesh (``jax.set_mesh``) while nnx's eager sharding is on. With a
+      mesh in context the split is checked at construction (``ValueError``): N per shard must be
+      a whole number (kernel layout: whole 16-row tiles), K per shard whole 16-column scale
+      blocks (kernel layout: 64-column chunks).
     bias_sharding: mesh-axis names for the bias ``[out]``; defaults to ``(kernel_sharding[0],)``.
 
   Attributes:
@@ -122,20 +126,20 @@ class NVFP4Linear(nnx.Module):
     self.weight_dtype = weight.dtype
 
     specs = _common.sharding_specs(kernel_sharding, self.prepared, who)
-    fields = _common.PREPARED_FIELDS if self.prepared else _common.CHECKPOINT_FIELDS
-    for name, array, spec in zip(fields, _common.weight_arrays(weight), specs):
-      meta = {} if spec is None else {"out_sharding": spec}
-      setattr(self, name, NVFP4Variable(array, **meta))
-
     if bias_sharding is None and kernel_sharding is not None:
       bias_sharding = (tuple(kernel_sharding)[0],)
+    _sharding.check_dense_sharding(kernel_sharding, bias_sharding if self.use_bias else None,
+                                 self.out_features, self.in_features, self.prepared, who)
+    fields = _common.PREPARED_FIELDS if self.prepared else _common.CHECKPOINT_FIELDS
+    for name, array, spec in zip(fields, _common.weight_arrays(weight), specs):
+      setattr(self, name, _sharding.variable(NVFP4Variable, array, spec))
+
     if self.use_bias:
       if rngs is None:  # only with an explicit weight
         bias = jnp.zeros((self.out_features,), param_dtype)
       else:
         bias = bias_init(rngs.params(), (self.out_features,), param_dtype)
-      meta = {} if bias_sharding is None else {"out_sharding": tuple(bias_sharding)}
-      self.bias = nnx.Param(bias, **meta)
+      self.bias = _sharding.variable(nnx.Param, bias, bias_sharding)
     else:
       self.bias = nnx.data(None)
 
@@ -168,7 +172,7 @@ class NVFP4Linear(nnx.Module):
                 kernel_sharding=None if not kernel_spec else tuple(kernel_spec)[::-1],
                 bias_sharding=bias_meta.get("out_sharding"))
     if linear.bias is not None:
-      layer.bias.set_value(linear.bias.get_value())
+      layer.bias.set_value(_sharding.placed_like(linear.bias.get_value(), layer.bias.get_value()))
     return layer
 
   @classmethod
@@ -196,7 +200,7 @@ class NVFP4Linear(nnx.Module):
                 activation_format=activation_format, kernel_sharding=kernel_sharding,
                 bias_sharding=bias_sharding)
     if bias is not None:
-      layer.bias.set_value(bias)
+      layer.bias.set_value(_sharding.placed_like(bias, layer.bias.get_value()))
     return layer
 
   # --------------------------------------------------------------------------- use
@@ -260,7 +264,23 @@ class NVFP4MoE(nnx.Module):
     expert_init: initializer for random float experts ``[E, N, K]`` before quantization.
     rngs: draws the router and the experts (random init).
     prepare, backend, activation_format: as in ``NVFP4Linear`` (the oracle also checks the MoE
-      activation and that the grouped-GEMM kernel is built for "cuda").
+      activation and that the grouped-GEMM kernel is built for "cuda"); the chosen backend is
+      passed to ``fused_moe``, so "reference" runs the pure-JAX path on a GPU too.
+    expert_axis, tensor_axis: optional mesh-axis names (or tuples of names) for expert and
+      tensor parallelism, with ``jax_nvfp4.parallel.shard_moe_weights``' conventions
+      (``parallel.moe_state_specs``): stored as nnx ``out_sharding`` metadata, so the layer can
+      be created directly sharded (``jax.set_mesh`` + eager sharding, or ``nnx.eval_shape``
+      and a jit with those ``out_shardings``). E splits over ``expert_axis``; w13's N and w2's
+      K (= I) over ``tensor_axis``; global scales and biases follow their experts (and w13's
+      rows); the router and the correction bias are replicated. With a mesh in context the
+      split is checked (``ValueError``: E a multiple of the expert axis size, I/tp a multiple
+      of 16, or 64 in the kernel layout). A gated layer with a tensor axis of size tp > 1
+      stores w13's rows (and w13_bias) in the per-shard order ``[gate_0; up_0; ...]``
+      (``gate_up_shards = tp``; the ``w13`` property still returns ``[gate; up]``). Called
+      under a mesh with these axes (of total size > 1), the layer runs
+      ``jax_nvfp4.parallel.sharded_fused_moe`` (each device its own experts / I slice, one
+      psum; tokens replicated); elsewhere it runs ``fused_moe`` on the whole weights. Not
+      combinable with ``expert_map`` (the axes compute it per device).
   """
 
   def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, *,
@@ -269,7 +289,8 @@ class NVFP4MoE(nnx.Module):
                expert_map=None, dtype: Any = None, router_dtype: Any = jnp.bfloat16,
                expert_init=None, rngs: nnx.Rngs | None = None,
                prepare: bool | str = "auto", backend: str = "auto",
-               activation_format: str | None = None, _weights=None):
+               activation_format: str | None = None, expert_axis=None, tensor_axis=None,
+               _weights=None):
     from jax_nvfp4.moe import activations as acts
     from jax_nvfp4.moe.routing import RoutingConfig
     who = "NVFP4MoE"
@@ -303,6 +324,15 @@ class NVFP4MoE(nnx.Module):
       self.expert_map = tuple(int(v) for v in em)
     e_global = self.num_experts if self.expert_map is None else len(self.expert_map)
     self.num_global_experts = e_global
+    if self.expert_map is not None and (expert_axis is not None or tensor_axis is not None):
+      raise ValueError(f"{who}: expert_map and expert_axis/tensor_axis are two ways to split the "
+                       "experts: give one (the axes compute each device's expert map)")
+    self.expert_axis, self.tensor_axis = expert_axis, tensor_axis
+    specs, self.gate_up_shards = _sharding.moe_sharding(
+        expert_axis, tensor_axis, num_experts=self.num_experts,
+        intermediate_size=self.intermediate_size, prepared=self.prepared,
+        gated=acts.is_gated(activation), who=who)
+    spec = lambda name: None if specs is None else specs[name]
 
     correction = None
     if routing is None:
@@ -340,10 +370,12 @@ class NVFP4MoE(nnx.Module):
                                                                            jnp.floating):
       raise ValueError(f"{who}: router weight must be float [E_global, H] = "
                        f"{(e_global, self.hidden_size)}, got {router.dtype} {router.shape}")
-    self.router = nnx.Param(router.astype(router_dtype))
-    self.correction_bias = (nnx.data(None) if correction is None else MoEBuffer(correction))
+    self.router = _sharding.variable(nnx.Param, router.astype(router_dtype), spec("router"))
+    self.correction_bias = (nnx.data(None) if correction is None else
+                            _sharding.variable(MoEBuffer, correction, spec("correction_bias")))
     shapes = {"w13": (self.num_experts, n13, self.hidden_size),
               "w2": (self.num_experts, self.hidden_size, self.intermediate_size)}
+    weights = {}
     for name, w in (("w13", w13), ("w2", w2)):
       if not isinstance(w, (NVFP4Weight, PreparedNVFP4Weight)):
         raise TypeError(f"{who}: {name} must be an NVFP4Weight or PreparedNVFP4Weight, got "
@@ -354,20 +386,27 @@ class NVFP4MoE(nnx.Module):
                             else "") + f", got {tuple(w.shape)}")
       if isinstance(w, NVFP4Weight):
         w.validate()
-      w = _common.to_layout(w, self.prepared)
-      setattr(self, f"{name}_dtype", w.dtype)
-      fields = _common.PREPARED_FIELDS if self.prepared else _common.CHECKPOINT_FIELDS
-      for f, a in zip(fields, _common.weight_arrays(w)):
-        setattr(self, f"{name}_{f}", NVFP4Variable(a))
+      weights[name] = _common.to_layout(w, self.prepared)
+    biases = {}
     for name, b, shape in (("w13_bias", b13, (self.num_experts, n13)),
                            ("w2_bias", b2, (self.num_experts, self.hidden_size))):
-      if b is None:
-        setattr(self, name, nnx.data(None))
-        continue
-      b = jnp.asarray(b)
-      if b.shape != shape or not jnp.issubdtype(b.dtype, jnp.floating):
-        raise ValueError(f"{who}: {name} must be float {shape}, got {b.dtype} {b.shape}")
-      setattr(self, name, nnx.Param(b.astype(jnp.float32)))
+      if b is not None:
+        b = jnp.asarray(b)
+        if b.shape != shape or not jnp.issubdtype(b.dtype, jnp.floating):
+          raise ValueError(f"{who}: {name} must be float {shape}, got {b.dtype} {b.shape}")
+        b = b.astype(jnp.float32)
+      biases[name] = b
+    # Tensor parallel, gated: w13's rows (and bias) in per-shard order (parallel/moe.py).
+    weights["w13"], biases["w13_bias"] = parallel_moe.gate_up_per_shard(
+        weights["w13"], self.gate_up_shards, biases["w13_bias"])
+    fields = _common.PREPARED_FIELDS if self.prepared else _common.CHECKPOINT_FIELDS
+    for name, w in weights.items():
+      setattr(self, f"{name}_dtype", w.dtype)
+      for f, a, s in zip(fields, _common.weight_arrays(w), spec(name) or (None,) * 3):
+        setattr(self, f"{name}_{f}", _sharding.variable(NVFP4Variable, a, s))
+    for name, b in biases.items():
+      setattr(self, name, nnx.data(None) if b is None
+              else _sharding.variable(nnx.Param, b, spec(name)))
 
   # --------------------------------------------------------------------------- constructors
 
@@ -408,6 +447,7 @@ class NVFP4MoE(nnx.Module):
   # --------------------------------------------------------------------------- use
 
   def _weight(self, name: str):
+    """The stored weight (w13's rows in per-shard order when ``gate_up_shards > 1``)."""
     fields = _common.PREPARED_FIELDS if self.prepared else _common.CHECKPOINT_FIELDS
     arrays = tuple(getattr(self, f"{name}_{f}").get_value() for f in fields)
     n, k = ((self.n13, self.hidden_size) if name == "w13"
@@ -415,10 +455,14 @@ class NVFP4MoE(nnx.Module):
     return _common.weight_from_arrays(arrays, prepared=self.prepared, n=n, k=k,
                                       dtype=getattr(self, f"{name}_dtype"))
 
+  def _bias(self, name: str):
+    b = getattr(self, name)
+    return None if b is None else b.get_value()
+
   @property
   def w13(self):
-    """The stacked gate/up weight pytree ``[E, N13, H]``."""
-    return self._weight("w13")
+    """The stacked gate/up weight pytree ``[E, N13, H]``, rows ``[gate; up]``."""
+    return parallel_moe.gate_up_canonical(self._weight("w13"), self.gate_up_shards)[0]
 
   @property
   def w2(self):
@@ -445,19 +489,22 @@ class NVFP4MoE(nnx.Module):
     if x.ndim < 1 or x.shape[-1] != self.hidden_size:
       raise ValueError(f"NVFP4MoE: input must be [..., {self.hidden_size}], got {x.shape}")
     compute, out = _common.activation_dtypes(x, self.dtype, "NVFP4MoE")
-    if self.backend.name == "reference" and moe_ops._kernel_wanted():
-      raise NotImplementedError(
-          "NVFP4MoE: backend 'reference' was chosen, but on this GPU fused_moe would run its "
-          "CUDA kernel and it has no switch to force its pure-JAX path")
     xc = x.astype(compute)
     routing = self.routing
     if self.correction_bias is not None:
       routing = dataclasses.replace(routing, correction_bias=self.correction_bias.get_value())
-    bias13 = None if self.w13_bias is None else self.w13_bias.get_value()
-    bias2 = None if self.w2_bias is None else self.w2_bias.get_value()
+    w13, bias13 = self._weight("w13"), self._bias("w13_bias")
+    w2, bias2 = self._weight("w2"), self._bias("w2_bias")
+    kw = dict(router_logits=self.router_logits(xc), routing=routing, activation=self.activation,
+              limit=self.limit, alpha=self.alpha, backend=self.backend.name)
+    sharded = _sharding.sharded_moe_weights(
+        w13, w2, bias13, bias2, expert_axis=self.expert_axis, tensor_axis=self.tensor_axis,
+        gated=self.n13 != self.intermediate_size, gate_up_shards=self.gate_up_shards,
+        who="NVFP4MoE")
+    if sharded is not None:
+      return parallel_moe.sharded_fused_moe(xc, sharded, **kw).astype(out)
+    w13, bias13 = parallel_moe.gate_up_canonical(w13, self.gate_up_shards, bias13)
     y = moe_ops.fused_moe(
-        xc, self.w13, self.w2, router_logits=self.router_logits(xc), routing=routing,
-        activation=self.activation, limit=self.limit, alpha=self.alpha, w13_bias=bias13,
-        w2_bias=bias2,
+        xc, w13, w2, w13_bias=bias13, w2_bias=bias2, **kw,
         expert_map=None if self.expert_map is None else jnp.asarray(self.expert_map, jnp.int32))
     return y.astype(out)

@@ -7,7 +7,7 @@ Contract of ``nvfp4_moe_gemm_p`` (one result; the CUDA kernel implements exactly
 
   nvfp4_moe_gemm_p.bind(x, qweight, qscales, global_scale, sorted_ids, block_expert, num_padded,
                         topk_weights, bias, n=int, k=int, gather_div=int, num_rows_out=int,
-                        block_m=int, mul_topk_weight=bool, has_bias=bool)
+                        block_m=int, mul_topk_weight=bool, has_bias=bool, backend=str)
 
   x             bf16/fp16 [R, k]                      (R * gather_div >= num_rows_out)
   qweight       uint32 [E, ceil(n/16), ceil(k/64), 32, 4]   stacked prepare() layout
@@ -34,6 +34,14 @@ block writes stay zero (an expert-parallel combine sums over devices).
 
 The CUDA lowering adds two launch details the contract does not show: a split-K factor (an FFI
 attribute ``splits``) and a uint8 workspace (a second FFI result that the lowering drops).
+
+``backend`` (one of ``LOWERINGS``) picks the lowering, never the semantics:
+
+* ``"auto"``: the CUDA kernel (``CUDA_TARGET``) when lowering for the cuda platform with the
+  kernel built, the pure-JAX reference everywhere else;
+* ``"reference"``: the reference on every platform, CUDA included;
+* ``"cuda"``: the kernel; lowering for another platform, or without the kernel built, raises a
+  ``ValueError``.
 """
 
 from __future__ import annotations
@@ -55,9 +63,18 @@ from jax_nvfp4.prepare import PreparedNVFP4Weight, kernel_shapes, prepare, unpre
 
 ACTIVATION_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 CUDA_TARGET = "jax_nvfp4_moe_gemm_cuda"
+#: Values of the primitive's ``backend`` parameter (see the module docstring). ``fused_moe``
+#: takes ``jax_nvfp4.backend``'s names: None/"auto", "cuda", "reference".
+LOWERINGS = ("auto", "cuda", "reference")
 
 
 # ----------------------------------------------------------------------------- checks
+
+def _kernel_missing() -> str:
+  return (f"nvfp4_moe_gemm: backend='cuda' but the grouped-GEMM kernel ({CUDA_TARGET}) is not "
+          "in this build of jax_nvfp4 (" + (_ffi.why_no_kernels() or "target not registered")
+          + ")")
+
 
 def _fail(msg: str, exc=ValueError):
   raise exc(f"nvfp4_moe_gemm: {msg}")
@@ -72,8 +89,10 @@ def _check_operand(name, aval, dtype, shape):
 
 def _check_gemm(x, qweight, qscales, global_scale, sorted_ids, block_expert, num_padded,
                 topk_weights, bias, *, n, k, gather_div, num_rows_out, block_m, mul_topk_weight,
-                has_bias):
+                has_bias, backend):
   """Validates every operand and parameter of the contract (module docstring)."""
+  if backend not in LOWERINGS:
+    _fail(f"backend must be one of {LOWERINGS}, got {backend!r}")
   for pname, v in (("n", n), ("k", k), ("gather_div", gather_div),
                    ("num_rows_out", num_rows_out), ("block_m", block_m)):
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
@@ -221,7 +240,8 @@ def _unit(w: NVFP4Weight) -> jax.Array:
 
 
 def _reference_lowering(x, qweight, qscales, global_scale, sorted_ids, block_expert, num_padded,
-                        topk_weights, bias, *, n, k, **params):
+                        topk_weights, bias, *, n, k, backend, **params):
+  del backend  # the caller chose this lowering
   def prepared(q, s):
     return PreparedNVFP4Weight(q, s, jnp.ones(q.shape[:-4], jnp.float32), n=n, k=k)
 
@@ -231,9 +251,19 @@ def _reference_lowering(x, qweight, qscales, global_scale, sorted_ids, block_exp
       all_unit_weights=lambda: _unit(unprepare(prepared(qweight, qscales))), **params)
 
 
-# Every platform gets the reference; the CUDA kernel lowering overrides it where it is built.
-mlir.register_lowering(nvfp4_moe_gemm_p,
-                       mlir.lower_fun(_reference_lowering, multiple_results=False))
+_reference_rule = mlir.lower_fun(_reference_lowering, multiple_results=False)
+
+
+def _default_lowering(ctx, *args, backend, **params):
+  """Every platform but cuda: the reference (``backend="cuda"`` cannot lower here)."""
+  if backend == "cuda":
+    raise ValueError(f"nvfp4_moe_gemm: backend='cuda' runs the CUDA kernel, which cannot lower "
+                     f"for platform(s) {tuple(ctx.module_context.platforms)}; use backend='auto' "
+                     "or 'reference' there")
+  return _reference_rule(ctx, *args, backend=backend, **params)
+
+
+mlir.register_lowering(nvfp4_moe_gemm_p, _default_lowering)
 
 # The CUDA handler (csrc/nvfp4_moe_gemm.cu) takes two more things than the contract: a split-K
 # factor ``splits`` (attribute) and a uint8 workspace (second result: split-K tickets and fp32
@@ -270,7 +300,17 @@ def moe_workspace_bytes(num_slots: int, n: int, block_m: int, splits: int) -> in
 
 def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, block_expert,
                             num_padded, topk_weights, bias, *, n, k, gather_div, num_rows_out,
-                            block_m, mul_topk_weight, has_bias):
+                            block_m, mul_topk_weight, has_bias, backend="auto"):
+  """The cuda platform's lowering: the kernel, or the reference for ``backend="reference"``
+  (and for ``"auto"`` where the kernel is not built: ``_ffi.REGISTERED`` at lowering time)."""
+  params = dict(n=n, k=k, gather_div=gather_div, num_rows_out=num_rows_out, block_m=block_m,
+                mul_topk_weight=mul_topk_weight, has_bias=has_bias, backend=backend)
+  built = CUDA_TARGET in _ffi.REGISTERED
+  if backend == "reference" or (backend == "auto" and not built):
+    return _reference_rule(ctx, x, qweight, qscales, global_scale, sorted_ids, block_expert,
+                           num_padded, topk_weights, bias, **params)
+  if not built:
+    raise ValueError(_kernel_missing())
   x_aval, slots = ctx.avals_in[0], ctx.avals_in[4].shape[0]
   splits = choose_moe_splits(slots, n, k, block_m,
                              np.dtype(x_aval.dtype) == np.dtype(jnp.bfloat16))
@@ -284,8 +324,10 @@ def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, 
   return [results[0]]
 
 
-if CUDA_TARGET in _ffi.REGISTERED:
-  mlir.register_lowering(nvfp4_moe_gemm_p, _moe_gemm_cuda_lowering, platform="cuda")
+# Registered everywhere: the rule itself falls back to the reference where the kernel is not
+# built (so a backend="reference" computation never reaches the kernel, and cross-platform
+# lowering for cuda works from any host).
+mlir.register_lowering(nvfp4_moe_gemm_p, _moe_gemm_cuda_lowering, platform="cuda")
 
 
 # ----------------------------------------------------------------------------- batching
@@ -322,23 +364,31 @@ def _empty_f32():
 
 def nvfp4_moe_gemm(x: jax.Array, w: PreparedNVFP4Weight, alignment: Alignment, *, gather_div: int,
                    num_rows_out: int, topk_weights: jax.Array | None = None,
-                   bias: jax.Array | None = None) -> jax.Array:
+                   bias: jax.Array | None = None, backend: str | None = "auto") -> jax.Array:
   """One grouped GEMM through ``nvfp4_moe_gemm_p`` (see the module docstring for semantics).
 
   ``w`` is a stacked ``PreparedNVFP4Weight`` ``[E, n, k]``; ``topk_weights`` (float
   ``[num_rows_out]``, multiplied in the epilogue) and ``bias`` (float ``[E, n]``) are optional.
+  ``backend``: None/``"auto"``, ``"cuda"`` or ``"reference"``, the primitive's lowering choice
+  (module docstring); ``"cuda"`` raises a ``ValueError`` here when the kernel is not built.
   Returns ``[num_rows_out, n]`` in ``x.dtype``.
   """
   if not isinstance(w, PreparedNVFP4Weight):
     raise TypeError(f"nvfp4_moe_gemm: w must be a stacked PreparedNVFP4Weight, got "
                     f"{type(w).__name__}")
+  backend = "auto" if backend is None else backend
+  if backend not in LOWERINGS:
+    raise ValueError(f"nvfp4_moe_gemm: backend must be None or one of {LOWERINGS}, got "
+                     f"{backend!r}")
+  if backend == "cuda" and CUDA_TARGET not in _ffi.REGISTERED:
+    raise ValueError(_kernel_missing())
   tw = _empty_f32() if topk_weights is None else jnp.asarray(topk_weights).astype(jnp.float32)
   b = _empty_f32() if bias is None else jnp.asarray(bias).astype(jnp.float32)
   return nvfp4_moe_gemm_p.bind(
       x, w.qweight, w.qscales, w.global_scale, alignment.sorted_ids, alignment.block_expert,
       alignment.num_padded, tw, b, n=w.n, k=w.k, gather_div=gather_div,
       num_rows_out=num_rows_out, block_m=alignment.block_m,
-      mul_topk_weight=topk_weights is not None, has_bias=bias is not None)
+      mul_topk_weight=topk_weights is not None, has_bias=bias is not None, backend=backend)
 
 
 def _checkpoint_moe_gemm(x, w: NVFP4Weight, alignment: Alignment, *, gather_div, num_rows_out,
@@ -360,6 +410,38 @@ def _checkpoint_moe_gemm(x, w: NVFP4Weight, alignment: Alignment, *, gather_div,
 def _kernel_wanted() -> bool:
   """Whether the default backend would run the CUDA grouped GEMM (decided at trace time)."""
   return CUDA_TARGET in _ffi.REGISTERED and jax.default_backend() == "gpu"
+
+
+def resolve_backend(backend: str | None, activation: str = "swiglu",
+                    limit: float | None = None) -> str:
+  """``fused_moe``'s ``backend`` argument -> the primitive's lowering (one of ``LOWERINGS``).
+
+  * ``"reference"`` -> ``"reference"``.
+  * ``"cuda"`` -> ``"cuda"`` if ``jax_nvfp4.backend.select_backend(backend="cuda", ...)`` accepts
+    this machine's default device (a CUDA GPU with compute capability >= 8.0 and the grouped-GEMM
+    kernel built), else its ``ValueError`` listing the reasons.
+  * None/``"auto"``: where the default device is a GPU, ``select_backend``'s choice (``"cuda"``
+    on SM80+ with the kernel built, else ``"reference"``); on any other host ``"auto"``, so that
+    lowering for the cuda platform from there (``jax.export``) still picks the kernel.
+
+  Decided at trace time.
+  """
+  if backend == "reference":
+    return "reference"
+  if backend in (None, "auto"):
+    if jax.default_backend() != "gpu":
+      return "auto"
+    backend = None
+  elif backend != "cuda":
+    raise ValueError(f"fused_moe: backend must be None, 'auto', 'cuda' or 'reference', got "
+                     f"{backend!r}")
+  from jax_nvfp4 import backend as backend_lib  # pylint: disable=import-outside-toplevel
+  try:
+    choice = backend_lib.select_backend(weight_format="nvfp4", moe_activation=activation,
+                                        limit=limit, backend=backend)
+  except ValueError as e:
+    raise ValueError(f"fused_moe: {e}") from None
+  return choice.name
 
 
 # ----------------------------------------------------------------------------- fused_moe
@@ -424,7 +506,7 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
               activation: str = "swiglu", limit: float | None = None,
               alpha: float = GPTOSS_ALPHA, w13_bias: jax.Array | None = None,
               w2_bias: jax.Array | None = None, expert_map: jax.Array | None = None,
-              block_m: int | None = None) -> jax.Array:
+              block_m: int | None = None, backend: str | None = None) -> jax.Array:
   """A whole MoE layer with NVFP4 expert weights: route -> align -> GEMM1 -> activation ->
   GEMM2 x top-k weight -> sum over top-k.
 
@@ -447,6 +529,12 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
       E) or -1 for experts held elsewhere. Pairs routed to -1 experts contribute zero, so the
       sum of ``fused_moe`` over a partition of the experts equals the full layer.
     block_m: rows per expert block (8/16/32/64); default ``choose_block_m(M, top_k, E_global)``.
+    backend: which implementation runs the grouped GEMMs, in ``jax_nvfp4.backend``'s names
+      (``resolve_backend``, decided at trace time): None or ``"auto"`` (the CUDA kernel on a
+      CUDA GPU with compute capability >= 8.0 and the kernel built, the pure-JAX reference
+      elsewhere), ``"reference"`` (always the pure-JAX reference, on a GPU too: prepared weights
+      go through the primitive's reference lowering, checkpoint-layout ones are never prepared)
+      or ``"cuda"`` (the kernel; a ``ValueError`` listing the reasons where it cannot run).
 
   Returns:
     ``[..., H]`` in ``x.dtype``: ``sum_j w_j * (act(x @ W13[e_j].T + b13) @ W2[e_j].T + b2)``,
@@ -455,9 +543,8 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
     sum over top-k is float32 before the final cast. The reference path rounds at the same
     points as the kernel.
 
-  On a CUDA GPU with the grouped-GEMM kernel built, the GEMMs run the kernel (unprepared weights
-  are prepared on the fly inside the computation: call ``prepare`` once to avoid that); elsewhere
-  a pure-JAX reference with identical semantics runs.
+  Where the kernel runs, unprepared weights are prepared on the fly inside the computation (call
+  ``prepare`` once to avoid that); the pure-JAX reference has identical semantics.
   """
   x = jnp.asarray(x)
   if np.dtype(x.dtype) not in ACTIVATION_DTYPES:
@@ -487,6 +574,7 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
     raise ValueError(f"fused_moe: limit must be > 0, got {limit}")
   if block_m is not None and block_m not in BLOCK_MS:
     raise ValueError(f"fused_moe: block_m must be one of {BLOCK_MS}, got {block_m!r}")
+  lowering = resolve_backend(backend, activation, limit)
 
   if expert_map is not None:
     expert_map, e_global = _check_expert_map(expert_map, e_local)
@@ -545,13 +633,13 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
   alignment = align_tokens(topk_ids, e_global, bm, expert_map)
   rows = m * k
 
-  if _kernel_wanted():
+  if lowering == "cuda":
     w13 = prepare(w13) if isinstance(w13, NVFP4Weight) else w13
     w2 = prepare(w2) if isinstance(w2, NVFP4Weight) else w2
 
   def gemm(a, w, **kw):
     if isinstance(w, PreparedNVFP4Weight):
-      return nvfp4_moe_gemm(a, w, alignment, num_rows_out=rows, **kw)
+      return nvfp4_moe_gemm(a, w, alignment, num_rows_out=rows, backend=lowering, **kw)
     return _checkpoint_moe_gemm(a, w, alignment, num_rows_out=rows, **kw)
 
   x2 = x.reshape(m, hidden)

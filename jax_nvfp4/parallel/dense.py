@@ -156,6 +156,22 @@ def _weight_specs(cfg: _Config, n_axes, k_axes):
   return (P(n, k, None, None), P(n, k, None), P())
 
 
+def check_weight_split(n: int, k: int, mesh, *, prepared: bool, n_axis=None, k_axis=None,
+                       who: str = "check_weight_split") -> None:
+  """Raises ``ValueError`` unless a logical ``[N, K]`` weight in the given layout splits into
+  whole blocks over ``mesh`` (a ``Mesh`` or ``AbstractMesh``) with ``n_axis`` / ``k_axis`` (names,
+  tuples of names or None): the axes must exist and differ, and N, K divide as the module
+  docstring says. The message names the mesh axis, the dim and the sizes."""
+  n_axes, k_axes = _axes(n_axis), _axes(k_axis)
+  for a in n_axes + k_axes:
+    if a not in mesh.shape:
+      raise ValueError(f"{who}: {a!r} is not an axis of the mesh {dict(mesh.shape)}")
+  if set(n_axes) & set(k_axes):
+    raise ValueError(f"{who}: N and K cannot share mesh axes ({n_axes} vs {k_axes})")
+  _check_split(_Config(PREPARED if prepared else CHECKPOINT, int(n), int(k), False, None), mesh,
+               n_axes, k_axes)
+
+
 def weight_shardings(w: NVFP4Weight | PreparedNVFP4Weight, mesh: Mesh, *, n_axis=None,
                      k_axis=None):
   """The ``NamedSharding`` pytree (same structure as ``w``) that splits ``w`` over ``mesh``.
@@ -172,13 +188,9 @@ def weight_shardings(w: NVFP4Weight | PreparedNVFP4Weight, mesh: Mesh, *, n_axis
                      f"{tuple(w.shape)}; for stacked experts use "
                      "jax_nvfp4.parallel.shard_moe_weights")
   n_axes, k_axes = _axes(n_axis), _axes(k_axis)
-  for a in n_axes + k_axes:
-    if a not in mesh.shape:
-      raise ValueError(f"weight_shardings: {a!r} is not an axis of the mesh {dict(mesh.shape)}")
-  if set(n_axes) & set(k_axes):
-    raise ValueError(f"weight_shardings: N and K cannot share mesh axes ({n_axes} vs {k_axes})")
   cfg = _config(w, False)
-  _check_split(cfg, mesh, n_axes, k_axes)
+  check_weight_split(cfg.n, cfg.k, mesh, prepared=cfg.layout == PREPARED, n_axis=n_axis,
+                     k_axis=k_axis, who="weight_shardings")
   specs = [NamedSharding(mesh, s) for s in _weight_specs(cfg, n_axes, k_axes)]
   if cfg.layout == CHECKPOINT:
     return dataclasses.replace(w, packed=specs[0], scales=specs[1], global_scale=specs[2])

@@ -21,7 +21,9 @@ device's partial is itself rounded to ``x.dtype`` (``fused_moe``'s output type),
 layer differs from one device by about one ``x.dtype`` rounding per partial. A w2 bias is added
 on tensor rank 0 only (once); the w13 bias is split with w13's rows.
 
-Entry points: ``shard_moe_weights`` (once, at load time) and ``sharded_fused_moe``.
+Entry points: ``shard_moe_weights`` (once, at load time) and ``sharded_fused_moe``; for layers
+that create their weights already sharded (``jax_nvfp4.nn``): ``moe_state_specs``,
+``check_moe_split`` and ``gate_up_per_shard`` / ``gate_up_canonical``.
 """
 
 from __future__ import annotations
@@ -108,19 +110,94 @@ def _gate_up_per_shard(a, axis: int, tp: int):
   return jnp.swapaxes(blocks, axis, axis + 1).reshape(shape)
 
 
-def _permute_w13(w13, tp: int):
+def _gate_up_canonical(a, axis: int, tp: int):
+  """Inverse of ``_gate_up_per_shard``: ``[gate_0; up_0; gate_1; up_1; ...]`` -> ``[gate; up]``."""
+  shape = a.shape
+  blocks = a.reshape(*shape[:axis], tp, 2, shape[axis] // (2 * tp), *shape[axis + 1:])
+  return jnp.swapaxes(blocks, axis, axis + 1).reshape(shape)
+
+
+def _permute_w13(w13, tp: int, inverse: bool = False):
+  f = _gate_up_canonical if inverse else _gate_up_per_shard
   if isinstance(w13, NVFP4Weight):
-    return dataclasses.replace(w13, packed=_gate_up_per_shard(w13.packed, 1, tp),
-                               scales=_gate_up_per_shard(w13.scales, 1, tp))
-  return dataclasses.replace(w13, qweight=_gate_up_per_shard(w13.qweight, 1, tp),
-                             qscales=_gate_up_per_shard(w13.qscales, 1, tp))
+    return dataclasses.replace(w13, packed=f(w13.packed, 1, tp), scales=f(w13.scales, 1, tp))
+  return dataclasses.replace(w13, qweight=f(w13.qweight, 1, tp), qscales=f(w13.qscales, 1, tp))
+
+
+def gate_up_per_shard(w13, tp: int, w13_bias=None):
+  """Reorders the rows ``[gate; up]`` of a stacked w13 (and of its ``[E, N13]`` bias, if given)
+  into ``[gate_0; up_0; ...; gate_{tp-1}; up_{tp-1}]``, so that a contiguous split of N over
+  ``tp`` tensor shards gives shard ``t`` its own gate rows and the matching up rows (what
+  ``shard_moe_weights`` does; the layers do it once, at creation). Exact. Returns
+  ``(w13, w13_bias)``."""
+  bias = None if w13_bias is None else _gate_up_per_shard(jnp.asarray(w13_bias), 1, tp)
+  return (w13 if tp == 1 else _permute_w13(w13, tp)), (w13_bias if tp == 1 else bias)
+
+
+def gate_up_canonical(w13, tp: int, w13_bias=None):
+  """Inverse of ``gate_up_per_shard``. Returns ``(w13, w13_bias)`` in ``[gate; up]`` order."""
+  bias = None if w13_bias is None else _gate_up_canonical(jnp.asarray(w13_bias), 1, tp)
+  return (w13 if tp == 1 else _permute_w13(w13, tp, inverse=True)), (w13_bias if tp == 1
+                                                                      else bias)
+
+
+def _spec_entries(prepared: bool, ea, n_axis, k_axis):
+  """Spec tuples of (a, b, global_scale) of a stacked weight split on E, N and K."""
+  if not prepared:
+    return (ea, n_axis, k_axis), (ea, n_axis, k_axis), (ea,)
+  return (ea, n_axis, k_axis, None, None), (ea, n_axis, k_axis, None), (ea,)
 
 
 def _weight_specs(w, ea, n_axis, k_axis):
   """Specs of (a, b, global_scale) of a stacked weight split on E, N and K."""
-  if isinstance(w, NVFP4Weight):
-    return P(ea, n_axis, k_axis), P(ea, n_axis, k_axis), P(ea)
-  return P(ea, n_axis, k_axis, None, None), P(ea, n_axis, k_axis, None), P(ea)
+  return tuple(P(*s) for s in _spec_entries(not isinstance(w, NVFP4Weight), ea, n_axis, k_axis))
+
+
+def moe_state_specs(*, prepared: bool, expert_axis=None, tensor_axis=None) -> dict[str, tuple]:
+  """The sharding of every array of an MoE layer under ``shard_moe_weights``' conventions, as
+  tuples of mesh-axis entries (one per array dim; what nnx's ``out_sharding`` and Linen's
+  ``nn.Partitioned`` names take):
+
+  * ``"w13"``, ``"w2"``: a 3-tuple for the weight's arrays (packed/qweight, scales/qscales,
+    global_scale): E over ``expert_axis``; w13's N (rows ``[gate_t; up_t]``) and w2's K (= I)
+    over ``tensor_axis``; the remaining dims (and those of the prepared layout's fragments)
+    whole.
+  * ``"w13_bias"`` ``(expert, tensor)``, ``"w2_bias"`` ``(expert, None)``.
+  * ``"router"`` ``(None, None)`` and ``"correction_bias"`` ``(None,)``: replicated.
+  """
+  ea, ta = _entry(_axes(expert_axis)), _entry(_axes(tensor_axis))
+  return {"w13": _spec_entries(prepared, ea, ta, None), "w2": _spec_entries(prepared, ea, None, ta),
+          "w13_bias": (ea, ta), "w2_bias": (ea, None), "router": (None, None),
+          "correction_bias": (None,)}
+
+
+def check_moe_split(mesh, num_experts: int, intermediate_size: int, *, prepared: bool,
+                    expert_axis=None, tensor_axis=None,
+                    who: str = "shard_moe_weights") -> tuple[int, int]:
+  """Checks that an MoE layer's E experts and intermediate size I split over ``mesh`` (a
+  ``Mesh`` or ``AbstractMesh``) with the given axes, as ``shard_moe_weights`` requires; returns
+  ``(ep, tp)``, the sizes of the expert and tensor axes. ``ValueError`` naming the axis and the
+  sizes otherwise: unknown or shared axes, ``E % ep != 0``, or ``I/tp`` not a multiple of 16
+  (checkpoint layout: whole scale blocks of w2's K) / 64 (prepared: whole k64 chunks of w2 and
+  whole 16-row tiles of w13)."""
+  ea, ta = _axes(expert_axis), _axes(tensor_axis)
+  for a in ea + ta:
+    if a not in mesh.shape:
+      raise ValueError(f"{who}: {a!r} is not an axis of the mesh {dict(mesh.shape)}")
+  if set(ea) & set(ta):
+    raise ValueError(f"{who}: expert_axis {ea} and tensor_axis {ta} share an axis")
+  ep, tp = _size(mesh, ea), _size(mesh, ta)
+  e, inter = num_experts, intermediate_size
+  if e % ep:
+    raise ValueError(f"{who}: E = {e} experts cannot be split over expert_axis "
+                     f"{_entry(ea)!r} of size {ep}; E must be a multiple of {ep}")
+  granule = CHUNK_K if prepared else BLOCK_SIZE
+  if inter % (tp * granule):
+    unit = "scale blocks (16)" if granule == BLOCK_SIZE else "kernel chunks (64)"
+    raise ValueError(f"{who}: I = {inter} (w2's K) cannot be split over tensor_axis "
+                     f"{_entry(ta)!r} of size {tp} into whole {unit}: I per shard = {inter}/{tp}"
+                     f" must be a multiple of {granule}, so I a multiple of {tp * granule}")
+  return ep, tp
 
 
 def _arrays(w):
@@ -173,21 +250,8 @@ def shard_moe_weights(w13, w2, mesh: Mesh, *, expert_axis=None, tensor_axis=None
     raise ValueError(f"shard_moe_weights: activation {activation!r} with w2 [E, H, I = {inter}]"
                      f" needs w13 with {2 * inter if gated else inter} rows, got {n13}")
   ea, ta = _axes(expert_axis), _axes(tensor_axis)
-  for a in ea + ta:
-    if a not in mesh.shape:
-      raise ValueError(f"shard_moe_weights: {a!r} is not an axis of the mesh {dict(mesh.shape)}")
-  if set(ea) & set(ta):
-    raise ValueError(f"shard_moe_weights: expert_axis {ea} and tensor_axis {ta} share an axis")
-  ep, tp = _size(mesh, ea), _size(mesh, ta)
-  if e % ep:
-    raise ValueError(f"shard_moe_weights: E = {e} experts cannot be split over expert_axis "
-                     f"{_entry(ea)!r} of size {ep}; E must be a multiple of {ep}")
-  granule = BLOCK_SIZE if isinstance(w13, NVFP4Weight) else CHUNK_K
-  if inter % (tp * granule):
-    unit = "scale blocks (16)" if granule == BLOCK_SIZE else "kernel chunks (64)"
-    raise ValueError(f"shard_moe_weights: I = {inter} (w2's K) cannot be split over tensor_axis "
-                     f"{_entry(ta)!r} of size {tp} into whole {unit}: I per shard = {inter}/{tp}"
-                     f" must be a multiple of {granule}, so I a multiple of {tp * granule}")
+  _, tp = check_moe_split(mesh, e, inter, prepared=not isinstance(w13, NVFP4Weight),
+                          expert_axis=expert_axis, tensor_axis=tensor_axis)
   if w13_bias is not None:
     w13_bias = jnp.asarray(w13_bias, jnp.float32)
     if w13_bias.shape != (e, n13):
@@ -198,10 +262,8 @@ def shard_moe_weights(w13, w2, mesh: Mesh, *, expert_axis=None, tensor_axis=None
     if w2_bias.shape != (e, h):
       raise ValueError(f"shard_moe_weights: w2_bias must be [E, H] = {(e, h)}, got "
                        f"{w2_bias.shape}")
-  if gated and tp > 1:
-    w13 = _permute_w13(w13, tp)
-    if w13_bias is not None:
-      w13_bias = _gate_up_per_shard(w13_bias, 1, tp)
+  if gated:
+    w13, w13_bias = gate_up_per_shard(w13, tp, w13_bias)
   e_, t_ = _entry(ea), _entry(ta)
   put = lambda v, s: None if v is None else jax.device_put(v, s)
   return ShardedMoEWeights(
@@ -219,7 +281,7 @@ def sharded_fused_moe(x: jax.Array, weights: ShardedMoEWeights, *, token_axis=No
                       topk_weights: jax.Array | None = None, topk_ids: jax.Array | None = None,
                       top_k: int | None = None, routing=None, activation: str = "swiglu",
                       limit: float | None = None, alpha: float = GPTOSS_ALPHA,
-                      block_m: int | None = None) -> jax.Array:
+                      block_m: int | None = None, backend: str | None = None) -> jax.Array:
   """``fused_moe`` with expert weights split over a mesh (see the module docstring).
 
   Args:
@@ -228,8 +290,8 @@ def sharded_fused_moe(x: jax.Array, weights: ShardedMoEWeights, *, token_axis=No
     token_axis: mesh axis (or tuple) that splits M, or None (tokens replicated). M must be a
       multiple of its size. Where it is also an expert/tensor axis the tokens are all-gathered
       inside the layer and the output reduce-scattered back.
-    router_logits, topk_weights, topk_ids, top_k, routing, activation, limit, alpha, block_m:
-      as in ``fused_moe`` (routing is over all ``E`` global experts; ids are global).
+    router_logits, topk_weights, topk_ids, top_k, routing, activation, limit, alpha, block_m,
+      backend: as in ``fused_moe`` (routing is over all ``E`` global experts; ids are global).
 
   Returns:
     ``[..., H]`` in ``x.dtype``, laid out like ``x`` (split over ``token_axis``): the full
@@ -296,7 +358,7 @@ def sharded_fused_moe(x: jax.Array, weights: ShardedMoEWeights, *, token_axis=No
     w2 = _with_arrays(weights.w2, w2_arrays, hidden, inter_local)
     y = fused_moe(x, w13, w2, **route_in, top_k=top_k, routing=routing, activation=activation,
                   limit=limit, alpha=alpha, w13_bias=b13, w2_bias=b2, expert_map=expert_map,
-                  block_m=block_m)
+                  block_m=block_m, backend=backend)
     y = y.astype(jnp.float32)
     if sum_axes:
       y = jax.lax.psum(y, sum_axes)
