@@ -51,8 +51,14 @@ def _panel(ax, rows: list[dict], x_key: str, lines, title: str) -> None:
     xs, ys = zip(*pts)
     ax.plot(xs, ys, color=color, marker=marker, linestyle=style, linewidth=1.6,
             markersize=4, label=label)
+  from matplotlib import ticker
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
+  plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+  ax.yaxis.set_major_formatter(plain)
+  ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
+  ax.yaxis.set_minor_formatter(plain)
+  ax.tick_params(axis="y", which="both", labelsize=8)
   ax.set_xticks(xs_all)
   ax.set_xticklabels([str(x) for x in xs_all], fontsize=8)
   ax.set_title(title, fontsize=10)
@@ -132,7 +138,7 @@ def make_figure(dense=None, moe=None, *, title: str | None = None, pyplot: bool 
       title += "\nCPU numbers: the pure-JAX reference path, not the CUDA kernels"
   fig.suptitle(title, fontsize=11)
   legend_rows = math.ceil(len(labels) / 4)
-  fig.tight_layout(rect=(0, 0.04 + 0.035 * legend_rows, 1, 1))
+  fig.tight_layout(rect=(0, (0.25 + 0.2 * legend_rows) / size[1], 1, 1))
   return fig
 
 
