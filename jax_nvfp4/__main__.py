@@ -1,4 +1,5 @@
-"""Command line: ``python -m jax_nvfp4 demo`` (see ``jax_nvfp4.demo``) and ``inspect DIR``."""
+"""Command line: ``python -m jax_nvfp4 demo`` (see ``jax_nvfp4.demo``), ``inspect DIR`` and
+``bench`` (see ``jax_nvfp4.bench.cli``)."""
 
 from __future__ import annotations
 
@@ -65,11 +66,18 @@ def main(argv=None) -> int:
                        help=f"{text} [{defaults[name]}]")
   inspect = sub.add_parser("inspect", help="list a checkpoint's modules: format, shapes, backend")
   inspect.add_argument("path", help="checkpoint directory (ModelOpt or compressed-tensors)")
+  from jax_nvfp4.bench import cli as bench_cli
+  bench = sub.add_parser(
+      "bench", help="GPU: dense and MoE benchmarks vs bf16 and the HBM roofline, tables and a "
+      "PNG plot", description=bench_cli.__doc__.split("\n\n")[0].replace("``", ""))
+  bench_cli.add_arguments(bench)
   args = parser.parse_args(argv)
   if args.command == "demo":
     return _demo(demo, args)
   if args.command == "inspect":
     return _inspect(args)
+  if args.command == "bench":
+    return bench_cli.main(bench, args)
   return 2
 
 

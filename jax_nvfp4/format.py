@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+#: Elements per E4M3 block scale, consecutive along K (the last axis).
 BLOCK_SIZE = 16
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
@@ -45,11 +46,21 @@ _THRESHOLDS = ((0.25, True), (0.75, False), (1.25, True), (1.75, False),
 class NVFP4Weight:
   """An NVFP4-quantized weight in checkpoint layout (see the module docstring).
 
+  A pytree (the three arrays are leaves, ``dtype`` is static) for a logical weight
+  ``W[..., N, K]`` (``[out, in]``; leading dims for stacked experts), ``K`` a multiple of 16:
+  ``W = e2m1(codes) * (float32(scales) * global_scale)``.
+
   Attributes:
-    packed: uint8 ``[..., N, K // 2]``.
-    scales: float8_e4m3fn ``[..., N, K // 16]``.
-    global_scale: float32 ``[...]`` (one per leading index; a scalar for a plain Linear).
+    packed: uint8 ``[..., N, K // 2]``: byte ``j`` of a row holds element ``2j`` in its low
+      nibble and ``2j + 1`` in its high nibble; a nibble is ``sign << 3 | i``, value
+      ``(-1)^sign * E2M1_VALUES[i]``.
+    scales: float8_e4m3fn ``[..., N, K // 16]``: the scale of elements ``16b .. 16b + 15``.
+    global_scale: float32 ``[...]`` (one per leading index; a scalar for a plain Linear), a
+      multiplier (ModelOpt's ``weight_scale_2``).
     dtype: the dtype ``dequantize`` returns by default (static).
+
+  Properties: ``shape`` (logical ``(..., N, K)``), ``n``, ``k``, ``nbytes`` (bytes of the three
+  arrays).
   """
 
   packed: jax.Array
@@ -128,7 +139,8 @@ def e2m1_to_float(codes: jax.Array, dtype=jnp.float32) -> jax.Array:
 
 
 def pack_fp4(codes: jax.Array) -> jax.Array:
-  """Packs codes ``[..., K]`` (K even) into bytes ``[..., K/2]``: element 2j low, 2j+1 high."""
+  """Packs E2M1 codes ``[..., K]`` (any integer dtype, values 0..15, K even) into uint8 bytes
+  ``[..., K/2]``: element ``2j`` in the low nibble of byte ``j``, ``2j + 1`` in the high one."""
   if codes.shape[-1] % 2:
     raise ValueError(f"pack_fp4 needs an even last dimension, got {codes.shape}")
   codes = codes.astype(jnp.uint8)
@@ -136,7 +148,8 @@ def pack_fp4(codes: jax.Array) -> jax.Array:
 
 
 def unpack_fp4(packed: jax.Array) -> jax.Array:
-  """Inverse of ``pack_fp4``: bytes ``[..., K/2]`` to codes ``[..., K]`` (uint8)."""
+  """Inverse of ``pack_fp4``: bytes ``[..., K/2]`` (any integer dtype, read as uint8) to
+  uint8 codes ``[..., K]`` in 0..15 (low nibble first)."""
   packed = packed.astype(jnp.uint8)
   lo = packed & 0xF
   hi = packed >> 4
@@ -204,7 +217,14 @@ def quantize(w: jax.Array, *, global_scale: jax.Array | None = None) -> NVFP4Wei
 def dequantize(w: NVFP4Weight, dtype=None) -> jax.Array:
   """``W = e2m1 * (float32(scales) * global_scale)`` in float32, cast to ``dtype``.
 
-  ``dtype`` defaults to ``w.dtype``. Returns ``[..., N, K]``.
+  Args:
+    w: an ``NVFP4Weight`` ``[..., N, K]`` (checkpoint layout; ``unprepare`` a
+      ``PreparedNVFP4Weight`` first).
+    dtype: the result dtype; default ``w.dtype``.
+
+  Returns ``[..., N, K]`` in ``dtype``. The float32 products are taken in that order (block
+  scale times global scale first), as ModelOpt does: the result is bit-exact with its
+  dequantization, except that code 8 gives -0.0 where the tool writes +0.0.
   """
   dtype = w.dtype if dtype is None else dtype
   *lead, n, k = w.shape

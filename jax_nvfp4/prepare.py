@@ -94,6 +94,12 @@ def _ue5m3_to_float(u: jax.Array) -> jax.Array:
 def prepare(w: NVFP4Weight) -> PreparedNVFP4Weight:
   """Repacks a checkpoint-layout ``NVFP4Weight`` ``[N, K]`` for the CUDA kernel. Exact.
 
+  Returns a ``PreparedNVFP4Weight`` with ``qweight`` uint32 ``[N16, K64, 32, 4]``, ``qscales``
+  uint8 ``[N16, K64, 64]`` (UE5M3) and ``global_scale`` float32 (unchanged), where
+  ``N16 = ceil(N/16)`` and ``K64 = ceil(K/64)``: rows and columns are padded with code 0 (layout:
+  the module docstring). Exact: ``dequantize(unprepare(prepare(w)))`` equals
+  ``dequantize(w)`` (blocks with a NaN scale become zeros). Pure JAX and jit-able; do it once per weight, not per call.
+
   Stacked weights ``[..., N, K]`` (e.g. MoE experts ``[E, N, K]``) are prepared one by one (vmap):
   ``qweight [..., N16, K64, 32, 4]``, ``qscales [..., N16, K64, 64]``, ``global_scale [...]``.
   """
@@ -137,7 +143,9 @@ def _prepare_2d(w: NVFP4Weight) -> PreparedNVFP4Weight:
 def unprepare(p: PreparedNVFP4Weight) -> NVFP4Weight:
   """Inverse of ``prepare`` (up to the normalisations of zero/negative/NaN block scales).
 
-  Stacked prepared weights (``qweight [..., N16, K64, 32, 4]``) give ``NVFP4Weight [..., N, K]``.
+  Returns an ``NVFP4Weight`` ``[N, K]`` (padding dropped): packed uint8 ``[N, K/2]``, scales
+  float8_e4m3fn ``[N, K/16]``, the same float32 global scale and ``dtype``. Stacked prepared
+  weights (``qweight [..., N16, K64, 32, 4]``) give ``NVFP4Weight [..., N, K]``.
   """
   if p.qweight.ndim > 4:
     fn = _unprepare_2d

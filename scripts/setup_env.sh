@@ -8,7 +8,9 @@
 #   JAX_NVFP4_DISABLE_CUDA=ON       skip the CUDA kernels
 #   JAX_NVFP4_OFFLINE=1             never reach a package index: the interpreter must already have
 #                                   jax>=0.11, numpy, ml_dtypes, nanobind, scikit-build-core, cmake
-#                                   (and pytest for the tests); the venv sees its site-packages.
+#                                   (and pytest for the tests; flax, safetensors and matplotlib
+#                                   for the tests that need them, skipped otherwise); the venv
+#                                   sees its site-packages.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -61,7 +63,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   JAX_REQ="jax[cuda13]>=0.11"
 fi
 REQS=("$JAX_REQ" "numpy>=1.26" "ml_dtypes>=0.5" "scikit-build-core>=0.10" "nanobind>=2.0"
-      "cmake>=3.24" "ninja" "pytest>=8" "flax>=0.11" "safetensors>=0.4")
+      "cmake>=3.24" "ninja" "pytest>=8" "flax>=0.11" "safetensors>=0.4" "matplotlib>=3.8")
 
 stamp="$VENV/.jax_nvfp4_stamp"
 want="$(cat "$ROOT/pyproject.toml" "$ROOT/CMakeLists.txt" "$ROOT"/csrc/* 2>/dev/null | sha256sum | cut -c1-16)-${JAX_NVFP4_CUDA_ARCHS:-default}-${JAX_NVFP4_DISABLE_CUDA:-OFF}"

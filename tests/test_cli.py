@@ -1,10 +1,12 @@
-"""The README's main job (``python -m jax_nvfp4 demo``) runs and its numbers are right.
+"""The README's main job (``python -m jax_nvfp4 demo``) runs and its numbers are right; the
+``bench`` subcommand refuses to run without a GPU, cleanly.
 
 The demo runs in a subprocess on the CPU; its printed numbers are checked against facts computed
 here independently: weight bytes from a hand formula (or the checkpoint files read by the
 fixtures' own safetensors reader), the NVFP4 weight error from the float64 NumPy oracle.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -27,12 +29,16 @@ TOKENS = 8
 ROUNDING_MAX = 2e-2
 
 
-def _demo(*args: str, cpu: bool = True) -> subprocess.CompletedProcess:
+def _cli(command: str, *args: str, cpu: bool = True) -> subprocess.CompletedProcess:
   env = dict(os.environ)
   if cpu:
     env["JAX_PLATFORMS"] = "cpu"
-  return subprocess.run([sys.executable, "-m", "jax_nvfp4", "demo", *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, "-m", "jax_nvfp4", command, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300, check=False)
+
+
+def _demo(*args: str, cpu: bool = True) -> subprocess.CompletedProcess:
+  return _cli("demo", *args, cpu=cpu)
 
 
 def _options(config: dict) -> list[str]:
@@ -221,3 +227,53 @@ def test_demo_on_gpu_uses_the_kernels_and_times_them():
     assert _number(rf"time per forward \({name}\): ([\d.]+) us", out) > 0
   m = re.search(r"NVFP4 model vs the bf16 model: hidden states ([\d.e+-]+)", out)
   assert m and 0.04 < float(m.group(1)) < 0.3, out
+
+
+# ----------------------------------------------------------------------------- bench
+
+@pytest.mark.parametrize("argv", [[], ["--quick"], ["--only", "dense", "--plot", "x.png"]])
+def test_bench_without_gpu_exits_with_a_clear_message(argv):
+  proc = _cli("bench", *argv)
+  assert proc.returncode == 1
+  assert proc.stdout == ""
+  err = proc.stderr.strip()
+  assert err.startswith("error: python -m jax_nvfp4 bench measures jax_nvfp4's CUDA kernels")
+  assert "needs an NVIDIA GPU (CUDA), the device platform is cpu" in err
+  assert "--allow-cpu" in err and len(err.splitlines()) == 1
+  assert "Traceback" not in proc.stderr
+  assert not os.path.exists(os.path.join(ROOT, "x.png"))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dense-shapes", "4096x"], "--dense-shapes: '4096x' is not 2 positive integers"),
+    (["--dense-shapes", "100x64"], "--dense-shapes: K = 100 must be a multiple of 16"),
+    (["--moe-shapes", "8x64x64"], "--moe-shapes: '8x64x64' is not 4 positive integers"),
+    (["--moe-shapes", "4x64x40x2"], "H = 64 and I = 40 must be multiples of 16"),
+    (["--moe-shapes", "4x64x64x5"], "top-k 5 exceeds E = 4"),
+    (["--ms", "1,0"], "--ms: '1,0' is not a comma-separated list of positive integers"),
+    (["--tokens", "a"], "--tokens: 'a' is not a comma-separated list"),
+    (["--only", "attention"], "invalid choice: 'attention'"),
+])
+def test_bench_bad_options_exit_2(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    main(["bench", *argv])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert message in err
+  assert "Traceback" not in err
+
+
+@pytest.mark.gpu
+def test_bench_on_gpu_tables_json_and_plot(tmp_path):
+  pytest.importorskip("matplotlib")
+  out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+  proc = _cli("bench", "--dense-shapes", "4096x4096", "--ms", "1,16", "--moe-shapes",
+              "8x1024x512x2", "--tokens", "1,16", "--no-torch", "--json", str(out), "--plot",
+              str(png), cpu=False)
+  assert proc.returncode == 0, proc.stderr
+  assert "grouped-GEMM kernel: yes" in proc.stdout
+  assert "dense roofline table" in proc.stdout and "MoE roofline table" in proc.stdout
+  result = json.loads(out.read_text())
+  assert [r["m"] for r in result["dense"]["rows"]] == [1, 16]
+  assert [r["tokens"] for r in result["moe"]["rows"]] == [1, 16] and result["moe"]["kernel"]
+  assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

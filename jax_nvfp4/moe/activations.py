@@ -64,9 +64,17 @@ def apply_activation(h: jax.Array, activation: str, *, intermediate_size: int | 
                      dtype=None) -> jax.Array:
   """Applies ``activation`` to GEMM1's output ``h [..., N13]`` in float32.
 
-  ``intermediate_size`` I defaults to ``N13 // 2`` (gated) or ``N13`` (relu2); columns past
-  ``2I`` (gated) or ``I`` are ignored, so a row padded past the logical size works too.
-  Returns ``[..., I]`` in ``dtype`` (default: ``h.dtype``).
+  Args:
+    h: float ``[..., N13]``; for gated activations the gate is ``h[..., :I]`` and up is
+      ``h[..., I:2I]`` (our ``[gate; up]`` layout), for ``relu2`` the input is ``h[..., :I]``.
+    activation: ``"swiglu"``, ``"gptoss"`` or ``"relu2"`` (formulas: the module docstring).
+    intermediate_size: I; defaults to ``N13 // 2`` (gated) or ``N13`` (relu2). Columns past
+      ``2I`` (gated) or ``I`` are ignored, so a row padded past the logical size works too.
+    limit: the clamp L (optional for swiglu, required for gptoss, refused for relu2).
+    alpha: gpt-oss's sigmoid slope.
+    dtype: the result dtype (default: ``h.dtype``).
+
+  Returns ``[..., I]`` in ``dtype``.
   """
   gated = is_gated(activation)
   n13 = h.shape[-1]
@@ -96,7 +104,8 @@ def deinterleave_gate_up(w, axis: int = -2):
 
   ``w`` is an ``NVFP4Weight`` (logical ``[..., 2I, H]``; rows move with their packed bytes and
   block scales, the per-expert global scale is unchanged; ``axis`` must be the N axis, -2) or an
-  array (e.g. a bias ``[E, 2I]`` with ``axis=-1``). Exact (a permutation).
+  array of any dtype (e.g. a float bias ``[E, 2I]`` with ``axis=-1``). Returns the same kind,
+  shape and dtype. Exact (a permutation).
   """
   def perm(a, ax):
     size = a.shape[ax]

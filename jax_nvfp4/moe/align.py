@@ -18,9 +18,10 @@ BLOCK_MS = (8, 16, 32, 64)
 
 
 def choose_block_m(num_tokens: int, top_k: int, num_experts: int) -> int:
-  """The smallest block_m in ``BLOCK_MS`` that holds the average rows per expert
+  """The smallest block_m in ``BLOCK_MS`` (8, 16, 32, 64) that holds the average rows per expert
   (``num_tokens * top_k / num_experts``), capped at 64: small batches waste little padding,
-  large ones get the biggest tile."""
+  large ones get the biggest tile. Returns a Python int; raises ValueError for
+  ``num_experts < 1``."""
   if num_experts < 1:
     raise ValueError(f"choose_block_m: num_experts must be >= 1, got {num_experts}")
   avg = num_tokens * top_k / num_experts

@@ -367,11 +367,23 @@ def nvfp4_moe_gemm(x: jax.Array, w: PreparedNVFP4Weight, alignment: Alignment, *
                    bias: jax.Array | None = None, backend: str | None = "auto") -> jax.Array:
   """One grouped GEMM through ``nvfp4_moe_gemm_p`` (see the module docstring for semantics).
 
-  ``w`` is a stacked ``PreparedNVFP4Weight`` ``[E, n, k]``; ``topk_weights`` (float
-  ``[num_rows_out]``, multiplied in the epilogue) and ``bias`` (float ``[E, n]``) are optional.
-  ``backend``: None/``"auto"``, ``"cuda"`` or ``"reference"``, the primitive's lowering choice
-  (module docstring); ``"cuda"`` raises a ``ValueError`` here when the kernel is not built.
-  Returns ``[num_rows_out, n]`` in ``x.dtype``.
+  Args:
+    x: bfloat16/float16 ``[R, k]``: GEMM1's tokens (``R = M``) or GEMM2's rows (``R = M*top_k``).
+    w: a stacked ``PreparedNVFP4Weight`` ``[E, n, k]`` (``prepare`` of an ``[E, n, k]``
+      ``NVFP4Weight``).
+    alignment: the schedule from ``align_tokens`` (pair ids grouped per expert in blocks).
+    gather_div: output row ``sid`` reads input row ``sid // gather_div`` (``top_k`` for GEMM1,
+      1 for GEMM2); ``R * gather_div >= num_rows_out``.
+    num_rows_out: rows of the result (``M * top_k``).
+    topk_weights: optional float ``[num_rows_out]``, multiplied into each row in the float32
+      epilogue.
+    bias: optional float ``[E, n]``, added in float32 before the top-k weight.
+    backend: None/``"auto"``, ``"cuda"`` or ``"reference"``, the primitive's lowering choice
+      (module docstring); ``"cuda"`` raises a ``ValueError`` here when the kernel is not built.
+
+  Returns ``[num_rows_out, n]`` in ``x.dtype``: row ``sid`` is
+  ``((x[sid // gather_div] @ W_e.T) * global_scale[e] + bias[e]) * topk_weights[sid]`` for the
+  expert ``e`` of its block; rows no block writes are zero.
   """
   if not isinstance(w, PreparedNVFP4Weight):
     raise TypeError(f"nvfp4_moe_gemm: w must be a stacked PreparedNVFP4Weight, got "

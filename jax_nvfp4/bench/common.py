@@ -1,0 +1,88 @@
+"""The measuring method shared by the dense and the MoE benchmarks.
+
+* ``many(op)``: one jitted program that calls ``op`` once per element of its argument lists
+  (``op(a[0], b[0], ...)``, ``op(a[1], b[1], ...)``, ...). Each call gets its own operands (its
+  own weight copy and activations), so no two calls share one: XLA merges dots that share an
+  operand, and distinct weight copies (more bytes than L2 holds) make every call stream its
+  weight from HBM.
+* ``time_per_call(fn, *lists, runs, trials)``: the program is dispatched ``runs`` times back to
+  back before waiting for the last result (host dispatch of program r+1 overlaps device execution
+  of program r); the time per call is the median over ``trials`` of
+  ``total / (runs * len(lists[0]))``, after one warm-up (compile) call.
+* ``copy_bandwidth()``: the HBM roofline's denominator, a device-to-device copy measured in the
+  same run (bytes read + written).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def many(op):
+  """``jax.jit`` of ``lists -> [op(*args) for args in zip(*lists)]`` (see the module docstring)."""
+  def program(*lists):
+    return [op(*args) for args in zip(*lists)]
+  return jax.jit(program)
+
+
+def time_per_call(fn, *lists, runs: int, trials: int) -> float:
+  """Seconds per call of a ``many`` program making ``len(lists[0])`` calls (module docstring)."""
+  jax.block_until_ready(fn(*lists))
+  times = []
+  for _ in range(trials):
+    t0 = time.perf_counter()
+    for _ in range(runs):
+      out = fn(*lists)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times) / (runs * len(lists[0]))
+
+
+def copy_bandwidth() -> float:
+  """Device-to-device copy bandwidth in bytes/s (bytes read + written)."""
+  n = 1 << 28 if jax.default_backend() == "gpu" else 1 << 22  # 1 GiB of f32 on a GPU
+  a = jnp.ones((n,), jnp.float32)
+  f = jax.jit(lambda a: [a + jnp.float32(i) for i in range(4)])
+  jax.block_until_ready(f(a))
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a))
+    times.append(time.perf_counter() - t0)
+  del a
+  return 4 * 2 * n * 4 / statistics.median(times)
+
+
+def device_kind() -> str:
+  return jax.devices()[0].device_kind
+
+
+def parse_shapes(text: str, dims: int, what: str) -> list[tuple[int, ...]]:
+  """``"4096x14336,4096x4096"`` -> ``[(4096, 14336), (4096, 4096)]`` (positive ints, ``dims``
+  per shape); ValueError with a one-line message otherwise."""
+  shapes = []
+  for part in text.split(","):
+    fields = part.strip().lower().split("x")
+    try:
+      shape = tuple(int(f) for f in fields)
+    except ValueError:
+      shape = ()
+    if len(shape) != dims or min(shape) < 1:
+      raise ValueError(f"{what}: {part.strip()!r} is not {dims} positive integers joined by 'x'")
+    shapes.append(shape)
+  return shapes
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+  """``"1,16,64"`` -> ``[1, 16, 64]`` (positive ints); ValueError otherwise."""
+  try:
+    values = [int(v) for v in text.split(",")]
+  except ValueError:
+    values = []
+  if not values or min(values) < 1:
+    raise ValueError(f"{what}: {text!r} is not a comma-separated list of positive integers")
+  return values
