@@ -45,7 +45,9 @@ int main(int argc, char **argv) {
   int sms = 0;
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   const int bps = blocks_per_sm<false>(mt, true);
-  int splits = argc > 4 ? std::atoi(argv[4]) : std::max(1, std::min({sms * bps / (n_blocks * token_tiles), units, 64}));
+  // As jax_nvfp4/ops/dense.py choose_launch.
+  int splits = argc > 4 ? std::atoi(argv[4])
+                        : std::max(1, std::min({sms * bps / (n_blocks * token_tiles), units, 64}));
   const int copies = 16, trials = 9;
   const size_t sbytes = size_t(n16) * k64 * 64;
   std::vector<void *> w(copies), s(copies);

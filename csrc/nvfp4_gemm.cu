@@ -45,14 +45,14 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32>
   if (has_bias && bias.element_count() != static_cast<size_t>(n))
     return invalid("bias must have N elements");
   if (static_cast<int64_t>(out->element_count()) != m * n) return invalid("out must be [..., N]");
-  if (splits < 1 || splits > (k64 + kChunksPerStage - 1) / kChunksPerStage)
-    return invalid("splits out of range (at most one per k128 unit)");
   if (m_tile != 1 && m_tile != 2 && m_tile != 4 && m_tile != 8) return invalid("bad m_tile");
+  const int64_t token_tiles = (m + 8 * m_tile - 1) / (8 * m_tile);
+  const int64_t n_blocks = (n16 + kWarps - 1) / kWarps;
+  const int64_t units = (k64 + kChunksPerStage - 1) / kChunksPerStage;
+  if (splits < 1 || splits > units) return invalid("splits out of range (at most one per k-unit)");
   if (m == 0) return ffi::Error::Success();
   if (m > INT32_MAX / 2 || n * k > (int64_t(1) << 40)) return invalid("problem too large");
 
-  const int64_t token_tiles = (m + 8 * m_tile - 1) / (8 * m_tile);
-  const int64_t n_blocks = (n16 + kWarps - 1) / kWarps;
   const int64_t tickets = ticket_bytes(token_tiles, n_blocks);
   const int64_t need = splits > 1 ? tickets + splits * m * n * 4 : 0;
   if (static_cast<int64_t>(workspace->element_count()) < need)

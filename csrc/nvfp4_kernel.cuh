@@ -30,7 +30,8 @@ struct GemmParams {
   void *out;                  // [rows_out, N]
   float *partials;            // [splits][slots][N] when splits > 1
   int *tickets;               // one per (token tile, N block) when splits > 1
-  int rows_out, n, k, n16, k64, splits;
+  int rows_out, n, k, n16, k64;
+  int splits;                 // K splits per tile (gridDim.y)
   int slots;                  // token slots in all tiles: M (dense) or the padded length (MoE)
   // MoE only.
   const int *sorted_ids;      // [slots]
@@ -59,8 +60,7 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const 
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2;
   const int t = lane & 3;
-  const int tile_n = blockIdx.x * kWarps + warp;
-  const int split = blockIdx.y;
+  const int units_per_tile = (p.k64 + kChunksPerStage - 1) / kChunksPerStage;
   const int slot0 = blockIdx.z * 8 * MT;
 
   int expert = 0;
@@ -70,11 +70,13 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const 
     expert = __ldg(p.block_expert + blockIdx.z);
     if (expert < 0) return;
   }
-  const bool active = tile_n < p.n16;
 
-  const int units = (p.k64 + kChunksPerStage - 1) / kChunksPerStage;
-  const int u_begin = static_cast<int>((static_cast<int64_t>(units) * split) / p.splits);
-  const int u_end = static_cast<int>((static_cast<int64_t>(units) * (split + 1)) / p.splits);
+  // This block's units (see tile_mainloop): split blockIdx.y of tile blockIdx.x.
+  const int tile_base = blockIdx.x * units_per_tile;
+  const int u_begin =
+      tile_base + static_cast<int>((static_cast<int64_t>(units_per_tile) * blockIdx.y) / p.splits);
+  const int u_end =
+      tile_base + static_cast<int>((static_cast<int64_t>(units_per_tile) * (blockIdx.y + 1)) / p.splits);
 
   const T *xsrc[Cfg::kXPerThread];
 #pragma unroll
@@ -85,26 +87,13 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const 
       const int row = slot_row<kMoe>(p, slot0 + piece / Cfg::kXPiecesPerRow);
       if (row >= 0) {
         const int xrow = kMoe ? row / p.gather_div : row;
-        xsrc[i] = static_cast<const T *>(p.x) + static_cast<int64_t>(xrow) * p.k +
-                  (piece % Cfg::kXPiecesPerRow) * 8;
+        xsrc[i] = static_cast<const T *>(p.x) + static_cast<int64_t>(xrow) * p.k;
       }
     }
   }
 
-  const int64_t tile_off = (static_cast<int64_t>(expert) * p.n16 + (active ? tile_n : 0)) * p.k64;
-  float acc[MT][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) acc[mt][r] = 0.f;
-  tile_mainloop<T, MT>(p.qweight + tile_off * 32, p.qscales + tile_off * 4, active, xsrc, p.x,
-                       p.k, p.k64, u_begin, u_end, acc);
-
   const float gscale = __ldg(p.global_scale + expert) * Tr::kUnbias;
-  const int n_lo = tile_n * 16 + g;
-  const int n_hi = n_lo + 8;
   const float *bias = p.bias != nullptr ? p.bias + static_cast<int64_t>(expert) * p.n : nullptr;
-
   auto store = [&](int row, int n, float v) {
     v *= gscale;
     if (bias != nullptr) v += __ldg(bias + n);
@@ -113,65 +102,78 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const 
     }
     static_cast<T *>(p.out)[static_cast<int64_t>(row) * p.n + n] = static_cast<T>(v);
   };
+  __shared__ int is_last;
 
-  // Accumulator (mt, r) is output column (token slot) slot0 + mt*8 + 2t + (r & 1), N row
-  // n_lo or n_hi (r >= 2).
-  if (p.splits == 1) {
-    if (!active) return;
+  // Accumulator (mt, r) of tile `tile` is output column (token slot) slot0 + mt*8 + 2t + (r & 1),
+  // N row n_lo or n_hi (r >= 2).
+  auto epilogue = [&](int tile, float (&acc)[MT][4]) {
+    const int tile_n = tile * kWarps + warp;
+    const bool active = tile_n < p.n16;
+    const int n_lo = tile_n * 16 + g;
+    const int n_hi = n_lo + 8;
+    const int tile_begin = tile * units_per_tile;
+    if (u_begin <= tile_begin && u_end >= tile_begin + units_per_tile) {  // the whole K range
+      if (!active) return;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+      for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int row = slot_row<kMoe>(p, slot0 + mt * 8 + 2 * t + e);
-        if (row < 0) continue;
-        if (n_lo < p.n) store(row, n_lo, acc[mt][e]);
-        if (n_hi < p.n) store(row, n_hi, acc[mt][2 + e]);
+        for (int e = 0; e < 2; ++e) {
+          const int row = slot_row<kMoe>(p, slot0 + mt * 8 + 2 * t + e);
+          if (row < 0) continue;
+          if (n_lo < p.n) store(row, n_lo, acc[mt][e]);
+          if (n_hi < p.n) store(row, n_hi, acc[mt][2 + e]);
+        }
+      }
+      return;
+    }
+
+    // Part of the K range: an fp32 partial [split][slot][N], then the last split to finish
+    // the tile (atomic ticket) sums all parts in split order: bitwise deterministic.
+    const int64_t sn = static_cast<int64_t>(p.slots) * p.n;
+    float *mine = p.partials + blockIdx.y * sn;
+    if (active) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int slot = slot0 + mt * 8 + 2 * t + e;
+          if (slot_row<kMoe>(p, slot) < 0) continue;
+          if (n_lo < p.n) __stcg(mine + static_cast<int64_t>(slot) * p.n + n_lo, acc[mt][e]);
+          if (n_hi < p.n) __stcg(mine + static_cast<int64_t>(slot) * p.n + n_hi, acc[mt][2 + e]);
+        }
       }
     }
-    return;
-  }
-
-  const int64_t sn = static_cast<int64_t>(p.slots) * p.n;
-  if (active) {
-    float *mine = p.partials + split * sn;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const int ticket = atomicAdd(p.tickets + blockIdx.z * gridDim.x + tile, 1);
+      is_last = ticket == p.splits - 1;
+    }
+    __syncthreads();
+    if (!is_last || !active) return;
+    __threadfence();
+    auto reduce = [&](int slot, int row, int n) {
+      const int64_t off = static_cast<int64_t>(slot) * p.n + n;
+      float sum = 0.f;
+      for (int i = 0; i < p.splits; ++i) sum += __ldcg(p.partials + i * sn + off);
+      store(row, n, sum);
+    };
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int slot = slot0 + mt * 8 + 2 * t + e;
-        if (slot_row<kMoe>(p, slot) < 0) continue;
-        if (n_lo < p.n) __stcg(mine + static_cast<int64_t>(slot) * p.n + n_lo, acc[mt][e]);
-        if (n_hi < p.n) __stcg(mine + static_cast<int64_t>(slot) * p.n + n_hi, acc[mt][2 + e]);
+        const int row = slot_row<kMoe>(p, slot);
+        if (row < 0) continue;
+        if (n_lo < p.n) reduce(slot, row, n_lo);
+        if (n_hi < p.n) reduce(slot, row, n_hi);
       }
     }
-  }
-  __threadfence();
-  __syncthreads();
-  __shared__ int is_last;
-  if (threadIdx.x == 0) {
-    const int ticket = atomicAdd(p.tickets + blockIdx.z * gridDim.x + blockIdx.x, 1);
-    is_last = ticket == p.splits - 1;
-  }
-  __syncthreads();
-  if (!is_last || !active) return;
-  __threadfence();
-  auto reduce = [&](int slot, int row, int n) {
-    const int64_t off = static_cast<int64_t>(slot) * p.n + n;
-    float sum = 0.f;
-    for (int s = 0; s < p.splits; ++s) sum += __ldcg(p.partials + s * sn + off);
-    store(row, n, sum);
   };
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int slot = slot0 + mt * 8 + 2 * t + e;
-      const int row = slot_row<kMoe>(p, slot);
-      if (row < 0) continue;
-      if (n_lo < p.n) reduce(slot, row, n_lo);
-      if (n_hi < p.n) reduce(slot, row, n_hi);
-    }
-  }
+
+  const int64_t expert_off = static_cast<int64_t>(expert) * p.n16 * p.k64;
+  tile_mainloop<T, MT>(p.qweight + expert_off * 32, p.qscales + expert_off * 4, p.n16, p.k64, xsrc,
+                       p.x, p.k, units_per_tile, u_begin, u_end, epilogue);
 }
 
 inline int64_t ticket_bytes(int64_t token_tiles, int64_t n_blocks) {

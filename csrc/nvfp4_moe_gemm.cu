@@ -65,7 +65,7 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
   if (static_cast<int64_t>(out->element_count()) != num_rows_out * n)
     return invalid("out must be [num_rows_out, N]");
   if (splits < 1 || splits > (k64 + kChunksPerStage - 1) / kChunksPerStage)
-    return invalid("splits out of range (at most one per k128 unit)");
+    return invalid("splits out of range (at most one per pipeline unit)");
   if (num_rows_out == 0) return ffi::Error::Success();
   if (slots > INT32_MAX / 2 || num_rows_out > INT32_MAX / 2) return invalid("problem too large");
 

@@ -69,10 +69,10 @@ constexpr int kThreads = kWarps * 32;
 
 // Tuning knobs, overridable at compile time for benchmarks/kernel_lab.cu only.
 #ifndef JAX_NVFP4_CHUNKS_PER_STAGE
-#define JAX_NVFP4_CHUNKS_PER_STAGE 2
+#define JAX_NVFP4_CHUNKS_PER_STAGE 4
 #endif
 #ifndef JAX_NVFP4_DECODE_STAGES
-#define JAX_NVFP4_DECODE_STAGES 4
+#define JAX_NVFP4_DECODE_STAGES 2
 #endif
 constexpr int kChunksPerStage = JAX_NVFP4_CHUNKS_PER_STAGE;  // k64 chunks per stage ("unit")
 
@@ -218,19 +218,22 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
                : "r"(addr));
 }
 
-// The main loop of one block: accumulates x_rows @ W_tile^T over k128 units [u_begin, u_end).
-//   wtile: this warp's weight tile, [K64][32] uint4 (only read when active)
-//   stile: this warp's scale tile, [K64][4] uint4 (only read when active)
-//   xsrc:  per x piece this thread copies, the address of its token row at piece q (or null
-//          for a row that holds no token); piece p = threadIdx.x + i * kThreads covers row
-//          p / kXPiecesPerRow, piece q = p % kXPiecesPerRow
+// The main loop of one block. Work is a line of units u = tile * units_per_tile + kunit, where
+// tile is an N block (8 warps x 16 rows; warp w's N tile is tile * 8 + w) and kunit a k-unit of
+// kChunksPerStage k64 chunks. The block runs units [u_begin, u_end), which may cross tiles (the
+// dense kernel's stream-K schedule); the pipeline runs on across a tile boundary. After the last
+// unit of each tile in its range it calls epilogue(tile, acc) (all threads, uniformly; it may
+// synchronise the block) and clears the accumulators.
+//   qweight: [N16][K64][32] uint4;  qscales: [N16][K64][4] uint4 (one expert's)
+//   xsrc:  per x piece this thread copies, the address of its token row at piece q, column 0
+//          (or null for a row that holds no token); piece p = threadIdx.x + i * kThreads covers
+//          row p / kXPiecesPerRow, piece q = p % kXPiecesPerRow
 //   x_any: any valid global address (a zero-filling copy still names a source)
-// All threads of the block must call it (it synchronises the block).
-template <typename T, int MT>
+template <typename T, int MT, typename Epilogue>
 __device__ __forceinline__ void tile_mainloop(
-    const uint4 *__restrict__ wtile, const uint4 *__restrict__ stile, bool active,
-    const T *const (&xsrc)[TileConfig<MT>::kXPerThread], const void *x_any, int k, int k64,
-    int u_begin, int u_end, float (&acc)[MT][4]) {
+    const uint4 *__restrict__ qweight, const uint4 *__restrict__ qscales, int n16, int k64,
+    const T *const (&xsrc)[TileConfig<MT>::kXPerThread], const void *x_any, int k,
+    int units_per_tile, int u_begin, int u_end, Epilogue &&epilogue) {
   using Cfg = TileConfig<MT>;
   constexpr int S = Cfg::kStages;
   constexpr int KC = kChunksPerStage;
@@ -241,12 +244,9 @@ __device__ __forceinline__ void tile_mainloop(
   const uint64_t policy = evict_first_policy();
   const uint32_t smem_base = smem_addr(smem);
 
-  // Where this thread's copies land inside a stage, and what they read at unit u_begin.
+  // Where this thread's copies land inside a stage.
   const uint32_t w_dst = threadIdx.x * 16;
   const uint32_t s_dst = Cfg::kWBytes + warp * (KC * 64) + lane * 16;   // lanes 0 .. 4*KC-1
-  const uint4 *w_src = wtile + static_cast<int64_t>(u_begin) * KC * 32 + lane;
-  const uint4 *s_src = stile + u_begin * KC * 4 + lane;
-  const bool s_copier = active && lane < 4 * KC;
   uint32_t x_dst[Cfg::kXPerThread];
   const T *x_src[Cfg::kXPerThread];
   int x_col[Cfg::kXPerThread];
@@ -255,48 +255,53 @@ __device__ __forceinline__ void tile_mainloop(
     const int piece = threadIdx.x + i * kThreads;
     const int row = piece / Cfg::kXPiecesPerRow, q = piece % Cfg::kXPiecesPerRow;
     x_dst[i] = Cfg::kWBytes + Cfg::kSBytes + row * Cfg::kXRowBytes +
-               (((q & 8) | ((q ^ row) & 7)) << 4);
+               (((q & ~7) | ((q ^ row) & 7)) << 4);
     const bool mine = Cfg::kXPieces >= kThreads || piece < Cfg::kXPieces;
     x_src[i] = mine ? xsrc[i] : nullptr;
-    x_col[i] = u_begin * KC * 64 + q * 8;
+    x_col[i] = q * 8;
     // A row without a token is zero in every stage, once; it is never copied.
     if (mine && xsrc[i] == nullptr) {
 #pragma unroll
       for (int s = 0; s < S; ++s)
         *reinterpret_cast<uint4 *>(smem + s * Cfg::kStageBytes + x_dst[i]) = make_uint4(0, 0, 0, 0);
     }
-    if (x_src[i] != nullptr) x_src[i] += u_begin * KC * 64;
   }
-  int chunk = u_begin * KC;   // first k64 chunk of the next unit to load
 
-  // Loads the next unit into the stage at byte offset `stage` and advances the sources.
+  // The unit the loads are at.
+  int ld_tile = u_begin / units_per_tile;
+  int ld_kunit = u_begin - ld_tile * units_per_tile;
   auto load_next = [&](uint32_t stage) {
     const uint32_t base = smem_base + stage;
-    if (active) {
+    const int tile_n = ld_tile * kWarps + warp;
+    const int chunk = ld_kunit * KC;
+    if (tile_n < n16) {
+      const int64_t at = static_cast<int64_t>(tile_n) * k64 + chunk;
+      const uint4 *w_src = qweight + at * 32 + lane;
 #pragma unroll
       for (int kc = 0; kc < KC; ++kc) {
-        // An odd K64 leaves the second chunk of the last unit empty: zero-filled.
+        // K64 not a multiple of KC leaves the last unit's tail chunks empty: zero-filled.
         const bool in = chunk + kc < k64;
-        cp_async16_stream_zfill(base + kc * (kWarps * 512) + w_dst, in ? w_src + kc * 32 : wtile,
+        cp_async16_stream_zfill(base + kc * (kWarps * 512) + w_dst, in ? w_src + kc * 32 : qweight,
                                 in ? 16u : 0u, policy);
       }
-    }
-    if (s_copier) {
-      const bool in = chunk + (lane >> 2) < k64;
-      cp_async16_stream_zfill(base + s_dst, in ? s_src : stile, in ? 16u : 0u, policy);
+      if (lane < 4 * KC) {
+        const bool in = chunk + (lane >> 2) < k64;
+        cp_async16_stream_zfill(base + s_dst, in ? qscales + at * 4 + lane : qscales, in ? 16u : 0u,
+                                policy);
+      }
     }
 #pragma unroll
     for (int i = 0; i < Cfg::kXPerThread; ++i) {
       if (x_src[i] == nullptr) continue;
-      const bool in = x_col[i] < k;
-      cp_async16_zfill(base + x_dst[i], in ? static_cast<const void *>(x_src[i]) : x_any,
+      const int col = chunk * 64 + x_col[i];
+      const bool in = col < k;
+      cp_async16_zfill(base + x_dst[i], in ? static_cast<const void *>(x_src[i] + col) : x_any,
                        in ? 16u : 0u);
-      x_src[i] += KC * 64;
-      x_col[i] += KC * 64;
     }
-    w_src += KC * 32;
-    s_src += KC * 4;
-    chunk += KC;
+    if (++ld_kunit == units_per_tile) {
+      ld_kunit = 0;
+      ++ld_tile;
+    }
   };
 
   // ldmatrix row addresses of this lane (relative to a stage's x tile) for k16 pairs 0-1, 2-3
@@ -307,7 +312,8 @@ __device__ __forceinline__ void tile_mainloop(
 #pragma unroll
     for (int jp = 0; jp < 2; ++jp) {
       const int r = lane & 7, q = 8 * kc + 4 * jp + (lane >> 3);
-      x_ld[kc][jp] = Cfg::kWBytes + Cfg::kSBytes + r * Cfg::kXRowBytes + (((q & 8) | ((q ^ r) & 7)) << 4);
+      x_ld[kc][jp] = Cfg::kWBytes + Cfg::kSBytes + r * Cfg::kXRowBytes +
+                     (((q & ~7) | ((q ^ r) & 7)) << 4);
     }
 
   const int units = u_end - u_begin;
@@ -318,7 +324,15 @@ __device__ __forceinline__ void tile_mainloop(
     cp_async_commit();
     load_stage += Cfg::kStageBytes;
   }
+  if (load_stage == S * Cfg::kStageBytes) load_stage = 0;
 
+  float acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) acc[mt][r] = 0.f;
+  int tile = u_begin / units_per_tile;
+  int kunit = u_begin - tile * units_per_tile;
   uint32_t stage = 0;
   for (int u = 0; u < units; ++u) {
     cp_async_wait<S - 2>();
@@ -326,7 +340,7 @@ __device__ __forceinline__ void tile_mainloop(
     if (u + S - 1 < units) load_next(load_stage);
     cp_async_commit();
 
-    if (active) {
+    if (tile * kWarps + warp < n16) {
       const unsigned char *st = smem + stage;
       const uint32_t x_stage = smem_base + stage;
 #pragma unroll
@@ -362,6 +376,15 @@ __device__ __forceinline__ void tile_mainloop(
     }
     stage = stage + Cfg::kStageBytes == S * Cfg::kStageBytes ? 0 : stage + Cfg::kStageBytes;
     load_stage = load_stage + Cfg::kStageBytes == S * Cfg::kStageBytes ? 0 : load_stage + Cfg::kStageBytes;
+    if (++kunit == units_per_tile || u + 1 == units) {
+      epilogue(tile, acc);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[mt][r] = 0.f;
+      kunit = 0;
+      ++tile;
+    }
   }
 }
 

@@ -114,24 +114,21 @@ def _blocks_per_sm(m_tile: int) -> int:
   return _ffi.blocks_per_sm(m_tile, True) or 2
 
 
-# Waves of resident blocks the split-K grid aims for. More, shorter blocks even out the work
-# per SM (blocks start as others finish) at the price of more fp32 partials; a tuning knob for
-# benchmarks/sweep_dense.py, not an API.
-WAVES = 1.0
-_CHUNKS_PER_UNIT = 2  # csrc/nvfp4_tile.cuh kChunksPerStage: K is split in k128 units
+_CHUNKS_PER_UNIT = 4  # csrc/nvfp4_tile.cuh kChunksPerStage: K is split in units of 4 k64 chunks
 
 
 def choose_launch(m: int, n: int, k: int) -> tuple[int, int]:
   """(splits, m_tile) for the dense kernel.
 
-  K is split so that the grid fills ``WAVES`` waves of resident blocks, each split at least one
-  k128 unit (a pipeline stage) long, at most 64 splits.
+  K is split so that the grid fills one wave of resident blocks (a partial second wave would
+  leave SMs idle for a whole block's time), each split at least one k-unit (a pipeline stage of
+  four k64 chunks) long, at most 64 splits.
   """
   mt = _m_tile(m)
   n_blocks = -(-(-(-n // 16)) // _WARPS_PER_BLOCK)
   m_tiles = max(1, -(-m // (8 * mt)))
   units = -(-(-(-k // 64)) // _CHUNKS_PER_UNIT)
-  slots = int(_sm_count() * _blocks_per_sm(mt) * WAVES)
+  slots = _sm_count() * _blocks_per_sm(mt)
   splits = slots // (n_blocks * m_tiles)
   return int(max(1, min(splits, units, 64))), mt
 
