@@ -500,6 +500,17 @@ def test_split_k_choice_and_workspace():
   assert moe_ops.moe_workspace_bytes(64, 2048, 8, 1) == 256
 
 
+@pytest.mark.parametrize("k", [16, 64, 192, 256, 320, 768, 2048, 7168])
+@pytest.mark.parametrize("slots", [8, 64, 512])
+def test_split_k_never_exceeds_the_kernel_units(k, slots):
+  # The handler accepts at most one split per pipeline unit of four k64 chunks.
+  units = -(-(-(-k // 64)) // 4)
+  assert 1 <= moe_ops.choose_moe_splits(slots, 256, k, 8) <= units
+  from jax_nvfp4.ops import dense
+  for m in (1, 9, 17, 40, 300):
+    assert 1 <= dense.choose_launch(m, 256, k)[0] <= units
+
+
 # ----------------------------------------------------------------------------- backend choice
 
 

@@ -273,10 +273,13 @@ mlir.register_lowering(nvfp4_moe_gemm_p, _default_lowering)
 _WARPS_PER_BLOCK = 8  # csrc kWarps: one block covers 8 * 16 = 128 rows of N
 
 
+_CHUNKS_PER_UNIT = 4  # csrc/nvfp4_tile.cuh kChunksPerStage
+
+
 def choose_moe_splits(num_slots: int, n: int, k: int, block_m: int, bf16: bool = True) -> int:
   """Split-K factor of the grouped GEMM: enough (N block, token tile, split) blocks to fill one
-  wave of resident blocks, with at least one k128 unit (two k64 chunks) per split (at most 64
-  splits)."""
+  wave of resident blocks, with at least one k-unit (a pipeline stage of four k64 chunks) per
+  split (at most 64 splits)."""
   n_blocks = -(-(-(-n // 16)) // _WARPS_PER_BLOCK)
   tiles = max(1, num_slots // block_m)
   k64 = -(-k // 64)
@@ -284,7 +287,7 @@ def choose_moe_splits(num_slots: int, n: int, k: int, block_m: int, bf16: bool =
   occupancy = getattr(_ffi, "moe_blocks_per_sm", None)
   resident = sms * ((occupancy(block_m // 8, bf16) if occupancy else 0) or 2)
   splits = resident // (n_blocks * tiles)
-  return int(max(1, min(splits, k64 // 2, 64)))
+  return int(max(1, min(splits, -(-k64 // _CHUNKS_PER_UNIT), 64)))
 
 
 def moe_workspace_bytes(num_slots: int, n: int, block_m: int, splits: int) -> int:
