@@ -94,10 +94,6 @@ extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16) {
   return jax_nvfp4::blocks_per_sm<false>(mt, bf16 != 0);
 }
 
-extern "C" int jax_nvfp4_moe_blocks_per_sm(int mt, int bf16) {
-  return jax_nvfp4::blocks_per_sm<true>(mt, bf16 != 0);
-}
-
 // Multiprocessor count of the current device (for the split-K choice made at trace time).
 extern "C" int jax_nvfp4_sm_count() {
   int dev = 0, count = 0;
