@@ -76,7 +76,8 @@ def kernel_shapes(n: int, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def _e4m3_to_ue5m3(scales: jax.Array):
   """float8_e4m3fn -> (UE5M3 uint8 of |s|, sign flip mask, zero mask)."""
-  f = scales.astype(jnp.float32)
+  # Barrier: scales made in the same jit must be read as rounded to E4M3 (see quantize).
+  f = jax.lax.optimization_barrier(scales).astype(jnp.float32)
   bad = (f == 0) | jnp.isnan(f)
   mag = jnp.where(bad, 1.0, jnp.abs(f))
   bits = jax.lax.bitcast_convert_type(mag, jnp.uint32)

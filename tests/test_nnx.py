@@ -229,13 +229,21 @@ def test_sharding_metadata_one_device_mesh(rng):
   graphdef = nnx.graphdef(abstract)
   x = jnp.asarray(randn(rng, 2, 64), jnp.bfloat16)
   merged, eager = np.asarray(nnx.merge(graphdef, state)(x)), np.asarray(layer(x))
-  if jax.default_backend() == "cpu":
+  gs_jit, gs_eager = (float(np.asarray(l.global_scale.get_value()))
+                      for l in (nnx.merge(graphdef, state), layer))
+  if gs_jit == gs_eager:
+    # Created under jit or eagerly: the same weight bits, so the same output bits.
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(nnx.state(layer))):
+      np.testing.assert_array_equal(np.asarray(a).reshape(-1).view(np.uint8),
+                                    np.asarray(b).reshape(-1).view(np.uint8))
     np.testing.assert_array_equal(merged, eager)
   else:
-    # On a GPU, quantize under jit and eagerly may pick global scales 1 ulp apart (XLA's f32
-    # division is not correctly rounded there; README Limits), so equal only to bf16 rounding.
+    # On a GPU, amax / 2688 may round 1 ulp apart fused and unfused (XLA's f32 division is not
+    # correctly rounded there; README Limits): a few codes on rounding boundaries may flip.
+    assert jax.default_backend() != "cpu"
+    np.testing.assert_array_max_ulp(np.float32(gs_jit), np.float32(gs_eager), 1)
     np.testing.assert_allclose(merged.astype(np.float32), eager.astype(np.float32),
-                               rtol=2**-7, atol=1e-2)
+                               rtol=2**-6, atol=2e-2)
   # Prepared layout: names along [N16, K64, 32, 4] / [N16, K64, 64].
   with jax.set_mesh(mesh):
     prepped = nnx.eval_shape(lambda: NVFP4Linear(64, 32, rngs=nnx.Rngs(0), prepare=True,

@@ -95,3 +95,16 @@ def test_prepared_matmul_on_reference_path_equals_unprepared(rng):
   assert out.shape == (2, 5, 70) and out.dtype == jnp.float16
   with pytest.raises(ValueError, match="K = 96"):
     nf.nvfp4_matmul(jnp.zeros((2, 64), jnp.bfloat16), nf.prepare(w))
+
+
+def test_dequantize_takes_the_kernel_layout(rng):
+  # A stacked weight off the tile sizes: the prepared weight dequantizes to the same bits, and
+  # the values are the NumPy decode of the checkpoint codes.
+  w = nf.quantize(jnp.asarray(rng.standard_normal((3, 20, 48)), jnp.float32))
+  got = np.asarray(nf.dequantize(nf.prepare(w), jnp.float32))
+  np.testing.assert_array_equal(got, np.asarray(nf.dequantize(w, jnp.float32)))
+  want = npref.dequantize(np.asarray(w.packed[1]), np.asarray(w.scales[1]),
+                          float(w.global_scale[1]))
+  np.testing.assert_allclose(got[1], want, rtol=1e-6)
+  with pytest.raises(TypeError, match="NVFP4Weight or PreparedNVFP4Weight"):
+    nf.dequantize(jnp.ones((16, 32)))

@@ -62,7 +62,8 @@ class DenseMoE(nnx.Module):
 
 def moe_to_nvfp4(moe: DenseMoE):
   # The router stays bf16; the experts are quantized.
-  return NVFP4MoE.from_dense(moe.gate.kernel[...].T, moe.w13[...], moe.w2[...], top_k=TOP_K)
+  return NVFP4MoE.from_dense(moe.gate.kernel[...].T, moe.w13[...], moe.w2[...], top_k=TOP_K,
+                            prepare=False)
 
 
 class Block(nnx.Module):
