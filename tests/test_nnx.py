@@ -229,19 +229,18 @@ def test_sharding_metadata_one_device_mesh(rng):
   graphdef = nnx.graphdef(abstract)
   x = jnp.asarray(randn(rng, 2, 64), jnp.bfloat16)
   merged, eager = np.asarray(nnx.merge(graphdef, state)(x)), np.asarray(layer(x))
-  gs_jit, gs_eager = (float(np.asarray(l.global_scale.get_value()))
-                      for l in (nnx.merge(graphdef, state), layer))
-  if gs_jit == gs_eager:
-    # Created under jit or eagerly: the same weight bits, so the same output bits.
+  if jax.default_backend() == "cpu":
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(nnx.state(layer))):
       np.testing.assert_array_equal(np.asarray(a).reshape(-1).view(np.uint8),
                                     np.asarray(b).reshape(-1).view(np.uint8))
     np.testing.assert_array_equal(merged, eager)
   else:
-    # On a GPU, amax / 2688 may round 1 ulp apart fused and unfused (XLA's f32 division is not
-    # correctly rounded there; README Limits): a few codes on rounding boundaries may flip.
-    assert jax.default_backend() != "cpu"
-    np.testing.assert_array_max_ulp(np.float32(gs_jit), np.float32(gs_eager), 1)
+    # On a GPU the random kernel drawn under jit differs from the eager one by ulps (fused
+    # erf_inv), so a few codes on rounding boundaries may flip: the weights agree far inside
+    # the quantization error (~0.1), and so do the outputs.
+    w_jit, w_eager = (np.asarray(nf.dequantize(l.weight, jnp.float32), np.float64)
+                      for l in (nnx.merge(graphdef, state), layer))
+    assert np.linalg.norm(w_jit - w_eager) <= 1e-2 * np.linalg.norm(w_eager)
     np.testing.assert_allclose(merged.astype(np.float32), eager.astype(np.float32),
                                rtol=2**-6, atol=2e-2)
   # Prepared layout: names along [N16, K64, 32, 4] / [N16, K64, 64].

@@ -120,15 +120,17 @@ _CHUNKS_PER_UNIT = 4  # csrc/nvfp4_tile.cuh kChunksPerStage: K is split in units
 def choose_launch(m: int, n: int, k: int) -> tuple[int, int]:
   """(splits, m_tile) for the dense kernel.
 
-  K is split so that the grid fills one wave of resident blocks (a partial second wave would
-  leave SMs idle for a whole block's time), each split at least one k-unit (a pipeline stage of
-  four k64 chunks) long, at most 64 splits.
+  K is split so that the grid fills one wave (a partial second wave would leave SMs idle for a
+  whole block's time), each split at least one k-unit (a pipeline stage of four k64 chunks)
+  long, at most 64 splits. For m_tile <= 2 the wave is every resident block (several per SM);
+  for m_tile >= 4 it is one block per SM: measured on an H100 (benchmarks/sweep_launch.py,
+  NOTES_dense.md), filling the second slot of an SM with more splits was slower at M = 32-128.
   """
   mt = _m_tile(m)
   n_blocks = -(-(-(-n // 16)) // _WARPS_PER_BLOCK)
   m_tiles = max(1, -(-m // (8 * mt)))
   units = -(-(-(-k // 64)) // _CHUNKS_PER_UNIT)
-  slots = _sm_count() * _blocks_per_sm(mt)
+  slots = _sm_count() * (_blocks_per_sm(mt) if mt <= 2 else 1)
   splits = slots // (n_blocks * m_tiles)
   return int(max(1, min(splits, units, 64))), mt
 
@@ -275,9 +277,11 @@ def nvfp4_matmul(x: jax.Array, w: NVFP4Weight | PreparedNVFP4Weight,
 
 #: Above this many tokens the GPU path dequantizes the weight to a temporary (e2m1 * block
 #: scale, exact in bf16/fp16) and uses XLA's GEMM, applying the global scale to the fp32
-#: result: the mma.sync kernel is tuned for decode and loses to cuBLAS at prefill sizes
-#: (benchmarks/results). Tests lower it to exercise the kernel at large M.
-KERNEL_MAX_M = 32
+#: result: the mma.sync kernel is tuned for decode and loses to cuBLAS at prefill sizes. The
+#: crossover measured on an H100 lies between M = 512 and 1024 on the four benchmark shapes
+#: (4096x14336: kernel 171 us vs 301 at M = 256, 554 vs 426 at M = 1024; NOTES_dense.md).
+#: Tests lower it to exercise the kernel at large M.
+KERNEL_MAX_M = 512
 
 
 def _dequant_dot(x, w: PreparedNVFP4Weight, bias):
