@@ -552,6 +552,26 @@ def test_backend_picks_the_lowering_for_cuda(rng, kernel_built):
     _kernel_calls(gemm("cuda"), x, platform="cpu")
 
 
+def test_auto_on_a_gpu_machine_still_lowers_for_the_host(rng, kernel_built, monkeypatch):
+  # On a GPU machine None/"auto" resolves to the kernel (weights prepared at trace time), but a
+  # computation placed on the host must lower there to the reference, not fail as "cuda" does.
+  monkeypatch.setattr(moe_ops, "resolve_backend", lambda backend, *a, **k: (
+      "cuda" if backend in (None, "auto", "cuda") else backend))
+  x, w13, w2 = _layer(rng, 6, 64, 32, 4)
+  logits = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
+  layer = lambda backend: (lambda a, l: nf.fused_moe(a, w13, w2, router_logits=l, top_k=2,
+                                                     backend=backend))
+  for backend in (None, "auto"):
+    assert _kernel_calls(layer(backend), x, logits) == 2
+    assert _kernel_calls(layer(backend), x, logits, platform="cpu") == 0
+  with pytest.raises(ValueError, match="cannot lower for platform"):
+    _kernel_calls(layer("cuda"), x, logits, platform="cpu")
+  # And it computes: the same result as the reference backend, on the CPU.
+  got = jax.jit(layer(None))(x, logits)
+  want = jax.jit(layer("reference"))(x, logits)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 def test_backend_without_the_kernel(rng):
   x, w13, w2 = _layer(rng, 6, 64, 32, 4)
   p13 = nf.prepare(w13)

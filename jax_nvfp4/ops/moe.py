@@ -547,7 +547,7 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
     backend: which implementation runs the grouped GEMMs, in ``jax_nvfp4.backend``'s names
       (``resolve_backend``, decided at trace time): None or ``"auto"`` (the CUDA kernel on a
       CUDA GPU with compute capability >= 8.0 and the kernel built, the pure-JAX reference
-      elsewhere), ``"reference"`` (always the pure-JAX reference, on a GPU too: prepared weights
+      elsewhere, including a computation a GPU machine places on its CPU), ``"reference"`` (always the pure-JAX reference, on a GPU too: prepared weights
       go through the primitive's reference lowering, checkpoint-layout ones are never prepared)
       or ``"cuda"`` (the kernel; a ``ValueError`` listing the reasons where it cannot run).
 
@@ -651,10 +651,13 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
   if lowering == "cuda":
     w13 = prepare(w13) if isinstance(w13, NVFP4Weight) else w13
     w2 = prepare(w2) if isinstance(w2, NVFP4Weight) else w2
+  # Chosen rather than asked for: the primitive still lowers per platform, so a computation
+  # placed on the host of a GPU machine (jax.jit(..., device=cpu)) runs the reference there.
+  primitive_backend = "auto" if backend in (None, "auto") and lowering == "cuda" else lowering
 
   def gemm(a, w, **kw):
     if isinstance(w, PreparedNVFP4Weight):
-      return nvfp4_moe_gemm(a, w, alignment, num_rows_out=rows, backend=lowering, **kw)
+      return nvfp4_moe_gemm(a, w, alignment, num_rows_out=rows, backend=primitive_backend, **kw)
     return _checkpoint_moe_gemm(a, w, alignment, num_rows_out=rows, **kw)
 
   x2 = x.reshape(m, hidden)
