@@ -62,6 +62,14 @@ def test_vmap_over_x_and_over_weights(rng):
   w0 = jax.tree.map(lambda a: a[0], w)
   by_x = jax.vmap(nf.nvfp4_matmul, in_axes=(1, None))(x, w0)
   np.testing.assert_array_equal(np.asarray(by_x), np.asarray(nf.nvfp4_matmul(x, w0)).swapaxes(0, 1))
+  # The kernel-layout primitive batches the same way (one prepared weight per batch entry).
+  p = nf.prepare(w)
+  by_vmap_p = jax.vmap(nf.nvfp4_matmul)(x, p)
+  for e in range(3):
+    pe = jax.tree.map(lambda a: a[e], p)
+    np.testing.assert_array_equal(np.asarray(by_vmap_p[e]), np.asarray(nf.nvfp4_matmul(x[e], pe)))
+  by_x_p = jax.vmap(nf.nvfp4_matmul, in_axes=(1, None))(x, nf.prepare(w0))
+  np.testing.assert_array_equal(np.asarray(by_x_p), np.asarray(by_x))
 
 
 def test_eval_shape(rng):

@@ -72,18 +72,21 @@ mlir.register_lowering(nvfp4_matmul_p, mlir.lower_fun(_reference_impl, multiple_
 
 # ----------------------------------------------------------------------------- batching
 
-def _batch(args, dims, *, has_bias):
+def _batched(args, dims, call):
+  """vmap of ``call(x, *weight_ops)``, batch dim of the result at 0. Leading dims of x fold
+  into M, so only a batched weight needs a loop (``lax.map`` over the batch)."""
   x, *weight_ops = args
   x_dim, *weight_dims = dims
   if all(d is None for d in weight_dims):
-    # Leading dims of x fold into M: just move the batch dim to the front.
-    x = jnp.moveaxis(x, x_dim, 0)
-    return nvfp4_matmul_p.bind(x, *weight_ops, has_bias=has_bias), 0
+    return call(jnp.moveaxis(x, x_dim, 0), *weight_ops)
   size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
   args = [jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
           for a, d in zip(args, dims)]
-  out = jax.lax.map(lambda ops: nvfp4_matmul_p.bind(*ops, has_bias=has_bias), tuple(args))
-  return out, 0
+  return jax.lax.map(lambda ops: call(*ops), tuple(args))
+
+
+def _batch(args, dims, *, has_bias):
+  return _batched(args, dims, lambda *ops: nvfp4_matmul_p.bind(*ops, has_bias=has_bias)), 0
 
 
 batching.primitive_batchers[nvfp4_matmul_p] = _batch
@@ -199,18 +202,10 @@ if "jax_nvfp4_gemm_cuda" in _ffi.REGISTERED:
 
 
 def _gemm_batch(args, dims, **params):
-  x, *weight_ops = args
-  x_dim, *weight_dims = dims
-  if any(d is not None for d in weight_dims):
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    args = [jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
-            for a, d in zip(args, dims)]
-    out = jax.lax.map(lambda ops: _bind_gemm(*ops, n=params["n"], k=params["k"],
-                                             has_bias=params["has_bias"]), tuple(args))
-    return (out, jnp.zeros((256,), jnp.uint8)), (0, None)
-  x = jnp.moveaxis(x, x_dim, 0)
-  return (_bind_gemm(x, *weight_ops, n=params["n"], k=params["k"], has_bias=params["has_bias"]),
-          jnp.zeros((256,), jnp.uint8)), (0, None)
+  # The launch (splits, m_tile) is chosen again for the batched M; the workspace is dropped.
+  out = _batched(args, dims, lambda *ops: _bind_gemm(*ops, n=params["n"], k=params["k"],
+                                                      has_bias=params["has_bias"]))
+  return (out, jnp.zeros((256,), jnp.uint8)), (0, None)
 
 
 batching.primitive_batchers[nvfp4_gemm_p] = _gemm_batch
