@@ -481,6 +481,32 @@ def test_moe_reference_backend_never_reaches_the_kernel(rng, monkeypatch):
     assert lower(control).count(moe_ops.CUDA_TARGET) == 2
 
 
+def test_moe_auto_on_a_gpu_machine_lowers_per_platform(rng, monkeypatch):
+  """Built with backend="auto" where the oracle picks the kernel (pretended), the layer runs the
+  kernel when lowered for cuda and the reference for the host, as fused_moe(backend="auto")
+  does; a layer that asked for "cuda" explicitly still refuses the host."""
+  from jax_nvfp4.ops import moe as moe_ops
+  monkeypatch.setattr(nf._ffi, "REGISTERED", nf._ffi.REGISTERED | {moe_ops.CUDA_TARGET})
+  monkeypatch.setattr(_common, "choose_backend", lambda *a, **k: backend_lib.BackendChoice(
+      "cuda", "pretended GPU"))
+  e, h, i = 4, 64, 32
+  weights = randn(rng, e, h), randn(rng, e, 2 * i, h), randn(rng, e, h, i)
+  layer = NVFP4MoE.from_dense(*weights, top_k=2, prepare=True, backend="auto")
+  assert layer.backend.name == "cuda"
+  x = jnp.asarray(randn(rng, 5, h), jnp.bfloat16)
+  lower = lambda f, p: jax.jit(f).trace(x).lower(lowering_platforms=(p,)).as_text()
+  assert lower(lambda v: layer(v), "cuda").count(moe_ops.CUDA_TARGET) == 2
+  assert moe_ops.CUDA_TARGET not in lower(lambda v: layer(v), "cpu")
+  if jax.default_backend() == "cpu":
+    y = call(layer, x)
+    want = np_moe(bf16(x), bf16(layer.router.get_value()), dequant64(layer.w13),
+                  dequant64(layer.w2), 2, "swiglu")
+    assert rel_l2(y, want) < 1e-2
+    explicit = NVFP4MoE.from_dense(*weights, top_k=2, prepare=True, backend="cuda")
+    with pytest.raises(ValueError, match="cuda"):
+      explicit(x)
+
+
 def test_moe_bad_arguments(rng):
   e, h, i = 4, 32, 16
   router, w13, w2 = randn(rng, e, h), randn(rng, e, 2 * i, h), randn(rng, e, h, i)

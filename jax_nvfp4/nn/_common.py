@@ -31,6 +31,13 @@ def choose_backend(backend, activation_format, who: str, moe_activation=None, li
     raise ValueError(f"{who}: {e}") from None
 
 
+def moe_call_backend(requested, choice) -> str:
+  """The ``backend`` an MoE layer hands ``fused_moe``: "auto" where the user asked for "auto"
+  and the oracle chose the kernel, so the call still lowers per platform (the reference for a
+  computation placed on the host of a GPU machine); otherwise the choice itself."""
+  return "auto" if requested in (None, "auto") and choice.name == "cuda" else choice.name
+
+
 def check_compute_dtype(dtype, who: str):
   """``dtype`` must be None, bfloat16 or float16; returns it as a NumPy dtype (or None)."""
   if dtype is None:

@@ -370,7 +370,8 @@ class NVFP4MoE(nn.Module):
     logits = jnp.einsum("...h,eh->...e", xc.astype(router.dtype), router,
                         preferred_element_type=jnp.float32)
     kw = dict(router_logits=logits, routing=routing, activation=self.activation,
-              limit=self.limit, alpha=self.alpha, backend=choice.name)
+              limit=self.limit, alpha=self.alpha,
+              backend=_common.moe_call_backend(self.backend, choice))
     weights = _sharding.sharded_moe_weights(w13, w2, b13, b2, expert_axis=self.expert_axis,
                                           tensor_axis=self.tensor_axis, gated=gated,
                                           gate_up_shards=gate_up_shards, who=who)

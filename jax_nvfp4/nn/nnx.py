@@ -310,6 +310,7 @@ class NVFP4MoE(nnx.Module):
     self.dtype = _common.check_compute_dtype(dtype, who)
     self.backend = _common.choose_backend(backend, activation_format, who,
                                           moe_activation=activation, limit=self.limit)
+    self.backend_request = backend
     self.prepared = _common.resolve_prepare(prepare, self.backend, who)
     n13 = 2 * self.intermediate_size if acts.is_gated(activation) else self.intermediate_size
     self.n13 = n13
@@ -496,7 +497,8 @@ class NVFP4MoE(nnx.Module):
     w13, bias13 = self._weight("w13"), self._bias("w13_bias")
     w2, bias2 = self._weight("w2"), self._bias("w2_bias")
     kw = dict(router_logits=self.router_logits(xc), routing=routing, activation=self.activation,
-              limit=self.limit, alpha=self.alpha, backend=self.backend.name)
+              limit=self.limit, alpha=self.alpha,
+              backend=_common.moe_call_backend(self.backend_request, self.backend))
     sharded = _sharding.sharded_moe_weights(
         w13, w2, bias13, bias2, expert_axis=self.expert_axis, tensor_axis=self.tensor_axis,
         gated=self.n13 != self.intermediate_size, gate_up_shards=self.gate_up_shards,
