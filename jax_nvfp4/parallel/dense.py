@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import threading
 from typing import Any
 
@@ -49,6 +48,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_nvfp4.format import BLOCK_SIZE, NVFP4Weight
+from jax_nvfp4.parallel._axes import (axes as _axes, check_disjoint_axes, entry as _entry,
+                                      size as _size)
 from jax_nvfp4.prepare import CHUNK_K, TILE_N, PreparedNVFP4Weight
 
 CHECKPOINT = "checkpoint"
@@ -116,20 +117,6 @@ def _weight_arrays(w):
 
 # ----------------------------------------------------------------------------- sharding checks
 
-def _axes(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
-
-
-def _entry(axes: tuple[str, ...]):
-  return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
-
-
-def _size(mesh, axes) -> int:
-  return math.prod(mesh.shape[a] for a in axes)
-
-
 def _check_split(cfg: _Config, mesh, n_axes, k_axes) -> None:
   rows, cols = cfg.granule
   what = "NVFP4Weight" if cfg.layout == CHECKPOINT else "PreparedNVFP4Weight"
@@ -163,11 +150,8 @@ def check_weight_split(n: int, k: int, mesh, *, prepared: bool, n_axis=None, k_a
   tuples of names or None): the axes must exist and differ, and N, K divide as the module
   docstring says. The message names the mesh axis, the dim and the sizes."""
   n_axes, k_axes = _axes(n_axis), _axes(k_axis)
-  for a in n_axes + k_axes:
-    if a not in mesh.shape:
-      raise ValueError(f"{who}: {a!r} is not an axis of the mesh {dict(mesh.shape)}")
-  if set(n_axes) & set(k_axes):
-    raise ValueError(f"{who}: N and K cannot share mesh axes ({n_axes} vs {k_axes})")
+  check_disjoint_axes(mesh, n_axes, k_axes, who,
+                      f"N and K cannot share mesh axes ({n_axes} vs {k_axes})")
   _check_split(_Config(PREPARED if prepared else CHECKPOINT, int(n), int(k), False, None), mesh,
                n_axes, k_axes)
 

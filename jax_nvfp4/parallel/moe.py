@@ -29,7 +29,6 @@ that create their weights already sharded (``jax_nvfp4.nn``): ``moe_state_specs`
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -39,21 +38,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_nvfp4.format import BLOCK_SIZE, NVFP4Weight
 from jax_nvfp4.moe.activations import GPTOSS_ALPHA, is_gated
+from jax_nvfp4.parallel._axes import (axes as _axes, check_disjoint_axes, entry as _entry,
+                                      size as _size)
 from jax_nvfp4.prepare import CHUNK_K, TILE_N, PreparedNVFP4Weight
-
-
-def _axes(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
-
-
-def _entry(axes: tuple[str, ...]):
-  return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
-
-
-def _size(mesh, axes) -> int:
-  return math.prod(mesh.shape[a] for a in axes)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -181,11 +168,7 @@ def check_moe_split(mesh, num_experts: int, intermediate_size: int, *, prepared:
   (checkpoint layout: whole scale blocks of w2's K) / 64 (prepared: whole k64 chunks of w2 and
   whole 16-row tiles of w13)."""
   ea, ta = _axes(expert_axis), _axes(tensor_axis)
-  for a in ea + ta:
-    if a not in mesh.shape:
-      raise ValueError(f"{who}: {a!r} is not an axis of the mesh {dict(mesh.shape)}")
-  if set(ea) & set(ta):
-    raise ValueError(f"{who}: expert_axis {ea} and tensor_axis {ta} share an axis")
+  check_disjoint_axes(mesh, ea, ta, who, f"expert_axis {ea} and tensor_axis {ta} share an axis")
   ep, tp = _size(mesh, ea), _size(mesh, ta)
   e, inter = num_experts, intermediate_size
   if e % ep:
