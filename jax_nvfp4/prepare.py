@@ -99,7 +99,8 @@ def prepare(w: NVFP4Weight) -> PreparedNVFP4Weight:
   uint8 ``[N16, K64, 64]`` (UE5M3) and ``global_scale`` float32 (unchanged), where
   ``N16 = ceil(N/16)`` and ``K64 = ceil(K/64)``: rows and columns are padded with code 0 (layout:
   the module docstring). Exact: ``dequantize(unprepare(prepare(w)))`` equals
-  ``dequantize(w)`` (blocks with a NaN scale become zeros). Pure JAX and jit-able; do it once per weight, not per call.
+  ``dequantize(w)`` (blocks with a NaN scale become zeros). Pure JAX and jit-able; do it once
+  per weight, not per call.
 
   Stacked weights ``[..., N, K]`` (e.g. MoE experts ``[E, N, K]``) are prepared one by one (vmap):
   ``qweight [..., N16, K64, 32, 4]``, ``qscales [..., N16, K64, 64]``, ``global_scale [...]``.

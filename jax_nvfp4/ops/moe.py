@@ -547,8 +547,9 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
     backend: which implementation runs the grouped GEMMs, in ``jax_nvfp4.backend``'s names
       (``resolve_backend``, decided at trace time): None or ``"auto"`` (the CUDA kernel on a
       CUDA GPU with compute capability >= 8.0 and the kernel built, the pure-JAX reference
-      elsewhere, including a computation a GPU machine places on its CPU), ``"reference"`` (always the pure-JAX reference, on a GPU too: prepared weights
-      go through the primitive's reference lowering, checkpoint-layout ones are never prepared)
+      elsewhere, including a computation a GPU machine places on its CPU), ``"reference"``
+      (always the pure-JAX reference, on a GPU too: prepared weights go through the primitive's
+      reference lowering, checkpoint-layout ones are never prepared)
       or ``"cuda"`` (the kernel; a ``ValueError`` listing the reasons where it cannot run).
 
   Returns:
