@@ -7,6 +7,7 @@
 #ifdef JAX_NVFP4_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4GemmCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4MoeGemmCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4DequantizeCuda);
 extern "C" int jax_nvfp4_sm_count();
 extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16);
 extern "C" int jax_nvfp4_moe_blocks_per_sm(int mt, int bf16);
@@ -31,6 +32,7 @@ NB_MODULE(_C, m) {
 #ifdef JAX_NVFP4_WITH_CUDA
     registrations["jax_nvfp4_gemm_cuda"] = EncapsulateFfiHandler(Nvfp4GemmCuda);
     registrations["jax_nvfp4_moe_gemm_cuda"] = EncapsulateFfiHandler(Nvfp4MoeGemmCuda);
+    registrations["jax_nvfp4_dequantize_cuda"] = EncapsulateFfiHandler(Nvfp4DequantizeCuda);
 #endif
     return registrations;
   }, "Names and capsules of the XLA FFI handlers built into this module.");

@@ -14,7 +14,8 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
 from jax_nvfp4 import _ffi
-from jax_nvfp4.format import NVFP4Weight, check_weight, dequantize
+from jax_nvfp4.format import NVFP4Weight, check_weight
+from jax_nvfp4.ops.dequantize import dequantize_blocks
 from jax_nvfp4.prepare import PreparedNVFP4Weight, kernel_shapes, prepare, unprepare
 from jax_nvfp4.reference import reference_matmul
 
@@ -281,9 +282,8 @@ KERNEL_MAX_M = 512
 
 def _dequant_dot(x, w: PreparedNVFP4Weight, bias):
   """Prefill path: same semantics as the kernel (global scale and bias on the fp32 result)."""
-  checkpoint = unprepare(w)
-  unit = NVFP4Weight(checkpoint.packed, checkpoint.scales, jnp.float32(1.0))
-  w16 = dequantize(unit, x.dtype)  # exact: a 2-bit-mantissa code times an E4M3 scale
+  # Exact (a 2-bit-mantissa code times an E4M3 scale); csrc/nvfp4_dequant.cu on the GPU.
+  w16 = dequantize_blocks(w, x.dtype)
   out = jnp.einsum("...k,nk->...n", x, w16, preferred_element_type=jnp.float32)
   out = out * w.global_scale
   if bias is not None:
