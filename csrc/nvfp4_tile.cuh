@@ -16,16 +16,22 @@
 //
 // Weight layout (uint32 [N/16][K/64][32 lanes][4 k16 steps], written by jax_nvfp4/prepare.py):
 // one 32-bit word holds the 8 codes a lane needs for one 16x16 tile, so a lane's four k16 steps
-// are 16 contiguous bytes and a warp's k64 chunk is 512 contiguous bytes. Inside the word, pair
-// i (= a[i]) keeps the 3 magnitude bits of its low element at bits 3i..3i+2 and of its high
-// element at 16+3i..18+3i; the two signs sit at bits 12+i and 28+i. One shift and mask per part
-// drops the magnitudes into the exponent-low/mantissa-high bits of a 16-bit float and the signs
-// onto bit 15:
-//   bf16: value bits e1 e0 m -> bits 8..6  => E2M1 * 2^-126 (0.5 becomes a bf16 subnormal)
-//   fp16: value bits e1 e0 m -> bits 11..9 => E2M1 * 2^-14  (0.5 becomes an fp16 subnormal)
-// No lookup table, no local memory. (No bit order lets all four pairs decode with a single
-// rotate + mask: that would need four translates of the pattern {0,1,2,9} to tile Z/16, and
-// none does; see benchmarks/NOTES_dense.md.)
+// are 16 contiguous bytes and a warp's k64 chunk is 512 contiguous bytes. Inside the word, code
+// bit b (m, e0, e1, s) of element e of pair i (= a[i]) sits at bit CODE_BIT_POSITIONS[i][e][b]
+// (jax_nvfp4/prepare.py):
+//   pair 0: {0,1,2,9}    | {16,17,18,25}      pair 2: {10,11,12,19} | {26,27,28,3}
+//   pair 1: {4,5,6,13}   | {20,21,22,29}      pair 3: {14,7,8,15}   | {30,23,24,31}
+// Decoding drops the magnitude e1 e0 m into the exponent-low/mantissa-high bits of a 16-bit
+// float and the sign onto bit 15 (the high element: +16):
+//   bf16: e1 e0 m -> bits 8..6, s -> 15  => E2M1 * 2^-126 (0.5 becomes a bf16 subnormal)
+//   fp16: e1 e0 m -> bits 11..9, s -> 15 => E2M1 * 2^-14  (0.5 becomes an fp16 subnormal)
+// For bf16 the target pattern {6,7,8,15} is what pairs 0-2 hold, translated: one funnel rotate
+// and one mask each (pair 2's sign bits are stored in the opposite halves, and the rotate by
+// 28 brings them home); pair 3 has e0, e1 and s in place and only m 8 bits up: 3 operations,
+// 9 per word instead of the 14 of a layout with magnitudes and signs in separate fields. (No
+// layout decodes all four pairs with one rotate: that would need four translates of {0,1,2,9}
+// to tile Z/16, and none does; three is the most, see benchmarks/NOTES_dense.md.) fp16 takes
+// two rotates per pair. No lookup table, no local memory.
 //
 // Block scales (uint8 [N/16][K/64][8 g][2 rows g,g+8][4 k16 steps]) are "UE5M3": unsigned,
 // 5 exponent bits (bias 10), 3 mantissa bits; every E4M3 value, subnormals included, is a
@@ -98,8 +104,6 @@ struct Half2Traits;
 
 template <>
 struct Half2Traits<__nv_bfloat16> {
-  static constexpr uint32_t kMagMask = 0x01C001C0u;
-  static constexpr int kMagShift = 6;     // pair 0's magnitude goes to bits 6..8
   static constexpr uint32_t kScaleMul = 16;
   static constexpr uint32_t kScaleAdd = (235u << 7) | (235u << 23);
   static constexpr float kUnbias = 256.0f;  // 2^8
@@ -107,27 +111,33 @@ struct Half2Traits<__nv_bfloat16> {
 
 template <>
 struct Half2Traits<__half> {
-  static constexpr uint32_t kMagMask = 0x0E000E00u;
-  static constexpr int kMagShift = 9;     // pair 0's magnitude goes to bits 9..11
   static constexpr uint32_t kScaleMul = 128;
   static constexpr uint32_t kScaleAdd = (12u << 10) | (12u << 26);
   static constexpr float kUnbias = 128.0f;  // 2^7
 };
 
-__device__ __forceinline__ uint32_t shift_left(uint32_t x, int s) {
-  return s >= 0 ? (x << s) : (x >> -s);
-}
+__device__ __forceinline__ uint32_t rotl(uint32_t x, int s) { return __funnelshift_l(x, x, s); }
 
 // The four A-fragment registers of one 16x16 weight tile, before the block scale.
 template <typename T>
-__device__ __forceinline__ void dequant_word(uint32_t q, uint32_t (&a)[4]) {
-  using Tr = Half2Traits<T>;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t mag = shift_left(q, Tr::kMagShift - 3 * i) & Tr::kMagMask;
-    const uint32_t sgn = shift_left(q, 3 - i) & 0x80008000u;
-    a[i] = mag | sgn;
-  }
+__device__ __forceinline__ void dequant_word(uint32_t q, uint32_t (&a)[4]);
+
+template <>
+__device__ __forceinline__ void dequant_word<__nv_bfloat16>(uint32_t q, uint32_t (&a)[4]) {
+  constexpr uint32_t kMask = 0x81C081C0u;  // bits 6..8 and 15 of both halves
+  a[0] = rotl(q, 6) & kMask;
+  a[1] = rotl(q, 2) & kMask;
+  a[2] = rotl(q, 28) & kMask;
+  a[3] = (q & 0x81808180u) | (rotl(q, 24) & 0x00400040u);
+}
+
+template <>
+__device__ __forceinline__ void dequant_word<__half>(uint32_t q, uint32_t (&a)[4]) {
+  constexpr uint32_t kMag = 0x0E000E00u, kSign = 0x80008000u;  // bits 9..11; bit 15
+  a[0] = (rotl(q, 9) & kMag) | (rotl(q, 6) & kSign);
+  a[1] = (rotl(q, 5) & kMag) | (rotl(q, 2) & kSign);
+  a[2] = (rotl(q, 31) & kMag) | (rotl(q, 28) & kSign);
+  a[3] = (rotl(q, 3) & 0x0C000C00u) | (rotl(q, 27) & 0x02000200u) | (q & kSign);
 }
 
 // a * (the low or high half of s, in both halves).

@@ -1,14 +1,15 @@
 """``prepare()``: NVFP4 weights from checkpoint layout into the CUDA kernel's layout (pure JAX).
 
 Run once per weight (it is jit-able, and cheap next to a forward pass, but not free). The layout
-is described in csrc/nvfp4_gemm.cu; in short, for ``W[N, K]`` padded to ``N16 = ceil(N/16)``
+is described in csrc/nvfp4_tile.cuh; in short, for ``W[N, K]`` padded to ``N16 = ceil(N/16)``
 tiles of 16 rows and ``K64 = ceil(K/64)`` chunks of 64 columns:
 
 * ``qweight`` uint32 ``[N16, K64, 32, 4]``: for lane ``l = 4g + t`` and k16 step ``j`` of a
   chunk, one word holds the 8 codes of the mma.m16n8k16 A fragment: pair ``i = h + 2c`` is
-  ``W[16*n16 + 8h + g][64*k64 + 16j + 8c + 2t + e]`` for ``e = 0, 1``. Its low element's 3
-  magnitude bits sit at ``3i``, its high element's at ``16 + 3i``; signs at ``12 + i`` and
-  ``28 + i``.
+  ``W[16*n16 + 8h + g][64*k64 + 16j + 8c + 2t + e]`` for ``e = 0, 1``. Code bit ``b`` (0: the
+  mantissa, 1 and 2: the exponent, 3: the sign) of element ``e`` of pair ``i`` sits at word bit
+  ``CODE_BIT_POSITIONS[i][e][b]``; the table is chosen so that three pairs decode to bf16 with
+  one rotate and one mask each (csrc/nvfp4_tile.cuh explains it).
 * ``qscales`` uint8 ``[N16, K64, 64]`` = ``[.., 8 g, 2 h, 4 j]``: the block scale of row
   ``16*n16 + 8h + g`` and k16 block ``4*k64 + j``, as UE5M3 (unsigned; 5 exponent bits, bias
   10; 3 mantissa bits): every E4M3 magnitude, subnormals included, is exact.
@@ -34,6 +35,18 @@ TILE_N = 16
 CHUNK_K = 64
 UE5M3_BIAS = 10
 UE5M3_ONE = UE5M3_BIAS << 3
+
+#: Word bit of code bit b (mantissa, exponent low, exponent high, sign) of element e of pair i:
+#: CODE_BIT_POSITIONS[i][e][b]. Pairs 0-2 keep {m, e0, e1} contiguous and the sign 9 bits above
+#: (mod 32), the pattern of a bf16 subnormal's bits 6, 7, 8 and 15: one rotate and one mask
+#: decode them (pair 2's signs are swapped between the halves, which the rotate undoes). The
+#: remaining 8 bits hold pair 3: exponent and sign already in place, the mantissa 8 bits up.
+CODE_BIT_POSITIONS = (
+    ((0, 1, 2, 9), (16, 17, 18, 25)),
+    ((4, 5, 6, 13), (20, 21, 22, 29)),
+    ((10, 11, 12, 19), (26, 27, 28, 3)),
+    ((14, 7, 8, 15), (30, 23, 24, 31)),
+)
 
 
 @jax.tree_util.register_dataclass
@@ -116,6 +129,12 @@ def prepare(w: NVFP4Weight) -> PreparedNVFP4Weight:
   return _prepare_2d(w)
 
 
+def _bit_positions(pair: jax.Array, elem: jax.Array) -> list[jax.Array]:
+  """Word bit of each code bit (list over b) for broadcastable uint32 pair / element indices."""
+  table = jnp.asarray(CODE_BIT_POSITIONS, jnp.uint32)                  # [pair, elem, bit]
+  return [table[pair, elem, b] for b in range(4)]
+
+
 def _prepare_2d(w: NVFP4Weight) -> PreparedNVFP4Weight:
   n, k = w.shape
   n16, k64 = -(-n // TILE_N), -(-k // CHUNK_K)
@@ -132,8 +151,8 @@ def _prepare_2d(w: NVFP4Weight) -> PreparedNVFP4Weight:
   h = jnp.arange(2, dtype=jnp.uint32).reshape(1, 2, 1, 1, 1, 1, 1, 1)
   c = jnp.arange(2, dtype=jnp.uint32).reshape(1, 1, 1, 1, 1, 2, 1, 1)
   e = jnp.arange(2, dtype=jnp.uint32).reshape(1, 1, 1, 1, 1, 1, 1, 2)
-  pair = h + 2 * c
-  bits = ((c8 & 7) << (3 * pair + 16 * e)) | ((c8 >> 3) << (12 + pair + 16 * e))
+  pos = _bit_positions(h + 2 * c, e)
+  bits = sum(((c8 >> b) & 1) << pos[b] for b in range(4))
   words = bits.sum(axis=(1, 5, 7), dtype=jnp.uint32)                   # [n16, g, k64, j, t]
   qweight = words.transpose(0, 2, 1, 4, 3).reshape(n16, k64, 32, 4)
 
@@ -164,10 +183,9 @@ def _unprepare_2d(p: PreparedNVFP4Weight) -> NVFP4Weight:
   h = jnp.arange(2, dtype=jnp.uint32).reshape(1, 2, 1, 1, 1, 1, 1, 1)
   c = jnp.arange(2, dtype=jnp.uint32).reshape(1, 1, 1, 1, 1, 2, 1, 1)
   e = jnp.arange(2, dtype=jnp.uint32).reshape(1, 1, 1, 1, 1, 1, 1, 2)
-  pair = h + 2 * c
-  mag = (words >> (3 * pair + 16 * e)) & 7
-  sgn = (words >> (12 + pair + 16 * e)) & 1
-  codes = ((sgn << 3) | mag).reshape(n16 * TILE_N, k64 * CHUNK_K)[:p.n, :p.k]
+  pos = _bit_positions(h + 2 * c, e)
+  codes = sum(((words >> pos[b]) & 1) << b for b in range(4))
+  codes = codes.reshape(n16 * TILE_N, k64 * CHUNK_K)[:p.n, :p.k]
   u = p.qscales.reshape(n16, k64, 8, 2, 4).transpose(0, 3, 2, 1, 4).reshape(n16 * TILE_N, k64 * 4)
   scales = _ue5m3_to_float(u[:p.n, :p.k // BLOCK_SIZE]).astype(jnp.float8_e4m3fn)
   return NVFP4Weight(pack_fp4(codes.astype(jnp.uint8)), scales, p.global_scale, dtype=p.dtype)

@@ -79,9 +79,9 @@ def test_bad_inputs_raise_clear_errors(rng):
 
 def test_cuda_backend_refuses_the_host(rng):
   p = nf.prepare(random_weight(rng, (32, 64)))
-  cpu = jax.devices("cpu")[0]
+  traced = jax.jit(lambda p: nf.dequantize_blocks(p, backend="cuda")).trace(p)
   with pytest.raises(ValueError, match="CUDA GPU"):
-    jax.jit(lambda p: nf.dequantize_blocks(p, backend="cuda"), device=cpu).lower(p)
+    traced.lower(lowering_platforms=("cpu",))
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -11,6 +11,18 @@ import jax_nvfp4 as nf
 from tests import numpy_reference as npref
 
 
+# The documented bit positions (prepare.CODE_BIT_POSITIONS, restated here on purpose): word bit
+# of code bit b (mantissa, exponent low, exponent high, sign) of element e of fragment pair i.
+BIT_POSITIONS = [[(0, 1, 2, 9), (16, 17, 18, 25)], [(4, 5, 6, 13), (20, 21, 22, 29)],
+                 [(10, 11, 12, 19), (26, 27, 28, 3)], [(14, 7, 8, 15), (30, 23, 24, 31)]]
+
+
+def code_at(word, pair, e):
+  """The 4-bit code of element e of pair `pair` in uint64 words (any shape)."""
+  return sum(((word >> np.uint64(pos)) & np.uint64(1)) << np.uint64(b)
+             for b, pos in enumerate(BIT_POSITIONS[pair][e]))
+
+
 def decode_kernel_layout(qweight, qscales, n, k):
   """Independent decoder: returns (codes[N, K] uint8, scales[N, K/16] float64)."""
   qweight = np.asarray(qweight, np.uint32)
@@ -25,11 +37,9 @@ def decode_kernel_layout(qweight, qscales, n, k):
       for pair, (row, col) in enumerate([(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8),
                                          (g + 8, 2 * t + 8)]):
         for e in range(2):
-          mag = (word >> np.uint64(3 * pair + 16 * e)) & np.uint64(7)
-          sgn = (word >> np.uint64(12 + pair + 16 * e)) & np.uint64(1)
           rows = np.arange(n16)[:, None] * 16 + row
           cols = np.arange(k64)[None, :] * 64 + j * 16 + col + e
-          codes[rows, cols] = (sgn << np.uint64(3) | mag).astype(np.uint8)
+          codes[rows, cols] = code_at(word, pair, e).astype(np.uint8)
   for g in range(8):
     for h in range(2):
       for j in range(4):

@@ -18,6 +18,7 @@ import pytest
 import jax_nvfp4 as nf
 from jax_nvfp4.parallel import dense as pdense
 from tests import _multidevice
+from tests.test_prepare import code_at  # the documented bit table
 
 N, K, M = 128, 512, 16         # 8-way N and K splits stay whole tiles (16) / chunks (64)
 MESHES = ((1, 8), (2, 4), (8, 1))
@@ -66,11 +67,9 @@ def _decode_prepared(qweight, qscales, gs, n, k):
           for c in range(2):
             i = h + 2 * c
             for e in range(2):
-              mag = (word >> np.uint64(3 * i + 16 * e)) & np.uint64(7)
-              sign = (word >> np.uint64(12 + i + 16 * e)) & np.uint64(1)
               rows = np.arange(n16)[:, None] * 16 + 8 * h + g
               cols = np.arange(k64)[None, :] * 64 + 16 * j + 8 * c + 2 * t + e
-              w[rows, cols] = values[(sign << np.uint64(3) | mag).astype(np.int64)]
+              w[rows, cols] = values[code_at(word, i, e).astype(np.int64)]
   u = qscales.astype(np.int64).reshape(n16, k64, 8, 2, 4)                   # [.., g, h, j]
   scale = (1 + (u & 7) / 8.0) * 2.0 ** ((u >> 3) - 10)
   scale = scale.transpose(0, 3, 2, 1, 4).reshape(n16 * 16, k64 * 4)         # [row, block]
