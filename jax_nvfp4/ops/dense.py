@@ -14,6 +14,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
 from jax_nvfp4 import _ffi
+from jax_nvfp4.ops._batching import batch_dim_first
 from jax_nvfp4.format import NVFP4Weight, check_weight
 from jax_nvfp4.ops.dequantize import dequantize_blocks
 from jax_nvfp4.prepare import PreparedNVFP4Weight, kernel_shapes, prepare, unprepare
@@ -80,9 +81,7 @@ def _batched(args, dims, call):
   x_dim, *weight_dims = dims
   if all(d is None for d in weight_dims):
     return call(jnp.moveaxis(x, x_dim, 0), *weight_ops)
-  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-  args = [jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
-          for a, d in zip(args, dims)]
+  _, args = batch_dim_first(args, dims)
   return jax.lax.map(lambda ops: call(*ops), tuple(args))
 
 

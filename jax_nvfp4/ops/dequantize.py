@@ -19,7 +19,8 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
 from jax_nvfp4 import _ffi
-from jax_nvfp4.format import NVFP4Weight, dequantize
+from jax_nvfp4.ops._batching import batch_dim_first
+from jax_nvfp4.format import dequantize
 from jax_nvfp4.prepare import PreparedNVFP4Weight, kernel_shapes, unprepare
 
 CUDA_TARGET = "jax_nvfp4_dequantize_cuda"
@@ -67,9 +68,8 @@ def reference(qweight, qscales, *, n, k, dtype, backend="reference"):
   """The primitive's semantics in pure JAX: ``unprepare`` back to the checkpoint layout, then
   ``dequantize`` with a unit global scale."""
   del backend
-  ckpt = unprepare(PreparedNVFP4Weight(qweight, qscales, jnp.ones(qweight.shape[:-4], jnp.float32),
-                                       n=n, k=k))
-  return dequantize(NVFP4Weight(ckpt.packed, ckpt.scales, ckpt.global_scale), dtype)
+  unit = jnp.ones(qweight.shape[:-4], jnp.float32)
+  return dequantize(unprepare(PreparedNVFP4Weight(qweight, qscales, unit, n=n, k=k)), dtype)
 
 
 _reference_rule = mlir.lower_fun(reference, multiple_results=False)
@@ -102,9 +102,7 @@ mlir.register_lowering(nvfp4_dequantize_p, _cuda_lowering, platform="cuda")
 
 def _batch(args, dims, **params):
   # The batch dim becomes one more leading (expert-like) dim: the kernel handles any.
-  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-  args = [jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
-          for a, d in zip(args, dims)]
+  _, args = batch_dim_first(args, dims)
   return nvfp4_dequantize_p.bind(*args, **params), 0
 
 

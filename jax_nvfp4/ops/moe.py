@@ -59,7 +59,8 @@ from jax_nvfp4.format import NVFP4Weight, check_weight, dequantize
 from jax_nvfp4.moe.activations import GPTOSS_ALPHA, apply_activation, is_gated
 from jax_nvfp4.moe.align import BLOCK_MS, Alignment, align_tokens, choose_block_m
 from jax_nvfp4.moe.routing import RoutingConfig, route
-from jax_nvfp4.prepare import PreparedNVFP4Weight, kernel_shapes, prepare, unprepare
+from jax_nvfp4.ops.dequantize import reference as dequantize_blocks_reference
+from jax_nvfp4.prepare import PreparedNVFP4Weight, kernel_shapes, prepare
 
 ACTIVATION_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 CUDA_TARGET = "jax_nvfp4_moe_gemm_cuda"
@@ -242,13 +243,13 @@ def _unit(w: NVFP4Weight) -> jax.Array:
 def _reference_lowering(x, qweight, qscales, global_scale, sorted_ids, block_expert, num_padded,
                         topk_weights, bias, *, n, k, backend, **params):
   del backend  # the caller chose this lowering
-  def prepared(q, s):
-    return PreparedNVFP4Weight(q, s, jnp.ones(q.shape[:-4], jnp.float32), n=n, k=k)
+  def unit(q, s):  # _unit of the prepared weight
+    return dequantize_blocks_reference(q, s, n=n, k=k, dtype=jnp.float32)
 
   return grouped_gemm_reference(
-      x, lambda e: _unit(unprepare(prepared(qweight[e], qscales[e]))), qweight.shape[0],
+      x, lambda e: unit(qweight[e], qscales[e]), qweight.shape[0],
       global_scale, sorted_ids, block_expert, num_padded, topk_weights, bias, n=n, k=k,
-      all_unit_weights=lambda: _unit(unprepare(prepared(qweight, qscales))), **params)
+      all_unit_weights=lambda: unit(qweight, qscales), **params)
 
 
 _reference_rule = mlir.lower_fun(_reference_lowering, multiple_results=False)
