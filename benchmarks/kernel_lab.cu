@@ -2,7 +2,8 @@
 // -D JAX_NVFP4_CHUNKS_PER_STAGE / JAX_NVFP4_DECODE_STAGES and for ncu:
 //   nvcc -std=c++17 -O3 -arch=sm_90a -I csrc benchmarks/kernel_lab.cu -o lab && ./lab K N M [splits]
 // Weights and scales are random bytes in COPIES rotating buffers (more than L2 holds); each
-// timed call is the ticket memset plus the kernel, as in the FFI handler. Prints the median
+// timed call is the kernel (plus the ticket memset where the splits do not reduce in a
+// cluster), as in the FFI handler. Prints the median
 // microseconds per call over TRIALS trials of COPIES calls, timed with CUDA events.
 #include <cstdio>
 #include <cstdlib>
@@ -73,10 +74,13 @@ int main(int argc, char **argv) {
   p.tickets = static_cast<int *>(ws);
   p.partials = reinterpret_cast<float *>(static_cast<char *>(ws) + tickets);
   p.n = n; p.k = k; p.n16 = n16; p.k64 = k64; p.splits = splits; p.rows_out = m; p.slots = m;
+  // As the FFI handler: the splits reduce in a cluster where the device has one (LAB_TICKETS=1
+  // forces the global-workspace ticket path).
+  p.cluster = splits > 1 && !std::getenv("LAB_TICKETS") && splits <= cluster_limit<false>(mt, true);
   auto call = [&](int c) {
     p.qweight = static_cast<const uint4 *>(w[c]);
     p.qscales = static_cast<const uint4 *>(s[c]);
-    if (splits > 1) CHECK(cudaMemsetAsync(p.tickets, 0, tickets, 0));
+    if (splits > 1 && !p.cluster) CHECK(cudaMemsetAsync(p.tickets, 0, tickets, 0));
     CHECK(launch<false>(p, true, mt, token_tiles, 0));
   };
   for (int c = 0; c < copies; ++c) call(c);
@@ -96,8 +100,9 @@ int main(int argc, char **argv) {
   }
   std::sort(t.begin(), t.end());
   const double bytes = double(n) * k / 2 + double(n) * k / 16;
-  std::printf("K=%d N=%d M=%d chunks/stage=%d stages=%d splits=%d blocks/SM=%d: %.1f us (%.0f GB/s)\n",
-              k, n, m, kChunksPerStage, TileConfig<1>::kStages, splits, bps, t[trials / 2],
+  std::printf("K=%d N=%d M=%d chunks/stage=%d stages=%d splits=%d%s blocks/SM=%d: %.1f us (%.0f GB/s)\n",
+              k, n, m, kChunksPerStage, TileConfig<1>::kStages, splits,
+              p.cluster ? " (cluster)" : "", bps, t[trials / 2],
               bytes / t[trials / 2] * 1e-3);
   return 0;
 }

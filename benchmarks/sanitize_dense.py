@@ -6,8 +6,9 @@ import numpy as np
 import jax_nvfp4 as nf
 
 rng = np.random.default_rng(0)
+# (1, 12000, 1024) and (5, 9000, 2048) split K in two and three: a cluster reduction on sm_90.
 for m, n, k in [(1, 100, 1664), (7, 33, 48), (17, 2368, 1664), (255, 832, 1408), (3, 512, 8192),
-                (64, 4000, 256)]:
+                (64, 4000, 256), (1, 12000, 1024), (5, 9000, 2048)]:
   for dtype in (jnp.bfloat16, jnp.float16):
     w = nf.quantize(jnp.asarray(rng.standard_normal((n, k)), jnp.float32))
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)
@@ -18,4 +19,15 @@ for m, n, k in [(1, 100, 1664), (7, 33, 48), (17, 2368, 1664), (255, 832, 1408),
                 jnp.linalg.norm(ref.astype(jnp.float32)))
     print(m, n, k, dtype.__name__, f"rel {err:.2e}")
     assert err < 1e-2
+# The cluster reduction at 16 splits (largest cluster), forced, where the GPU has clusters.
+from jax_nvfp4.ops import dense  # noqa: E402
+if dense.use_cluster(2, 1) and dense._cluster_limit(1) >= 16:
+  w = nf.prepare(nf.quantize(jnp.asarray(rng.standard_normal((1000, 4160)), jnp.float32)))
+  x = jnp.asarray(rng.standard_normal((3, 4160)), jnp.bfloat16)
+  out = jax.jit(lambda x: dense.nvfp4_gemm_p.bind(
+      x, w.qweight, w.qscales, w.global_scale, jnp.zeros((1,), jnp.float32), n=1000, k=4160,
+      has_bias=False, splits=16, m_tile=1, cluster=True)[0])(x)
+  ref = nf.nvfp4_matmul(x, w)
+  print("forced 16-block cluster, max |diff| vs default launch:",
+        float(jnp.max(jnp.abs((out - ref).astype(jnp.float32)))))
 print("sanitize run done")

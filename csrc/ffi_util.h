@@ -28,7 +28,7 @@ inline GemmParams common_params(const ffi::AnyBuffer &x, const ffi::Buffer<ffi::
                                 const ffi::Buffer<ffi::U8> &qscales,
                                 const ffi::Buffer<ffi::F32> &global_scale, const float *bias,
                                 void *out, void *workspace, int64_t ticket_bytes, int64_t n,
-                                int64_t k, int64_t splits) {
+                                int64_t k, int64_t splits, bool cluster) {
   GemmParams p{};
   p.x = x.untyped_data();
   p.qweight = reinterpret_cast<const uint4 *>(qweight.typed_data());
@@ -44,14 +44,31 @@ inline GemmParams common_params(const ffi::AnyBuffer &x, const ffi::Buffer<ffi::
   p.n16 = static_cast<int>((n + 15) / 16);
   p.k64 = static_cast<int>((k + 63) / 64);
   p.splits = static_cast<int>(splits);
+  p.cluster = cluster && splits > 1;
   return p;
 }
 
-// Clears the split-K tickets (when K is split) and launches; `name` prefixes CUDA errors.
+// Bytes of workspace the launch needs: none for the cluster reduction, else tickets + partials.
+inline int64_t workspace_need(const GemmParams &p, int64_t ticket_bytes) {
+  return p.splits > 1 && !p.cluster ? ticket_bytes + int64_t(p.splits) * p.slots * p.n * 4 : 0;
+}
+
+// Checks a requested cluster reduction against what the device runs; "" when it can launch.
+template <bool kMoe>
+std::string cluster_problem(const GemmParams &p, bool bf16, int m_tile) {
+  if (!p.cluster) return "";
+  const int limit = cluster_limit<kMoe>(m_tile, bf16);
+  if (p.splits <= limit) return "";
+  return "cluster split-K with " + std::to_string(p.splits) + " splits cannot launch here " +
+         "(largest cluster " + std::to_string(limit) + "; it needs code built for sm_90)";
+}
+
+// Clears the split-K tickets (when K is split across blocks that reduce through global
+// memory) and launches; `name` prefixes CUDA errors.
 template <bool kMoe>
 ffi::Error clear_and_launch(const GemmParams &p, int64_t ticket_bytes, bool bf16, int m_tile,
                             int64_t token_tiles, cudaStream_t stream, const std::string &name) {
-  if (p.splits > 1) {
+  if (p.splits > 1 && !p.cluster) {
     cudaError_t e = cudaMemsetAsync(p.tickets, 0, ticket_bytes, stream);
     if (e != cudaSuccess) return cuda_error((name + " memset").c_str(), e);
   }

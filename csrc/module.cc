@@ -11,6 +11,8 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4DequantizeCuda);
 extern "C" int jax_nvfp4_sm_count();
 extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16);
 extern "C" int jax_nvfp4_moe_blocks_per_sm(int mt, int bf16);
+extern "C" int jax_nvfp4_cluster_limit(int mt, int bf16);
+extern "C" int jax_nvfp4_moe_cluster_limit(int mt, int bf16);
 #endif
 
 namespace nb = nanobind;
@@ -57,6 +59,14 @@ NB_MODULE(_C, m) {
     return 0;
 #endif
   }, "Resident blocks per SM of the MoE kernel for token tile mt (0 when unknown).");
+  m.def("cluster_limit", [](int mt, bool bf16, bool moe) {
+#ifdef JAX_NVFP4_WITH_CUDA
+    return moe ? jax_nvfp4_moe_cluster_limit(mt, bf16 ? 1 : 0)
+               : jax_nvfp4_cluster_limit(mt, bf16 ? 1 : 0);
+#else
+    return 0;
+#endif
+  }, "Largest K split the cluster reduction launches for token tile mt (0: not on this device).");
   m.def("built_with_cuda", []() {
 #ifdef JAX_NVFP4_WITH_CUDA
     return true;

@@ -23,7 +23,7 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32>
                     ffi::Buffer<ffi::U8> qscales, ffi::Buffer<ffi::F32> global_scale,
                     ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> out,
                     ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t n, int64_t k,
-                    int64_t splits, int64_t m_tile, bool has_bias) {
+                    int64_t splits, int64_t m_tile, bool has_bias, bool cluster) {
   const auto xt = x.element_type();
   if (xt != ffi::DataType::BF16 && xt != ffi::DataType::F16)
     return invalid("x must be bf16 or f16");
@@ -53,18 +53,21 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32>
   if (m == 0) return ffi::Error::Success();
   if (m > INT32_MAX / 2 || n * k > (int64_t(1) << 40)) return invalid("problem too large");
 
+  if (token_tiles > 65535) return invalid("too many token tiles for one launch");
+
   const int64_t tickets = ticket_bytes(token_tiles, n_blocks);
-  const int64_t need = splits > 1 ? tickets + splits * m * n * 4 : 0;
+  GemmParams p = common_params(x, qweight, qscales, global_scale,
+                               has_bias ? bias.typed_data() : nullptr, out->untyped_data(),
+                               workspace->untyped_data(), tickets, n, k, splits, cluster);
+  p.rows_out = static_cast<int>(m);
+  p.slots = static_cast<int>(m);
+  const int64_t need = workspace_need(p, tickets);
   if (static_cast<int64_t>(workspace->element_count()) < need)
     return invalid("workspace too small: " + std::to_string(workspace->element_count()) +
                    " < " + std::to_string(need));
-  if (token_tiles > 65535) return invalid("too many token tiles for one launch");
-
-  GemmParams p = common_params(x, qweight, qscales, global_scale,
-                               has_bias ? bias.typed_data() : nullptr, out->untyped_data(),
-                               workspace->untyped_data(), tickets, n, k, splits);
-  p.rows_out = static_cast<int>(m);
-  p.slots = static_cast<int>(m);
+  if (auto why = cluster_problem<false>(p, xt == ffi::DataType::BF16, static_cast<int>(m_tile));
+      !why.empty())
+    return invalid(why);
   return clear_and_launch<false>(p, tickets, xt == ffi::DataType::BF16, static_cast<int>(m_tile),
                                  token_tiles, stream, "jax_nvfp4_gemm");
 }
@@ -86,8 +89,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Nvfp4GemmCuda, jax_nvfp4::GemmImpl,
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("splits")
                                   .Attr<int64_t>("m_tile")
-                                  .Attr<bool>("has_bias"),
+                                  .Attr<bool>("has_bias")
+                                  .Attr<bool>("cluster"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
+
+// Largest K split the cluster reduction can launch for token tile mt (0: not on this device).
+extern "C" int jax_nvfp4_cluster_limit(int mt, int bf16) {
+  return jax_nvfp4::cluster_limit<false>(mt, bf16 != 0);
+}
 
 // Resident blocks per SM for token tile mt (the split-K choice fills one wave); 0 if unknown.
 extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16) {

@@ -15,6 +15,16 @@
 // Each split writes an fp32 partial [split][slot][N]; the last block to finish a tile (atomic
 // ticket) sums the partials in split order 0..S-1, so the result is bitwise deterministic.
 // Workspace: tickets (int32, one per (token tile, N block), padded to 256 B), then the partials.
+//
+// Split K in a cluster (sm_90, p.cluster): the splits of a tile are one thread-block cluster
+// along y and reduce through distributed shared memory instead. The ticket path costs several
+// dependent global round trips at the end of every block (store partials, fence, atomic, load
+// partials) at a time when the memory queues are full, plus a memset before the launch: 4-9 us
+// per call on the H100 (benchmarks/NOTES_dense.md v7). In the cluster, once every block is done
+// with its pipeline ring, thread i of each block writes its accumulators into the ring of block
+// i % S (a reduce-scatter); after a second cluster barrier each block sums its share in split
+// order 0..S-1 with the same fp32 additions as the ticket path (identical bits) and stores it.
+// No workspace, no memset, no atomics.
 #pragma once
 
 #include "nvfp4_tile.cuh"
@@ -33,6 +43,7 @@ struct GemmParams {
   int rows_out, n, k, n16, k64;
   int splits;                 // K splits per tile (gridDim.y)
   int slots;                  // token slots in all tiles: M (dense) or the padded length (MoE)
+  bool cluster;               // splits > 1 reduce in a cluster of the splits (sm_90 only)
   // MoE only.
   const int *sorted_ids;      // [slots]
   const int *block_expert;    // [slots / (8*MT)]
@@ -40,6 +51,32 @@ struct GemmParams {
   const float *topk_weights;  // [rows_out] or null
   int gather_div;
 };
+
+// Largest cluster the reduction supports (non-portable above 8; the H100 schedules 16).
+constexpr int kMaxClusterSplits = 16;
+
+// Barrier over every thread of the cluster; release/acquire orders shared-memory accesses
+// (local and remote) before it against those after it.
+__device__ __forceinline__ void cluster_barrier() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n"
+               "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __trap();  // the host launches the cluster path only for code built for sm_90
+#endif
+}
+
+// Stores v at shared address `addr` of the cluster's block `rank`.
+__device__ __forceinline__ void st_cluster_f32x4(uint32_t addr, uint32_t rank, float4 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
+  asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};\n"
+               :: "r"(remote), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
+#else
+  __trap();
+#endif
+}
 
 // Output row of token slot `slot`, or -1 when the slot holds no row.
 template <bool kMoe>
@@ -127,6 +164,46 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const 
       return;
     }
 
+    if (p.cluster) {
+      // Every thread of every block of the cluster gets here exactly once (one tile per block).
+      constexpr int V = MT * 4;
+      const int splits = p.splits;
+      const int per = (kThreads + splits - 1) / splits;  // source threads per owner block
+      cp_async_wait<0>();
+      cluster_barrier();  // all blocks are done with their rings: reuse them as receive buffers
+      extern __shared__ __align__(16) unsigned char smem[];
+      const uint32_t slot_addr =
+          smem_addr(smem) + ((blockIdx.y * per + threadIdx.x / splits) * V) * 4;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        st_cluster_f32x4(slot_addr + mt * 16, threadIdx.x % splits,
+                         make_float4(acc[mt][0], acc[mt][1], acc[mt][2], acc[mt][3]));
+      cluster_barrier();
+      // This block owns source thread src = i * splits + blockIdx.y of every split.
+      const int i = threadIdx.x;
+      const int src = i * splits + blockIdx.y;
+      if (i >= per || src >= kThreads) return;
+      const int src_warp = src >> 5, src_g = (src & 31) >> 2, src_t = src & 3;
+      const int src_tile_n = tile * kWarps + src_warp;
+      if (src_tile_n >= p.n16) return;
+      const int s_lo = src_tile_n * 16 + src_g, s_hi = s_lo + 8;
+      const float *recv = reinterpret_cast<const float *>(smem) + i * V;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int row = slot_row<kMoe>(p, slot0 + mt * 8 + 2 * src_t + (r & 1));
+          const int n = r < 2 ? s_lo : s_hi;
+          if (row < 0 || n >= p.n) continue;
+          float sum = 0.f;
+#pragma unroll 1
+          for (int s = 0; s < splits; ++s) sum += recv[s * per * V + mt * 4 + r];
+          store(row, n, sum);
+        }
+      }
+      return;
+    }
+
     // Part of the K range: an fp32 partial [split][slot][N], then the last split to finish
     // the tile (atomic ticket) sums all parts in split order: bitwise deterministic.
     const int64_t sn = static_cast<int64_t>(p.slots) * p.n;
@@ -189,10 +266,70 @@ cudaError_t allow_shared_memory() {
   return once;
 }
 
+// Clusters of more than 8 blocks are non-portable: opted in once, only where sm_90 code runs.
+template <typename T, int MT, bool kMoe>
+cudaError_t allow_large_clusters() {
+  static const cudaError_t once = cudaFuncSetAttribute(
+      nvfp4_kernel<T, MT, kMoe>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  return once;
+}
+
+// The largest split count the cluster reduction can launch for this instantiation on the
+// current device: 0 where the loaded code is not sm_90 (the cluster path traps there) or no
+// cluster fits. One answer per process (the device is not expected to change).
+template <typename T, int MT, bool kMoe>
+int cluster_limit_typed() {
+  static const int limit = [] {
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, nvfp4_kernel<T, MT, kMoe>) != cudaSuccess) return 0;
+    if (attr.binaryVersion < 90 || attr.binaryVersion >= 100) return 0;
+    if (allow_shared_memory<T, MT, kMoe>() != cudaSuccess) return 0;
+    if (allow_large_clusters<T, MT, kMoe>() != cudaSuccess) return 0;
+    for (int s = kMaxClusterSplits; s >= 2; --s) {
+      cudaLaunchConfig_t cfg{};
+      cudaLaunchAttribute at[1];
+      at[0].id = cudaLaunchAttributeClusterDimension;
+      at[0].val.clusterDim.x = 1;
+      at[0].val.clusterDim.y = s;
+      at[0].val.clusterDim.z = 1;
+      cfg.gridDim = dim3(1, s, 1);
+      cfg.blockDim = dim3(kThreads);
+      cfg.dynamicSmemBytes = TileConfig<MT>::kSmemBytes;
+      cfg.attrs = at;
+      cfg.numAttrs = 1;
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, nvfp4_kernel<T, MT, kMoe>, &cfg) ==
+              cudaSuccess && clusters > 0)
+        return s;
+    }
+    cudaGetLastError();  // a refused size leaves no sticky error behind
+    return 0;
+  }();
+  return limit;
+}
+
 template <typename T, int MT, bool kMoe>
 cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stream) {
+  static_assert(TileConfig<MT>::kSmemBytes >= (kThreads + kMaxClusterSplits) * MT * 16,
+                "the cluster reduction reuses the pipeline ring as its receive buffer");
   if (cudaError_t e = allow_shared_memory<T, MT, kMoe>(); e != cudaSuccess) return e;
   dim3 grid((p.n16 + kWarps - 1) / kWarps, p.splits, token_tiles);
+  if (p.cluster && p.splits > 1) {
+    if (p.splits > cluster_limit_typed<T, MT, kMoe>()) return cudaErrorInvalidConfiguration;
+    cudaLaunchConfig_t cfg{};
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeClusterDimension;
+    at[0].val.clusterDim.x = 1;
+    at[0].val.clusterDim.y = p.splits;
+    at[0].val.clusterDim.z = 1;
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = TileConfig<MT>::kSmemBytes;
+    cfg.stream = stream;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, nvfp4_kernel<T, MT, kMoe>, p);
+  }
   nvfp4_kernel<T, MT, kMoe><<<grid, kThreads, TileConfig<MT>::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
@@ -209,6 +346,20 @@ cudaError_t launch(const GemmParams &p, bool bf16, int mt, int token_tiles, cuda
     default: JAX_NVFP4_LAUNCH(8);
   }
 #undef JAX_NVFP4_LAUNCH
+}
+
+template <bool kMoe>
+int cluster_limit(int mt, bool bf16) {
+#define JAX_NVFP4_LIMIT(MT_)                                                          \
+  return bf16 ? cluster_limit_typed<__nv_bfloat16, MT_, kMoe>()                       \
+              : cluster_limit_typed<__half, MT_, kMoe>()
+  switch (mt) {
+    case 1: JAX_NVFP4_LIMIT(1);
+    case 2: JAX_NVFP4_LIMIT(2);
+    case 4: JAX_NVFP4_LIMIT(4);
+    default: JAX_NVFP4_LIMIT(8);
+  }
+#undef JAX_NVFP4_LIMIT
 }
 
 template <bool kMoe>

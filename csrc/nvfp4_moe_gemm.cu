@@ -29,7 +29,7 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
                        ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> out,
                        ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t n, int64_t k,
                        int64_t gather_div, int64_t num_rows_out, int64_t block_m, int64_t splits,
-                       bool mul_topk_weight, bool has_bias) {
+                       bool mul_topk_weight, bool has_bias, bool cluster) {
   const auto xt = x.element_type();
   if (xt != ffi::DataType::BF16 && xt != ffi::DataType::F16)
     return invalid("x must be bf16 or f16");
@@ -72,22 +72,26 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
   const int64_t token_tiles = slots / block_m;
   const int64_t n_blocks = (n16 + kWarps - 1) / kWarps;
   const int64_t tickets = ticket_bytes(token_tiles, n_blocks);
-  const int64_t need = splits > 1 ? tickets + splits * slots * n * 4 : 0;
+  if (token_tiles > 65535) return invalid("too many token tiles for one launch");
+  GemmParams p = common_params(x, qweight, qscales, global_scale,
+                               has_bias ? bias.typed_data() : nullptr, out->untyped_data(),
+                               workspace->untyped_data(), tickets, n, k, splits, cluster);
+  p.rows_out = static_cast<int>(num_rows_out);
+  p.slots = static_cast<int>(slots);
+  const int64_t need = workspace_need(p, tickets);
   if (static_cast<int64_t>(workspace->element_count()) < need)
     return invalid("workspace too small: " + std::to_string(workspace->element_count()) +
                    " < " + std::to_string(need));
-  if (token_tiles > 65535) return invalid("too many token tiles for one launch");
+  if (auto why = cluster_problem<true>(p, xt == ffi::DataType::BF16,
+                                       static_cast<int>(block_m / 8));
+      !why.empty())
+    return invalid(why);
 
   // Rows of non-local experts (and of nothing) are zero.
   cudaError_t e = cudaMemsetAsync(out->untyped_data(), 0, num_rows_out * n * 2, stream);
   if (e != cudaSuccess) return cuda_error("jax_nvfp4_moe_gemm memset", e);
   if (token_tiles == 0) return ffi::Error::Success();
 
-  GemmParams p = common_params(x, qweight, qscales, global_scale,
-                               has_bias ? bias.typed_data() : nullptr, out->untyped_data(),
-                               workspace->untyped_data(), tickets, n, k, splits);
-  p.rows_out = static_cast<int>(num_rows_out);
-  p.slots = static_cast<int>(slots);
   p.sorted_ids = sorted_ids.typed_data();
   p.block_expert = block_expert.typed_data();
   p.num_padded = num_padded.typed_data();
@@ -122,7 +126,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Nvfp4MoeGemmCuda, jax_nvfp4::MoeGemmImpl,
                                   .Attr<int64_t>("block_m")
                                   .Attr<int64_t>("splits")
                                   .Attr<bool>("mul_topk_weight")
-                                  .Attr<bool>("has_bias"),
+                                  .Attr<bool>("has_bias")
+                                  .Attr<bool>("cluster"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 // Here, not in nvfp4_gemm.cu: each kernel instantiation must live in one translation unit, or
@@ -130,4 +135,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Nvfp4MoeGemmCuda, jax_nvfp4::MoeGemmImpl,
 // than the one launched ("invalid argument" at launch above 48 KB).
 extern "C" int jax_nvfp4_moe_blocks_per_sm(int mt, int bf16) {
   return jax_nvfp4::blocks_per_sm<true>(mt, bf16 != 0);
+}
+
+extern "C" int jax_nvfp4_moe_cluster_limit(int mt, int bf16) {
+  return jax_nvfp4::cluster_limit<true>(mt, bf16 != 0);
 }

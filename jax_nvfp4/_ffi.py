@@ -45,3 +45,10 @@ def blocks_per_sm(m_tile: int, bf16: bool) -> int:
 def moe_blocks_per_sm(m_tile: int, bf16: bool) -> int:
   """Resident blocks per SM of the grouped MoE kernel, 0 when unknown."""
   return int(_C.moe_blocks_per_sm(m_tile, bf16)) if cuda_kernels_built() else 0
+
+
+def cluster_limit(m_tile: int, bf16: bool, moe: bool) -> int:
+  """Largest K split the kernels reduce inside a thread-block cluster (sm_90) for token tile
+  ``m_tile``; 0 when the device or the build has no cluster path (split K then reduces through
+  a global workspace)."""
+  return int(_C.cluster_limit(m_tile, bf16, moe)) if cuda_kernels_built() else 0

@@ -129,6 +129,66 @@ def test_bitwise_deterministic_with_split_k(rng):
     np.testing.assert_array_equal(np.asarray(_gemm(x, w)), first)
 
 
+def _forced_launch(x, p, *, splits, m_tile, cluster, bias=None):
+  """The kernel with a forced (splits, m_tile, cluster) launch."""
+  b = jnp.zeros((1,), jnp.float32) if bias is None else bias
+  f = jax.jit(lambda xx, q, s, g, bb: dense.nvfp4_gemm_p.bind(
+      xx, q, s, g, bb, n=p.n, k=p.k, has_bias=bias is not None, splits=splits, m_tile=m_tile,
+      cluster=cluster)[0])
+  return f(x, p.qweight, p.qscales, p.global_scale, b)
+
+
+needs_cluster = pytest.mark.skipif(
+    not dense.use_cluster(2, 1), reason="no thread-block cluster path on this GPU (sm_90 only)")
+
+
+@needs_cluster
+@pytest.mark.parametrize("m, n, k, splits", [(1, 4096, 14336, 16), (3, 1000, 4160, 7),
+                                             (16, 520, 2048, 5), (9, 2056, 1088, 3),
+                                             (1, 136, 16384, 13)])
+def test_cluster_split_k_matches_reference_and_ticket_path(rng, m, n, k, splits):
+  """The cluster reduction (DSMEM reduce-scatter) against float64, and bit for bit against the
+  global-workspace ticket path: both sum the splits in order 0..S-1 in fp32."""
+  m_tile = dense._m_tile(m)
+  if splits > dense._cluster_limit(m_tile):
+    pytest.skip(f"clusters of {splits} do not fit here")
+  w = random_weight(rng, n, k)
+  p = nf.prepare(w)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+  got = poisoned_call(lambda: _forced_launch(x, p, splits=splits, m_tile=m_tile, cluster=True,
+                                             bias=bias), out_shape=(m, n), dtype=jnp.bfloat16)
+  got = np.asarray(got, np.float64)
+  assert np.isfinite(got).all(), "unwritten (NaN-poisoned) outputs"
+  ref = (np.asarray(x, np.float64) @ npref.dequantize(w.packed, w.scales, w.global_scale).T
+         + np.asarray(bias, np.float64))
+  assert rel_l2(got, ref) <= 5e-3
+  tickets = _forced_launch(x, p, splits=splits, m_tile=m_tile, cluster=False, bias=bias)
+  np.testing.assert_array_equal(got, np.asarray(tickets, np.float64))
+
+
+@needs_cluster
+def test_default_launch_uses_the_cluster_without_workspace():
+  n, k = 14336, 4096  # 112 N blocks: two splits at M = 1 on an H100
+  splits, m_tile = dense.choose_launch(1, n, k)
+  assert dense.use_cluster(splits, m_tile), (splits, m_tile)
+  x = jax.ShapeDtypeStruct((1, k), jnp.bfloat16)
+  p = jax.eval_shape(nf.prepare, jax.eval_shape(lambda: nf.quantize(jnp.zeros((n, k)))))
+  compiled = jax.jit(nf.nvfp4_matmul).lower(x, p).compile()
+  assert "jax_nvfp4_gemm_cuda" in compiled.as_text()
+  # No split-K workspace: the fp32 partials alone would be splits * N * 4 bytes.
+  assert compiled.memory_analysis().temp_size_in_bytes < splits * n * 4
+
+
+def test_cluster_request_beyond_the_device_is_a_clear_error(rng):
+  p = nf.prepare(random_weight(rng, 256, 8192))  # 32 k-units: room for 17 splits
+  x = jnp.asarray(rng.standard_normal((1, 8192)), jnp.bfloat16)
+  limit = dense._cluster_limit(1)
+  with pytest.raises(Exception, match="cluster split-K with"):
+    jax.block_until_ready(_forced_launch(x, p, splits=max(limit + 1, 2) if limit else 2,
+                                         m_tile=1, cluster=True))
+
+
 def test_unprepared_weight_runs_the_kernel_too(rng):
   w = random_weight(rng, 96, 128)
   x = jnp.asarray(rng.standard_normal((4, 128)), jnp.bfloat16)

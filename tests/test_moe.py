@@ -500,6 +500,22 @@ def test_split_k_choice_and_workspace():
   assert moe_ops.moe_workspace_bytes(64, 2048, 8, 1) == 256
 
 
+@pytest.mark.parametrize("limit", [0, 1, 2, 16])
+def test_cluster_reduction_policy(monkeypatch, limit):
+  """Splits reduce in a cluster only for 2..CLUSTER_MAX_SPLITS (3) and only up to the largest
+  cluster the device launches (0: none, e.g. no sm_90 code); then no workspace is needed."""
+  from jax_nvfp4.ops import dense
+  monkeypatch.setattr(dense, "_cluster_limit", lambda m_tile: limit)
+  monkeypatch.setattr(moe_ops, "moe_cluster_limit", lambda block_m, bf16=True: limit)
+  for splits in range(1, 9):
+    want = 2 <= splits <= min(3, limit)
+    assert dense.use_cluster(splits, 1) == want
+    assert moe_ops.use_moe_cluster(splits, 8) == want
+  assert dense.workspace_bytes(1, 4096, 2, 1, cluster=True) == 256
+  assert dense.workspace_bytes(1, 4096, 2, 1, cluster=False) == 256 + 2 * 4096 * 4
+  assert moe_ops.moe_workspace_bytes(64, 2048, 8, 3, cluster=True) == 256
+
+
 @pytest.mark.parametrize("k", [16, 64, 192, 256, 320, 768, 2048, 7168])
 @pytest.mark.parametrize("slots", [8, 64, 512])
 def test_split_k_never_exceeds_the_kernel_units(k, slots):

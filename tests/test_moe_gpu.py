@@ -200,6 +200,31 @@ def test_deterministic_eager_jit_prepared_bitwise(rng):
                                                         topk_ids=ti)), a)
 
 
+@pytest.mark.parametrize("m, h, i, e, k, block_m", [(1, 7168, 1536, 16, 8, 8),
+                                                    (2, 2048, 1536, 32, 4, 8),
+                                                    (1, 1024, 2000, 64, 6, 8)])
+def test_cluster_split_k_bitwise_equal_to_ticket_path(rng, monkeypatch, m, h, i, e, k, block_m):
+  """At decode sizes the grouped GEMM splits K; where the GPU has clusters (sm_90) the splits
+  reduce through distributed shared memory. Same split order, same fp32 sums: the layer must
+  match the global-workspace ticket path bit for bit, and the reference within tolerance."""
+  if moe_ops.moe_cluster_limit(block_m) < 2:
+    pytest.skip("no thread-block cluster path on this GPU (sm_90 only)")
+  x, w13, w2 = _layer(rng, m, h, i, e)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  p13, p2 = nf.prepare(w13), nf.prepare(w2)
+  pairs = m * k
+  slots = -(-(pairs + min(e, pairs) * (block_m - 1)) // block_m) * block_m  # align.py's P
+  # GEMM 1 splits K and reduces in a cluster.
+  assert moe_ops.use_moe_cluster(moe_ops.choose_moe_splits(slots, 2 * i, h, block_m), block_m)
+  layer = lambda: jax.jit(lambda *a: nf.fused_moe(*a, topk_weights=tw, topk_ids=ti,  # noqa: E731
+                                                   block_m=block_m))
+  clustered = np.asarray(poisoned(layer(), x, p13, p2, out_shape=x.shape, dtype=x.dtype))
+  _check(x, w13, w2, clustered, tw, ti)
+  monkeypatch.setattr(moe_ops, "moe_cluster_limit", lambda *a, **kw: 0)
+  tickets = np.asarray(layer()(x, p13, p2))
+  np.testing.assert_array_equal(clustered, tickets)
+
+
 def test_kernel_matches_xla_reference_at_qwen3_prefill(rng):
   """(E, H, I, k) = (128, 2048, 768, 8) at T = 4096 against the reference lowering run by XLA on
   the same GPU (same rounding points, float32 products)."""

@@ -88,12 +88,12 @@ def _install_opaque_gemm():
     out = np.asarray(x, np.float64) @ w.T + (np.asarray(bias, np.float64) if has_bias else 0)
     return out.astype(x.dtype)
 
-  def lowering(x, qweight, qscales, gs, bias, *, n, k, has_bias, splits, m_tile):
+  def lowering(x, qweight, qscales, gs, bias, *, n, k, has_bias, splits, m_tile, cluster):
     out = jax.ShapeDtypeStruct((*x.shape[:-1], n), x.dtype)
     y = jax.pure_callback(lambda *a: host(*a, n=n, k=k, has_bias=has_bias), out, x, qweight,
                           qscales, gs, bias)
     m = int(np.prod(x.shape[:-1]))
-    return y, jnp.zeros((odense.workspace_bytes(m, n, splits, m_tile),), jnp.uint8)
+    return y, jnp.zeros((odense.workspace_bytes(m, n, splits, m_tile, cluster),), jnp.uint8)
 
   mlir.register_lowering(odense.nvfp4_gemm_p, mlir.lower_fun(lowering, multiple_results=True),
                          platform="cpu")

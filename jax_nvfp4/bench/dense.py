@@ -36,8 +36,8 @@ MS = (1, 16, 64, 256, 1024, 4096)
 METHOD = """Dense NVFP4 GEMM benchmark (not a test). Run on a GPU:  python benchmarks/bench_dense.py
 
 Method. Every timed function is one jitted program that calls the op once on each of COPIES
-distinct weight copies (more bytes than L2 holds, so each call streams its weight from HBM), each
-with its own activation array. No two calls share an operand: XLA merges dots that share one
+(more for weights smaller than 4096 x 14336: copies_for) distinct weight copies (more bytes
+than L2 holds, so each call streams its weight from HBM), each with its own activation array. No two calls share an operand: XLA merges dots that share one
 (a program that multiplied one weight by 4 activations read the weight once, which made the
 XLA column look faster than HBM allows). The program is dispatched RUNS
 times back to back before waiting for the last result, so the host's dispatch of program r+1
@@ -100,12 +100,22 @@ def format_row(row: dict) -> str:
           f"{row['kernel_tflops']:6.1f} TF/s")
 
 
+def copies_for(k: int, n: int, copies: int = COPIES) -> int:
+  """``copies`` for a Llama-3-8B MLP-sized weight (4096 x 14336) or larger; proportionally
+  more (at most 64) for smaller weights, so that one program keeps the device busy for longer
+  than the host takes to dispatch it (16 calls of a 4096 x 4096 weight at M = 1 are ~200 us of
+  device work, which measured host-bound: 13-21 us per call between runs)."""
+  return int(min(64, max(copies, copies * round(4096 * 14336 / (k * n)))))
+
+
 def bench_shape(k, n, ms, bw, key, with_torch=True, *, copies: int = COPIES, runs: int = RUNS,
                 trials: int = TRIALS, log=_print) -> list[dict]:
   """Measures one ``[N, K]`` weight at every M of ``ms``; ``bw``: copy bandwidth in bytes/s.
+  ``copies`` is scaled up for small weights (``copies_for``).
 
   ``log`` gets each row's ``format_row`` line as it is measured (None: silent).
   """
+  copies = copies_for(k, n, copies)
   rows = []
   keys = jax.random.split(key, copies + 1)
   # Random codes and scales directly on the device (quantizing 8 copies is slow and not timed).

@@ -117,29 +117,47 @@ def _blocks_per_sm(m_tile: int) -> int:
   return _ffi.blocks_per_sm(m_tile, True) or 2
 
 
+@functools.lru_cache(maxsize=None)
+def _cluster_limit(m_tile: int) -> int:
+  return _ffi.cluster_limit(m_tile, True, False)
+
+
 _CHUNKS_PER_UNIT = 4  # csrc/nvfp4_tile.cuh kChunksPerStage: K is split in units of 4 k64 chunks
+
+
+# Splits that reduce in a thread-block cluster (sm_90) rather than through the workspace: on the
+# H100 the cluster reduction saved 1.5-4 us per call at 2, 3 (and 6) splits, but launching
+# clusters of 4, 8, 12 or 16 cost 3-6 us more than it saved (NOTES_dense.md v7).
+CLUSTER_MAX_SPLITS = 3
 
 
 def choose_launch(m: int, n: int, k: int) -> tuple[int, int]:
   """(splits, m_tile) for the dense kernel.
 
-  K is split so that the grid fills one wave (a partial second wave would leave SMs idle for a
-  whole block's time), each split at least one k-unit (a pipeline stage of four k64 chunks)
-  long, at most 64 splits. For m_tile <= 2 the wave is every resident block (several per SM);
-  for m_tile >= 4 it is one block per SM: measured on an H100 (benchmarks/sweep_launch.py,
-  NOTES_dense.md), filling the second slot of an SM with more splits was slower at M = 32-128.
+  K is split so that the grid holds about two blocks per SM for m_tile <= 2 (fewer if fewer
+  are resident) and one for m_tile >= 4, each split at least one k-unit (a pipeline stage of four k64 chunks) long, at
+  most 64 splits. Every split adds reduction work at the end of the kernel, so more blocks
+  than that were slower on an H100 (benchmarks/sweep_launch.py, kernel_lab.cu; NOTES_dense.md
+  v2 for m_tile >= 4 and v7 for m_tile <= 2).
   """
   mt = _m_tile(m)
   n_blocks = -(-(-(-n // 16)) // _WARPS_PER_BLOCK)
   m_tiles = max(1, -(-m // (8 * mt)))
   units = -(-(-(-k // 64)) // _CHUNKS_PER_UNIT)
-  slots = _sm_count() * (_blocks_per_sm(mt) if mt <= 2 else 1)
+  slots = _sm_count() * (min(2, _blocks_per_sm(mt)) if mt <= 2 else 1)
   splits = slots // (n_blocks * m_tiles)
   return int(max(1, min(splits, units, 64))), mt
 
 
-def workspace_bytes(m: int, n: int, splits: int, m_tile: int) -> int:
-  if splits <= 1 or m == 0:
+def use_cluster(splits: int, m_tile: int) -> bool:
+  """Whether the ``splits`` of a tile reduce inside a thread-block cluster (distributed shared
+  memory, sm_90 only) instead of through the global workspace with tickets and a memset:
+  for 2 to ``CLUSTER_MAX_SPLITS`` splits where the device launches such clusters."""
+  return 1 < splits <= min(CLUSTER_MAX_SPLITS, _cluster_limit(m_tile))
+
+
+def workspace_bytes(m: int, n: int, splits: int, m_tile: int, cluster: bool = False) -> int:
+  if splits <= 1 or m == 0 or cluster:
     return 256
   m_tiles = -(-m // (8 * m_tile))
   n_blocks = -(-(-(-n // 16)) // _WARPS_PER_BLOCK)
@@ -168,11 +186,11 @@ def _check_prepared(x_aval, qweight_aval, qscales_aval, gs_aval, bias_aval, n, k
 
 
 def _gemm_abstract_eval(x, qweight, qscales, global_scale, bias, *, n, k, has_bias, splits,
-                        m_tile):
+                        m_tile, cluster):
   _check_prepared(x, qweight, qscales, global_scale, bias if has_bias else None, n, k)
   m = int(np.prod(x.shape[:-1]))
   return (jax.core.ShapedArray((*x.shape[:-1], n), x.dtype),
-          jax.core.ShapedArray((workspace_bytes(m, n, splits, m_tile),), jnp.uint8))
+          jax.core.ShapedArray((workspace_bytes(m, n, splits, m_tile, cluster),), jnp.uint8))
 
 
 nvfp4_gemm_p.def_abstract_eval(_gemm_abstract_eval)
@@ -180,11 +198,12 @@ nvfp4_gemm_p.def_impl(lambda *args, **params: jax.jit(
     lambda *a: nvfp4_gemm_p.bind(*a, **params))(*args))
 
 
-def _gemm_reference(x, qweight, qscales, global_scale, bias, *, n, k, has_bias, splits, m_tile):
+def _gemm_reference(x, qweight, qscales, global_scale, bias, *, n, k, has_bias, splits, m_tile,
+                    cluster):
   w = unprepare(PreparedNVFP4Weight(qweight, qscales, global_scale, n=n, k=k))
   out = reference_matmul(x, w, bias if has_bias else None)
   m = int(np.prod(x.shape[:-1]))
-  return out, jnp.zeros((workspace_bytes(m, n, splits, m_tile),), jnp.uint8)
+  return out, jnp.zeros((workspace_bytes(m, n, splits, m_tile, cluster),), jnp.uint8)
 
 
 mlir.register_lowering(nvfp4_gemm_p, mlir.lower_fun(_gemm_reference, multiple_results=True))
@@ -193,10 +212,10 @@ if "jax_nvfp4_gemm_cuda" in _ffi.REGISTERED:
   _cuda_gemm = jax.ffi.ffi_lowering("jax_nvfp4_gemm_cuda")
 
   def _gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, bias, *, n, k, has_bias,
-                          splits, m_tile):
+                          splits, m_tile, cluster):
     return _cuda_gemm(ctx, x, qweight, qscales, global_scale, bias, n=np.int64(n),
                       k=np.int64(k), splits=np.int64(splits), m_tile=np.int64(m_tile),
-                      has_bias=bool(has_bias))
+                      has_bias=bool(has_bias), cluster=bool(cluster))
 
   mlir.register_lowering(nvfp4_gemm_p, _gemm_cuda_lowering, platform="cuda")
 
@@ -215,7 +234,8 @@ def _bind_gemm(x, qweight, qscales, global_scale, bias, *, n, k, has_bias):
   m = int(np.prod(x.shape[:-1]))
   splits, m_tile = choose_launch(m, n, k)
   out, _ = nvfp4_gemm_p.bind(x, qweight, qscales, global_scale, bias, n=n, k=k,
-                             has_bias=has_bias, splits=splits, m_tile=m_tile)
+                             has_bias=has_bias, splits=splits, m_tile=m_tile,
+                             cluster=use_cluster(splits, m_tile))
   return out
 
 
