@@ -298,11 +298,14 @@ int cluster_limit_typed() {
       cfg.attrs = at;
       cfg.numAttrs = 1;
       int clusters = 0;
-      if (cudaOccupancyMaxActiveClusters(&clusters, nvfp4_kernel<T, MT, kMoe>, &cfg) ==
-              cudaSuccess && clusters > 0)
-        return s;
+      const cudaError_t e =
+          cudaOccupancyMaxActiveClusters(&clusters, nvfp4_kernel<T, MT, kMoe>, &cfg);
+      if (e != cudaSuccess) {
+        cudaGetLastError();  // a refused size must not surface as the next launch's error
+        continue;
+      }
+      if (clusters > 0) return s;
     }
-    cudaGetLastError();  // a refused size leaves no sticky error behind
     return 0;
   }();
   return limit;
