@@ -22,4 +22,27 @@ for m, h, i, e, k in [(1, 256, 176, 5, 2), (37, 128, 48, 12, 3), (130, 192, 96, 
                 jnp.linalg.norm(ref.astype(jnp.float32)))
     print(m, h, i, e, k, dtype.__name__, f"rel {err:.2e}")
     assert np.isfinite(np.asarray(out, np.float32)).all() and err < 2e-2
+# The one-launch alignment: runs longer than a 1024-pair chunk, 1024 experts (shared memory
+# past the 48 KB default), an expert map, ids out of range.
+for m, e, k, bm, mapped in [(3000, 2, 1, 64, False), (50, 1024, 6, 16, True),
+                            (333, 5, 3, 32, True), (4096, 256, 8, 64, False)]:
+  ids = jnp.asarray(rng.integers(-2, e + 2, (m, k)).astype(np.int32))
+  emap = jnp.asarray(np.where(np.arange(e) % 2 == 0, np.arange(e) // 2, -1).astype(np.int32)) \
+      if mapped else None
+  got = jax.jit(lambda i, mp: nf.align_tokens(i, e, bm, mp, backend="cuda"))(ids, emap)
+  want = jax.jit(lambda i, mp: nf.align_tokens(i, e, bm, mp, backend="reference"))(ids, emap)
+  for g, w in zip((got.sorted_ids, got.block_expert, got.num_padded),
+                  (want.sorted_ids, want.block_expert, want.num_padded)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  print("align", m, e, k, bm, mapped, "ok")
+# An expert map: the GEMMs leave the rows of non-local pairs unwritten, the combine masks them.
+m, h, i, e, k = 19, 128, 64, 6, 2
+w13 = nf.prepare(nf.quantize(jnp.asarray(rng.standard_normal((3, 2 * i, h)) * 0.1, jnp.float32)))
+w2 = nf.prepare(nf.quantize(jnp.asarray(rng.standard_normal((3, h, i)) * 0.1, jnp.float32)))
+x = jnp.asarray(rng.standard_normal((m, h)), jnp.bfloat16)
+logits = jnp.asarray(rng.standard_normal((m, e)), jnp.float32)
+emap = jnp.array([0, -1, 1, -1, 2, -1], jnp.int32)
+out = jax.jit(lambda x, l: nf.fused_moe(x, w13, w2, router_logits=l, top_k=k,
+                                        expert_map=emap))(x, logits)
+assert np.isfinite(np.asarray(out, np.float32)).all()
 print("sanitize run done")

@@ -8,6 +8,7 @@
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4GemmCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4MoeGemmCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4DequantizeCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4MoeAlignCuda);
 extern "C" int jax_nvfp4_sm_count();
 extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16);
 extern "C" int jax_nvfp4_moe_blocks_per_sm(int mt, int bf16);
@@ -35,6 +36,7 @@ NB_MODULE(_C, m) {
     registrations["jax_nvfp4_gemm_cuda"] = EncapsulateFfiHandler(Nvfp4GemmCuda);
     registrations["jax_nvfp4_moe_gemm_cuda"] = EncapsulateFfiHandler(Nvfp4MoeGemmCuda);
     registrations["jax_nvfp4_dequantize_cuda"] = EncapsulateFfiHandler(Nvfp4DequantizeCuda);
+    registrations["jax_nvfp4_moe_align_cuda"] = EncapsulateFfiHandler(Nvfp4MoeAlignCuda);
 #endif
     return registrations;
   }, "Names and capsules of the XLA FFI handlers built into this module.");

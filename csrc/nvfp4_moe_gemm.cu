@@ -7,7 +7,8 @@
 //   out[id, :] = ((x[id / gather_div, :] @ W_e^T) * global_scale[e] + bias[e]) * topk_weights[id]
 //
 // (bias and topk_weights optional), computed in fp32 with one final cast. Every other row of
-// out is zero. The tile engine and the split-K reduction are shared with the dense kernel
+// out is zero, or left as it was with zero_unwritten = false (fused_moe never reads them: one
+// memset node less per GEMM). The tile engine and the split-K reduction are shared with the dense kernel
 // (nvfp4_tile.cuh, nvfp4_kernel.cuh); ops/moe.py computes the same workspace size.
 
 #include <string>
@@ -29,7 +30,8 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
                        ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> out,
                        ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t n, int64_t k,
                        int64_t gather_div, int64_t num_rows_out, int64_t block_m, int64_t splits,
-                       bool mul_topk_weight, bool has_bias, bool cluster) {
+                       bool mul_topk_weight, bool has_bias, bool cluster,
+                       bool zero_unwritten) {
   const auto xt = x.element_type();
   if (xt != ffi::DataType::BF16 && xt != ffi::DataType::F16)
     return invalid("x must be bf16 or f16");
@@ -87,9 +89,10 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
       !why.empty())
     return invalid(why);
 
-  // Rows of non-local experts (and of nothing) are zero.
-  cudaError_t e = cudaMemsetAsync(out->untyped_data(), 0, num_rows_out * n * 2, stream);
-  if (e != cudaSuccess) return cuda_error("jax_nvfp4_moe_gemm memset", e);
+  if (zero_unwritten) {  // rows of non-local experts (and of nothing) are zero
+    cudaError_t e = cudaMemsetAsync(out->untyped_data(), 0, num_rows_out * n * 2, stream);
+    if (e != cudaSuccess) return cuda_error("jax_nvfp4_moe_gemm memset", e);
+  }
   if (token_tiles == 0) return ffi::Error::Success();
 
   p.sorted_ids = sorted_ids.typed_data();
@@ -127,7 +130,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Nvfp4MoeGemmCuda, jax_nvfp4::MoeGemmImpl,
                                   .Attr<int64_t>("splits")
                                   .Attr<bool>("mul_topk_weight")
                                   .Attr<bool>("has_bias")
-                                  .Attr<bool>("cluster"),
+                                  .Attr<bool>("cluster")
+                                  .Attr<bool>("zero_unwritten"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 // Here, not in nvfp4_gemm.cu: each kernel instantiation must live in one translation unit, or

@@ -16,6 +16,7 @@ import pytest
 
 import jax_nvfp4 as nf
 from jax_nvfp4.ops import moe as moe_ops
+from jax_nvfp4.ops import moe_align
 from tests import numpy_moe_reference as ref
 from tests import numpy_reference as npref
 
@@ -388,7 +389,7 @@ def test_primitive_abstract_eval_errors(rng):
   args = [x, p.qweight, p.qscales, p.global_scale, al.sorted_ids, al.block_expert,
           al.num_padded, jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32)]
   params = dict(n=32, k=64, gather_div=1, num_rows_out=4, block_m=8, mul_topk_weight=False,
-                has_bias=False, backend="auto")
+                has_bias=False, zero_unwritten=True, backend="auto")
   cases = [
       ({0: x.astype(jnp.float32)}, {}, TypeError, "bfloat16 or float16"),
       ({0: jnp.zeros((4, 48), jnp.bfloat16)}, {}, ValueError, "k = 64"),
@@ -406,6 +407,7 @@ def test_primitive_abstract_eval_errors(rng):
       ({}, {"num_rows_out": 5}, ValueError, "reads rows"),
       ({4: al.sorted_ids.astype(jnp.uint32)}, {}, TypeError, "sorted_ids must be int32"),
       ({}, {"backend": "kernel"}, ValueError, "backend must be one of"),
+      ({}, {"zero_unwritten": "no"}, TypeError, "zero_unwritten must be a bool"),
   ]
   for over, pover, exc, match in cases:
     a = list(args)
@@ -469,17 +471,22 @@ def test_cuda_lowering_emits_the_ffi_call(rng, monkeypatch):
   """The CUDA lowering (exported for the cuda platform, no GPU needed): operands in contract
   order, attributes typed as the handler binds them, the workspace result only internal."""
   # The lowering rule asks at lowering time whether the kernel is built (here it is not).
-  monkeypatch.setattr(nf._ffi, "REGISTERED", nf._ffi.REGISTERED | {moe_ops.CUDA_TARGET})
+  targets = (moe_ops.CUDA_TARGET, moe_align.CUDA_TARGET)
+  monkeypatch.setattr(nf._ffi, "REGISTERED", nf._ffi.REGISTERED | set(targets))
   p13 = nf.prepare(random_experts(rng, 4, 64, 128))
   p2 = nf.prepare(random_experts(rng, 4, 128, 32))
   f = jax.jit(lambda x, l: nf.fused_moe(x, p13, p2, router_logits=l, top_k=2))
   exp = jax.export.export(f, platforms=["cuda"], disabled_checks=[
-      jax.export.DisabledSafetyCheck.custom_call(moe_ops.CUDA_TARGET)])(
+      jax.export.DisabledSafetyCheck.custom_call(t) for t in targets])(
           jax.ShapeDtypeStruct((3, 128), jnp.bfloat16), jax.ShapeDtypeStruct((3, 4), jnp.float32))
-  calls = [l for l in exp.mlir_module().split("\n") if "custom_call @jax_nvfp4_moe_gemm_cuda" in l]
+  lines = exp.mlir_module().split("\n")
+  calls = [l for l in lines if "custom_call @jax_nvfp4_moe_gemm_cuda" in l]
+  align = [l for l in lines if f"custom_call @{moe_align.CUDA_TARGET}" in l]
   assert len(calls) == 2 and exp.out_avals[0].shape == (3, 128)
+  assert len(align) == 1 and "(tensor<3x2xi32>, tensor<0xi32>) -> (tensor<40xi32>" in align[0]
   gemm1, gemm2 = calls
-  for attr in ("block_m = 8 : i64", "num_rows_out = 6 : i64", "splits = ", "has_bias = false"):
+  for attr in ("block_m = 8 : i64", "num_rows_out = 6 : i64", "splits = ", "has_bias = false",
+               "zero_unwritten = false"):
     assert attr in gemm1 and attr in gemm2
   assert "gather_div = 2 : i64" in gemm1 and "mul_topk_weight = false" in gemm1
   assert "n = 64 : i64" in gemm1 and "k = 128 : i64" in gemm1
@@ -490,13 +497,19 @@ def test_cuda_lowering_emits_the_ffi_call(rng, monkeypatch):
   assert "tensor<6xf32>, tensor<0xf32>) -> (tensor<6x128xbf16>" in gemm2
 
 
-def test_split_k_choice_and_workspace():
-  # decode-sized GEMM2 of (E, H, I) = (128, 2048, 768): 16 N blocks x 8 tiles leave SMs idle
-  assert moe_ops.choose_moe_splits(64, 2048, 768, 8) > 1
+def test_split_k_choice_and_workspace(monkeypatch):
+  monkeypatch.setattr(moe_ops._ffi, "sm_count", lambda: 132)           # an H100's SMs
+  monkeypatch.setattr(moe_ops._ffi, "moe_blocks_per_sm", lambda mt, bf16: 3)
+  # Mixtral-like GEMM2 at decode: 32 N blocks x 2 tiles leave SMs idle and K = 14336 is long.
+  assert moe_ops.choose_moe_splits(16, 4096, 14336, 8) == 4
+  # Qwen3-like GEMM1/GEMM2 at decode: K of 2048 / 768 is too short to pay for a split
+  # (measured: NOTES_moe.md v5); so is one k64 chunk.
+  assert moe_ops.choose_moe_splits(64, 1536, 2048, 8) == 1
+  assert moe_ops.choose_moe_splits(64, 2048, 768, 8) == 1
+  assert moe_ops.choose_moe_splits(64, 2048, 64, 8) == 1
   assert moe_ops.choose_moe_splits(48896, 4096, 7168, 64) == 1   # prefill: no split
-  assert moe_ops.choose_moe_splits(64, 2048, 64, 8) == 1          # one k64 chunk: no split
-  s = moe_ops.choose_moe_splits(64, 2048, 768, 8)
-  assert moe_ops.moe_workspace_bytes(64, 2048, 8, s) == 512 + s * 64 * 2048 * 4  # 8x16 tickets
+  s = moe_ops.choose_moe_splits(16, 4096, 14336, 8)
+  assert moe_ops.moe_workspace_bytes(16, 4096, 8, s) == 256 + s * 16 * 4096 * 4  # 2x32 tickets
   assert moe_ops.moe_workspace_bytes(64, 2048, 8, 1) == 256
 
 

@@ -7,6 +7,7 @@ import pytest
 
 import jax_nvfp4 as nf
 from jax_nvfp4.moe import capacity
+from jax_nvfp4.ops import moe_align
 from tests import numpy_moe_reference as ref
 
 
@@ -103,3 +104,56 @@ def test_bad_inputs_raise():
     nf.align_tokens(jnp.zeros((2, 2), jnp.float32), 4, 8)
   with pytest.raises(ValueError, match="expert_map"):
     nf.align_tokens(jnp.zeros((2, 2), jnp.int32), 4, 8, expert_map=jnp.zeros(3, jnp.int32))
+
+
+# ----------------------------------------------------------------------------- the primitive
+
+def test_vmap_aligns_each_element(rng):
+  ids = np.stack([_distinct_topk(rng, 9, 16, 2) for _ in range(3)])       # [3, 9, 2]
+  emap = np.where(np.arange(16) % 3 == 0, -1, np.arange(16) // 2).astype(np.int32)
+  f = lambda i: nf.align_tokens(i, 16, 8, emap)
+  batched = jax.vmap(f)(jnp.asarray(ids))
+  for b in range(3):
+    one = f(jnp.asarray(ids[b]))
+    for got, want in ((batched.sorted_ids[b], one.sorted_ids),
+                      (batched.block_expert[b], one.block_expert),
+                      (batched.num_padded[b], one.num_padded)):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    ref.check_alignment(batched.sorted_ids[b], batched.block_expert[b], batched.num_padded[b],
+                        ids[b], 16, 8, emap)
+
+
+def test_backend_errors():
+  ids = jnp.zeros((2, 2), jnp.int32)
+  with pytest.raises(ValueError, match="backend must be"):
+    nf.align_tokens(ids, 4, 8, backend="kernel")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="cannot lower"):
+      jax.jit(lambda i: nf.align_tokens(i, 4, 8, backend="cuda").sorted_ids)(ids)
+  with pytest.raises(TypeError, match="topk_ids must be int32"):
+    moe_align.moe_align_p.bind(ids.astype(jnp.int16), jnp.zeros((0,), jnp.int32),
+                               num_experts=4, block_m=8, backend="auto")
+
+
+def _export_for_cuda(e, monkeypatch, backend="auto"):
+  monkeypatch.setattr(nf._ffi, "REGISTERED", nf._ffi.REGISTERED | {moe_align.CUDA_TARGET})
+  f = jax.jit(lambda i, mp: nf.align_tokens(i, e, 16, mp, backend=backend).sorted_ids)
+  exp = jax.export.export(f, platforms=["cuda"], disabled_checks=[
+      jax.export.DisabledSafetyCheck.custom_call(moe_align.CUDA_TARGET)])(
+          jax.ShapeDtypeStruct((5, 4), jnp.int32), jax.ShapeDtypeStruct((e,), jnp.int32))
+  return [l for l in exp.mlir_module().split("\n")
+          if f"custom_call @{moe_align.CUDA_TARGET}" in l]
+
+
+def test_cuda_lowering_emits_one_ffi_call(monkeypatch):
+  """Lowered for cuda (no GPU needed): one call, operands and results as the handler binds
+  them; more experts than the kernel's shared memory holds go to the reference."""
+  calls = _export_for_cuda(64, monkeypatch)
+  p = capacity(20, 64, 16)
+  assert len(calls) == 1
+  assert "num_experts = 64 : i64" in calls[0] and "block_m = 16 : i64" in calls[0]
+  assert (f"(tensor<5x4xi32>, tensor<64xi32>) -> (tensor<{p}xi32>, tensor<{p // 16}xi32>, "
+          "tensor<1xi32>)") in calls[0]
+  assert _export_for_cuda(moe_align.ALIGN_MAX_EXPERTS + 1, monkeypatch) == []
+  with pytest.raises(ValueError, match="at most"):
+    _export_for_cuda(moe_align.ALIGN_MAX_EXPERTS + 1, monkeypatch, backend="cuda")

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 import jax_nvfp4 as nf
+from jax_nvfp4.moe import capacity
 from jax_nvfp4.ops import moe as moe_ops
+from jax_nvfp4.ops import moe_align
 from tests import numpy_moe_reference as ref
 from tests.test_moe import _distinct_topk, random_experts
 
@@ -201,8 +203,8 @@ def test_deterministic_eager_jit_prepared_bitwise(rng):
 
 
 @pytest.mark.parametrize("m, h, i, e, k, block_m", [(1, 7168, 1536, 16, 8, 8),
-                                                    (2, 2048, 1536, 32, 4, 8),
-                                                    (1, 1024, 2000, 64, 6, 8)])
+                                                    (2, 6144, 1536, 32, 4, 8),
+                                                    (1, 6400, 1008, 16, 6, 8)])
 def test_cluster_split_k_bitwise_equal_to_ticket_path(rng, monkeypatch, m, h, i, e, k, block_m):
   """At decode sizes the grouped GEMM splits K; where the GPU has clusters (sm_90) the splits
   reduce through distributed shared memory. Same split order, same fp32 sums: the layer must
@@ -295,6 +297,75 @@ def test_alignment_on_gpu(rng, m, e, k, block_m):
   ids = _distinct_topk(rng, m, e, k)[1]
   al = jax.jit(nf.align_tokens, static_argnums=(1, 2))(jnp.asarray(ids), e, block_m)
   ref.check_alignment(al.sorted_ids, al.block_expert, al.num_padded, ids, e, block_m)
+
+
+def _align_ids(rng, kind, m, e, k):
+  if kind == "distinct":
+    return _distinct_topk(rng, m, e, k)[1]
+  if kind == "dropped":                       # ids outside [0, E) on about a fifth of the pairs
+    return rng.integers(-3, e + 3, (m, k)).astype(np.int32)
+  if kind == "one_expert":                    # one long run: the per-expert cursor crosses chunks
+    return np.full((m, k), e - 1, np.int32)
+  return rng.integers(0, e, (m, k)).astype(np.int32)  # "repeats": duplicates within a token
+
+
+@pytest.mark.parametrize("kind, m, e, k, block_m, mapped", [
+    ("distinct", 1, 256, 8, 8, False), ("distinct", 1, 128, 8, 8, True),
+    ("distinct", 7, 12, 3, 16, False), ("dropped", 333, 5, 3, 32, True),
+    ("repeats", 4096, 256, 8, 64, False), ("repeats", 4096, 256, 8, 64, True),
+    ("one_expert", 3000, 2, 1, 64, False), ("repeats", 1000, 1, 3, 8, False),
+    ("repeats", 50, 1024, 6, 16, True), ("distinct", 1025, 64, 4, 32, False),
+    ("dropped", 0, 4, 2, 8, False)])
+def test_alignment_kernel_matches_reference_bitwise(rng, kind, m, e, k, block_m, mapped):
+  """The one-launch CUDA alignment against the pure-JAX one (same GPU), bit for bit, and
+  against the NumPy invariants, with poisoned output memory."""
+  ids = jnp.asarray(_align_ids(rng, kind, m, e, k))
+  emap = None
+  if mapped:
+    local = rng.permutation(e)[: e // 2]
+    emap = np.full(e, -1, np.int32)
+    emap[local] = np.arange(len(local))
+    emap = jnp.asarray(emap)
+  def run(backend):
+    al = jax.jit(lambda i, mp: nf.align_tokens(i, e, block_m, mp, backend=backend))(ids, emap)
+    return al.sorted_ids, al.block_expert, al.num_padded
+  p = capacity(m * k, e, block_m)
+  got = poisoned(run, "cuda", out_shape=(max(p, 1),), dtype=jnp.int32)
+  want = run("reference")
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  ref.check_alignment(*got, np.asarray(ids), e, block_m, emap)
+
+
+def test_alignment_kernel_expert_limit(rng):
+  ids = jnp.asarray(rng.integers(0, 2000, (3, 4)).astype(np.int32))
+  e = moe_align.ALIGN_MAX_EXPERTS + 1
+  auto = nf.align_tokens(ids, e, 8)                         # falls back to the reference
+  ref.check_alignment(auto.sorted_ids, auto.block_expert, auto.num_padded, np.asarray(ids), e, 8)
+  with pytest.raises(ValueError, match="at most"):
+    jax.jit(lambda i: nf.align_tokens(i, e, 8, backend="cuda").sorted_ids)(ids)
+
+
+def test_gemm_without_zeroing_writes_the_contract_rows(rng):
+  """zero_unwritten=False (what fused_moe asks): the rows blocks write are the contract's."""
+  from tests.test_moe import _contract_numpy
+  e, n, k, bm = 3, 200, 512, 8
+  w = random_experts(rng, e, n, k)
+  x = jnp.asarray(rng.standard_normal((12, k)), jnp.bfloat16)
+  sids = np.full(24, 12, np.int32)
+  sids[0:3], sids[8:13] = [4, 0, 9], [1, 2, 3, 11, 7]
+  block_expert = np.array([1, 2, -1], np.int32)
+  al = nf.Alignment(jnp.asarray(sids), jnp.asarray(block_expert), jnp.array([16], jnp.int32),
+                    block_m=bm, num_pairs=12)
+  p = nf.prepare(w)
+  f = jax.jit(lambda xx: nf.nvfp4_moe_gemm(xx, p, al, gather_div=1, num_rows_out=12,
+                                           zero_unwritten=False))
+  out = np.asarray(poisoned(f, x, out_shape=(12, n), dtype=jnp.bfloat16), np.float64)
+  written = [4, 0, 9, 1, 2, 3, 11, 7]
+  want = _contract_numpy(x, w, sids, block_expert, 16, None, None, gather_div=1,
+                         num_rows_out=12, block_m=bm)
+  assert np.isfinite(out[written]).all()
+  assert ref.rel_l2(out[written], want[written]) <= 4e-3
 
 
 def test_vmap_over_sequences(rng):

@@ -65,7 +65,8 @@ class Alignment:
 
 
 def align_tokens(topk_ids: jax.Array, num_experts: int, block_m: int,
-                 expert_map: jax.Array | None = None) -> Alignment:
+                 expert_map: jax.Array | None = None, *, backend: str | None = "auto"
+                 ) -> Alignment:
   """Sorts and pads the (token, k) pairs of ``topk_ids`` by expert (see the module docstring).
 
   Args:
@@ -77,12 +78,17 @@ def align_tokens(topk_ids: jax.Array, num_experts: int, block_m: int,
     expert_map: optional int ``[E]``: global id -> local expert id, or -1 where the expert lives
       on another device. Blocks of such experts keep their place but get block expert -1, so
       their rows are never computed (they stay zero; an expert-parallel combine sums devices).
+    backend: None/``"auto"`` (one CUDA kernel when lowering for a GPU with the kernels built,
+      ``align_reference`` elsewhere), ``"cuda"`` (the kernel; a ``ValueError`` where it cannot
+      lower) or ``"reference"``. Every backend gives the same bits.
 
   Returns:
     An ``Alignment`` with ``P = capacity(M * top_k, E, block_m)``. Invariants: every in-range
     pair appears exactly once in ``sorted_ids[:num_padded]``; each expert's pairs are contiguous,
     ascending, and start a block; every other slot holds the sentinel ``M * top_k``.
   """
+  from jax_nvfp4.ops import moe_align  # pylint: disable=import-outside-toplevel (import cycle)
+
   topk_ids = jnp.asarray(topk_ids)
   if topk_ids.ndim != 2:
     raise ValueError(f"align_tokens: topk_ids must be [M, top_k], got shape {topk_ids.shape}")
@@ -97,6 +103,19 @@ def align_tokens(topk_ids: jax.Array, num_experts: int, block_m: int,
     if expert_map.shape != (num_experts,) or not jnp.issubdtype(expert_map.dtype, jnp.integer):
       raise ValueError(f"align_tokens: expert_map must be integer ({num_experts},), got "
                        f"{expert_map.dtype} {expert_map.shape}")
+  m, top_k = topk_ids.shape
+  sorted_ids, block_expert, num_padded = moe_align.moe_align(
+      topk_ids.astype(jnp.int32), num_experts, block_m,
+      None if expert_map is None else expert_map.astype(jnp.int32), backend=backend)
+  return Alignment(sorted_ids, block_expert, num_padded, block_m=block_m, num_pairs=m * top_k)
+
+
+def align_reference(topk_ids: jax.Array, expert_map: jax.Array | None, *, num_experts: int,
+                    block_m: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The definition of the alignment in plain JAX (argsort, scatters, cumsum, searchsorted):
+  ``(sorted_ids, block_expert, num_padded)`` of ``align_tokens`` for int32 ``topk_ids [M, k]``
+  and an int32 ``expert_map [E]`` or None; no checks. The CPU path and the reference the
+  CUDA kernel (csrc/nvfp4_moe_align.cu) is tested against, bit for bit."""
   m, top_k = topk_ids.shape
   t = m * top_k
   e = num_experts
@@ -130,5 +149,4 @@ def align_tokens(topk_ids: jax.Array, num_experts: int, block_m: int,
   if expert_map is not None:
     block_expert = expert_map.astype(jnp.int32)[block_expert]
   block_expert = jnp.where(in_use, block_expert, -1)
-  return Alignment(sorted_ids, block_expert, num_padded.reshape(1).astype(jnp.int32),
-                   block_m=block_m, num_pairs=t)
+  return sorted_ids, block_expert, num_padded.reshape(1).astype(jnp.int32)

@@ -7,7 +7,8 @@ Contract of ``nvfp4_moe_gemm_p`` (one result; the CUDA kernel implements exactly
 
   nvfp4_moe_gemm_p.bind(x, qweight, qscales, global_scale, sorted_ids, block_expert, num_padded,
                         topk_weights, bias, n=int, k=int, gather_div=int, num_rows_out=int,
-                        block_m=int, mul_topk_weight=bool, has_bias=bool, backend=str)
+                        block_m=int, mul_topk_weight=bool, has_bias=bool,
+                        zero_unwritten=bool, backend=str)
 
   x             bf16/fp16 [R, k]                      (R * gather_div >= num_rows_out)
   qweight       uint32 [E, ceil(n/16), ceil(k/64), 32, 4]   stacked prepare() layout
@@ -20,7 +21,8 @@ Contract of ``nvfp4_moe_gemm_p`` (one result; the CUDA kernel implements exactly
   bias          float32 [E, n] if has_bias else float32 [0]
   -> out        x.dtype [num_rows_out, n]
 
-``out`` starts as zeros. For each block ``b`` with ``b * block_m < num_padded[0]`` and
+``out`` starts as zeros (with ``zero_unwritten=False``: as unspecified values, which saves
+the kernel a memset where no unwritten row is ever read). For each block ``b`` with ``b * block_m < num_padded[0]`` and
 ``e = block_expert[b] >= 0``, and each slot ``r < block_m`` with
 ``0 <= sid = sorted_ids[b*block_m+r] < num_rows_out``::
 
@@ -30,7 +32,9 @@ Contract of ``nvfp4_moe_gemm_p`` (one result; the CUDA kernel implements exactly
 where ``W_e`` is expert e's weight *without* its global scale (E2M1 code x block scale) and all
 arithmetic is float32 up to the one final cast. A valid ``sid`` must appear at most once, and
 block experts must be ``< E`` (the reference skips larger ids; the kernel may not). Rows no
-block writes stay zero (an expert-parallel combine sums over devices).
+block writes stay zero (an expert-parallel combine sums over devices), or, with
+``zero_unwritten=False``, are unspecified (the kernel leaves the buffer as it was, the
+reference writes NaN).
 
 The CUDA lowering adds launch details the contract does not show: a split-K factor and whether
 the splits reduce in a thread-block cluster (FFI attributes ``splits``, ``cluster``) and a uint8
@@ -92,10 +96,12 @@ def _check_operand(name, aval, dtype, shape):
 
 def _check_gemm(x, qweight, qscales, global_scale, sorted_ids, block_expert, num_padded,
                 topk_weights, bias, *, n, k, gather_div, num_rows_out, block_m, mul_topk_weight,
-                has_bias, backend):
+                has_bias, zero_unwritten, backend):
   """Validates every operand and parameter of the contract (module docstring)."""
   if backend not in LOWERINGS:
     _fail(f"backend must be one of {LOWERINGS}, got {backend!r}")
+  if not isinstance(zero_unwritten, (bool, np.bool_)):
+    _fail(f"zero_unwritten must be a bool, got {zero_unwritten!r}", TypeError)
   for pname, v in (("n", n), ("k", k), ("gather_div", gather_div),
                    ("num_rows_out", num_rows_out), ("block_m", block_m)):
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
@@ -161,8 +167,12 @@ SMALL_PER_BLOCK = 1 << 24
 
 def grouped_gemm_reference(x, unit_weight, num_experts, global_scale, sorted_ids, block_expert,
                            num_padded, topk_weights, bias, *, n, k, gather_div, num_rows_out,
-                           block_m, mul_topk_weight, has_bias, all_unit_weights=None):
+                           block_m, mul_topk_weight, has_bias, zero_unwritten=True,
+                           all_unit_weights=None):
   """Pure-JAX implementation of the contract for any weight storage.
+
+  With ``zero_unwritten=False`` the rows no block writes are NaN: "unspecified" made loud, so
+  that a caller reading them (fused_moe must not) fails its tests on every platform.
 
   ``unit_weight(e)`` returns expert ``e``'s float32 ``[n, k]`` weight without its global scale
   (``e`` may be traced); ``all_unit_weights()`` (optional) returns all ``[E, n, k]`` and is used
@@ -172,7 +182,7 @@ def grouped_gemm_reference(x, unit_weight, num_experts, global_scale, sorted_ids
   nb = p // block_m
   r = x.shape[0]
   dtype = x.dtype
-  out = jnp.zeros((num_rows_out, n), jnp.float32)
+  out = jnp.full((num_rows_out, n), 0.0 if zero_unwritten else jnp.nan, jnp.float32)
   if nb == 0 or num_rows_out == 0 or r == 0:
     return out.astype(dtype)
   hi = jax.lax.Precision.HIGHEST
@@ -286,18 +296,24 @@ def moe_cluster_limit(block_m: int, bf16: bool = True) -> int:
   return _ffi.cluster_limit(block_m // 8, bf16, True)
 
 
+#: A split must get at least this many k64 chunks: below, the split-K end (ticket or cluster)
+#: costs more than the extra parallelism gains (NOTES_moe.md v5: at decode the Qwen3-like
+#: GEMMs, K = 2048 and 768, run fastest unsplit; the Mixtral-like GEMM2, K = 14336, in 4).
+MIN_CHUNKS_PER_SPLIT = 48
+
+
 def choose_moe_splits(num_slots: int, n: int, k: int, block_m: int, bf16: bool = True) -> int:
   """Split-K factor of the grouped GEMM: enough (N block, token tile, split) blocks to fill one
-  wave of resident blocks, with at least one k-unit (a pipeline stage of four k64 chunks) per
-  split (at most 64 splits). (The dense kernel now targets two blocks per SM; for the grouped
-  GEMM that rule is not measured yet: NOTES_moe.md.)"""
+  wave of resident blocks, with at least ``MIN_CHUNKS_PER_SPLIT`` k64 chunks per split (at
+  most 64 splits, and never more than the kernel's pipeline units)."""
   n_blocks = -(-(-(-n // 16)) // _WARPS_PER_BLOCK)
   tiles = max(1, num_slots // block_m)
   k64 = -(-k // 64)
   sms = _ffi.sm_count() or 132
   resident = sms * (_ffi.moe_blocks_per_sm(block_m // 8, bf16) or 2)
   splits = resident // (n_blocks * tiles)
-  return int(max(1, min(splits, -(-k64 // _CHUNKS_PER_UNIT), 64)))
+  return int(max(1, min(splits, k64 // MIN_CHUNKS_PER_SPLIT,
+                        -(-k64 // _CHUNKS_PER_UNIT), 64)))
 
 
 def use_moe_cluster(splits: int, block_m: int, bf16: bool = True) -> bool:
@@ -321,11 +337,13 @@ def moe_workspace_bytes(num_slots: int, n: int, block_m: int, splits: int,
 
 def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, block_expert,
                             num_padded, topk_weights, bias, *, n, k, gather_div, num_rows_out,
-                            block_m, mul_topk_weight, has_bias, backend="auto"):
+                            block_m, mul_topk_weight, has_bias, zero_unwritten=True,
+                            backend="auto"):
   """The cuda platform's lowering: the kernel, or the reference for ``backend="reference"``
   (and for ``"auto"`` where the kernel is not built: ``_ffi.REGISTERED`` at lowering time)."""
   params = dict(n=n, k=k, gather_div=gather_div, num_rows_out=num_rows_out, block_m=block_m,
-                mul_topk_weight=mul_topk_weight, has_bias=has_bias, backend=backend)
+                mul_topk_weight=mul_topk_weight, has_bias=has_bias,
+                zero_unwritten=zero_unwritten, backend=backend)
   built = CUDA_TARGET in _ffi.REGISTERED
   if backend == "reference" or (backend == "auto" and not built):
     return _reference_rule(ctx, x, qweight, qscales, global_scale, sorted_ids, block_expert,
@@ -343,7 +361,7 @@ def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, 
       sorted_ids, block_expert, num_padded, topk_weights, bias, n=np.int64(n), k=np.int64(k),
       gather_div=np.int64(gather_div), num_rows_out=np.int64(num_rows_out),
       block_m=np.int64(block_m), splits=np.int64(splits), mul_topk_weight=bool(mul_topk_weight),
-      has_bias=bool(has_bias), cluster=bool(cluster))
+      has_bias=bool(has_bias), cluster=bool(cluster), zero_unwritten=bool(zero_unwritten))
   return [results[0]]
 
 
@@ -387,7 +405,8 @@ def _empty_f32():
 
 def nvfp4_moe_gemm(x: jax.Array, w: PreparedNVFP4Weight, alignment: Alignment, *, gather_div: int,
                    num_rows_out: int, topk_weights: jax.Array | None = None,
-                   bias: jax.Array | None = None, backend: str | None = "auto") -> jax.Array:
+                   bias: jax.Array | None = None, zero_unwritten: bool = True,
+                   backend: str | None = "auto") -> jax.Array:
   """One grouped GEMM through ``nvfp4_moe_gemm_p`` (see the module docstring for semantics).
 
   Args:
@@ -401,12 +420,15 @@ def nvfp4_moe_gemm(x: jax.Array, w: PreparedNVFP4Weight, alignment: Alignment, *
     topk_weights: optional float ``[num_rows_out]``, multiplied into each row in the float32
       epilogue.
     bias: optional float ``[E, n]``, added in float32 before the top-k weight.
+    zero_unwritten: False leaves the rows no block writes unspecified (no memset in the
+      kernel); for callers that never read them.
     backend: None/``"auto"``, ``"cuda"`` or ``"reference"``, the primitive's lowering choice
       (module docstring); ``"cuda"`` raises a ``ValueError`` here when the kernel is not built.
 
   Returns ``[num_rows_out, n]`` in ``x.dtype``: row ``sid`` is
   ``((x[sid // gather_div] @ W_e.T) * global_scale[e] + bias[e]) * topk_weights[sid]`` for the
-  expert ``e`` of its block; rows no block writes are zero.
+  expert ``e`` of its block; rows no block writes are zero (unspecified with
+  ``zero_unwritten=False``).
   """
   if not isinstance(w, PreparedNVFP4Weight):
     raise TypeError(f"nvfp4_moe_gemm: w must be a stacked PreparedNVFP4Weight, got "
@@ -423,11 +445,12 @@ def nvfp4_moe_gemm(x: jax.Array, w: PreparedNVFP4Weight, alignment: Alignment, *
       x, w.qweight, w.qscales, w.global_scale, alignment.sorted_ids, alignment.block_expert,
       alignment.num_padded, tw, b, n=w.n, k=w.k, gather_div=gather_div,
       num_rows_out=num_rows_out, block_m=alignment.block_m,
-      mul_topk_weight=topk_weights is not None, has_bias=bias is not None, backend=backend)
+      mul_topk_weight=topk_weights is not None, has_bias=bias is not None,
+      zero_unwritten=bool(zero_unwritten), backend=backend)
 
 
 def _checkpoint_moe_gemm(x, w: NVFP4Weight, alignment: Alignment, *, gather_div, num_rows_out,
-                         topk_weights=None, bias=None):
+                         topk_weights=None, bias=None, zero_unwritten=True):
   """The same contract as ``nvfp4_moe_gemm`` for a checkpoint-layout stacked weight, in pure
   JAX (CPU path: no prepare/unprepare round trip)."""
   e, n, k = w.shape
@@ -439,7 +462,7 @@ def _checkpoint_moe_gemm(x, w: NVFP4Weight, alignment: Alignment, *, gather_div,
       alignment.block_expert, alignment.num_padded, tw, b, n=n, k=k, gather_div=gather_div,
       num_rows_out=num_rows_out, block_m=alignment.block_m,
       mul_topk_weight=topk_weights is not None, has_bias=bias is not None,
-      all_unit_weights=lambda: _unit(w))
+      zero_unwritten=zero_unwritten, all_unit_weights=lambda: _unit(w))
 
 
 def _kernel_wanted() -> bool:
@@ -666,7 +689,6 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
     return jnp.zeros((*lead, hidden), x.dtype)
 
   bm = block_m or choose_block_m(m, k, e_global)
-  alignment = align_tokens(topk_ids, e_global, bm, expert_map)
   rows = m * k
 
   if lowering == "cuda":
@@ -675,17 +697,25 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
   # Chosen rather than asked for: the primitive still lowers per platform, so a computation
   # placed on the host of a GPU machine (jax.jit(..., device=cpu)) runs the reference there.
   primitive_backend = "auto" if backend in (None, "auto") and lowering == "cuda" else lowering
+  alignment = align_tokens(topk_ids, e_global, bm, expert_map, backend=primitive_backend)
 
   def gemm(a, w, **kw):
     if isinstance(w, PreparedNVFP4Weight):
       return nvfp4_moe_gemm(a, w, alignment, num_rows_out=rows, backend=primitive_backend, **kw)
     return _checkpoint_moe_gemm(a, w, alignment, num_rows_out=rows, **kw)
 
+  # The rows of dropped pairs (ids out of range, or experts held elsewhere) are computed by no
+  # block: GEMM2 reads only the rows GEMM1 wrote and the combine masks the rest, so neither
+  # GEMM clears its output.
   x2 = x.reshape(m, hidden)
-  h = gemm(x2, w13, gather_div=k, bias=w13_bias)                          # [M*k, N13]
+  h = gemm(x2, w13, gather_div=k, bias=w13_bias, zero_unwritten=False)    # [M*k, N13]
   a = apply_activation(h, activation, intermediate_size=inter, limit=limit, alpha=alpha,
                        dtype=x.dtype)                                      # [M*k, I]
   y = gemm(a, w2, gather_div=1, topk_weights=topk_weights.reshape(rows),
-           bias=w2_bias)                                                   # [M*k, H]
-  out = jnp.sum(y.reshape(m, k, hidden).astype(jnp.float32), axis=1)
+           bias=w2_bias, zero_unwritten=False)                             # [M*k, H]
+  kept = (topk_ids >= 0) & (topk_ids < e_global)
+  if expert_map is not None:
+    kept &= expert_map[jnp.clip(topk_ids, 0, e_global - 1)] >= 0
+  y = jnp.where(kept[..., None], y.reshape(m, k, hidden).astype(jnp.float32), 0.0)
+  out = jnp.sum(y, axis=1)
   return out.astype(x.dtype).reshape(*lead, hidden)

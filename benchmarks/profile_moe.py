@@ -1,0 +1,122 @@
+"""Device-side time of the MoE layer at small T, from the profiler (not a test; run on a GPU):
+
+  python benchmarks/profile_moe.py [--tokens 1,16] [--out FILE.json]
+
+Why: wall-clock timing of a short program is bounded by host dispatch (a program of C layers
+is dispatched in tens of microseconds whatever the GPU does), so small-T layer times from
+bench_moe.py mix host and device. Here one ``many`` program (C layers, distinct weight copies,
+as bench_moe.py) runs under ``jax.profiler.trace`` and the GPU activity of that one execution is
+read from the Perfetto trace: ``span`` = last kernel end - first kernel start, divided by C
+(what a layer costs inside a longer program, launch gaps included), ``busy`` = the summed kernel
+durations per layer by kind (our GEMMs, our alignment, memsets, XLA's kernels), ``kernels`` =
+launches per layer. Median of three executions. Variants as ab_moe_overhead.py (``v7``: JAX
+alignment and memsets; ``fused_moe``: the library's layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import statistics
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+import jax_nvfp4 as nf
+from jax_nvfp4.bench import moe as bench_moe
+from jax_nvfp4.bench.common import many
+
+import ab_moe_overhead  # benchmarks/, next to this file
+
+
+def kind_of(name: str) -> str:
+  low = name.lower()
+  if "moe_align" in low:
+    return "align"
+  if "nvfp4" in low:
+    return "gemm"
+  if "memset" in low:
+    return "memset"
+  return "xla"
+
+
+def gpu_events(trace_dir: str) -> list[dict]:
+  """Complete events of the GPU device tracks ("ph": "X") of the newest Perfetto trace."""
+  path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
+                key=os.path.getmtime)[-1]
+  with gzip.open(path, "rt") as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+              and "GPU" in str(e.get("args", {}).get("name", ""))}
+  return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids
+          and e.get("dur", 0) > 0]
+
+
+def profile_once(fn, lists, copies: int) -> dict:
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      jax.block_until_ready(fn(*lists))
+    events = gpu_events(d)
+  start = min(e["ts"] for e in events)
+  end = max(e["ts"] + e["dur"] for e in events)
+  busy = collections.Counter()
+  for e in events:
+    busy[kind_of(e["name"])] += e["dur"]
+  return dict(span_us=(end - start) / copies, kernels=len(events) / copies,
+              **{f"{k}_us": v / copies for k, v in busy.items()},
+              names=sorted({e["name"][:60] for e in events}))
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--tokens", default="1,16")
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args()
+  rows = []
+  key = jax.random.key(1)
+  for e, h, inter, k in bench_moe.SHAPES:
+    routing = bench_moe.routing_for(e, k)
+    per_expert = (bench_moe.fp4_expert_bytes(2 * inter, h)
+                  + bench_moe.fp4_expert_bytes(h, inter))
+    copies = int(max(1, min(bench_moe.MAX_COPIES, bench_moe.FP4_BUDGET // (e * per_expert))))
+    keys = jax.random.split(key, 2 * copies + 1)
+    key = keys[-1]
+    w13s = [bench_moe.random_prepared(keys[2 * c], e, 2 * inter, h) for c in range(copies)]
+    w2s = [bench_moe.random_prepared(keys[2 * c + 1], e, h, inter) for c in range(copies)]
+    variants = {
+        "v7": many(ab_moe_overhead.layer(routing, align_backend="reference",
+                                         zero_unwritten=True)),
+        "fused_moe": many(bench_moe.nvfp4_layer(routing)),
+    }
+    for t in (int(v) for v in args.tokens.split(",")):
+      kx = jax.random.split(jax.random.fold_in(key, t), 2 * copies)
+      xs = [jax.random.normal(kx[2 * c], (t, h), jnp.bfloat16) for c in range(copies)]
+      logits = [jax.random.normal(kx[2 * c + 1], (t, e), jnp.float32) for c in range(copies)]
+      lists = (xs, logits, w13s, w2s)
+      for name, fn in variants.items():
+        jax.block_until_ready(fn(*lists))
+        runs = [profile_once(fn, lists, copies) for _ in range(3)]
+        row = dict(e=e, h=h, i=inter, top_k=k, tokens=t, variant=name, copies=copies,
+                   names=runs[0]["names"])
+        for field in sorted({f for r in runs for f in r if f.endswith("_us") or f == "kernels"}):
+          row[field] = statistics.median(r.get(field, 0.0) for r in runs)
+        rows.append(row)
+        print(f"E={e:<4} T={t:<4} {name:<9} span {row['span_us']:7.1f} us/layer | kernels "
+              f"{row['kernels']:5.1f} | " + " ".join(
+                  f"{f[:-3]} {row[f]:6.1f}" for f in ("gemm_us", "align_us", "memset_us", "xla_us")
+                  if f in row), flush=True)
+    del w13s, w2s
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, method=__doc__,
+                     rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
