@@ -314,7 +314,8 @@ def _align_ids(rng, kind, m, e, k):
     ("distinct", 7, 12, 3, 16, False), ("dropped", 333, 5, 3, 32, True),
     ("repeats", 4096, 256, 8, 64, False), ("repeats", 4096, 256, 8, 64, True),
     ("one_expert", 3000, 2, 1, 64, False), ("repeats", 1000, 1, 3, 8, False),
-    ("repeats", 50, 1024, 6, 16, True), ("distinct", 1025, 64, 4, 32, False),
+    ("repeats", 50, 1024, 6, 16, True), ("repeats", 200, 1024, 6, 32, True),
+    ("distinct", 1025, 64, 4, 32, False),
     ("dropped", 0, 4, 2, 8, False)])
 def test_alignment_kernel_matches_reference_bitwise(rng, kind, m, e, k, block_m, mapped):
   """The one-launch CUDA alignment against the pure-JAX one (same GPU), bit for bit, and
