@@ -8,7 +8,8 @@ back, median over TRIALS), the variants interleaved trial by trial so that drift
 hits all of them alike:
 
 * ``v7``: the alignment in plain JAX (``align_tokens(backend="reference")``, ~9 XLA kernels)
-  and both GEMM outputs cleared by a memset (``zero_unwritten=True``): the layer before v5.
+  and both GEMM outputs cleared by a memset (``zero_unwritten=True``): v7's layer, but with the
+  current split-K rule (NOTES_moe.md v5 has the numbers with v7's rule).
 * ``align_kernel``: the one-launch CUDA alignment, memsets kept.
 * ``fused_moe``: the library's layer (CUDA alignment, no memsets, masked combine).
 * ``gemms_only``: the two grouped GEMMs and the activation with the alignment computed outside

@@ -10,7 +10,7 @@ read from the Perfetto trace: ``span`` = last kernel end - first kernel start, d
 (what a layer costs inside a longer program, launch gaps included), ``busy`` = the summed kernel
 durations per layer by kind (our GEMMs, our alignment, memsets, XLA's kernels), ``kernels`` =
 launches per layer. Median of three executions. Variants as ab_moe_overhead.py (``v7``: JAX
-alignment and memsets; ``fused_moe``: the library's layer).
+alignment and memsets, current split rule; ``fused_moe``: the library's layer).
 """
 
 from __future__ import annotations
