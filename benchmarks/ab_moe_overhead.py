@@ -57,6 +57,16 @@ def gemms_only(x, al, tw, w13, w2):
                            topk_weights=tw.reshape(-1), zero_unwritten=False)
 
 
+def weight_copies(key, e, h, inter):
+  """bench_moe.py's weight copies of one shape: ``(w13s, w2s, next key)``."""
+  per_expert = bench_moe.fp4_expert_bytes(2 * inter, h) + bench_moe.fp4_expert_bytes(h, inter)
+  copies = int(max(1, min(bench_moe.MAX_COPIES, bench_moe.FP4_BUDGET // (e * per_expert))))
+  keys = jax.random.split(key, 2 * copies + 1)
+  w13s = [bench_moe.random_prepared(keys[2 * c], e, 2 * inter, h) for c in range(copies)]
+  w2s = [bench_moe.random_prepared(keys[2 * c + 1], e, h, inter) for c in range(copies)]
+  return w13s, w2s, keys[-1]
+
+
 def time_once(fn, lists):
   t0 = time.perf_counter()
   for _ in range(RUNS):
@@ -75,13 +85,8 @@ def main():
   key = jax.random.key(1)
   for e, h, inter, k in bench_moe.SHAPES:
     routing = bench_moe.routing_for(e, k)
-    per_expert = (bench_moe.fp4_expert_bytes(2 * inter, h)
-                  + bench_moe.fp4_expert_bytes(h, inter))
-    copies = int(max(1, min(bench_moe.MAX_COPIES, bench_moe.FP4_BUDGET // (e * per_expert))))
-    keys = jax.random.split(key, 2 * copies + 1)
-    key = keys[-1]
-    w13s = [bench_moe.random_prepared(keys[2 * c], e, 2 * inter, h) for c in range(copies)]
-    w2s = [bench_moe.random_prepared(keys[2 * c + 1], e, h, inter) for c in range(copies)]
+    w13s, w2s, key = weight_copies(key, e, h, inter)
+    copies = len(w13s)
     variants = {
         "v7": many(layer(routing, align_backend="reference", zero_unwritten=True)),
         "align_kernel": many(layer(routing, align_backend="cuda", zero_unwritten=True)),
