@@ -36,7 +36,7 @@ __global__ void fill_x(__nv_bfloat16 *p, size_t n) {
 
 int main(int argc, char **argv) {
   using namespace jax_nvfp4;
-  if (argc < 4) { std::fprintf(stderr, "usage: lab K N M [splits]\n"); return 2; }
+  if (argc < 4) { std::fprintf(stderr, "usage: lab K N M [splits [k_slices]]\n"); return 2; }
   const int k = std::atoi(argv[1]), n = std::atoi(argv[2]), m = std::atoi(argv[3]);
   const int mt = m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8;
   const int n16 = (n + 15) / 16, k64 = (k + 63) / 64;
@@ -49,6 +49,7 @@ int main(int argc, char **argv) {
   // As jax_nvfp4/ops/dense.py choose_launch.
   int splits = argc > 4 ? std::atoi(argv[4])
                         : std::max(1, std::min({sms * bps / (n_blocks * token_tiles), units, 64}));
+  const int k_slices = argc > 5 ? std::atoi(argv[5]) : 1;  // 8: warps split K (splits must be 1)
   const int copies = 16, trials = 9;
   const size_t sbytes = size_t(n16) * k64 * 64;
   std::vector<void *> w(copies), s(copies);
@@ -77,11 +78,15 @@ int main(int argc, char **argv) {
   // As the FFI handler: the splits reduce in a cluster where the device has one (LAB_TICKETS=1
   // forces the global-workspace ticket path).
   p.cluster = splits > 1 && !std::getenv("LAB_TICKETS") && splits <= cluster_limit<false>(mt, true);
+  // A created stream: programmatic dependent launch (JAX_NVFP4_PDL) does not apply on the legacy
+  // default stream.
+  cudaStream_t stream;
+  CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   auto call = [&](int c) {
     p.qweight = static_cast<const uint4 *>(w[c]);
     p.qscales = static_cast<const uint4 *>(s[c]);
-    if (splits > 1 && !p.cluster) CHECK(cudaMemsetAsync(p.tickets, 0, tickets, 0));
-    CHECK(launch<false>(p, true, mt, token_tiles, 0));
+    if (splits > 1 && !p.cluster) CHECK(cudaMemsetAsync(p.tickets, 0, tickets, stream));
+    CHECK(launch<false>(p, true, mt, token_tiles, stream, k_slices));
   };
   for (int c = 0; c < copies; ++c) call(c);
   CHECK(cudaDeviceSynchronize());
@@ -90,9 +95,9 @@ int main(int argc, char **argv) {
   CHECK(cudaEventCreate(&b));
   std::vector<float> t;
   for (int r = 0; r < trials; ++r) {
-    CHECK(cudaEventRecord(a));
+    CHECK(cudaEventRecord(a, stream));
     for (int c = 0; c < copies; ++c) call(c);
-    CHECK(cudaEventRecord(b));
+    CHECK(cudaEventRecord(b, stream));
     CHECK(cudaEventSynchronize(b));
     float ms = 0;
     CHECK(cudaEventElapsedTime(&ms, a, b));
@@ -100,8 +105,8 @@ int main(int argc, char **argv) {
   }
   std::sort(t.begin(), t.end());
   const double bytes = double(n) * k / 2 + double(n) * k / 16;
-  std::printf("K=%d N=%d M=%d chunks/stage=%d stages=%d splits=%d%s blocks/SM=%d: %.1f us (%.0f GB/s)\n",
-              k, n, m, kChunksPerStage, TileConfig<1>::kStages, splits,
+  std::printf("K=%d N=%d M=%d chunks/stage=%d stages=%d splits=%d k_slices=%d%s blocks/SM=%d: %.1f us (%.0f GB/s)\n",
+              k, n, m, kChunksPerStage, TileConfig<1>::kStages, splits, k_slices,
               p.cluster ? " (cluster)" : "", bps, t[trials / 2],
               bytes / t[trials / 2] * 1e-3);
   return 0;

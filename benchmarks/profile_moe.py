@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
 import json
-import os
 import statistics
 import tempfile
 
@@ -29,7 +26,7 @@ import jax.numpy as jnp
 
 import jax_nvfp4 as nf
 from jax_nvfp4.bench import moe as bench_moe
-from jax_nvfp4.bench.common import many
+from jax_nvfp4.bench.common import gpu_events, many
 
 import ab_moe_overhead  # benchmarks/, next to this file
 
@@ -43,19 +40,6 @@ def kind_of(name: str) -> str:
   if "memset" in low:
     return "memset"
   return "xla"
-
-
-def gpu_events(trace_dir: str) -> list[dict]:
-  """Complete events of the GPU device tracks ("ph": "X") of the newest Perfetto trace."""
-  path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
-                key=os.path.getmtime)[-1]
-  with gzip.open(path, "rt") as f:
-    trace = json.load(f)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-              and "GPU" in str(e.get("args", {}).get("name", ""))}
-  return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids
-          and e.get("dur", 0) > 0]
 
 
 def profile_once(fn, lists, copies: int) -> dict:

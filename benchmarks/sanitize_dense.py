@@ -7,8 +7,10 @@ import jax_nvfp4 as nf
 
 rng = np.random.default_rng(0)
 # (1, 12000, 1024) and (5, 9000, 2048) split K in two and three: a cluster reduction on sm_90.
+# (1, 4000, 4160) and (8, 2200, 1088): the k-sliced decode launch (8 warps split K in the block).
 for m, n, k in [(1, 100, 1664), (7, 33, 48), (17, 2368, 1664), (255, 832, 1408), (3, 512, 8192),
-                (64, 4000, 256), (1, 12000, 1024), (5, 9000, 2048)]:
+                (64, 4000, 256), (1, 12000, 1024), (5, 9000, 2048), (1, 4000, 4160),
+                (8, 2200, 1088)]:
   for dtype in (jnp.bfloat16, jnp.float16):
     w = nf.quantize(jnp.asarray(rng.standard_normal((n, k)), jnp.float32))
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)

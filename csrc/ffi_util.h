@@ -67,12 +67,14 @@ std::string cluster_problem(const GemmParams &p, bool bf16, int m_tile) {
 // memory) and launches; `name` prefixes CUDA errors.
 template <bool kMoe>
 ffi::Error clear_and_launch(const GemmParams &p, int64_t ticket_bytes, bool bf16, int m_tile,
-                            int64_t token_tiles, cudaStream_t stream, const std::string &name) {
+                            int64_t token_tiles, cudaStream_t stream, const std::string &name,
+                            int k_slices = 1) {
   if (p.splits > 1 && !p.cluster) {
     cudaError_t e = cudaMemsetAsync(p.tickets, 0, ticket_bytes, stream);
     if (e != cudaSuccess) return cuda_error((name + " memset").c_str(), e);
   }
-  cudaError_t e = launch<kMoe>(p, bf16, m_tile, static_cast<int>(token_tiles), stream);
+  cudaError_t e =
+      launch<kMoe>(p, bf16, m_tile, static_cast<int>(token_tiles), stream, k_slices);
   if (e != cudaSuccess) return cuda_error((name + " launch").c_str(), e);
   return ffi::Error::Success();
 }

@@ -23,7 +23,8 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32>
                     ffi::Buffer<ffi::U8> qscales, ffi::Buffer<ffi::F32> global_scale,
                     ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> out,
                     ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t n, int64_t k,
-                    int64_t splits, int64_t m_tile, bool has_bias, bool cluster) {
+                    int64_t splits, int64_t m_tile, bool has_bias, bool cluster,
+                    int64_t k_slices) {
   const auto xt = x.element_type();
   if (xt != ffi::DataType::BF16 && xt != ffi::DataType::F16)
     return invalid("x must be bf16 or f16");
@@ -46,8 +47,12 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32>
     return invalid("bias must have N elements");
   if (static_cast<int64_t>(out->element_count()) != m * n) return invalid("out must be [..., N]");
   if (m_tile != 1 && m_tile != 2 && m_tile != 4 && m_tile != 8) return invalid("bad m_tile");
+  if (k_slices != 1 && k_slices != kDecodeKSlices)
+    return invalid("k_slices must be 1 or " + std::to_string(kDecodeKSlices));
+  if (k_slices != 1 && (m_tile != 1 || splits != 1 || cluster))
+    return invalid("k_slices > 1 needs m_tile 1, splits 1 and no cluster");
   const int64_t token_tiles = (m + 8 * m_tile - 1) / (8 * m_tile);
-  const int64_t n_blocks = (n16 + kWarps - 1) / kWarps;
+  const int64_t n_blocks = (n16 + kWarps - 1) / kWarps;  // of the k_slices = 1 launch
   const int64_t units = (k64 + kChunksPerStage - 1) / kChunksPerStage;
   if (splits < 1 || splits > units) return invalid("splits out of range (at most one per k-unit)");
   if (m == 0) return ffi::Error::Success();
@@ -69,7 +74,8 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32>
       !why.empty())
     return invalid(why);
   return clear_and_launch<false>(p, tickets, xt == ffi::DataType::BF16, static_cast<int>(m_tile),
-                                 token_tiles, stream, "jax_nvfp4_gemm");
+                                 token_tiles, stream, "jax_nvfp4_gemm",
+                                 static_cast<int>(k_slices));
 }
 
 }  // namespace
@@ -90,7 +96,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Nvfp4GemmCuda, jax_nvfp4::GemmImpl,
                                   .Attr<int64_t>("splits")
                                   .Attr<int64_t>("m_tile")
                                   .Attr<bool>("has_bias")
-                                  .Attr<bool>("cluster"),
+                                  .Attr<bool>("cluster")
+                                  .Attr<int64_t>("k_slices"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 // Largest K split the cluster reduction can launch for token tile mt (0: not on this device).

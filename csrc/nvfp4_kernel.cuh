@@ -27,6 +27,9 @@
 // No workspace, no memset, no atomics.
 #pragma once
 
+#include <cstdlib>
+#include <string>
+
 #include "nvfp4_tile.cuh"
 
 namespace jax_nvfp4 {
@@ -78,6 +81,31 @@ __device__ __forceinline__ void st_cluster_f32x4(uint32_t addr, uint32_t rank, f
 #endif
 }
 
+// Programmatic dependent launch (sm_90+; no-ops below). A kernel launched with programmatic
+// stream serialization may start while the kernel before it in the stream is still running,
+// once every block of that kernel has called allow_dependents() or exited. It must not read
+// or write memory another kernel touches before wait_for_prior_grids(), which returns when the
+// earlier grids have completed and their writes are visible (immediately when the launch was
+// not programmatic).
+__device__ __forceinline__ void wait_for_prior_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// A hint, not a read: the line is fetched into L2, the point of coherence of device memory, so
+// a prefetch issued while an earlier kernel may still write the line cannot make a later load
+// see stale data.
+__device__ __forceinline__ void prefetch_l2(const void *p) {
+  asm volatile("prefetch.global.L2 [%0];\n" :: "l"(p));
+}
+
 // Output row of token slot `slot`, or -1 when the slot holds no row.
 template <bool kMoe>
 __device__ __forceinline__ int slot_row(const GemmParams &p, int slot) {
@@ -89,16 +117,44 @@ __device__ __forceinline__ int slot_row(const GemmParams &p, int slot) {
   }
 }
 
-template <typename T, int MT, bool kMoe>
+// KS > 1 (k-slices inside the block, nvfp4_tile.cuh) is launched with splits = 1 only: the
+// block's warps already cover the whole K range, and the cross-block reductions are compiled out.
+template <typename T, int MT, bool kMoe, int KS = 1>
 __global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const GemmParams p) {
   using Tr = Half2Traits<T>;
-  using Cfg = TileConfig<MT>;
+  using Cfg = TileConfig<MT, KS>;
+  constexpr int NT = Cfg::kTilesPerBlock;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
+  const int sub = warp % NT, slice = warp / NT;
   const int g = lane >> 2;
   const int t = lane & 3;
-  const int units_per_tile = (p.k64 + kChunksPerStage - 1) / kChunksPerStage;
+  const int units_per_tile = (p.k64 + Cfg::kChunksPerUnit - 1) / Cfg::kChunksPerUnit;
   const int slot0 = blockIdx.z * 8 * MT;
+
+  // This block's units (see tile_mainloop): split blockIdx.y of tile blockIdx.x.
+  const int tile_base = blockIdx.x * units_per_tile;
+  const int u_begin =
+      tile_base + static_cast<int>((static_cast<int64_t>(units_per_tile) * blockIdx.y) / p.splits);
+  const int u_end =
+      tile_base + static_cast<int>((static_cast<int64_t>(units_per_tile) * (blockIdx.y + 1)) / p.splits);
+
+  if constexpr (!kMoe) {
+    // Launched early (programmatic dependent launch), the block warms L2 with the weights of
+    // its first ring of units while the previous kernel finishes. Each N tile's run of k64
+    // chunks is contiguous; its KS warps take 32 lines of 128 bytes each, then the scale lines.
+    const int tile_n = blockIdx.x * NT + sub;
+    if (tile_n < p.n16) {
+      const int chunk0 = (u_begin - tile_base) * Cfg::kChunksPerUnit;
+      const int chunks = min((u_end - u_begin) * Cfg::kChunksPerUnit,
+                             min(Cfg::kStages * Cfg::kChunksPerUnit, p.k64 - chunk0));
+      const int64_t at = static_cast<int64_t>(tile_n) * p.k64 + chunk0;
+      const int line = slice * 32 + lane;
+      if (line * 128 < chunks * 512) prefetch_l2(p.qweight + at * 32 + line * 8);
+      if (line * 128 < chunks * 64) prefetch_l2(p.qscales + at * 4 + line * 8);
+    }
+  }
+  wait_for_prior_grids();
 
   int expert = 0;
   if constexpr (kMoe) {
@@ -107,13 +163,6 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const 
     expert = __ldg(p.block_expert + blockIdx.z);
     if (expert < 0) return;
   }
-
-  // This block's units (see tile_mainloop): split blockIdx.y of tile blockIdx.x.
-  const int tile_base = blockIdx.x * units_per_tile;
-  const int u_begin =
-      tile_base + static_cast<int>((static_cast<int64_t>(units_per_tile) * blockIdx.y) / p.splits);
-  const int u_end =
-      tile_base + static_cast<int>((static_cast<int64_t>(units_per_tile) * (blockIdx.y + 1)) / p.splits);
 
   const T *xsrc[Cfg::kXPerThread];
 #pragma unroll
@@ -144,8 +193,11 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const 
   // Accumulator (mt, r) of tile `tile` is output column (token slot) slot0 + mt*8 + 2t + (r & 1),
   // N row n_lo or n_hi (r >= 2).
   auto epilogue = [&](int tile, float (&acc)[MT][4]) {
-    const int tile_n = tile * kWarps + warp;
-    const bool active = tile_n < p.n16;
+    // Every load of the block is issued: the next kernel in the stream may start its blocks
+    // (they wait for this grid to complete before they touch its memory).
+    allow_dependents();
+    const int tile_n = tile * NT + sub;
+    const bool active = tile_n < p.n16 && slice == 0;  // slice 0 holds the block's sums
     const int n_lo = tile_n * 16 + g;
     const int n_hi = n_lo + 8;
     const int tile_begin = tile * units_per_tile;
@@ -163,7 +215,9 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const 
       }
       return;
     }
-
+    if constexpr (KS > 1) {
+      return;  // launched with splits = 1 only (never reached)
+    } else {
     if (p.cluster) {
       // Every thread of every block of the cluster gets here exactly once (one tile per block).
       constexpr int V = MT * 4;
@@ -246,10 +300,11 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const 
         if (n_hi < p.n) reduce(slot, row, n_hi);
       }
     }
+    }  // KS == 1
   };
 
   const int64_t expert_off = static_cast<int64_t>(expert) * p.n16 * p.k64;
-  tile_mainloop<T, MT>(p.qweight + expert_off * 32, p.qscales + expert_off * 4, p.n16, p.k64, xsrc,
+  tile_mainloop<T, MT, KS>(p.qweight + expert_off * 32, p.qscales + expert_off * 4, p.n16, p.k64, xsrc,
                        p.x, p.k, units_per_tile, u_begin, u_end, epilogue);
 }
 
@@ -258,11 +313,11 @@ inline int64_t ticket_bytes(int64_t token_tiles, int64_t n_blocks) {
 }
 
 // Above 48 KB of dynamic shared memory a kernel must opt in, once per process and device.
-template <typename T, int MT, bool kMoe>
+template <typename T, int MT, bool kMoe, int KS = 1>
 cudaError_t allow_shared_memory() {
   static const cudaError_t once = cudaFuncSetAttribute(
-      nvfp4_kernel<T, MT, kMoe>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      TileConfig<MT>::kSmemBytes);
+      nvfp4_kernel<T, MT, kMoe, KS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      TileConfig<MT, KS>::kSmemBytes);
   return once;
 }
 
@@ -311,37 +366,73 @@ int cluster_limit_typed() {
   return limit;
 }
 
-template <typename T, int MT, bool kMoe>
+// Whether launches of this instantiation may overlap the previous kernel in the stream
+// (programmatic dependent launch): only where the loaded code is sm_90 or newer, so that it
+// holds the griddepcontrol.wait that makes the overlap safe, and unless JAX_NVFP4_PDL=0 (an
+// escape hatch and the A/B switch of the benchmarks). One answer per process.
+template <typename T, int MT, bool kMoe, int KS>
+bool pdl_allowed() {
+  static const bool allowed = [] {
+    const char *env = std::getenv("JAX_NVFP4_PDL");
+    if (env != nullptr && std::string(env) == "0") return false;
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, nvfp4_kernel<T, MT, kMoe, KS>) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return attr.binaryVersion >= 90;
+  }();
+  return allowed;
+}
+
+template <typename T, int MT, bool kMoe, int KS>
 cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stream) {
   static_assert(TileConfig<MT>::kSmemBytes >= (kThreads + kMaxClusterSplits) * MT * 16,
                 "the cluster reduction reuses the pipeline ring as its receive buffer");
-  if (cudaError_t e = allow_shared_memory<T, MT, kMoe>(); e != cudaSuccess) return e;
-  dim3 grid((p.n16 + kWarps - 1) / kWarps, p.splits, token_tiles);
-  if (p.cluster && p.splits > 1) {
+  if (KS > 1 && p.splits != 1) return cudaErrorInvalidConfiguration;
+  if (cudaError_t e = allow_shared_memory<T, MT, kMoe, KS>(); e != cudaSuccess) return e;
+  cudaLaunchAttribute at[2];
+  unsigned n_at = 0;
+  if (KS == 1 && p.cluster && p.splits > 1) {
     if (p.splits > cluster_limit_typed<T, MT, kMoe>()) return cudaErrorInvalidConfiguration;
-    cudaLaunchConfig_t cfg{};
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeClusterDimension;
-    at[0].val.clusterDim.x = 1;
-    at[0].val.clusterDim.y = p.splits;
-    at[0].val.clusterDim.z = 1;
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = TileConfig<MT>::kSmemBytes;
-    cfg.stream = stream;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
-    return cudaLaunchKernelEx(&cfg, nvfp4_kernel<T, MT, kMoe>, p);
+    at[n_at].id = cudaLaunchAttributeClusterDimension;
+    at[n_at].val.clusterDim.x = 1;
+    at[n_at].val.clusterDim.y = p.splits;
+    at[n_at].val.clusterDim.z = 1;
+    ++n_at;
   }
-  nvfp4_kernel<T, MT, kMoe><<<grid, kThreads, TileConfig<MT>::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  if (pdl_allowed<T, MT, kMoe, KS>()) {
+    at[n_at].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[n_at].val.programmaticStreamSerializationAllowed = 1;
+    ++n_at;
+  }
+  cudaLaunchConfig_t cfg{};
+  constexpr int NT = TileConfig<MT, KS>::kTilesPerBlock;
+  cfg.gridDim = dim3((p.n16 + NT - 1) / NT, p.splits, token_tiles);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = TileConfig<MT, KS>::kSmemBytes;
+  cfg.stream = stream;
+  cfg.attrs = at;
+  cfg.numAttrs = n_at;
+  return cudaLaunchKernelEx(&cfg, nvfp4_kernel<T, MT, kMoe, KS>, p);
 }
 
+// k_slices = kDecodeKSlices exists for the dense kernel at m_tile 1 (decode): one N tile per
+// block, K split over its 8 warps (ops/dense.py choose_k_slices says when).
+constexpr int kDecodeKSlices = 8;
+
 template <bool kMoe>
-cudaError_t launch(const GemmParams &p, bool bf16, int mt, int token_tiles, cudaStream_t stream) {
+cudaError_t launch(const GemmParams &p, bool bf16, int mt, int token_tiles, cudaStream_t stream,
+                   int k_slices = 1) {
+  if constexpr (!kMoe) {
+    if (k_slices == kDecodeKSlices && mt == 1)
+      return bf16 ? launch_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices>(p, token_tiles, stream)
+                  : launch_typed<__half, 1, kMoe, kDecodeKSlices>(p, token_tiles, stream);
+  }
+  if (k_slices != 1) return cudaErrorInvalidConfiguration;
 #define JAX_NVFP4_LAUNCH(MT_)                                                         \
-  return bf16 ? launch_typed<__nv_bfloat16, MT_, kMoe>(p, token_tiles, stream)        \
-              : launch_typed<__half, MT_, kMoe>(p, token_tiles, stream)
+  return bf16 ? launch_typed<__nv_bfloat16, MT_, kMoe, 1>(p, token_tiles, stream)     \
+              : launch_typed<__half, MT_, kMoe, 1>(p, token_tiles, stream)
   switch (mt) {
     case 1: JAX_NVFP4_LAUNCH(1);
     case 2: JAX_NVFP4_LAUNCH(2);

@@ -82,13 +82,19 @@ constexpr int kThreads = kWarps * 32;
 #endif
 constexpr int kChunksPerStage = JAX_NVFP4_CHUNKS_PER_STAGE;  // k64 chunks per stage ("unit")
 
-template <int MT>
+// MT: token tiles of 8 rows per block. KS: k-slices per block: the 8 warps are KS groups that
+// split each unit's K range (warp w works on N tile w % (8 / KS) of the block, slice w / (8 / KS))
+// and add their partial sums in shared memory, so a block covers 8 / KS N tiles (1 for KS = 8).
+template <int MT, int KS = 1>
 struct TileConfig {
+  static_assert(KS == 1 || KS == 2 || KS == 4 || KS == 8, "k-slices must divide the 8 warps");
+  static constexpr int kTilesPerBlock = kWarps / KS;
+  static constexpr int kChunksPerUnit = KS * kChunksPerStage;  // k64 chunks of a unit, all slices
   // Deeper rings where a stage is small (decode): more bytes in flight per SM.
   static constexpr int kStages = MT <= 2 ? JAX_NVFP4_DECODE_STAGES : 3;
   static constexpr int kWBytes = kChunksPerStage * kWarps * 512;
   static constexpr int kSBytes = kWarps * kChunksPerStage * 64;
-  static constexpr int kXRowBytes = kChunksPerStage * 128;
+  static constexpr int kXRowBytes = kChunksPerUnit * 128;
   static constexpr int kXBytes = 8 * MT * kXRowBytes;
   static constexpr int kStageBytes = kWBytes + kSBytes + kXBytes;
   static constexpr int kSmemBytes = kStages * kStageBytes;   // above 48 KB: opt-in at launch
@@ -229,8 +235,10 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
 }
 
 // The main loop of one block. Work is a line of units u = tile * units_per_tile + kunit, where
-// tile is an N block (8 warps x 16 rows; warp w's N tile is tile * 8 + w) and kunit a k-unit of
-// kChunksPerStage k64 chunks. The block runs units [u_begin, u_end), which may cross tiles (the
+// tile is an N block (8 / KS N tiles of 16 rows; warp w's N tile is tile * (8 / KS) + w % (8 / KS))
+// and kunit a k-unit of KS * kChunksPerStage k64 chunks (slice w / (8 / KS) takes the
+// kChunksPerStage chunks at offset slice * kChunksPerStage). With KS > 1 the slices' sums are
+// added in slice order (deterministic) into the warps of slice 0 before the epilogue. The block runs units [u_begin, u_end), which may cross tiles (the
 // dense kernel's stream-K schedule); the pipeline runs on across a tile boundary. After the last
 // unit of each tile in its range it calls epilogue(tile, acc) (all threads, uniformly; it may
 // synchronise the block) and clears the accumulators.
@@ -239,17 +247,20 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
 //          (or null for a row that holds no token); piece p = threadIdx.x + i * kThreads covers
 //          row p / kXPiecesPerRow, piece q = p % kXPiecesPerRow
 //   x_any: any valid global address (a zero-filling copy still names a source)
-template <typename T, int MT, typename Epilogue>
+template <typename T, int MT, int KS, typename Epilogue>
 __device__ __forceinline__ void tile_mainloop(
     const uint4 *__restrict__ qweight, const uint4 *__restrict__ qscales, int n16, int k64,
-    const T *const (&xsrc)[TileConfig<MT>::kXPerThread], const void *x_any, int k,
+    const T *const (&xsrc)[TileConfig<MT, KS>::kXPerThread], const void *x_any, int k,
     int units_per_tile, int u_begin, int u_end, Epilogue &&epilogue) {
-  using Cfg = TileConfig<MT>;
+  using Cfg = TileConfig<MT, KS>;
   constexpr int S = Cfg::kStages;
   constexpr int KC = kChunksPerStage;
+  constexpr int NT = Cfg::kTilesPerBlock;
   extern __shared__ __align__(16) unsigned char smem[];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
+  const int sub = warp % NT;     // this warp's N tile within the block
+  const int slice = warp / NT;   // and its k-slice
   const int g = lane >> 2;
   const uint64_t policy = evict_first_policy();
   const uint32_t smem_base = smem_addr(smem);
@@ -280,10 +291,21 @@ __device__ __forceinline__ void tile_mainloop(
   // The unit the loads are at.
   int ld_tile = u_begin / units_per_tile;
   int ld_kunit = u_begin - ld_tile * units_per_tile;
+  // Weights and scales. The k-sliced instantiations copy without the evict-first hint: with it,
+  // ptxas 13.0 emitted LDGSTS whose cache-policy descriptor register was never written (an
+  // "illegal instruction" on the H100; found with compute-sanitizer, see NOTES_dense.md v8).
+  auto weight_copy = [&](uint32_t dst, const void *src, uint32_t src_bytes) {
+    if constexpr (KS == 1) {
+      cp_async16_stream_zfill(dst, src, src_bytes, policy);
+    } else {
+      cp_async16_zfill(dst, src, src_bytes);
+    }
+  };
   auto load_next = [&](uint32_t stage) {
     const uint32_t base = smem_base + stage;
-    const int tile_n = ld_tile * kWarps + warp;
-    const int chunk = ld_kunit * KC;
+    const int tile_n = ld_tile * NT + sub;
+    const int unit_chunk = ld_kunit * Cfg::kChunksPerUnit;
+    const int chunk = unit_chunk + slice * KC;
     if (tile_n < n16) {
       const int64_t at = static_cast<int64_t>(tile_n) * k64 + chunk;
       const uint4 *w_src = qweight + at * 32 + lane;
@@ -291,19 +313,18 @@ __device__ __forceinline__ void tile_mainloop(
       for (int kc = 0; kc < KC; ++kc) {
         // K64 not a multiple of KC leaves the last unit's tail chunks empty: zero-filled.
         const bool in = chunk + kc < k64;
-        cp_async16_stream_zfill(base + kc * (kWarps * 512) + w_dst, in ? w_src + kc * 32 : qweight,
-                                in ? 16u : 0u, policy);
+        weight_copy(base + kc * (kWarps * 512) + w_dst, in ? w_src + kc * 32 : qweight,
+                    in ? 16u : 0u);
       }
       if (lane < 4 * KC) {
         const bool in = chunk + (lane >> 2) < k64;
-        cp_async16_stream_zfill(base + s_dst, in ? qscales + at * 4 + lane : qscales, in ? 16u : 0u,
-                                policy);
+        weight_copy(base + s_dst, in ? qscales + at * 4 + lane : qscales, in ? 16u : 0u);
       }
     }
 #pragma unroll
     for (int i = 0; i < Cfg::kXPerThread; ++i) {
       if (x_src[i] == nullptr) continue;
-      const int col = chunk * 64 + x_col[i];
+      const int col = unit_chunk * 64 + x_col[i];
       const bool in = col < k;
       cp_async16_zfill(base + x_dst[i], in ? static_cast<const void *>(x_src[i] + col) : x_any,
                        in ? 16u : 0u);
@@ -315,13 +336,14 @@ __device__ __forceinline__ void tile_mainloop(
   };
 
   // ldmatrix row addresses of this lane (relative to a stage's x tile) for k16 pairs 0-1, 2-3
-  // of chunk kc: matrix lane / 8 is piece 4 * (2 kc + jp) + lane / 8 of row lane % 8.
+  // of chunk kc of its slice: matrix lane / 8 is piece 4 * (2 (slice * KC + kc) + jp) + lane / 8
+  // of row lane % 8.
   uint32_t x_ld[KC][2];
 #pragma unroll
   for (int kc = 0; kc < KC; ++kc)
 #pragma unroll
     for (int jp = 0; jp < 2; ++jp) {
-      const int r = lane & 7, q = 8 * kc + 4 * jp + (lane >> 3);
+      const int r = lane & 7, q = 8 * (slice * KC + kc) + 4 * jp + (lane >> 3);
       x_ld[kc][jp] = Cfg::kWBytes + Cfg::kSBytes + r * Cfg::kXRowBytes +
                      (((q & ~7) | ((q ^ r) & 7)) << 4);
     }
@@ -350,7 +372,7 @@ __device__ __forceinline__ void tile_mainloop(
     if (u + S - 1 < units) load_next(load_stage);
     cp_async_commit();
 
-    if (tile * kWarps + warp < n16) {
+    if (tile * NT + sub < n16) {
       const unsigned char *st = smem + stage;
       const uint32_t x_stage = smem_base + stage;
 #pragma unroll
@@ -387,6 +409,30 @@ __device__ __forceinline__ void tile_mainloop(
     stage = stage + Cfg::kStageBytes == S * Cfg::kStageBytes ? 0 : stage + Cfg::kStageBytes;
     load_stage = load_stage + Cfg::kStageBytes == S * Cfg::kStageBytes ? 0 : load_stage + Cfg::kStageBytes;
     if (++kunit == units_per_tile || u + 1 == units) {
+      if constexpr (KS > 1) {
+        // Slices 1..KS-1 hand their sums to slice 0 through a buffer of their own (the ring
+        // may already hold the next tile's first units).
+        __shared__ float4 handoff[KS - 1][NT][MT][32];
+        if (slice > 0) {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+            handoff[slice - 1][sub][mt][lane] = make_float4(acc[mt][0], acc[mt][1], acc[mt][2], acc[mt][3]);
+        }
+        __syncthreads();
+        if (slice == 0) {
+#pragma unroll 1
+          for (int s2 = 0; s2 < KS - 1; ++s2)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              const float4 v = handoff[s2][sub][mt][lane];
+              acc[mt][0] += v.x;
+              acc[mt][1] += v.y;
+              acc[mt][2] += v.z;
+              acc[mt][3] += v.w;
+            }
+        }
+        __syncthreads();  // the buffer is free for the next tile
+      }
       epilogue(tile, acc);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)

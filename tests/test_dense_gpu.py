@@ -1,5 +1,6 @@
 """The CUDA dense kernel against float64 / float32 references (skipped without a GPU)."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -187,6 +188,74 @@ def test_cluster_request_beyond_the_device_is_a_clear_error(rng):
   with pytest.raises(Exception, match="cluster split-K with"):
     jax.block_until_ready(_forced_launch(x, p, splits=max(limit + 1, 2) if limit else 2,
                                          m_tile=1, cluster=True))
+
+
+def test_dependent_chain_reads_each_input_complete(rng):
+  """Back-to-back dependent calls in one program. With programmatic dependent launch (sm_90) a
+  call's blocks may start before the previous call ends; each must still read its input only
+  once that is complete. At M = 1 the stages cover the k-sliced launch (4096 x 4096,
+  14336 x 4096), the cluster split-K (4096 x 14336), the ticket split-K with its memset
+  (4096 x 256) and an unsplit launch (256 x 4096); one stage's weight is written by an XLA
+  kernel right before the call (the L2 prefetch issued before the wait is a hint, not a read).
+  Each stage is checked against float64 on the kernel's own previous output."""
+  shapes = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 256), (256, 4096), (4096, 4096)]
+  ws = [random_weight(rng, n, k) for k, n in shapes]
+  ps = [nf.prepare(w) for w in ws]
+  written_in_program = 3
+
+  def chain(x, ps, mask):
+    outs = []
+    for i, p in enumerate(ps):
+      if i == written_in_program:  # a fresh buffer, written by the kernel before this call
+        p = dataclasses.replace(p, qweight=p.qweight ^ mask)
+      x = nf.nvfp4_matmul(x, p)
+      outs.append(x)
+    return outs
+
+  for m in (1, 16):
+    x = jnp.asarray(rng.standard_normal((m, shapes[0][0])), jnp.bfloat16)
+    mask = jnp.zeros((), jnp.uint32)
+    outs = poisoned_call(jax.jit(chain), x, ps, mask, out_shape=(m, 14336), dtype=jnp.bfloat16)
+    inp = np.asarray(x, np.float64)
+    for i, (w, out) in enumerate(zip(ws, outs)):
+      out = np.asarray(out, np.float64)
+      assert np.isfinite(out).all(), (m, i)
+      ref = inp @ npref.dequantize(w.packed, w.scales, w.global_scale).T
+      assert rel_l2(out, ref) <= 5e-3, (m, i, rel_l2(out, ref))
+      inp = out
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 4096, 14336), (7, 1000, 4160), (3, 2056, 1088),
+                                     (1, 136, 16384), (5, 520, 80), (8, 24, 2064)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_k_sliced_launch_matches_reference(rng, m, n, k, dtype):
+  """The launch whose 8 warps split K inside the block (one N tile per block) against float64:
+  N not a multiple of the tile, K ranges that leave slices empty (K = 80: 2 of 8 slices have a
+  chunk) or end mid-unit, with bias; bitwise repeatable."""
+  w = random_weight(rng, n, k)
+  p = nf.prepare(w)
+  x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+  bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+  f = jax.jit(lambda xx, q, s, g, bb: dense.nvfp4_gemm_p.bind(
+      xx, q, s, g, bb, n=p.n, k=p.k, has_bias=True, splits=1, m_tile=1, cluster=False,
+      k_slices=dense.DECODE_K_SLICES)[0])
+  args = (x, p.qweight, p.qscales, p.global_scale, bias)
+  got = np.asarray(poisoned_call(f, *args, out_shape=(m, n), dtype=dtype), np.float64)
+  assert np.isfinite(got).all(), "unwritten (NaN-poisoned) outputs"
+  ref = (np.asarray(x, np.float64) @ npref.dequantize(w.packed, w.scales, w.global_scale).T
+         + np.asarray(bias, np.float64))
+  assert rel_l2(got, ref) <= 5e-3
+  np.testing.assert_array_equal(np.asarray(f(*args), np.float64), got)
+
+
+def test_default_decode_launch_uses_k_slices_without_workspace():
+  n, k = 4096, 14336  # 8 ticket splits otherwise (32 N blocks on 132 SMs)
+  assert dense.choose_k_slices(1, n, k) == dense.DECODE_K_SLICES
+  x = jax.ShapeDtypeStruct((1, k), jnp.bfloat16)
+  p = jax.eval_shape(nf.prepare, jax.eval_shape(lambda: nf.quantize(jnp.zeros((n, k)))))
+  compiled = jax.jit(nf.nvfp4_matmul).lower(x, p).compile()
+  assert "jax_nvfp4_gemm_cuda" in compiled.as_text()
+  assert compiled.memory_analysis().temp_size_in_bytes < n * 4  # no fp32 partials
 
 
 def test_unprepared_weight_runs_the_kernel_too(rng):

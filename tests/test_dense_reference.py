@@ -94,3 +94,39 @@ def test_bad_inputs_raise_clear_errors(rng):
   stacked = _random_weight(rng, 24, 32, lead=(2,))
   with pytest.raises(ValueError, match="single"):
     nf.nvfp4_matmul(jnp.zeros((2, 32), jnp.bfloat16), stacked)
+
+
+# ----------------------------------------------------------------------------- launch choice
+
+@pytest.mark.parametrize("m, n, k, cluster_limit, want", [
+    (1, 4096, 14336, 16, 8),   # 8 ticket splits would need a memset: warps split K instead
+    (1, 4096, 4096, 0, 8),     # no clusters (e.g. sm_80 code): the same
+    (8, 4096, 4096, 16, 8),    # still m_tile 1
+    (9, 4096, 14336, 16, 1),   # m_tile 2: a k-sliced x tile would leave one block per SM
+    (1, 14336, 4096, 16, 1),   # two splits reduce in a cluster, no memset to save
+    (1, 28672, 8192, 16, 1),   # no split at all
+    (1, 256, 4096, 16, 1),     # 16 N tiles: too few blocks without the cross-block split
+])
+def test_k_slices_replace_ticket_splits_at_decode(monkeypatch, m, n, k, cluster_limit, want):
+  from jax_nvfp4.ops import dense
+  monkeypatch.setattr(dense, "_sm_count", lambda: 132)
+  monkeypatch.setattr(dense, "_blocks_per_sm", lambda m_tile: 4)
+  monkeypatch.setattr(dense, "_cluster_limit", lambda m_tile: cluster_limit)
+  assert dense.choose_k_slices(m, n, k) == want
+  if want > 1:  # what it replaces: a split across blocks that reduce through the workspace
+    splits, m_tile = dense.choose_launch(m, n, k)
+    assert splits > 1 and not dense.use_cluster(splits, m_tile)
+
+
+def test_k_slices_launch_is_validated_at_trace_time(rng):
+  from jax_nvfp4.ops import dense
+  w = nf.prepare(nf.quantize(jnp.asarray(rng.standard_normal((64, 128)), jnp.float32)))
+  x = jnp.zeros((1, 128), jnp.bfloat16)
+  args = (x, w.qweight, w.qscales, w.global_scale, jnp.zeros((1,), jnp.float32))
+  base = dict(n=64, k=128, has_bias=False, splits=1, m_tile=1, cluster=False)
+  for bad in (dict(k_slices=4), dict(k_slices=8, splits=2), dict(k_slices=8, m_tile=2),
+              dict(k_slices=8, cluster=True)):
+    with pytest.raises(ValueError, match="k_slices"):
+      jax.eval_shape(lambda *a, p={**base, **bad}: dense.nvfp4_gemm_p.bind(*a, **p), *args)
+  out, ws = jax.eval_shape(lambda *a: dense.nvfp4_gemm_p.bind(*a, **base, k_slices=8), *args)
+  assert out.shape == (1, 64) and ws.shape == (256,)

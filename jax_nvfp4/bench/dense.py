@@ -20,7 +20,7 @@ import statistics
 import jax
 import jax.numpy as jnp
 
-from jax_nvfp4.bench.common import copy_bandwidth, many, time_per_call
+from jax_nvfp4.bench.common import copy_bandwidth, device_time_per_call, many, time_per_call
 from jax_nvfp4.format import NVFP4Weight, dequantize
 from jax_nvfp4.ops.dense import nvfp4_matmul
 from jax_nvfp4.prepare import prepare
@@ -46,7 +46,11 @@ total / (RUNS * COPIES). (If the host were slower than the device the figure wou
 bound; at these sizes a program's device time is hundreds of microseconds.) XLA's default flags are used (command
 buffers on). The roofline is bytes moved (NVFP4 weight + scales + x + out) / HBM copy bandwidth measured
 in the same run (a device-to-device copy, bytes read + written). cuBLAS is torch.matmul in bf16,
-timed with CUDA events over the same rotating copies.
+timed with CUDA events over the same rotating copies. Device time (kernel_device_us,
+pct_roofline_device): one execution of the kernel's program under jax.profiler.trace, the span of
+its GPU kernels (first start to last end, gaps between launches included) / COPIES, median of
+three executions; the wall-clock time cannot fall below the host's launch of each custom call
+(10-20 us on the lent H100), which hides the device time of small weights.
 """
 
 
@@ -97,7 +101,9 @@ def format_row(row: dict) -> str:
           f"cublas {t_torch if t_torch else float('nan'):8.1f} | dequant+dot "
           f"{row['jax_dequant_dot_us']:8.1f} | "
           f"roof {row['roofline_us']:6.1f} ({row['pct_roofline']:5.1f} %) | "
-          f"{row['kernel_tflops']:6.1f} TF/s")
+          f"{row['kernel_tflops']:6.1f} TF/s" + (
+              f" | device {row['kernel_device_us']:6.1f} us ({row['pct_roofline_device']:5.1f} %)"
+              if row.get("kernel_device_us") else ""))
 
 
 def copies_for(k: int, n: int, copies: int = COPIES) -> int:
@@ -134,6 +140,8 @@ def bench_shape(k, n, ms, bw, key, with_torch=True, *, copies: int = COPIES, run
   for m in ms:
     x = [jax.random.normal(kx, (m, k), jnp.bfloat16) for kx in jax.random.split(keys[-1], copies)]
     t_kernel = time_per_call(kernel, x, prepared, runs=runs, trials=trials) * 1e6
+    t_device = device_time_per_call(kernel, x, prepared) if jax.default_backend() == "gpu" else None
+    t_device = t_device * 1e6 if t_device else None
     t_xla = time_per_call(xla_dot, x, bf16, runs=runs, trials=trials) * 1e6
     t_deq = time_per_call(deq_dot, x, qs, runs=runs, trials=trials) * 1e6
     t_torch = torch_cublas_us(m, n, k, copies=copies, trials=trials) if with_torch else None
@@ -142,7 +150,9 @@ def bench_shape(k, n, ms, bw, key, with_torch=True, *, copies: int = COPIES, run
     row = dict(k=k, n=n, m=m, kernel_us=t_kernel, xla_bf16_us=t_xla, cublas_bf16_us=t_torch,
                jax_dequant_dot_us=t_deq, roofline_us=roof, pct_roofline=100 * roof / t_kernel,
                kernel_tflops=flops / t_kernel / 1e6,
-               vs_cublas=(t_torch / t_kernel) if t_torch else None)
+               vs_cublas=(t_torch / t_kernel) if t_torch else None,
+               kernel_device_us=t_device,
+               pct_roofline_device=100 * roof / t_device if t_device else None)
     rows.append(row)
     if log is not None:
       log(format_row(row))
@@ -174,10 +184,12 @@ def format_table(rows: list[dict]) -> str:
   """A compact table of dense rows: times in microseconds, the roofline share, and the speed
   relative to XLA's bf16 dot."""
   lines = ["      K      N     M  nvfp4 us  bf16 xla us  cublas us  deq+dot us   roof us  %roof"
-           "  x bf16"]
+           "  x bf16  device us  %roof dev"]
   for r in rows:
     cub = f"{r['cublas_bf16_us']:10.1f}" if r.get("cublas_bf16_us") else "         -"
+    dev = (f" {r['kernel_device_us']:10.1f} {r['pct_roofline_device']:10.1f}"
+           if r.get("kernel_device_us") else "          -          -")
     lines.append(f"{r['k']:7} {r['n']:6} {r['m']:5} {r['kernel_us']:9.1f} {r['xla_bf16_us']:12.1f}"
                  f" {cub} {r['jax_dequant_dot_us']:11.1f} {r['roofline_us']:9.1f}"
-                 f" {r['pct_roofline']:6.1f} {r['xla_bf16_us'] / r['kernel_us']:7.2f}")
+                 f" {r['pct_roofline']:6.1f} {r['xla_bf16_us'] / r['kernel_us']:7.2f}{dev}")
   return "\n".join(lines)

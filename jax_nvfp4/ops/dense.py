@@ -149,6 +149,25 @@ def choose_launch(m: int, n: int, k: int) -> tuple[int, int]:
   return int(max(1, min(splits, units, 64))), mt
 
 
+#: csrc/nvfp4_kernel.cuh kDecodeKSlices: at m_tile 1 the block's 8 warps can split K among
+#: themselves (one N tile of 16 rows per block, partial sums added in shared memory).
+DECODE_K_SLICES = 8
+
+
+def choose_k_slices(m: int, n: int, k: int) -> int:
+  """1, or ``DECODE_K_SLICES`` where K would otherwise be split across blocks that reduce
+  through the global workspace (tickets, and a memset node before every call: about 4.6 us per
+  call on an H100 at 14336x4096 and M = 1, NOTES_dense.md v8) and the N tiles alone give every
+  SM a block. The launch then has one block per 16 rows of N, ``splits = 1`` and no workspace.
+  Decided for m_tile 1 (M <= 8) only: the x tile of a k-sliced block is 8x wider in shared
+  memory, which at m_tile 2 would leave one block per SM.
+  """
+  splits, mt = choose_launch(m, n, k)
+  if mt != 1 or splits <= 1 or use_cluster(splits, mt):
+    return 1
+  return DECODE_K_SLICES if -(-n // 16) >= _sm_count() else 1
+
+
 def use_cluster(splits: int, m_tile: int) -> bool:
   """Whether the ``splits`` of a tile reduce inside a thread-block cluster (distributed shared
   memory, sm_90 only) instead of through the global workspace with tickets and a memset:
@@ -186,8 +205,13 @@ def _check_prepared(x_aval, qweight_aval, qscales_aval, gs_aval, bias_aval, n, k
 
 
 def _gemm_abstract_eval(x, qweight, qscales, global_scale, bias, *, n, k, has_bias, splits,
-                        m_tile, cluster):
+                        m_tile, cluster, k_slices=1):
   _check_prepared(x, qweight, qscales, global_scale, bias if has_bias else None, n, k)
+  if k_slices not in (1, DECODE_K_SLICES) or (
+      k_slices != 1 and (m_tile != 1 or splits != 1 or cluster)):
+    raise ValueError(f"nvfp4_gemm: k_slices must be 1, or {DECODE_K_SLICES} with m_tile 1, "
+                     f"splits 1 and no cluster; got k_slices={k_slices}, m_tile={m_tile}, "
+                     f"splits={splits}, cluster={cluster}")
   m = int(np.prod(x.shape[:-1]))
   return (jax.core.ShapedArray((*x.shape[:-1], n), x.dtype),
           jax.core.ShapedArray((workspace_bytes(m, n, splits, m_tile, cluster),), jnp.uint8))
@@ -199,7 +223,7 @@ nvfp4_gemm_p.def_impl(lambda *args, **params: jax.jit(
 
 
 def _gemm_reference(x, qweight, qscales, global_scale, bias, *, n, k, has_bias, splits, m_tile,
-                    cluster):
+                    cluster, k_slices=1):
   w = unprepare(PreparedNVFP4Weight(qweight, qscales, global_scale, n=n, k=k))
   out = reference_matmul(x, w, bias if has_bias else None)
   m = int(np.prod(x.shape[:-1]))
@@ -212,10 +236,11 @@ if "jax_nvfp4_gemm_cuda" in _ffi.REGISTERED:
   _cuda_gemm = jax.ffi.ffi_lowering("jax_nvfp4_gemm_cuda")
 
   def _gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, bias, *, n, k, has_bias,
-                          splits, m_tile, cluster):
+                          splits, m_tile, cluster, k_slices=1):
     return _cuda_gemm(ctx, x, qweight, qscales, global_scale, bias, n=np.int64(n),
                       k=np.int64(k), splits=np.int64(splits), m_tile=np.int64(m_tile),
-                      has_bias=bool(has_bias), cluster=bool(cluster))
+                      has_bias=bool(has_bias), cluster=bool(cluster),
+                      k_slices=np.int64(k_slices))
 
   mlir.register_lowering(nvfp4_gemm_p, _gemm_cuda_lowering, platform="cuda")
 
@@ -233,9 +258,13 @@ batching.primitive_batchers[nvfp4_gemm_p] = _gemm_batch
 def _bind_gemm(x, qweight, qscales, global_scale, bias, *, n, k, has_bias):
   m = int(np.prod(x.shape[:-1]))
   splits, m_tile = choose_launch(m, n, k)
+  k_slices = choose_k_slices(m, n, k)
+  if k_slices > 1:
+    splits = 1
   out, _ = nvfp4_gemm_p.bind(x, qweight, qscales, global_scale, bias, n=n, k=k,
                              has_bias=has_bias, splits=splits, m_tile=m_tile,
-                             cluster=use_cluster(splits, m_tile))
+                             cluster=splits > 1 and use_cluster(splits, m_tile),
+                             k_slices=k_slices)
   return out
 
 
