@@ -43,7 +43,9 @@
 // One multiply-add widens bytes 0 and 2 (steps 0 and 2) into the two halves of a register, a
 // second one bytes 1 and 3; the HMUL2 that applies the scale reads the half it needs.
 //
-// Pipeline. A block is 8 warps; warp w owns N tile (16 rows) blockIdx.x * 8 + w, and the block
+// Pipeline. A block is 8 warps; warp w owns N tile (16 rows) blockIdx.x * 8 + w (with k-slices,
+// KS > 1: N tile blockIdx.x * 8/KS + w % (8/KS), and the KS warps of a tile take the KS
+// consecutive 4-chunk pieces of each unit; see TileConfig), and the block
 // owns 8 * MT token rows and a range of k128 units (two k64 chunks; split K over gridDim.y).
 // Each unit is one stage of a kStages-deep cp.async ring in shared memory: 8 x 2 x 512 B of
 // weights (two 16-byte copies per thread, L2 evict-first: streamed once), 8 x 128 B of block

@@ -88,7 +88,8 @@ def _install_opaque_gemm():
     out = np.asarray(x, np.float64) @ w.T + (np.asarray(bias, np.float64) if has_bias else 0)
     return out.astype(x.dtype)
 
-  def lowering(x, qweight, qscales, gs, bias, *, n, k, has_bias, splits, m_tile, cluster):
+  def lowering(x, qweight, qscales, gs, bias, *, n, k, has_bias, splits, m_tile, cluster,
+               k_slices=1):
     out = jax.ShapeDtypeStruct((*x.shape[:-1], n), x.dtype)
     y = jax.pure_callback(lambda *a: host(*a, n=n, k=k, has_bias=has_bias), out, x, qweight,
                           qscales, gs, bias)
