@@ -24,7 +24,6 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-import jax_nvfp4 as nf
 from jax_nvfp4.bench import moe as bench_moe
 from jax_nvfp4.bench.common import gpu_events, many
 

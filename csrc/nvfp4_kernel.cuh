@@ -321,6 +321,18 @@ cudaError_t allow_shared_memory() {
   return once;
 }
 
+// The SASS version of the code the runtime loaded for this instantiation (90 for sm_90 code),
+// 0 if it cannot say.
+template <typename T, int MT, bool kMoe, int KS>
+int loaded_binary_version() {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, nvfp4_kernel<T, MT, kMoe, KS>) != cudaSuccess) {
+    cudaGetLastError();  // not the next launch's error
+    return 0;
+  }
+  return attr.binaryVersion;
+}
+
 // Clusters of more than 8 blocks are non-portable: opted in once, only where sm_90 code runs.
 template <typename T, int MT, bool kMoe>
 cudaError_t allow_large_clusters() {
@@ -335,9 +347,8 @@ cudaError_t allow_large_clusters() {
 template <typename T, int MT, bool kMoe>
 int cluster_limit_typed() {
   static const int limit = [] {
-    cudaFuncAttributes attr{};
-    if (cudaFuncGetAttributes(&attr, nvfp4_kernel<T, MT, kMoe>) != cudaSuccess) return 0;
-    if (attr.binaryVersion < 90 || attr.binaryVersion >= 100) return 0;
+    const int version = loaded_binary_version<T, MT, kMoe, 1>();
+    if (version < 90 || version >= 100) return 0;
     if (allow_shared_memory<T, MT, kMoe>() != cudaSuccess) return 0;
     if (allow_large_clusters<T, MT, kMoe>() != cudaSuccess) return 0;
     for (int s = kMaxClusterSplits; s >= 2; --s) {
@@ -375,12 +386,7 @@ bool pdl_allowed() {
   static const bool allowed = [] {
     const char *env = std::getenv("JAX_NVFP4_PDL");
     if (env != nullptr && std::string(env) == "0") return false;
-    cudaFuncAttributes attr{};
-    if (cudaFuncGetAttributes(&attr, nvfp4_kernel<T, MT, kMoe, KS>) != cudaSuccess) {
-      cudaGetLastError();
-      return false;
-    }
-    return attr.binaryVersion >= 90;
+    return loaded_binary_version<T, MT, kMoe, KS>() >= 90;
   }();
   return allowed;
 }

@@ -263,7 +263,7 @@ def _bind_gemm(x, qweight, qscales, global_scale, bias, *, n, k, has_bias):
     splits = 1
   out, _ = nvfp4_gemm_p.bind(x, qweight, qscales, global_scale, bias, n=n, k=k,
                              has_bias=has_bias, splits=splits, m_tile=m_tile,
-                             cluster=splits > 1 and use_cluster(splits, m_tile),
+                             cluster=use_cluster(splits, m_tile),
                              k_slices=k_slices)
   return out
 
