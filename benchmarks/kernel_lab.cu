@@ -1,6 +1,7 @@
 // Kernel-only timing of the dense NVFP4 kernel without JAX (not a test), for variants built with
 // -D JAX_NVFP4_CHUNKS_PER_STAGE / JAX_NVFP4_DECODE_STAGES and for ncu:
-//   nvcc -std=c++17 -O3 -arch=sm_90a -I csrc benchmarks/kernel_lab.cu -o lab && ./lab K N M [splits]
+//   nvcc -std=c++17 -O3 -arch=sm_90a -I csrc benchmarks/kernel_lab.cu -o lab &&
+//   ./lab K N M [splits [k_slices [tiles_per_block]]]
 // Weights and scales are random bytes in COPIES rotating buffers (more than L2 holds); each
 // timed call is the kernel (plus the ticket memset where the splits do not reduce in a
 // cluster), as in the FFI handler. Prints the median
@@ -36,7 +37,10 @@ __global__ void fill_x(__nv_bfloat16 *p, size_t n) {
 
 int main(int argc, char **argv) {
   using namespace jax_nvfp4;
-  if (argc < 4) { std::fprintf(stderr, "usage: lab K N M [splits [k_slices]]\n"); return 2; }
+  if (argc < 4) {
+    std::fprintf(stderr, "usage: lab K N M [splits [k_slices [tiles_per_block]]]\n");
+    return 2;
+  }
   const int k = std::atoi(argv[1]), n = std::atoi(argv[2]), m = std::atoi(argv[3]);
   const int mt = m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8;
   const int n16 = (n + 15) / 16, k64 = (k + 63) / 64;
@@ -50,6 +54,7 @@ int main(int argc, char **argv) {
   int splits = argc > 4 ? std::atoi(argv[4])
                         : std::max(1, std::min({sms * bps / (n_blocks * token_tiles), units, 64}));
   const int k_slices = argc > 5 ? std::atoi(argv[5]) : 1;  // 8: warps split K (splits must be 1)
+  const int tiles_per_block = argc > 6 ? std::atoi(argv[6]) : 1;  // > 1: splits must be 1
   const int copies = 16, trials = 9;
   const size_t sbytes = size_t(n16) * k64 * 64;
   std::vector<void *> w(copies), s(copies);
@@ -75,6 +80,7 @@ int main(int argc, char **argv) {
   p.tickets = static_cast<int *>(ws);
   p.partials = reinterpret_cast<float *>(static_cast<char *>(ws) + tickets);
   p.n = n; p.k = k; p.n16 = n16; p.k64 = k64; p.splits = splits; p.rows_out = m; p.slots = m;
+  p.tiles_per_block = tiles_per_block;
   // As the FFI handler: the splits reduce in a cluster where the device has one (LAB_TICKETS=1
   // forces the global-workspace ticket path).
   p.cluster = splits > 1 && !std::getenv("LAB_TICKETS") && splits <= cluster_limit<false>(mt, true);
@@ -105,8 +111,9 @@ int main(int argc, char **argv) {
   }
   std::sort(t.begin(), t.end());
   const double bytes = double(n) * k / 2 + double(n) * k / 16;
-  std::printf("K=%d N=%d M=%d chunks/stage=%d stages=%d splits=%d k_slices=%d%s blocks/SM=%d: %.1f us (%.0f GB/s)\n",
-              k, n, m, kChunksPerStage, TileConfig<1>::kStages, splits, k_slices,
+  std::printf("K=%d N=%d M=%d chunks/stage=%d stages=%d splits=%d k_slices=%d tiles/block=%d%s "
+              "blocks/SM=%d: %.1f us (%.0f GB/s)\n",
+              k, n, m, kChunksPerStage, TileConfig<1>::kStages, splits, k_slices, tiles_per_block,
               p.cluster ? " (cluster)" : "", bps, t[trials / 2],
               bytes / t[trials / 2] * 1e-3);
   return 0;

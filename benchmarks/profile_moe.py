@@ -9,14 +9,16 @@ as bench_moe.py) runs under ``jax.profiler.trace`` and the GPU activity of that 
 read from the Perfetto trace: ``span`` = last kernel end - first kernel start, divided by C
 (what a layer costs inside a longer program, launch gaps included), ``busy`` = the summed kernel
 durations per layer by kind (our GEMMs, our alignment, memsets, XLA's kernels), ``kernels`` =
-launches per layer. Median of three executions. Variants as ab_moe_overhead.py (``v7``: JAX
-alignment and memsets, current split rule; ``fused_moe``: the library's layer).
+launches per layer. Median of three executions. Variants: ``fused_moe`` (the library's layer)
+and ``unsliced`` (the same layer compiled with the grouped GEMM's k-slices off: the v6 launch,
+K split across blocks only; the A/B of NOTES_moe.md v7).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import statistics
 import tempfile
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 
 from jax_nvfp4.bench import moe as bench_moe
 from jax_nvfp4.bench.common import gpu_events, many
+from jax_nvfp4.ops import moe as moe_ops
 
 import ab_moe_overhead  # benchmarks/, next to this file
 
@@ -51,9 +54,24 @@ def profile_once(fn, lists, copies: int) -> dict:
   busy = collections.Counter()
   for e in events:
     busy[kind_of(e["name"])] += e["dur"]
+  # Each layer runs GEMM 1 then GEMM 2: alternate in time order.
+  gemms = sorted((e for e in events if kind_of(e["name"]) == "gemm"), key=lambda e: e["ts"])
+  for i, e in enumerate(gemms):
+    busy[f"gemm{1 + i % 2}"] += e["dur"]
   return dict(span_us=(end - start) / copies, kernels=len(events) / copies,
               **{f"{k}_us": v / copies for k, v in busy.items()},
               names=sorted({e["name"][:60] for e in events}))
+
+
+@contextlib.contextmanager
+def k_slices_off():
+  """Lowerings inside pick no k-slices (a variant is compiled at its first call)."""
+  saved = moe_ops.choose_moe_k_slices
+  moe_ops.choose_moe_k_slices = lambda *args, **kw: 1
+  try:
+    yield
+  finally:
+    moe_ops.choose_moe_k_slices = saved
 
 
 def main():
@@ -68,18 +86,18 @@ def main():
     w13s, w2s, key = ab_moe_overhead.weight_copies(key, e, h, inter)
     copies = len(w13s)
     variants = {
-        "v7": many(ab_moe_overhead.layer(routing, align_backend="reference",
-                                         zero_unwritten=True)),
-        "fused_moe": many(bench_moe.nvfp4_layer(routing)),
+        "unsliced": (many(bench_moe.nvfp4_layer(routing)), k_slices_off),
+        "fused_moe": (many(bench_moe.nvfp4_layer(routing)), contextlib.nullcontext),
     }
     for t in (int(v) for v in args.tokens.split(",")):
       kx = jax.random.split(jax.random.fold_in(key, t), 2 * copies)
       xs = [jax.random.normal(kx[2 * c], (t, h), jnp.bfloat16) for c in range(copies)]
       logits = [jax.random.normal(kx[2 * c + 1], (t, e), jnp.float32) for c in range(copies)]
       lists = (xs, logits, w13s, w2s)
-      for name, fn in variants.items():
-        jax.block_until_ready(fn(*lists))
-        runs = [profile_once(fn, lists, copies) for _ in range(3)]
+      for name, (fn, context) in variants.items():
+        with context():
+          jax.block_until_ready(fn(*lists))
+          runs = [profile_once(fn, lists, copies) for _ in range(3)]
         row = dict(e=e, h=h, i=inter, top_k=k, tokens=t, variant=name, copies=copies,
                    names=runs[0]["names"])
         for field in sorted({f for r in runs for f in r if f.endswith("_us") or f == "kernels"}):
@@ -87,7 +105,8 @@ def main():
         rows.append(row)
         print(f"E={e:<4} T={t:<4} {name:<9} span {row['span_us']:7.1f} us/layer | kernels "
               f"{row['kernels']:5.1f} | " + " ".join(
-                  f"{f[:-3]} {row[f]:6.1f}" for f in ("gemm_us", "align_us", "memset_us", "xla_us")
+                  f"{f[:-3]} {row[f]:6.1f}" for f in ("gemm_us", "gemm1_us", "gemm2_us",
+                                                       "align_us", "memset_us", "xla_us")
                   if f in row), flush=True)
     del w13s, w2s
   if args.out:

@@ -44,6 +44,7 @@ inline GemmParams common_params(const ffi::AnyBuffer &x, const ffi::Buffer<ffi::
   p.n16 = static_cast<int>((n + 15) / 16);
   p.k64 = static_cast<int>((k + 63) / 64);
   p.splits = static_cast<int>(splits);
+  p.tiles_per_block = 1;
   p.cluster = cluster && splits > 1;
   return p;
 }

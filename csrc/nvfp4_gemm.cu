@@ -24,7 +24,7 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32>
                     ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> out,
                     ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t n, int64_t k,
                     int64_t splits, int64_t m_tile, bool has_bias, bool cluster,
-                    int64_t k_slices) {
+                    int64_t k_slices, int64_t tiles_per_block) {
   const auto xt = x.element_type();
   if (xt != ffi::DataType::BF16 && xt != ffi::DataType::F16)
     return invalid("x must be bf16 or f16");
@@ -51,6 +51,9 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32>
     return invalid("k_slices must be 1 or " + std::to_string(kDecodeKSlices));
   if (k_slices != 1 && (m_tile != 1 || splits != 1 || cluster))
     return invalid("k_slices > 1 needs m_tile 1, splits 1 and no cluster");
+  if (tiles_per_block < 1 || tiles_per_block > 65535 ||
+      (tiles_per_block > 1 && (splits != 1 || cluster)))
+    return invalid("tiles_per_block must be in [1, 65535], and 1 when K is split across blocks");
   const int64_t token_tiles = (m + 8 * m_tile - 1) / (8 * m_tile);
   const int64_t n_blocks = (n16 + kWarps - 1) / kWarps;  // of the k_slices = 1 launch
   const int64_t units = (k64 + kChunksPerStage - 1) / kChunksPerStage;
@@ -66,6 +69,7 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32>
                                workspace->untyped_data(), tickets, n, k, splits, cluster);
   p.rows_out = static_cast<int>(m);
   p.slots = static_cast<int>(m);
+  p.tiles_per_block = static_cast<int>(tiles_per_block);
   const int64_t need = workspace_need(p, tickets);
   if (static_cast<int64_t>(workspace->element_count()) < need)
     return invalid("workspace too small: " + std::to_string(workspace->element_count()) +
@@ -97,7 +101,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Nvfp4GemmCuda, jax_nvfp4::GemmImpl,
                                   .Attr<int64_t>("m_tile")
                                   .Attr<bool>("has_bias")
                                   .Attr<bool>("cluster")
-                                  .Attr<int64_t>("k_slices"),
+                                  .Attr<int64_t>("k_slices")
+                                  .Attr<int64_t>("tiles_per_block"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 // Largest K split the cluster reduction can launch for token tile mt (0: not on this device).
@@ -106,8 +111,8 @@ extern "C" int jax_nvfp4_cluster_limit(int mt, int bf16) {
 }
 
 // Resident blocks per SM for token tile mt (the split-K choice fills one wave); 0 if unknown.
-extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16) {
-  return jax_nvfp4::blocks_per_sm<false>(mt, bf16 != 0);
+extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16, int k_slices) {
+  return jax_nvfp4::blocks_per_sm<false>(mt, bf16 != 0, k_slices);
 }
 
 // Multiprocessor count of the current device (for the split-K choice made at trace time).

@@ -45,6 +45,7 @@ struct GemmParams {
   int *tickets;               // one per (token tile, N block) when splits > 1
   int rows_out, n, k, n16, k64;
   int splits;                 // K splits per tile (gridDim.y)
+  int tiles_per_block;        // consecutive N blocks per block (> 1 only with splits = 1)
   int slots;                  // token slots in all tiles: M (dense) or the padded length (MoE)
   bool cluster;               // splits > 1 reduce in a cluster of the splits (sm_90 only)
   // MoE only.
@@ -132,20 +133,29 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const 
   const int units_per_tile = (p.k64 + Cfg::kChunksPerUnit - 1) / Cfg::kChunksPerUnit;
   const int slot0 = blockIdx.z * 8 * MT;
 
-  // This block's units (see tile_mainloop): split blockIdx.y of tile blockIdx.x.
-  const int tile_base = blockIdx.x * units_per_tile;
-  const int u_begin =
-      tile_base + static_cast<int>((static_cast<int64_t>(units_per_tile) * blockIdx.y) / p.splits);
-  const int u_end =
-      tile_base + static_cast<int>((static_cast<int64_t>(units_per_tile) * (blockIdx.y + 1)) / p.splits);
+  // This block's units (see tile_mainloop): split blockIdx.y of tile blockIdx.x, or with
+  // tiles_per_block > 1 (splits = 1) the whole K range of that many consecutive tiles, one
+  // pipeline running across them (a block's fixed costs are paid once for several tiles).
+  const int tile_base = blockIdx.x * p.tiles_per_block * units_per_tile;
+  int u_begin, u_end;
+  if (p.tiles_per_block > 1) {
+    const int tiles = (p.n16 + NT - 1) / NT;
+    u_begin = tile_base;
+    u_end = min(tiles, (blockIdx.x + 1) * p.tiles_per_block) * units_per_tile;
+  } else {
+    u_begin = tile_base +
+              static_cast<int>((static_cast<int64_t>(units_per_tile) * blockIdx.y) / p.splits);
+    u_end = tile_base +
+            static_cast<int>((static_cast<int64_t>(units_per_tile) * (blockIdx.y + 1)) / p.splits);
+  }
 
   if constexpr (!kMoe) {
     // Launched early (programmatic dependent launch), the block warms L2 with the weights of
     // its first ring of units while the previous kernel finishes. Each N tile's run of k64
     // chunks is contiguous; its KS warps take 32 lines of 128 bytes each, then the scale lines.
-    const int tile_n = blockIdx.x * NT + sub;
+    const int tile_n = (u_begin / units_per_tile) * NT + sub;
     if (tile_n < p.n16) {
-      const int chunk0 = (u_begin - tile_base) * Cfg::kChunksPerUnit;
+      const int chunk0 = (u_begin % units_per_tile) * Cfg::kChunksPerUnit;
       const int chunks = min((u_end - u_begin) * Cfg::kChunksPerUnit,
                              min(Cfg::kStages * Cfg::kChunksPerUnit, p.k64 - chunk0));
       const int64_t at = static_cast<int64_t>(tile_n) * p.k64 + chunk0;
@@ -156,21 +166,30 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const 
   }
   wait_for_prior_grids();
 
+  // The token rows of this thread's x pieces. For MoE these loads, the padded length and the
+  // tile's expert are independent (every index is in bounds), so all go out together: a
+  // block's start is one global round trip, not three in a row.
+  int piece_row[Cfg::kXPerThread];
+#pragma unroll
+  for (int i = 0; i < Cfg::kXPerThread; ++i) {
+    const int piece = threadIdx.x + i * kThreads;
+    piece_row[i] = piece < Cfg::kXPieces ? slot_row<kMoe>(p, slot0 + piece / Cfg::kXPiecesPerRow)
+                                         : -1;
+  }
   int expert = 0;
   if constexpr (kMoe) {
-    // Whole block leaves together (before any barrier).
-    if (slot0 >= __ldg(p.num_padded)) return;
+    const int padded = __ldg(p.num_padded);
     expert = __ldg(p.block_expert + blockIdx.z);
-    if (expert < 0) return;
+    // Whole block leaves together (before any barrier).
+    if (slot0 >= padded || expert < 0) return;
   }
 
   const T *xsrc[Cfg::kXPerThread];
 #pragma unroll
   for (int i = 0; i < Cfg::kXPerThread; ++i) {
-    const int piece = threadIdx.x + i * kThreads;
     xsrc[i] = nullptr;
-    if (piece < Cfg::kXPieces) {
-      const int row = slot_row<kMoe>(p, slot0 + piece / Cfg::kXPiecesPerRow);
+    {
+      const int row = piece_row[i];
       if (row >= 0) {
         const int xrow = kMoe ? row / p.gather_div : row;
         xsrc[i] = static_cast<const T *>(p.x) + static_cast<int64_t>(xrow) * p.k;
@@ -414,7 +433,10 @@ cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stre
   }
   cudaLaunchConfig_t cfg{};
   constexpr int NT = TileConfig<MT, KS>::kTilesPerBlock;
-  cfg.gridDim = dim3((p.n16 + NT - 1) / NT, p.splits, token_tiles);
+  if (p.tiles_per_block < 1 || (p.tiles_per_block > 1 && p.splits != 1))
+    return cudaErrorInvalidConfiguration;
+  const int tiles = (p.n16 + NT - 1) / NT;
+  cfg.gridDim = dim3((tiles + p.tiles_per_block - 1) / p.tiles_per_block, p.splits, token_tiles);
   cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = TileConfig<MT, KS>::kSmemBytes;
   cfg.stream = stream;
@@ -423,18 +445,17 @@ cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stre
   return cudaLaunchKernelEx(&cfg, nvfp4_kernel<T, MT, kMoe, KS>, p);
 }
 
-// k_slices = kDecodeKSlices exists for the dense kernel at m_tile 1 (decode): one N tile per
-// block, K split over its 8 warps (ops/dense.py choose_k_slices says when).
+// k_slices = kDecodeKSlices exists at m_tile 1 (decode), for the dense and the grouped kernel:
+// one N tile per block, K split over its 8 warps (ops/dense.py choose_k_slices and
+// ops/moe.py choose_moe_k_slices say when).
 constexpr int kDecodeKSlices = 8;
 
 template <bool kMoe>
 cudaError_t launch(const GemmParams &p, bool bf16, int mt, int token_tiles, cudaStream_t stream,
                    int k_slices = 1) {
-  if constexpr (!kMoe) {
-    if (k_slices == kDecodeKSlices && mt == 1)
-      return bf16 ? launch_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices>(p, token_tiles, stream)
-                  : launch_typed<__half, 1, kMoe, kDecodeKSlices>(p, token_tiles, stream);
-  }
+  if (k_slices == kDecodeKSlices && mt == 1)
+    return bf16 ? launch_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices>(p, token_tiles, stream)
+                : launch_typed<__half, 1, kMoe, kDecodeKSlices>(p, token_tiles, stream);
   if (k_slices != 1) return cudaErrorInvalidConfiguration;
 #define JAX_NVFP4_LAUNCH(MT_)                                                         \
   return bf16 ? launch_typed<__nv_bfloat16, MT_, kMoe, 1>(p, token_tiles, stream)     \
@@ -462,19 +483,30 @@ int cluster_limit(int mt, bool bf16) {
 #undef JAX_NVFP4_LIMIT
 }
 
-template <bool kMoe>
-int blocks_per_sm(int mt, bool bf16) {
+template <typename T, int MT, bool kMoe, int KS>
+int blocks_per_sm_typed() {
+  if (allow_shared_memory<T, MT, kMoe, KS>() != cudaSuccess) return 0;
   int blocks = 0;
-  cudaError_t e = cudaSuccess;
-#define JAX_NVFP4_OCC(MT_)                                                                      \
-  e = bf16 ? allow_shared_memory<__nv_bfloat16, MT_, kMoe>() : allow_shared_memory<__half, MT_, kMoe>(); \
-  if (e != cudaSuccess) break;                                                                  \
-  e = bf16 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(                                     \
-                 &blocks, nvfp4_kernel<__nv_bfloat16, MT_, kMoe>, kThreads,                   \
-                 TileConfig<MT_>::kSmemBytes)                                                   \
-           : cudaOccupancyMaxActiveBlocksPerMultiprocessor(                                     \
-                 &blocks, nvfp4_kernel<__half, MT_, kMoe>, kThreads, TileConfig<MT_>::kSmemBytes); \
-  break
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, nvfp4_kernel<T, MT, kMoe, KS>,
+                                                    kThreads, TileConfig<MT, KS>::kSmemBytes) !=
+      cudaSuccess) {
+    cudaGetLastError();  // not the next launch's error
+    return 0;
+  }
+  return blocks;
+}
+
+// Resident blocks per SM of a launch (0 when it cannot launch here, e.g. the k-sliced
+// block's ~100 KB of shared memory on a GPU with less per SM).
+template <bool kMoe>
+int blocks_per_sm(int mt, bool bf16, int k_slices = 1) {
+  if (k_slices == kDecodeKSlices && mt == 1)
+    return bf16 ? blocks_per_sm_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices>()
+                : blocks_per_sm_typed<__half, 1, kMoe, kDecodeKSlices>();
+  if (k_slices != 1) return 0;
+#define JAX_NVFP4_OCC(MT_)                                                    \
+  return bf16 ? blocks_per_sm_typed<__nv_bfloat16, MT_, kMoe, 1>()            \
+              : blocks_per_sm_typed<__half, MT_, kMoe, 1>()
   switch (mt) {
     case 1: JAX_NVFP4_OCC(1);
     case 2: JAX_NVFP4_OCC(2);
@@ -482,7 +514,6 @@ int blocks_per_sm(int mt, bool bf16) {
     default: JAX_NVFP4_OCC(8);
   }
 #undef JAX_NVFP4_OCC
-  return e == cudaSuccess ? blocks : 0;
 }
 
 }  // namespace jax_nvfp4

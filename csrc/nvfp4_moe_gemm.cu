@@ -31,7 +31,7 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
                        ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t n, int64_t k,
                        int64_t gather_div, int64_t num_rows_out, int64_t block_m, int64_t splits,
                        bool mul_topk_weight, bool has_bias, bool cluster,
-                       bool zero_unwritten) {
+                       bool zero_unwritten, int64_t k_slices, int64_t tiles_per_block) {
   const auto xt = x.element_type();
   if (xt != ffi::DataType::BF16 && xt != ffi::DataType::F16)
     return invalid("x must be bf16 or f16");
@@ -68,6 +68,13 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
     return invalid("out must be [num_rows_out, N]");
   if (splits < 1 || splits > (k64 + kChunksPerStage - 1) / kChunksPerStage)
     return invalid("splits out of range (at most one per pipeline unit)");
+  if (k_slices != 1 && k_slices != kDecodeKSlices)
+    return invalid("k_slices must be 1 or " + std::to_string(kDecodeKSlices));
+  if (k_slices != 1 && (block_m != 8 || splits != 1 || cluster))
+    return invalid("k_slices > 1 needs block_m 8, splits 1 and no cluster");
+  if (tiles_per_block < 1 || tiles_per_block > 65535 ||
+      (tiles_per_block > 1 && (splits != 1 || cluster)))
+    return invalid("tiles_per_block must be >= 1, and 1 when K is split across blocks");
   if (num_rows_out == 0) return ffi::Error::Success();
   if (slots > INT32_MAX / 2 || num_rows_out > INT32_MAX / 2) return invalid("problem too large");
 
@@ -100,9 +107,10 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
   p.num_padded = num_padded.typed_data();
   p.topk_weights = mul_topk_weight ? topk_weights.typed_data() : nullptr;
   p.gather_div = static_cast<int>(gather_div);
+  p.tiles_per_block = static_cast<int>(tiles_per_block);
   return clear_and_launch<true>(p, tickets, xt == ffi::DataType::BF16,
                                 static_cast<int>(block_m / 8), token_tiles, stream,
-                                "jax_nvfp4_moe_gemm");
+                                "jax_nvfp4_moe_gemm", static_cast<int>(k_slices));
 }
 
 }  // namespace
@@ -131,14 +139,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Nvfp4MoeGemmCuda, jax_nvfp4::MoeGemmImpl,
                                   .Attr<bool>("mul_topk_weight")
                                   .Attr<bool>("has_bias")
                                   .Attr<bool>("cluster")
-                                  .Attr<bool>("zero_unwritten"),
+                                  .Attr<bool>("zero_unwritten")
+                                  .Attr<int64_t>("k_slices")
+                                  .Attr<int64_t>("tiles_per_block"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 // Here, not in nvfp4_gemm.cu: each kernel instantiation must live in one translation unit, or
 // the shared-memory opt-in (cudaFuncSetAttribute) can reach another unit's copy of the kernel
 // than the one launched ("invalid argument" at launch above 48 KB).
-extern "C" int jax_nvfp4_moe_blocks_per_sm(int mt, int bf16) {
-  return jax_nvfp4::blocks_per_sm<true>(mt, bf16 != 0);
+extern "C" int jax_nvfp4_moe_blocks_per_sm(int mt, int bf16, int k_slices) {
+  return jax_nvfp4::blocks_per_sm<true>(mt, bf16 != 0, k_slices);
 }
 
 extern "C" int jax_nvfp4_moe_cluster_limit(int mt, int bf16) {

@@ -82,6 +82,9 @@ constexpr int kThreads = kWarps * 32;
 #ifndef JAX_NVFP4_DECODE_STAGES
 #define JAX_NVFP4_DECODE_STAGES 2
 #endif
+#ifndef JAX_NVFP4_KSLICE_CHUNKS
+#define JAX_NVFP4_KSLICE_CHUNKS 4
+#endif
 constexpr int kChunksPerStage = JAX_NVFP4_CHUNKS_PER_STAGE;  // k64 chunks per stage ("unit")
 
 // MT: token tiles of 8 rows per block. KS: k-slices per block: the 8 warps are KS groups that
@@ -91,11 +94,13 @@ template <int MT, int KS = 1>
 struct TileConfig {
   static_assert(KS == 1 || KS == 2 || KS == 4 || KS == 8, "k-slices must divide the 8 warps");
   static constexpr int kTilesPerBlock = kWarps / KS;
-  static constexpr int kChunksPerUnit = KS * kChunksPerStage;  // k64 chunks of a unit, all slices
+  // k64 chunks of one warp's slice of a unit, and of the whole unit.
+  static constexpr int kChunksPerSlice = KS == 1 ? kChunksPerStage : JAX_NVFP4_KSLICE_CHUNKS;
+  static constexpr int kChunksPerUnit = KS * kChunksPerSlice;
   // Deeper rings where a stage is small (decode): more bytes in flight per SM.
   static constexpr int kStages = MT <= 2 ? JAX_NVFP4_DECODE_STAGES : 3;
-  static constexpr int kWBytes = kChunksPerStage * kWarps * 512;
-  static constexpr int kSBytes = kWarps * kChunksPerStage * 64;
+  static constexpr int kWBytes = kChunksPerSlice * kWarps * 512;
+  static constexpr int kSBytes = kWarps * kChunksPerSlice * 64;
   static constexpr int kXRowBytes = kChunksPerUnit * 128;
   static constexpr int kXBytes = 8 * MT * kXRowBytes;
   static constexpr int kStageBytes = kWBytes + kSBytes + kXBytes;
@@ -256,7 +261,7 @@ __device__ __forceinline__ void tile_mainloop(
     int units_per_tile, int u_begin, int u_end, Epilogue &&epilogue) {
   using Cfg = TileConfig<MT, KS>;
   constexpr int S = Cfg::kStages;
-  constexpr int KC = kChunksPerStage;
+  constexpr int KC = Cfg::kChunksPerSlice;
   constexpr int NT = Cfg::kTilesPerBlock;
   extern __shared__ __align__(16) unsigned char smem[];
   const int lane = threadIdx.x & 31;

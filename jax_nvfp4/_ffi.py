@@ -37,14 +37,16 @@ def sm_count() -> int:
   return int(_C.sm_count()) if cuda_kernels_built() else 0
 
 
-def blocks_per_sm(m_tile: int, bf16: bool) -> int:
-  """Resident blocks per SM of the dense kernel, 0 when unknown."""
-  return int(_C.blocks_per_sm(m_tile, bf16)) if cuda_kernels_built() else 0
+def blocks_per_sm(m_tile: int, bf16: bool, k_slices: int = 1) -> int:
+  """Resident blocks per SM of the dense kernel, 0 when unknown or when the launch does not
+  fit an SM of this device."""
+  return int(_C.blocks_per_sm(m_tile, bf16, k_slices)) if cuda_kernels_built() else 0
 
 
-def moe_blocks_per_sm(m_tile: int, bf16: bool) -> int:
-  """Resident blocks per SM of the grouped MoE kernel, 0 when unknown."""
-  return int(_C.moe_blocks_per_sm(m_tile, bf16)) if cuda_kernels_built() else 0
+def moe_blocks_per_sm(m_tile: int, bf16: bool, k_slices: int = 1) -> int:
+  """Resident blocks per SM of the grouped MoE kernel, 0 when unknown or when the launch does
+  not fit an SM of this device."""
+  return int(_C.moe_blocks_per_sm(m_tile, bf16, k_slices)) if cuda_kernels_built() else 0
 
 
 def cluster_limit(m_tile: int, bf16: bool, moe: bool) -> int:

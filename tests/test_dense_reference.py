@@ -98,24 +98,41 @@ def test_bad_inputs_raise_clear_errors(rng):
 
 # ----------------------------------------------------------------------------- launch choice
 
-@pytest.mark.parametrize("m, n, k, cluster_limit, want", [
-    (1, 4096, 14336, 16, 8),   # 8 ticket splits would need a memset: warps split K instead
-    (1, 4096, 4096, 0, 8),     # no clusters (e.g. sm_80 code): the same
-    (8, 4096, 4096, 16, 8),    # still m_tile 1
-    (9, 4096, 14336, 16, 1),   # m_tile 2: a k-sliced x tile would leave one block per SM
-    (1, 14336, 4096, 16, 1),   # two splits reduce in a cluster, no memset to save
-    (1, 28672, 8192, 16, 1),   # no split at all
-    (1, 256, 4096, 16, 1),     # 16 N tiles: too few blocks without the cross-block split
+@pytest.mark.parametrize("m, n, k, kslice_blocks, want", [
+    (1, 4096, 14336, 2, 8),    # would be 8 ticket splits (a memset per call)
+    (1, 14336, 4096, 2, 8),    # would be a 2-block cluster
+    (1, 28672, 8192, 2, 8),    # would be unsplit, 224 blocks: a ragged second wave
+    (8, 4096, 4096, 2, 8),     # still m_tile 1
+    (1, 4096, 4096, 1, 8),     # one k-sliced block per SM (an A100's shared memory)
+    (1, 4096, 4096, 0, 1),     # a k-sliced block does not fit an SM (an L4's)
+    (9, 4096, 14336, 2, 1),    # m_tile 2: a k-sliced x tile would leave one block per SM
+    (1, 256, 4096, 2, 1),      # 16 N tiles: too few blocks without the cross-block split
+    (1, 4096, 1024, 2, 1),     # K shorter than one k-sliced unit (2048)
 ])
-def test_k_slices_replace_ticket_splits_at_decode(monkeypatch, m, n, k, cluster_limit, want):
+def test_k_slices_at_decode(monkeypatch, m, n, k, kslice_blocks, want):
   from jax_nvfp4.ops import dense
   monkeypatch.setattr(dense, "_sm_count", lambda: 132)
-  monkeypatch.setattr(dense, "_blocks_per_sm", lambda m_tile: 4)
-  monkeypatch.setattr(dense, "_cluster_limit", lambda m_tile: cluster_limit)
+  monkeypatch.setattr(dense, "k_sliced_blocks_per_sm", lambda moe=False: kslice_blocks)
   assert dense.choose_k_slices(m, n, k) == want
-  if want > 1:  # what it replaces: a split across blocks that reduce through the workspace
-    splits, m_tile = dense.choose_launch(m, n, k)
-    assert splits > 1 and not dense.use_cluster(splits, m_tile)
+
+
+@pytest.mark.parametrize("n, blocks_per_sm, want", [
+    (14336, 2, 4),   # 896 N tiles: 224 blocks <= 264 resident
+    (28672, 2, 7),   # 1792: 256 blocks
+    (4096, 2, 1),    # 256 blocks
+    (14336, 1, 7),   # one block per SM: 128 blocks
+    (4200, 2, 1),    # 263 N tiles
+    (4240, 2, 2),    # 265 N tiles: 133 blocks, the last one short
+])
+def test_k_sliced_tiles_per_block_make_one_wave(monkeypatch, n, blocks_per_sm, want):
+  from jax_nvfp4.ops import dense
+  monkeypatch.setattr(dense, "_sm_count", lambda: 132)
+  monkeypatch.setattr(dense, "k_sliced_blocks_per_sm", lambda moe=False: blocks_per_sm)
+  tpb = dense.choose_tiles_per_block(n, dense.DECODE_K_SLICES)
+  assert tpb == want
+  blocks = -(-(-(-n // 16)) // tpb)
+  assert blocks <= 132 * blocks_per_sm and (tpb == 1 or -(-n // 16) > 132 * blocks_per_sm)
+  assert dense.choose_tiles_per_block(n, 1) == 1
 
 
 def test_k_slices_launch_is_validated_at_trace_time(rng):
@@ -127,6 +144,10 @@ def test_k_slices_launch_is_validated_at_trace_time(rng):
   for bad in (dict(k_slices=4), dict(k_slices=8, splits=2), dict(k_slices=8, m_tile=2),
               dict(k_slices=8, cluster=True)):
     with pytest.raises(ValueError, match="k_slices"):
+      jax.eval_shape(lambda *a, p={**base, **bad}: dense.nvfp4_gemm_p.bind(*a, **p), *args)
+  for bad in (dict(tiles_per_block=0), dict(tiles_per_block=2, splits=2),
+              dict(tiles_per_block=2, cluster=True, splits=2), dict(tiles_per_block=1 << 16)):
+    with pytest.raises(ValueError, match="tiles_per_block"):
       jax.eval_shape(lambda *a, p={**base, **bad}: dense.nvfp4_gemm_p.bind(*a, **p), *args)
   out, ws = jax.eval_shape(lambda *a: dense.nvfp4_gemm_p.bind(*a, **base, k_slices=8), *args)
   assert out.shape == (1, 64) and ws.shape == (256,)

@@ -485,7 +485,9 @@ def test_cuda_lowering_emits_the_ffi_call(rng, monkeypatch):
   assert len(calls) == 2 and exp.out_avals[0].shape == (3, 128)
   assert len(align) == 1 and "(tensor<3x2xi32>, tensor<0xi32>) -> (tensor<40xi32>" in align[0]
   gemm1, gemm2 = calls
-  for attr in ("block_m = 8 : i64", "num_rows_out = 6 : i64", "splits = ", "has_bias = false",
+  for attr in ("block_m = 8 : i64", "num_rows_out = 6 : i64", "splits = 1 : i64",
+               "k_slices = 1 : i64", "tiles_per_block = 1 : i64", "cluster = false",
+               "has_bias = false",
                "zero_unwritten = false"):
     assert attr in gemm1 and attr in gemm2
   assert "gather_div = 2 : i64" in gemm1 and "mul_topk_weight = false" in gemm1
@@ -511,6 +513,28 @@ def test_split_k_choice_and_workspace(monkeypatch):
   s = moe_ops.choose_moe_splits(16, 4096, 14336, 8)
   assert moe_ops.moe_workspace_bytes(16, 4096, 8, s) == 256 + s * 16 * 4096 * 4  # 2x32 tickets
   assert moe_ops.moe_workspace_bytes(64, 2048, 8, 1) == 256
+
+
+@pytest.mark.parametrize("slots, n, k, block_m, blocks, want", [
+    (16, 28672, 4096, 8, 2, 8),     # Mixtral-like decode, GEMM 1: 2 token tiles
+    (16, 4096, 14336, 8, 2, 8),     # GEMM 2 (K = 7 k-sliced units)
+    (32, 4096, 14336, 8, 1, 8),     # 4 token tiles; one k-sliced block per SM
+    (16, 4096, 14336, 8, 0, 1),     # a k-sliced block does not fit an SM (an L4's)
+    (16, 4096, 14336, 16, 2, 1),    # block_m 16
+    (64, 1536, 2048, 8, 2, 1),      # Qwen3-like decode: 8 token tiles
+    (16, 4096, 7168, 8, 2, 1),      # K = 3.5 k-sliced units
+    (16, 2048, 768, 8, 2, 1),       # K shorter than a unit
+])
+def test_k_slices_at_decode_with_few_token_tiles(monkeypatch, slots, n, k, block_m, blocks,
+                                                 want):
+  monkeypatch.setattr(moe_ops.dense_ops, "k_sliced_blocks_per_sm", lambda moe=False: blocks)
+  monkeypatch.setattr(moe_ops.dense_ops, "_sm_count", lambda: 132)
+  assert moe_ops.choose_moe_k_slices(slots, n, k, block_m) == want
+  tpb = moe_ops.choose_moe_tiles_per_block(slots, n, block_m, want)
+  if want == 1:
+    assert tpb == 1
+  else:  # every token tile's blocks together make at most one wave
+    assert (slots // block_m) * -(-(-(-n // 16)) // tpb) <= 132 * blocks
 
 
 @pytest.mark.parametrize("limit", [0, 1, 2, 16])

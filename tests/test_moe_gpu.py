@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jax_nvfp4 as nf
-from jax_nvfp4.moe import capacity
+from jax_nvfp4.moe import capacity, choose_block_m
 from jax_nvfp4.ops import moe as moe_ops
 from jax_nvfp4.ops import moe_align
 from tests import numpy_moe_reference as ref
@@ -211,6 +211,8 @@ def test_cluster_split_k_bitwise_equal_to_ticket_path(rng, monkeypatch, m, h, i,
   match the global-workspace ticket path bit for bit, and the reference within tolerance."""
   if moe_ops.moe_cluster_limit(block_m) < 2:
     pytest.skip("no thread-block cluster path on this GPU (sm_90 only)")
+  # Splits across blocks only happen without k-slices (the default at block_m 8).
+  monkeypatch.setattr(moe_ops, "choose_moe_k_slices", lambda *a, **kw: 1)
   x, w13, w2 = _layer(rng, m, h, i, e)
   tw, ti = _distinct_topk(rng, m, e, k)
   p13, p2 = nf.prepare(w13), nf.prepare(w2)
@@ -225,6 +227,49 @@ def test_cluster_split_k_bitwise_equal_to_ticket_path(rng, monkeypatch, m, h, i,
   monkeypatch.setattr(moe_ops, "moe_cluster_limit", lambda *a, **kw: 0)
   tickets = np.asarray(layer()(x, p13, p2))
   np.testing.assert_array_equal(clustered, tickets)
+
+
+@pytest.mark.parametrize("m, h, i, e, k, dtype, mapped, forced", [
+    (1, 4096, 2048, 8, 2, jnp.bfloat16, False, False),   # Mixtral-like decode: the default
+    (2, 2048, 4096, 6, 2, jnp.float16, False, False),
+    (1, 7168, 1536, 16, 8, jnp.bfloat16, False, True),   # K = 112 chunks: a partial k-unit
+    (3, 6400, 1008, 16, 6, jnp.float16, False, True),    # K = 100 and 16 chunks
+    (2, 208, 48, 6, 2, jnp.bfloat16, False, True),       # N = 96 and 208, K = 4 and 1 chunks
+    (5, 2048, 768, 24, 4, jnp.bfloat16, True, True)])    # experts not local (-1 blocks)
+def test_k_sliced_decode_gemms(rng, monkeypatch, m, h, i, e, k, dtype, mapped, forced):
+  """At block_m 8 the GEMMs can split K among the 8 warps of each block (one 16-row N tile at
+  a time, several per block, slice sums added in shared memory): the default for few token
+  tiles and K a multiple of 2048, forced here for the shapes the rule leaves unsliced (the
+  kernel takes any). Checked against the float64 layer with poisoned outputs, bitwise
+  repeatable, and the unsliced launch against the same reference."""
+  x, w13, w2 = _layer(rng, m, h, i, e, dtype=dtype)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  kw = {}
+  if mapped:  # this device holds experts 0, 2, 4, ...
+    local = np.arange(0, e, 2)
+    emap = np.full(e, -1, np.int32)
+    emap[local] = np.arange(len(local))
+    w13, w2 = (jax.tree.map(lambda a: a[local], w) for w in (w13, w2))
+    kw = dict(expert_map=emap)
+  p13, p2 = nf.prepare(w13), nf.prepare(w2)
+  assert choose_block_m(m, k, e) == 8
+  slots = capacity(m * k, e, 8)
+  want = moe_ops.MOE_K_SLICES
+  if forced:
+    monkeypatch.setattr(moe_ops, "choose_moe_k_slices", lambda *a, **kw: want)
+  else:
+    assert moe_ops.choose_moe_k_slices(slots, 2 * i, h, 8) == want
+    assert moe_ops.choose_moe_k_slices(slots, h, i, 8) == want
+  layer = lambda: jax.jit(lambda *a: nf.fused_moe(*a, topk_weights=tw, topk_ids=ti,  # noqa: E731
+                                                   **kw))
+  sliced_fn = layer()
+  sliced = np.asarray(poisoned(sliced_fn, x, p13, p2, out_shape=x.shape, dtype=dtype))
+  _check(x, w13, w2, sliced, tw, ti, **kw)
+  for _ in range(2):
+    np.testing.assert_array_equal(np.asarray(sliced_fn(x, p13, p2)), sliced)
+  monkeypatch.setattr(moe_ops, "choose_moe_k_slices", lambda *a, **kw: 1)
+  unsliced = np.asarray(poisoned(layer(), x, p13, p2, out_shape=x.shape, dtype=dtype))
+  _check(x, w13, w2, unsliced, tw, ti, **kw)
 
 
 def test_kernel_matches_xla_reference_at_qwen3_prefill(rng):

@@ -89,7 +89,7 @@ def _install_opaque_gemm():
     return out.astype(x.dtype)
 
   def lowering(x, qweight, qscales, gs, bias, *, n, k, has_bias, splits, m_tile, cluster,
-               k_slices=1):
+               k_slices=1, tiles_per_block=1):
     out = jax.ShapeDtypeStruct((*x.shape[:-1], n), x.dtype)
     y = jax.pure_callback(lambda *a: host(*a, n=n, k=k, has_bias=has_bias), out, x, qweight,
                           qscales, gs, bias)

@@ -154,18 +154,49 @@ def choose_launch(m: int, n: int, k: int) -> tuple[int, int]:
 DECODE_K_SLICES = 8
 
 
+#: K is split among the warps only where each warp's slice of a k-unit holds real chunks: at
+#: K = 768 (12 of a unit's 32 chunks) the k-sliced MoE GEMM took 1.7x the unsliced one's time
+#: (NOTES_moe.md v7). A k-sliced unit is DECODE_K_SLICES * 4 k64 chunks = 2048 of K.
+K_SLICES_MIN_K = DECODE_K_SLICES * _CHUNKS_PER_UNIT * 64
+
+
+@functools.lru_cache(maxsize=None)
+def k_sliced_blocks_per_sm(moe: bool = False) -> int:
+  """Resident k-sliced blocks per SM (about 100 KB of shared memory each): 2 on an H100, 1 on
+  an A100, 0 where one does not fit an SM (e.g. an L4: no k-slices there). Where no device can
+  be asked (lowering for cuda from a host without one) an H100's 2."""
+  if not _ffi.sm_count():
+    return 2
+  query = _ffi.moe_blocks_per_sm if moe else _ffi.blocks_per_sm
+  return query(1, True, DECODE_K_SLICES)
+
+
 def choose_k_slices(m: int, n: int, k: int) -> int:
-  """1, or ``DECODE_K_SLICES`` where K would otherwise be split across blocks that reduce
-  through the global workspace (tickets, and a memset node before every call: about 4.6 us per
-  call on an H100 at 14336x4096 and M = 1, NOTES_dense.md v8) and the N tiles alone give every
-  SM a block. The launch then has one block per 16 rows of N, ``splits = 1`` and no workspace.
-  Decided for m_tile 1 (M <= 8) only: the x tile of a k-sliced block is 8x wider in shared
-  memory, which at m_tile 2 would leave one block per SM.
+  """1, or ``DECODE_K_SLICES``: at m_tile 1 (M <= 8) with at least one N tile (16 rows) per
+  SM and K >= ``K_SLICES_MIN_K``, the block's 8 warps split K among themselves instead of the
+  grid splitting K across blocks (no workspace, memset, tickets or cluster), and each block
+  streams ``choose_tiles_per_block`` consecutive N tiles, one wave of blocks in all. On an
+  H100 at M = 1 this beat the block-split launches on all four benchmark shapes (kernel_lab:
+  4096x14336 18.4 vs 20.1 us for a 2-block cluster, 8192x28672 53.1 vs 57.8, 14336x4096 16.5
+  vs 22.6 for 8 ticket splits; NOTES_dense.md v8-v9). Not at m_tile 2: the x tile of a
+  k-sliced block is 8x wider in shared memory and would leave one block per SM.
   """
-  splits, mt = choose_launch(m, n, k)
-  if mt != 1 or splits <= 1 or use_cluster(splits, mt):
+  if _m_tile(m) != 1 or k < K_SLICES_MIN_K or -(-n // 16) < _sm_count():
     return 1
-  return DECODE_K_SLICES if -(-n // 16) >= _sm_count() else 1
+  return DECODE_K_SLICES if k_sliced_blocks_per_sm() >= 1 else 1
+
+
+def choose_tiles_per_block(n: int, k_slices: int, moe: bool = False, token_tiles: int = 1) -> int:
+  """N tiles of 16 rows per block of a k-sliced launch (1 otherwise): the fewest that make the
+  grid one wave of resident blocks (``token_tiles`` blocks share each N tile), spread evenly.
+  More than one wave cost up to 25 % on an H100 (8192x28672: 7 tiles per block, 256 blocks,
+  53.1 us; 4 tiles, 448 blocks, 60.9 us; NOTES_dense.md v9)."""
+  if k_slices == 1:
+    return 1
+  n_tiles = -(-n // 16)
+  wave = _sm_count() * max(1, k_sliced_blocks_per_sm(moe))
+  per_token_tile = max(1, min(n_tiles, wave // max(1, token_tiles)))  # blocks per token tile
+  return -(-n_tiles // per_token_tile)
 
 
 def use_cluster(splits: int, m_tile: int) -> bool:
@@ -205,12 +236,16 @@ def _check_prepared(x_aval, qweight_aval, qscales_aval, gs_aval, bias_aval, n, k
 
 
 def _gemm_abstract_eval(x, qweight, qscales, global_scale, bias, *, n, k, has_bias, splits,
-                        m_tile, cluster, k_slices=1):
+                        m_tile, cluster, k_slices=1, tiles_per_block=1):
   _check_prepared(x, qweight, qscales, global_scale, bias if has_bias else None, n, k)
   if k_slices not in (1, DECODE_K_SLICES) or (
       k_slices != 1 and (m_tile != 1 or splits != 1 or cluster)):
     raise ValueError(f"nvfp4_gemm: k_slices must be 1, or {DECODE_K_SLICES} with m_tile 1, "
                      f"splits 1 and no cluster; got k_slices={k_slices}, m_tile={m_tile}, "
+                     f"splits={splits}, cluster={cluster}")
+  if not 1 <= tiles_per_block <= 65535 or (tiles_per_block > 1 and (splits != 1 or cluster)):
+    raise ValueError(f"nvfp4_gemm: tiles_per_block must be in [1, 65535], and 1 when K is "
+                     f"split across blocks; got tiles_per_block={tiles_per_block}, "
                      f"splits={splits}, cluster={cluster}")
   m = int(np.prod(x.shape[:-1]))
   return (jax.core.ShapedArray((*x.shape[:-1], n), x.dtype),
@@ -223,7 +258,7 @@ nvfp4_gemm_p.def_impl(lambda *args, **params: jax.jit(
 
 
 def _gemm_reference(x, qweight, qscales, global_scale, bias, *, n, k, has_bias, splits, m_tile,
-                    cluster, k_slices=1):
+                    cluster, k_slices=1, tiles_per_block=1):
   w = unprepare(PreparedNVFP4Weight(qweight, qscales, global_scale, n=n, k=k))
   out = reference_matmul(x, w, bias if has_bias else None)
   m = int(np.prod(x.shape[:-1]))
@@ -236,11 +271,11 @@ if "jax_nvfp4_gemm_cuda" in _ffi.REGISTERED:
   _cuda_gemm = jax.ffi.ffi_lowering("jax_nvfp4_gemm_cuda")
 
   def _gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, bias, *, n, k, has_bias,
-                          splits, m_tile, cluster, k_slices=1):
+                          splits, m_tile, cluster, k_slices=1, tiles_per_block=1):
     return _cuda_gemm(ctx, x, qweight, qscales, global_scale, bias, n=np.int64(n),
                       k=np.int64(k), splits=np.int64(splits), m_tile=np.int64(m_tile),
                       has_bias=bool(has_bias), cluster=bool(cluster),
-                      k_slices=np.int64(k_slices))
+                      k_slices=np.int64(k_slices), tiles_per_block=np.int64(tiles_per_block))
 
   mlir.register_lowering(nvfp4_gemm_p, _gemm_cuda_lowering, platform="cuda")
 
@@ -263,8 +298,8 @@ def _bind_gemm(x, qweight, qscales, global_scale, bias, *, n, k, has_bias):
     splits = 1
   out, _ = nvfp4_gemm_p.bind(x, qweight, qscales, global_scale, bias, n=n, k=k,
                              has_bias=has_bias, splits=splits, m_tile=m_tile,
-                             cluster=use_cluster(splits, m_tile),
-                             k_slices=k_slices)
+                             cluster=use_cluster(splits, m_tile), k_slices=k_slices,
+                             tiles_per_block=choose_tiles_per_block(n, k_slices))
   return out
 
 

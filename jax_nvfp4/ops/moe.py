@@ -37,8 +37,9 @@ block writes stay zero (an expert-parallel combine sums over devices), or, with
 reference writes NaN).
 
 The CUDA lowering adds launch details the contract does not show: a split-K factor and whether
-the splits reduce in a thread-block cluster (FFI attributes ``splits``, ``cluster``) and a uint8
-workspace (a second FFI result that the lowering drops).
+the splits reduce in a thread-block cluster (FFI attributes ``splits``, ``cluster``), or K split
+among the warps of each block (``k_slices``, at block_m 8), and a uint8 workspace (a second FFI
+result that the lowering drops).
 
 ``backend`` (one of ``LOWERINGS``) picks the lowering, never the semantics:
 
@@ -64,7 +65,8 @@ from jax_nvfp4.format import NVFP4Weight, check_weight, dequantize
 from jax_nvfp4.moe.activations import GPTOSS_ALPHA, apply_activation, is_gated
 from jax_nvfp4.moe.align import BLOCK_MS, Alignment, align_tokens, choose_block_m
 from jax_nvfp4.moe.routing import RoutingConfig, route
-from jax_nvfp4.ops.dense import CLUSTER_MAX_SPLITS
+from jax_nvfp4.ops import dense as dense_ops
+from jax_nvfp4.ops.dense import CLUSTER_MAX_SPLITS, DECODE_K_SLICES, K_SLICES_MIN_K
 from jax_nvfp4.ops.dequantize import reference as dequantize_blocks_reference
 from jax_nvfp4.prepare import PreparedNVFP4Weight, kernel_shapes, prepare
 
@@ -279,10 +281,11 @@ def _default_lowering(ctx, *args, backend, **params):
 mlir.register_lowering(nvfp4_moe_gemm_p, _default_lowering)
 
 # The CUDA handler (csrc/nvfp4_moe_gemm.cu) takes more than the contract: a split-K factor
-# ``splits`` and ``cluster`` (attributes: whether the splits reduce in a thread-block cluster)
-# and a uint8 workspace (second result: split-K tickets and fp32 partials when they do not).
-# All are launch details chosen here at lowering time from the static shapes; the
-# primitive keeps its single result.
+# ``splits`` and ``cluster`` (attributes: whether the splits reduce in a thread-block cluster),
+# ``k_slices`` (K split among a block's warps) and a uint8 workspace (second result: split-K
+# tickets and fp32 partials when the splits do not reduce in a cluster). All are launch
+# details chosen here at lowering time from the static shapes; the primitive keeps its single
+# result.
 
 _WARPS_PER_BLOCK = 8  # csrc kWarps: one block covers 8 * 16 = 128 rows of N
 
@@ -314,6 +317,39 @@ def choose_moe_splits(num_slots: int, n: int, k: int, block_m: int, bf16: bool =
   splits = resident // (n_blocks * tiles)
   return int(max(1, min(splits, k64 // MIN_CHUNKS_PER_SPLIT,
                         -(-k64 // _CHUNKS_PER_UNIT), 64)))
+
+
+#: K-slices of the grouped GEMM at block_m 8: the dense kernel's decode value (one kernel).
+MOE_K_SLICES = DECODE_K_SLICES
+
+
+#: The k-sliced grid is sized from the static token-tile count (``capacity``), which counts
+#: every tile that could hold a row; with more tiles than this it over-counts the real ones and
+#: the grid falls short of a wave (NOTES_moe.md v7).
+MOE_K_SLICES_MAX_TOKEN_TILES = 4
+
+
+def choose_moe_k_slices(num_slots: int, n: int, k: int, block_m: int) -> int:
+  """1, or ``MOE_K_SLICES``: K split among the 8 warps of each block, one 16-row N tile of one
+  token tile at a time, ``choose_moe_tiles_per_block`` N tiles per block. Chosen at block_m 8
+  for at most ``MOE_K_SLICES_MAX_TOKEN_TILES`` token tiles (decode with top_k <= 4: the
+  unsliced grid has few blocks, needs split K or leaves a ragged second wave) and K a whole
+  number of k-sliced units (2048). Measured per GEMM on an H100 (NOTES_moe.md v7): Mixtral-like
+  at T = 1 (2 tiles) 69.7 -> 58.8 and 31.3 -> 29.4 us; a loss at 8 tiles with K = 7168 (3.5
+  units: 54.4 -> 62.3), at K = 768 (6.9 -> 11.8) and at T = 16 (11 to 128 static tiles)."""
+  tiles = num_slots // block_m
+  if (block_m != 8 or k % K_SLICES_MIN_K != 0 or tiles > MOE_K_SLICES_MAX_TOKEN_TILES
+      or dense_ops.k_sliced_blocks_per_sm(moe=True) < 1):
+    return 1
+  del n  # every N: each token tile's N is spread over a wave of blocks
+  return MOE_K_SLICES
+
+
+def choose_moe_tiles_per_block(num_slots: int, n: int, block_m: int, k_slices: int) -> int:
+  """N tiles of 16 rows per block of a k-sliced launch: as the dense kernel's
+  ``choose_tiles_per_block``, with every token tile's blocks in the wave."""
+  return dense_ops.choose_tiles_per_block(n, k_slices, moe=True,
+                                          token_tiles=max(1, num_slots // block_m))
 
 
 def use_moe_cluster(splits: int, block_m: int, bf16: bool = True) -> bool:
@@ -352,7 +388,9 @@ def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, 
     raise ValueError(_kernel_missing())
   x_aval, slots = ctx.avals_in[0], ctx.avals_in[4].shape[0]
   bf16 = np.dtype(x_aval.dtype) == np.dtype(jnp.bfloat16)
-  splits = choose_moe_splits(slots, n, k, block_m, bf16)
+  k_slices = choose_moe_k_slices(slots, n, k, block_m)
+  tiles_per_block = choose_moe_tiles_per_block(slots, n, block_m, k_slices)
+  splits = 1 if k_slices > 1 else choose_moe_splits(slots, n, k, block_m, bf16)
   cluster = use_moe_cluster(splits, block_m, bf16)
   ws = jax.core.ShapedArray((moe_workspace_bytes(slots, n, block_m, splits, cluster),),
                             jnp.uint8)
@@ -361,7 +399,8 @@ def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, 
       sorted_ids, block_expert, num_padded, topk_weights, bias, n=np.int64(n), k=np.int64(k),
       gather_div=np.int64(gather_div), num_rows_out=np.int64(num_rows_out),
       block_m=np.int64(block_m), splits=np.int64(splits), mul_topk_weight=bool(mul_topk_weight),
-      has_bias=bool(has_bias), cluster=bool(cluster), zero_unwritten=bool(zero_unwritten))
+      has_bias=bool(has_bias), cluster=bool(cluster), zero_unwritten=bool(zero_unwritten),
+      k_slices=np.int64(k_slices), tiles_per_block=np.int64(tiles_per_block))
   return [results[0]]
 
 
