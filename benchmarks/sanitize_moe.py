@@ -4,10 +4,18 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_nvfp4 as nf
+from jax_nvfp4.ops import moe as moe_ops
 
 rng = np.random.default_rng(0)
-# (tokens, hidden, intermediate, experts, top_k): sizes off the tile, T = 1, empty experts.
-for m, h, i, e, k in [(1, 256, 176, 5, 2), (37, 128, 48, 12, 3), (130, 192, 96, 4, 2)]:
+choose = moe_ops.choose_moe_k_slices
+
+# (tokens, hidden, intermediate, experts, top_k, k-slices forced): sizes off the tile, T = 1,
+# empty experts; (1, 2048, 2048, 8, 2) takes the k-sliced decode launch by default, and the
+# last case forces it on sizes off its unit (N = 96 and 208, K = 4 and 1 chunks).
+for m, h, i, e, k, forced in [(1, 256, 176, 5, 2, False), (37, 128, 48, 12, 3, False),
+                              (130, 192, 96, 4, 2, False), (1, 2048, 2048, 8, 2, False),
+                              (2, 208, 48, 6, 2, True)]:
+  moe_ops.choose_moe_k_slices = (lambda *a, **kw: moe_ops.MOE_K_SLICES) if forced else choose
   for dtype in (jnp.bfloat16, jnp.float16):
     w13 = nf.prepare(nf.quantize(jnp.asarray(rng.standard_normal((e, 2 * i, h)) * 0.1, jnp.float32)))
     w2 = nf.prepare(nf.quantize(jnp.asarray(rng.standard_normal((e, h, i)) * 0.1, jnp.float32)))
@@ -22,6 +30,7 @@ for m, h, i, e, k in [(1, 256, 176, 5, 2), (37, 128, 48, 12, 3), (130, 192, 96, 
                 jnp.linalg.norm(ref.astype(jnp.float32)))
     print(m, h, i, e, k, dtype.__name__, f"rel {err:.2e}")
     assert np.isfinite(np.asarray(out, np.float32)).all() and err < 2e-2
+moe_ops.choose_moe_k_slices = choose
 # The one-launch alignment: runs longer than a 1024-pair chunk, 1024 experts with 1024 threads
 # (72 KB of shared memory, past the 48 KB default), an expert map, ids out of range.
 for m, e, k, bm, mapped in [(3000, 2, 1, 64, False), (200, 1024, 6, 32, True),

@@ -49,8 +49,8 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32>
   if (m_tile != 1 && m_tile != 2 && m_tile != 4 && m_tile != 8) return invalid("bad m_tile");
   if (k_slices != 1 && k_slices != kDecodeKSlices)
     return invalid("k_slices must be 1 or " + std::to_string(kDecodeKSlices));
-  if (k_slices != 1 && (m_tile != 1 || splits != 1 || cluster))
-    return invalid("k_slices > 1 needs m_tile 1, splits 1 and no cluster");
+  if (k_slices != 1 && (m_tile > 2 || splits != 1 || cluster))
+    return invalid("k_slices > 1 needs m_tile 1 or 2, splits 1 and no cluster");
   if (tiles_per_block < 1 || tiles_per_block > 65535 ||
       (tiles_per_block > 1 && (splits != 1 || cluster)))
     return invalid("tiles_per_block must be in [1, 65535], and 1 when K is split across blocks");

@@ -445,9 +445,9 @@ cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stre
   return cudaLaunchKernelEx(&cfg, nvfp4_kernel<T, MT, kMoe, KS>, p);
 }
 
-// k_slices = kDecodeKSlices exists at m_tile 1 (decode), for the dense and the grouped kernel:
-// one N tile per block, K split over its 8 warps (ops/dense.py choose_k_slices and
-// ops/moe.py choose_moe_k_slices say when).
+// k_slices = kDecodeKSlices exists at m_tile 1 (decode) for the dense and the grouped kernel,
+// and at m_tile 2 for the dense one: one N tile at a time per block, K split over its 8 warps
+// (ops/dense.py choose_k_slices and ops/moe.py choose_moe_k_slices say when).
 constexpr int kDecodeKSlices = 8;
 
 template <bool kMoe>
@@ -456,6 +456,11 @@ cudaError_t launch(const GemmParams &p, bool bf16, int mt, int token_tiles, cuda
   if (k_slices == kDecodeKSlices && mt == 1)
     return bf16 ? launch_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices>(p, token_tiles, stream)
                 : launch_typed<__half, 1, kMoe, kDecodeKSlices>(p, token_tiles, stream);
+  if constexpr (!kMoe) {  // m_tile 2 k-slices: dense only (the grouped GEMM's rule never asks)
+    if (k_slices == kDecodeKSlices && mt == 2)
+      return bf16 ? launch_typed<__nv_bfloat16, 2, kMoe, kDecodeKSlices>(p, token_tiles, stream)
+                  : launch_typed<__half, 2, kMoe, kDecodeKSlices>(p, token_tiles, stream);
+  }
   if (k_slices != 1) return cudaErrorInvalidConfiguration;
 #define JAX_NVFP4_LAUNCH(MT_)                                                         \
   return bf16 ? launch_typed<__nv_bfloat16, MT_, kMoe, 1>(p, token_tiles, stream)     \
@@ -503,6 +508,11 @@ int blocks_per_sm(int mt, bool bf16, int k_slices = 1) {
   if (k_slices == kDecodeKSlices && mt == 1)
     return bf16 ? blocks_per_sm_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices>()
                 : blocks_per_sm_typed<__half, 1, kMoe, kDecodeKSlices>();
+  if constexpr (!kMoe) {
+    if (k_slices == kDecodeKSlices && mt == 2)
+      return bf16 ? blocks_per_sm_typed<__nv_bfloat16, 2, kMoe, kDecodeKSlices>()
+                  : blocks_per_sm_typed<__half, 2, kMoe, kDecodeKSlices>();
+  }
   if (k_slices != 1) return 0;
 #define JAX_NVFP4_OCC(MT_)                                                    \
   return bf16 ? blocks_per_sm_typed<__nv_bfloat16, MT_, kMoe, 1>()            \

@@ -44,14 +44,15 @@
 // second one bytes 1 and 3; the HMUL2 that applies the scale reads the half it needs.
 //
 // Pipeline. A block is 8 warps; warp w owns N tile (16 rows) blockIdx.x * 8 + w (with k-slices,
-// KS > 1: N tile blockIdx.x * 8/KS + w % (8/KS), and the KS warps of a tile take the KS
-// consecutive 4-chunk pieces of each unit; see TileConfig), and the block
-// owns 8 * MT token rows and a range of k128 units (two k64 chunks; split K over gridDim.y).
-// Each unit is one stage of a kStages-deep cp.async ring in shared memory: 8 x 2 x 512 B of
-// weights (two 16-byte copies per thread, L2 evict-first: streamed once), 8 x 128 B of block
-// scales, and the x tile (8*MT rows x 256 B, L2-cached: every block re-reads it). The loads of
-// unit u + kStages - 1 are issued before unit u is computed, so up to kStages - 1 units per
-// block are in flight without holding registers. Two chunks per stage halve the per-stage cost
+// KS > 1: N tile w % (8/KS) of the block's current N block, and the KS warps of a tile take the
+// KS consecutive pieces of kChunksPerSlice chunks of each unit; see TileConfig), and the block
+// owns 8 * MT token rows and a range of units of kChunksPerUnit k64 chunks (split K over
+// gridDim.y, or several N blocks in a row). Each unit is one stage of a kStages-deep cp.async
+// ring in shared memory: 8 warps x kChunksPerSlice x 512 B of weights (16-byte copies, L2
+// evict-first where the compiler allows it: streamed once), their block scales, and the x tile
+// (8*MT rows x kChunksPerUnit * 128 B, L2-cached: every block re-reads it). The loads of unit
+// u + kStages - 1 are issued before unit u is computed, so up to kStages - 1 units per block are
+// in flight without holding registers. Several chunks per stage cut the per-stage cost
 // (barrier, wait, address updates, copy issue) per weight byte; ncu showed that overhead to be a
 // third of the instructions with one chunk per stage. A chunk past K64 (odd K64) and x columns
 // past K are zero-filled by the copy itself (src-size 0); weight padding is code 0 with scale 1,
@@ -82,8 +83,14 @@ constexpr int kThreads = kWarps * 32;
 #ifndef JAX_NVFP4_DECODE_STAGES
 #define JAX_NVFP4_DECODE_STAGES 2
 #endif
+// k64 chunks of one warp's slice of a k-sliced unit, at m_tile 1 and 2: the x tile of a
+// k-sliced block is 8x wider than the unsliced one's, so m_tile 2 takes half the chunks to keep
+// two blocks per SM (kernel_lab: 2 beat 4 and 1 at M = 16; 4 beat 2 and 1 at M = 1).
 #ifndef JAX_NVFP4_KSLICE_CHUNKS
 #define JAX_NVFP4_KSLICE_CHUNKS 4
+#endif
+#ifndef JAX_NVFP4_KSLICE_CHUNKS_MT2
+#define JAX_NVFP4_KSLICE_CHUNKS_MT2 2
 #endif
 constexpr int kChunksPerStage = JAX_NVFP4_CHUNKS_PER_STAGE;  // k64 chunks per stage ("unit")
 
@@ -95,7 +102,8 @@ struct TileConfig {
   static_assert(KS == 1 || KS == 2 || KS == 4 || KS == 8, "k-slices must divide the 8 warps");
   static constexpr int kTilesPerBlock = kWarps / KS;
   // k64 chunks of one warp's slice of a unit, and of the whole unit.
-  static constexpr int kChunksPerSlice = KS == 1 ? kChunksPerStage : JAX_NVFP4_KSLICE_CHUNKS;
+  static constexpr int kChunksPerSlice =
+      KS == 1 ? kChunksPerStage : MT == 1 ? JAX_NVFP4_KSLICE_CHUNKS : JAX_NVFP4_KSLICE_CHUNKS_MT2;
   static constexpr int kChunksPerUnit = KS * kChunksPerSlice;
   // Deeper rings where a stage is small (decode): more bytes in flight per SM.
   static constexpr int kStages = MT <= 2 ? JAX_NVFP4_DECODE_STAGES : 3;
@@ -243,10 +251,11 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
 
 // The main loop of one block. Work is a line of units u = tile * units_per_tile + kunit, where
 // tile is an N block (8 / KS N tiles of 16 rows; warp w's N tile is tile * (8 / KS) + w % (8 / KS))
-// and kunit a k-unit of KS * kChunksPerStage k64 chunks (slice w / (8 / KS) takes the
-// kChunksPerStage chunks at offset slice * kChunksPerStage). With KS > 1 the slices' sums are
-// added in slice order (deterministic) into the warps of slice 0 before the epilogue. The block runs units [u_begin, u_end), which may cross tiles (the
-// dense kernel's stream-K schedule); the pipeline runs on across a tile boundary. After the last
+// and kunit a k-unit of kChunksPerUnit = KS * kChunksPerSlice k64 chunks (slice w / (8 / KS)
+// takes the kChunksPerSlice chunks at offset slice * kChunksPerSlice). With KS > 1 the slices'
+// sums are added in slice order (deterministic) into the warps of slice 0 before the
+// epilogue. The block runs units [u_begin, u_end), which may cross tiles (several N tiles per
+// block); the pipeline runs on across a tile boundary. After the last
 // unit of each tile in its range it calls epilogue(tile, acc) (all threads, uniformly; it may
 // synchronise the block) and clears the accumulators.
 //   qweight: [N16][K64][32] uint4;  qscales: [N16][K64][4] uint4 (one expert's)

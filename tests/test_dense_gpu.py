@@ -228,19 +228,22 @@ def test_dependent_chain_reads_each_input_complete(rng):
 @pytest.mark.parametrize("m, n, k, tiles_per_block", [
     (1, 4096, 14336, 1), (7, 1000, 4160, 1), (3, 2056, 1088, 1), (1, 136, 16384, 1),
     (5, 520, 80, 1), (8, 24, 2064, 1),
-    (1, 4096, 4096, 4), (2, 1000, 4160, 3), (6, 520, 80, 5), (1, 8200, 2048, 7)])
+    (1, 4096, 4096, 4), (2, 1000, 4160, 3), (6, 520, 80, 5), (1, 8200, 2048, 7),
+    (16, 4096, 14336, 1), (9, 1000, 4160, 1), (13, 520, 80, 3), (16, 2056, 1088, 2)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_k_sliced_launch_matches_reference(rng, m, n, k, tiles_per_block, dtype):
   """The launch whose 8 warps split K inside the block (one N tile at a time, tiles_per_block
-  of them in a row, the last block short when they do not divide the N tiles) against
-  float64: N not a multiple of the tile, K ranges that leave slices empty (K = 80: 2 of 8
-  slices have a chunk) or end mid-unit, with bias; bitwise repeatable."""
+  of them in a row, the last block short when they do not divide the N tiles), at m_tile 1
+  (M <= 8) and 2 (M <= 16, slices of 2 chunks), against float64: N not a multiple of the tile,
+  K ranges that leave slices empty (K = 80: 2 of 8 slices have a chunk) or end mid-unit, with
+  bias; bitwise repeatable."""
   w = random_weight(rng, n, k)
   p = nf.prepare(w)
   x = jnp.asarray(rng.standard_normal((m, k)), dtype)
   bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
   f = jax.jit(lambda xx, q, s, g, bb: dense.nvfp4_gemm_p.bind(
-      xx, q, s, g, bb, n=p.n, k=p.k, has_bias=True, splits=1, m_tile=1, cluster=False,
+      xx, q, s, g, bb, n=p.n, k=p.k, has_bias=True, splits=1, m_tile=1 if m <= 8 else 2,
+      cluster=False,
       k_slices=dense.DECODE_K_SLICES, tiles_per_block=tiles_per_block)[0])
   args = (x, p.qweight, p.qscales, p.global_scale, bias)
   got = np.asarray(poisoned_call(f, *args, out_shape=(m, n), dtype=dtype), np.float64)
@@ -251,10 +254,10 @@ def test_k_sliced_launch_matches_reference(rng, m, n, k, tiles_per_block, dtype)
   np.testing.assert_array_equal(np.asarray(f(*args), np.float64), got)
 
 
-@pytest.mark.parametrize("n, k", [(4096, 14336), (14336, 4096)])
-def test_default_decode_launch_uses_k_slices_without_workspace(n, k):
-  assert dense.choose_k_slices(1, n, k) == dense.DECODE_K_SLICES
-  x = jax.ShapeDtypeStruct((1, k), jnp.bfloat16)
+@pytest.mark.parametrize("m, n, k", [(1, 4096, 14336), (1, 14336, 4096), (16, 4096, 14336)])
+def test_default_decode_launch_uses_k_slices_without_workspace(m, n, k):
+  assert dense.choose_k_slices(m, n, k) == dense.DECODE_K_SLICES
+  x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
   p = jax.eval_shape(nf.prepare, jax.eval_shape(lambda: nf.quantize(jnp.zeros((n, k)))))
   compiled = jax.jit(nf.nvfp4_matmul).lower(x, p).compile()
   assert "jax_nvfp4_gemm_cuda" in compiled.as_text()

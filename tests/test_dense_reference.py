@@ -98,22 +98,34 @@ def test_bad_inputs_raise_clear_errors(rng):
 
 # ----------------------------------------------------------------------------- launch choice
 
-@pytest.mark.parametrize("m, n, k, kslice_blocks, want", [
-    (1, 4096, 14336, 2, 8),    # would be 8 ticket splits (a memset per call)
-    (1, 14336, 4096, 2, 8),    # would be a 2-block cluster
-    (1, 28672, 8192, 2, 8),    # would be unsplit, 224 blocks: a ragged second wave
-    (8, 4096, 4096, 2, 8),     # still m_tile 1
-    (1, 4096, 4096, 1, 8),     # one k-sliced block per SM (an A100's shared memory)
-    (1, 4096, 4096, 0, 1),     # a k-sliced block does not fit an SM (an L4's)
-    (9, 4096, 14336, 2, 1),    # m_tile 2: a k-sliced x tile would leave one block per SM
-    (1, 256, 4096, 2, 1),      # 16 N tiles: too few blocks without the cross-block split
-    (1, 4096, 1024, 2, 1),     # K shorter than one k-sliced unit (2048)
+@pytest.mark.parametrize("m, n, k, kslice_blocks, cluster_limit, want", [
+    (1, 4096, 14336, 2, 16, 8),    # would be 8 ticket splits (a memset per call)
+    (1, 14336, 4096, 2, 16, 8),    # would be a 2-block cluster
+    (1, 28672, 8192, 2, 16, 8),    # would be unsplit, 224 blocks: a ragged second wave
+    (8, 4096, 4096, 2, 16, 8),     # still m_tile 1
+    (1, 4096, 4096, 1, 16, 8),     # one k-sliced block per SM (an A100's shared memory)
+    (1, 4096, 4096, 0, 16, 1),     # a k-sliced block does not fit an SM (an L4's)
+    (1, 256, 4096, 2, 16, 1),      # 16 N tiles: too few blocks without the cross-block split
+    (1, 4096, 1024, 2, 16, 1),     # K shorter than one k-sliced unit (2048 at m_tile 1)
+    (16, 4096, 14336, 2, 16, 8),   # m_tile 2: instead of 8 ticket splits
+    (9, 4096, 1024, 2, 16, 8),     # a unit is 1024 at m_tile 2
+    (16, 4096, 512, 2, 16, 1),
+    (16, 14336, 4096, 2, 16, 1),   # m_tile 2: a 2-block cluster stays
+    (16, 14336, 4096, 2, 0, 8),    # ... unless the splits would reduce through tickets
+    (16, 28672, 8192, 2, 16, 1),   # m_tile 2 unsplit stays
+    (17, 4096, 14336, 2, 16, 1),   # m_tile 4: never
 ])
-def test_k_slices_at_decode(monkeypatch, m, n, k, kslice_blocks, want):
+def test_k_slices_at_decode(monkeypatch, m, n, k, kslice_blocks, cluster_limit, want):
   from jax_nvfp4.ops import dense
   monkeypatch.setattr(dense, "_sm_count", lambda: 132)
-  monkeypatch.setattr(dense, "k_sliced_blocks_per_sm", lambda moe=False: kslice_blocks)
+  monkeypatch.setattr(dense, "_blocks_per_sm", lambda m_tile: 4)
+  monkeypatch.setattr(dense, "_cluster_limit", lambda m_tile: cluster_limit)
+  monkeypatch.setattr(dense, "k_sliced_blocks_per_sm",
+                      lambda moe=False, m_tile=1: kslice_blocks)
   assert dense.choose_k_slices(m, n, k) == want
+  if want > 1 and m > 8:  # what it replaces at m_tile 2: splits reduced through tickets
+    splits, m_tile = dense.choose_launch(m, n, k)
+    assert splits > 1 and not dense.use_cluster(splits, m_tile)
 
 
 @pytest.mark.parametrize("n, blocks_per_sm, want", [
@@ -127,7 +139,8 @@ def test_k_slices_at_decode(monkeypatch, m, n, k, kslice_blocks, want):
 def test_k_sliced_tiles_per_block_make_one_wave(monkeypatch, n, blocks_per_sm, want):
   from jax_nvfp4.ops import dense
   monkeypatch.setattr(dense, "_sm_count", lambda: 132)
-  monkeypatch.setattr(dense, "k_sliced_blocks_per_sm", lambda moe=False: blocks_per_sm)
+  monkeypatch.setattr(dense, "k_sliced_blocks_per_sm",
+                      lambda moe=False, m_tile=1: blocks_per_sm)
   tpb = dense.choose_tiles_per_block(n, dense.DECODE_K_SLICES)
   assert tpb == want
   blocks = -(-(-(-n // 16)) // tpb)
@@ -141,7 +154,7 @@ def test_k_slices_launch_is_validated_at_trace_time(rng):
   x = jnp.zeros((1, 128), jnp.bfloat16)
   args = (x, w.qweight, w.qscales, w.global_scale, jnp.zeros((1,), jnp.float32))
   base = dict(n=64, k=128, has_bias=False, splits=1, m_tile=1, cluster=False)
-  for bad in (dict(k_slices=4), dict(k_slices=8, splits=2), dict(k_slices=8, m_tile=2),
+  for bad in (dict(k_slices=4), dict(k_slices=8, splits=2), dict(k_slices=8, m_tile=4),
               dict(k_slices=8, cluster=True)):
     with pytest.raises(ValueError, match="k_slices"):
       jax.eval_shape(lambda *a, p={**base, **bad}: dense.nvfp4_gemm_p.bind(*a, **p), *args)

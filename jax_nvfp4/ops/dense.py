@@ -154,39 +154,55 @@ def choose_launch(m: int, n: int, k: int) -> tuple[int, int]:
 DECODE_K_SLICES = 8
 
 
-#: K is split among the warps only where each warp's slice of a k-unit holds real chunks: at
-#: K = 768 (12 of a unit's 32 chunks) the k-sliced MoE GEMM took 1.7x the unsliced one's time
-#: (NOTES_moe.md v7). A k-sliced unit is DECODE_K_SLICES * 4 k64 chunks = 2048 of K.
-K_SLICES_MIN_K = DECODE_K_SLICES * _CHUNKS_PER_UNIT * 64
+def k_sliced_unit_k(m_tile: int) -> int:
+  """K covered by one k-sliced unit: 8 slices of 4 k64 chunks at m_tile 1, of 2 at m_tile 2
+  (csrc/nvfp4_tile.cuh kChunksPerSlice: half the x tile, two blocks per SM)."""
+  return DECODE_K_SLICES * (_CHUNKS_PER_UNIT if m_tile == 1 else _CHUNKS_PER_UNIT // 2) * 64
+
+
+#: K is split among the warps only where it fills at least one k-sliced unit: at K = 768 (12
+#: of a unit's 32 chunks) the k-sliced MoE GEMM took 1.7x the unsliced one's time
+#: (NOTES_moe.md v7).
+K_SLICES_MIN_K = k_sliced_unit_k(1)
 
 
 @functools.lru_cache(maxsize=None)
-def k_sliced_blocks_per_sm(moe: bool = False) -> int:
-  """Resident k-sliced blocks per SM (about 100 KB of shared memory each): 2 on an H100, 1 on
-  an A100, 0 where one does not fit an SM (e.g. an L4: no k-slices there). Where no device can
-  be asked (lowering for cuda from a host without one) an H100's 2."""
+def k_sliced_blocks_per_sm(moe: bool = False, m_tile: int = 1) -> int:
+  """Resident k-sliced blocks per SM (about 100 KB of shared memory at m_tile 1, 90 KB at 2):
+  2 on an H100, 1 on an A100, 0 where one does not fit an SM (e.g. an L4: no k-slices there).
+  Where no device can be asked (lowering for cuda from a host without one) an H100's 2."""
   if not _ffi.sm_count():
     return 2
   query = _ffi.moe_blocks_per_sm if moe else _ffi.blocks_per_sm
-  return query(1, True, DECODE_K_SLICES)
+  return query(m_tile, True, DECODE_K_SLICES)
 
 
 def choose_k_slices(m: int, n: int, k: int) -> int:
-  """1, or ``DECODE_K_SLICES``: at m_tile 1 (M <= 8) with at least one N tile (16 rows) per
-  SM and K >= ``K_SLICES_MIN_K``, the block's 8 warps split K among themselves instead of the
-  grid splitting K across blocks (no workspace, memset, tickets or cluster), and each block
-  streams ``choose_tiles_per_block`` consecutive N tiles, one wave of blocks in all. On an
-  H100 at M = 1 this beat the block-split launches on all four benchmark shapes (kernel_lab:
-  4096x14336 18.4 vs 20.1 us for a 2-block cluster, 8192x28672 53.1 vs 57.8, 14336x4096 16.5
-  vs 22.6 for 8 ticket splits; NOTES_dense.md v8-v9). Not at m_tile 2: the x tile of a
-  k-sliced block is 8x wider in shared memory and would leave one block per SM.
+  """1, or ``DECODE_K_SLICES``: the block's 8 warps split K among themselves instead of the grid
+  splitting K across blocks (no workspace, memset, tickets or cluster), and each block streams
+  ``choose_tiles_per_block`` consecutive N tiles of 16 rows, one wave of blocks in all. Needs
+  at least one N tile per SM and K of at least one k-sliced unit (``k_sliced_unit_k``).
+
+  * m_tile 1 (M <= 8): always. On an H100 at M = 1 this beat the block-split launches on all
+    four benchmark shapes (kernel_lab: 4096x14336 18.4 vs 20.1 us for a 2-block cluster,
+    8192x28672 53.1 vs 57.8 unsplit, 14336x4096 16.5 vs 22.6 for 8 ticket splits;
+    NOTES_dense.md v8-v9).
+  * m_tile 2 (M <= 16): where the unsliced launch would reduce its K splits through the
+    workspace (tickets and a memset per call): 14336x4096 25.0 vs 30.6 us, 4096x4096 9.3 vs
+    19.4; where it runs unsplit or in a cluster, k-slices lost (8192x28672 93 vs 69 us).
   """
-  if _m_tile(m) != 1 or k < K_SLICES_MIN_K or -(-n // 16) < _sm_count():
+  mt = _m_tile(m)
+  if mt > 2 or k < k_sliced_unit_k(mt) or -(-n // 16) < _sm_count():
     return 1
-  return DECODE_K_SLICES if k_sliced_blocks_per_sm() >= 1 else 1
+  if mt == 2:
+    splits, _ = choose_launch(m, n, k)
+    if splits <= 1 or use_cluster(splits, mt):
+      return 1
+  return DECODE_K_SLICES if k_sliced_blocks_per_sm(m_tile=mt) >= 1 else 1
 
 
-def choose_tiles_per_block(n: int, k_slices: int, moe: bool = False, token_tiles: int = 1) -> int:
+def choose_tiles_per_block(n: int, k_slices: int, moe: bool = False, token_tiles: int = 1,
+                           m_tile: int = 1) -> int:
   """N tiles of 16 rows per block of a k-sliced launch (1 otherwise): the fewest that make the
   grid one wave of resident blocks (``token_tiles`` blocks share each N tile), spread evenly.
   More than one wave cost up to 25 % on an H100 (8192x28672: 7 tiles per block, 256 blocks,
@@ -194,7 +210,7 @@ def choose_tiles_per_block(n: int, k_slices: int, moe: bool = False, token_tiles
   if k_slices == 1:
     return 1
   n_tiles = -(-n // 16)
-  wave = _sm_count() * max(1, k_sliced_blocks_per_sm(moe))
+  wave = _sm_count() * max(1, k_sliced_blocks_per_sm(moe, m_tile))
   per_token_tile = max(1, min(n_tiles, wave // max(1, token_tiles)))  # blocks per token tile
   return -(-n_tiles // per_token_tile)
 
@@ -239,9 +255,9 @@ def _gemm_abstract_eval(x, qweight, qscales, global_scale, bias, *, n, k, has_bi
                         m_tile, cluster, k_slices=1, tiles_per_block=1):
   _check_prepared(x, qweight, qscales, global_scale, bias if has_bias else None, n, k)
   if k_slices not in (1, DECODE_K_SLICES) or (
-      k_slices != 1 and (m_tile != 1 or splits != 1 or cluster)):
-    raise ValueError(f"nvfp4_gemm: k_slices must be 1, or {DECODE_K_SLICES} with m_tile 1, "
-                     f"splits 1 and no cluster; got k_slices={k_slices}, m_tile={m_tile}, "
+      k_slices != 1 and (m_tile > 2 or splits != 1 or cluster)):
+    raise ValueError(f"nvfp4_gemm: k_slices must be 1, or {DECODE_K_SLICES} with m_tile 1 or "
+                     f"2, splits 1 and no cluster; got k_slices={k_slices}, m_tile={m_tile}, "
                      f"splits={splits}, cluster={cluster}")
   if not 1 <= tiles_per_block <= 65535 or (tiles_per_block > 1 and (splits != 1 or cluster)):
     raise ValueError(f"nvfp4_gemm: tiles_per_block must be in [1, 65535], and 1 when K is "
@@ -299,7 +315,8 @@ def _bind_gemm(x, qweight, qscales, global_scale, bias, *, n, k, has_bias):
   out, _ = nvfp4_gemm_p.bind(x, qweight, qscales, global_scale, bias, n=n, k=k,
                              has_bias=has_bias, splits=splits, m_tile=m_tile,
                              cluster=use_cluster(splits, m_tile), k_slices=k_slices,
-                             tiles_per_block=choose_tiles_per_block(n, k_slices))
+                             tiles_per_block=choose_tiles_per_block(n, k_slices,
+                                                                    m_tile=m_tile))
   return out
 
 

@@ -339,7 +339,7 @@ def choose_moe_k_slices(num_slots: int, n: int, k: int, block_m: int) -> int:
   units: 54.4 -> 62.3), at K = 768 (6.9 -> 11.8) and at T = 16 (11 to 128 static tiles)."""
   tiles = num_slots // block_m
   if (block_m != 8 or k % K_SLICES_MIN_K != 0 or tiles > MOE_K_SLICES_MAX_TOKEN_TILES
-      or dense_ops.k_sliced_blocks_per_sm(moe=True) < 1):
+      or dense_ops.k_sliced_blocks_per_sm(moe=True, m_tile=1) < 1):
     return 1
   del n  # every N: each token tile's N is spread over a wave of blocks
   return MOE_K_SLICES
