@@ -187,14 +187,9 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const 
   const T *xsrc[Cfg::kXPerThread];
 #pragma unroll
   for (int i = 0; i < Cfg::kXPerThread; ++i) {
-    xsrc[i] = nullptr;
-    {
-      const int row = piece_row[i];
-      if (row >= 0) {
-        const int xrow = kMoe ? row / p.gather_div : row;
-        xsrc[i] = static_cast<const T *>(p.x) + static_cast<int64_t>(xrow) * p.k;
-      }
-    }
+    const int row = piece_row[i];
+    const int xrow = kMoe ? row / p.gather_div : row;
+    xsrc[i] = row >= 0 ? static_cast<const T *>(p.x) + static_cast<int64_t>(xrow) * p.k : nullptr;
   }
 
   const float gscale = __ldg(p.global_scale + expert) * Tr::kUnbias;
