@@ -184,9 +184,9 @@ def choose_k_slices(m: int, n: int, k: int) -> int:
   at least one N tile per SM and K of at least one k-sliced unit (``k_sliced_unit_k``).
 
   * m_tile 1 (M <= 8): always. On an H100 at M = 1 this beat the block-split launches on all
-    four benchmark shapes (kernel_lab: 4096x14336 18.4 vs 20.1 us for a 2-block cluster,
-    8192x28672 53.1 vs 57.8 unsplit, 14336x4096 16.5 vs 22.6 for 8 ticket splits;
-    NOTES_dense.md v8-v9).
+    four benchmark shapes (kernel_lab: 4096x14336 18.4 vs 20.1 us and 8192x28672 53.1 vs
+    57.8 for a 2-block cluster, 14336x4096 16.5 vs 22.6 for 8 ticket splits; in the benchmark
+    8192x28672 went from 55.7 us unsplit to 53.4; NOTES_dense.md v8-v9).
   * m_tile 2 (M <= 16): where the unsliced launch would reduce its K splits through the
     workspace (tickets and a memset per call): 14336x4096 25.0 vs 30.6 us, 4096x4096 9.3 vs
     19.4; where it runs unsplit or in a cluster, k-slices lost (8192x28672 93 vs 69 us).

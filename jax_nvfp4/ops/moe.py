@@ -38,8 +38,9 @@ reference writes NaN).
 
 The CUDA lowering adds launch details the contract does not show: a split-K factor and whether
 the splits reduce in a thread-block cluster (FFI attributes ``splits``, ``cluster``), or K split
-among the warps of each block (``k_slices``, at block_m 8), and a uint8 workspace (a second FFI
-result that the lowering drops).
+among the warps of each block with several N tiles per block (``k_slices``,
+``tiles_per_block``, at decode), and a uint8 workspace (a second FFI result that the lowering
+drops).
 
 ``backend`` (one of ``LOWERINGS``) picks the lowering, never the semantics:
 
@@ -282,10 +283,10 @@ mlir.register_lowering(nvfp4_moe_gemm_p, _default_lowering)
 
 # The CUDA handler (csrc/nvfp4_moe_gemm.cu) takes more than the contract: a split-K factor
 # ``splits`` and ``cluster`` (attributes: whether the splits reduce in a thread-block cluster),
-# ``k_slices`` (K split among a block's warps) and a uint8 workspace (second result: split-K
-# tickets and fp32 partials when the splits do not reduce in a cluster). All are launch
-# details chosen here at lowering time from the static shapes; the primitive keeps its single
-# result.
+# ``k_slices`` and ``tiles_per_block`` (K split among a block's warps, several N tiles per
+# block) and a uint8 workspace (second result: split-K tickets and fp32 partials when the
+# splits do not reduce in a cluster). All are launch details chosen here at lowering time from
+# the static shapes; the primitive keeps its single result.
 
 _WARPS_PER_BLOCK = 8  # csrc kWarps: one block covers 8 * 16 = 128 rows of N
 
