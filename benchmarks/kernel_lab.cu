@@ -112,9 +112,9 @@ int main(int argc, char **argv) {
   std::sort(t.begin(), t.end());
   const double bytes = double(n) * k / 2 + double(n) * k / 16;
   std::printf("K=%d N=%d M=%d chunks/stage=%d stages=%d splits=%d k_slices=%d tiles/block=%d%s "
-              "blocks/SM=%d: %.1f us (%.0f GB/s)\n",
+              "blocks/SM=%d: %.1f us (%.0f GB/s, %.0f TFLOP/s)\n",
               k, n, m, kChunksPerStage, TileConfig<1>::kStages, splits, k_slices, tiles_per_block,
               p.cluster ? " (cluster)" : "", bps, t[trials / 2],
-              bytes / t[trials / 2] * 1e-3);
+              bytes / t[trials / 2] * 1e-3, 2.0 * m * n * k / t[trials / 2] * 1e-6);
   return 0;
 }

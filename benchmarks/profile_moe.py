@@ -1,4 +1,4 @@
-"""Device-side time of the MoE layer at small T, from the profiler (not a test; run on a GPU):
+"""Device-side time of the MoE layer (small T above all), from the profiler (not a test; run on a GPU):
 
   python benchmarks/profile_moe.py [--tokens 1,16] [--out FILE.json]
 
@@ -9,9 +9,10 @@ as bench_moe.py) runs under ``jax.profiler.trace`` and the GPU activity of that 
 read from the Perfetto trace: ``span`` = last kernel end - first kernel start, divided by C
 (what a layer costs inside a longer program, launch gaps included), ``busy`` = the summed kernel
 durations per layer by kind (our GEMMs, our alignment, memsets, XLA's kernels), ``kernels`` =
-launches per layer. Median of three executions. Variants: ``fused_moe`` (the library's layer)
-and ``unsliced`` (the same layer compiled with the grouped GEMM's k-slices off: the v6 launch,
-K split across blocks only; the A/B of NOTES_moe.md v7).
+launches per layer. Median of three executions. Variants (``--variants``): ``fused_moe`` (the
+library's layer), ``unsliced`` (the same layer compiled with the grouped GEMM's k-slices off: the
+v6 launch, K split across blocks only; the A/B of NOTES_moe.md v7) and ``one_tile`` (one N block
+per block at prefill: the A/B of NOTES_moe.md v8). Large T works too (``--tokens 1024,4096``).
 """
 
 from __future__ import annotations
@@ -74,10 +75,24 @@ def k_slices_off():
     moe_ops.choose_moe_k_slices = saved
 
 
+@contextlib.contextmanager
+def prefill_tiles_off():
+  """Lowerings inside run one N block per block at prefill (the A/B of NOTES_moe.md v8)."""
+  saved = moe_ops.choose_moe_prefill_tiles
+  moe_ops.choose_moe_prefill_tiles = lambda *args, **kw: 1
+  try:
+    yield
+  finally:
+    moe_ops.choose_moe_prefill_tiles = saved
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--tokens", default="1,16")
   ap.add_argument("--out", default=None)
+  ap.add_argument("--variants", default="unsliced,fused_moe",
+                  help="comma-separated, of: fused_moe (the library's layer), unsliced (no "
+                       "k-slices at decode), one_tile (one N block per block at prefill)")
   args = ap.parse_args()
   rows = []
   key = jax.random.key(1)
@@ -85,10 +100,10 @@ def main():
     routing = bench_moe.routing_for(e, k)
     w13s, w2s, key = ab_moe_overhead.weight_copies(key, e, h, inter)
     copies = len(w13s)
-    variants = {
-        "unsliced": (many(bench_moe.nvfp4_layer(routing)), k_slices_off),
-        "fused_moe": (many(bench_moe.nvfp4_layer(routing)), contextlib.nullcontext),
-    }
+    contexts = {"unsliced": k_slices_off, "fused_moe": contextlib.nullcontext,
+                "one_tile": prefill_tiles_off}
+    variants = {name: (many(bench_moe.nvfp4_layer(routing)), contexts[name])
+                for name in args.variants.split(",")}
     for t in (int(v) for v in args.tokens.split(",")):
       kx = jax.random.split(jax.random.fold_in(key, t), 2 * copies)
       xs = [jax.random.normal(kx[2 * c], (t, h), jnp.bfloat16) for c in range(copies)]

@@ -8,14 +8,18 @@ from jax_nvfp4.ops import moe as moe_ops
 
 rng = np.random.default_rng(0)
 choose = moe_ops.choose_moe_k_slices
+choose_tiles = moe_ops.choose_moe_prefill_tiles
 
-# (tokens, hidden, intermediate, experts, top_k, k-slices forced): sizes off the tile, T = 1,
-# empty experts; (1, 2048, 2048, 8, 2) takes the k-sliced decode launch by default, and the
-# last case forces it on sizes off its unit (N = 96 and 208, K = 4 and 1 chunks).
-for m, h, i, e, k, forced in [(1, 256, 176, 5, 2, False), (37, 128, 48, 12, 3, False),
-                              (130, 192, 96, 4, 2, False), (1, 2048, 2048, 8, 2, False),
-                              (2, 208, 48, 6, 2, True)]:
-  moe_ops.choose_moe_k_slices = (lambda *a, **kw: moe_ops.MOE_K_SLICES) if forced else choose
+# (tokens, hidden, intermediate, experts, top_k, forced launch): sizes off the tile, T = 1,
+# empty experts; (130, ...) runs block_m 64 (wgmma on sm_90a); (1, 2048, 2048, 8, 2) takes the
+# k-sliced decode launch by default; "k_slices" forces it on sizes off its unit (N = 96 and 208,
+# K = 4 and 1 chunks); "tiles" forces 3 N blocks per block at block_m 64 (7 and 4 N blocks).
+for m, h, i, e, k, forced in [(1, 256, 176, 5, 2, None), (37, 128, 48, 12, 3, None),
+                              (130, 192, 96, 4, 2, None), (1, 2048, 2048, 8, 2, None),
+                              (2, 208, 48, 6, 2, "k_slices"), (300, 512, 400, 6, 2, "tiles")]:
+  moe_ops.choose_moe_k_slices = ((lambda *a, **kw: moe_ops.MOE_K_SLICES)
+                                 if forced == "k_slices" else choose)
+  moe_ops.choose_moe_prefill_tiles = (lambda *a, **kw: 3) if forced == "tiles" else choose_tiles
   for dtype in (jnp.bfloat16, jnp.float16):
     w13 = nf.prepare(nf.quantize(jnp.asarray(rng.standard_normal((e, 2 * i, h)) * 0.1, jnp.float32)))
     w2 = nf.prepare(nf.quantize(jnp.asarray(rng.standard_normal((e, h, i)) * 0.1, jnp.float32)))
@@ -31,6 +35,7 @@ for m, h, i, e, k, forced in [(1, 256, 176, 5, 2, False), (37, 128, 48, 12, 3, F
     print(m, h, i, e, k, dtype.__name__, f"rel {err:.2e}")
     assert np.isfinite(np.asarray(out, np.float32)).all() and err < 2e-2
 moe_ops.choose_moe_k_slices = choose
+moe_ops.choose_moe_prefill_tiles = choose_tiles
 # The one-launch alignment: runs longer than a 1024-pair chunk, 1024 experts with 1024 threads
 # (72 KB of shared memory, past the 48 KB default), an expert map, ids out of range.
 for m, e, k, bm, mapped in [(3000, 2, 1, 64, False), (200, 1024, 6, 32, True),

@@ -121,7 +121,7 @@ __device__ __forceinline__ int slot_row(const GemmParams &p, int slot) {
 // KS > 1 (k-slices inside the block, nvfp4_tile.cuh) is launched with splits = 1 only: the
 // block's warps already cover the whole K range, and the cross-block reductions are compiled out.
 template <typename T, int MT, bool kMoe, int KS = 1>
-__global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const GemmParams p) {
+__global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) nvfp4_kernel(const GemmParams p) {
   using Tr = Half2Traits<T>;
   using Cfg = TileConfig<MT, KS>;
   constexpr int NT = Cfg::kTilesPerBlock;
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? 1 : 2) nvfp4_kernel(const 
       const int per = (kThreads + splits - 1) / splits;  // source threads per owner block
       cp_async_wait<0>();
       cluster_barrier();  // all blocks are done with their rings: reuse them as receive buffers
-      extern __shared__ __align__(16) unsigned char smem[];
+      extern __shared__ __align__(1024) unsigned char smem[];
       const uint32_t slot_addr =
           smem_addr(smem) + ((blockIdx.y * per + threadIdx.x / splits) * V) * 4;
 #pragma unroll

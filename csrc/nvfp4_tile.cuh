@@ -59,9 +59,18 @@
 // so the K tail needs no branch. x rows past M (or padding rows of an MoE block) are never
 // copied: their rows are zeroed once in every stage before the loop.
 //
-// x tile in shared memory: row r (a token), 16-byte piece q (8 k values, 0..15) sits at
-// r * 256 + ((q & 8) | ((q ^ r) & 7)) * 16. ldmatrix.x4 then reads eight rows of one piece
-// column without bank conflicts and hands each lane exactly b[0], b[1] of two k16 steps.
+// x tile in shared memory (TileConfig::x_offset): chunk-major, row r (a token) of k64 chunk c at
+// c * (8*MT * 128) + r * 128, its 16-byte piece q (8 k values, 0..7) at ((q ^ r) & 7) * 16.
+// ldmatrix.x4 then reads eight rows of one piece column without bank conflicts and hands each
+// lane exactly b[0], b[1] of two k16 steps; and eight rows of a chunk are one 1024-byte atom of
+// the 128-byte swizzle, which is how wgmma reads B from shared memory.
+//
+// Large token tiles on sm_90a (m_tile 4 and 8, use_wgmma): the 4 warps of a warpgroup issue
+// wgmma.m64n{32,64}k16 with their dequantized 16x16 weight tiles as the register A operand (the
+// same fragment as mma.sync's A, so the decode above is unchanged) and the x tile as B through a
+// shared-memory descriptor; the accumulators come back in the m16n8k16 C layout, one [4] per
+// 8 tokens, so the epilogues are the same for both paths. One wgmma reads the x tile once for
+// four warps, where mma.sync has every warp read it with ldmatrix.
 // ---------------------------------------------------------------------------------------------
 #pragma once
 
@@ -70,6 +79,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace jax_nvfp4 {
 
@@ -82,6 +92,20 @@ constexpr int kThreads = kWarps * 32;
 #endif
 #ifndef JAX_NVFP4_DECODE_STAGES
 #define JAX_NVFP4_DECODE_STAGES 2
+#endif
+// m_tile 8: two stages of 50 KB, so that two blocks (four warpgroups) share an SM; with three
+// stages one block per SM was 25-30 % slower at M >= 256 on the H100 (NOTES_dense.md v10).
+#ifndef JAX_NVFP4_MT8_STAGES
+#define JAX_NVFP4_MT8_STAGES 2
+#endif
+// Resident blocks per SM the m_tile-8 kernels are compiled for (their register cap): two for
+// the wgmma code (124 registers), one for the mma.sync code (165).
+#ifndef JAX_NVFP4_MT8_BLOCKS
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define JAX_NVFP4_MT8_BLOCKS 2
+#else
+#define JAX_NVFP4_MT8_BLOCKS 1
+#endif
 #endif
 // k64 chunks of one warp's slice of a k-sliced unit, at m_tile 1 and 2: the x tile of a
 // k-sliced block is 8x wider than the unsliced one's, so m_tile 2 takes half the chunks to keep
@@ -106,19 +130,46 @@ struct TileConfig {
       KS == 1 ? kChunksPerStage : MT == 1 ? JAX_NVFP4_KSLICE_CHUNKS : JAX_NVFP4_KSLICE_CHUNKS_MT2;
   static constexpr int kChunksPerUnit = KS * kChunksPerSlice;
   // Deeper rings where a stage is small (decode): more bytes in flight per SM.
-  static constexpr int kStages = MT <= 2 ? JAX_NVFP4_DECODE_STAGES : 3;
+  static constexpr int kStages = MT <= 2 ? JAX_NVFP4_DECODE_STAGES : MT == 4 ? 3 : JAX_NVFP4_MT8_STAGES;
   static constexpr int kWBytes = kChunksPerSlice * kWarps * 512;
   static constexpr int kSBytes = kWarps * kChunksPerSlice * 64;
   static constexpr int kXRowBytes = kChunksPerUnit * 128;
   static constexpr int kXBytes = 8 * MT * kXRowBytes;
   static constexpr int kStageBytes = kWBytes + kSBytes + kXBytes;
   static constexpr int kSmemBytes = kStages * kStageBytes;   // above 48 KB: opt-in at launch
+  static constexpr int kXRows = 8 * MT;
+  static constexpr int kXChunkBytes = kXRows * 128;            // one k64 chunk of every row
   static constexpr int kXPiecesPerRow = kXRowBytes / 16;
   static constexpr int kXPieces = 8 * MT * kXPiecesPerRow;   // 16-byte pieces of an x tile
   static constexpr int kXPerThread = (kXPieces + kThreads - 1) / kThreads;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory above the sm_80/sm_90 limit");
   static_assert(kXPieces % kThreads == 0 || kXPieces < kThreads, "x pieces must tile the block");
+  // Tensor-core reads of the x tile need 1024-byte aligned swizzle atoms (wgmma, below).
+  static_assert((kWBytes + kSBytes) % 1024 == 0 && kStageBytes % 1024 == 0,
+                "x tiles must start on 1024-byte boundaries");
+  // Byte offset of 16-byte piece q (8 k values) of token row `row` inside a stage's x tile:
+  // chunk-major, 128 bytes per row and chunk, the piece index XOR the row (mod 8). Eight rows of
+  // one chunk are one 1024-byte atom of the 128-byte swizzle that wgmma's shared-memory
+  // descriptors name (a 16-byte piece moves to piece ^ (address bits 7..9)), and ldmatrix reads
+  // eight rows of one piece column without bank conflicts.
+  static __host__ __device__ constexpr uint32_t x_offset(int row, int q) {
+    return (q >> 3) * kXChunkBytes + row * 128 + (((q ^ row) & 7) << 4);
+  }
 };
+
+// Large token tiles on sm_90a: the warpgroup MMA (wgmma) with the dequantized weight tile as its
+// register A operand and the x tile as B straight from shared memory. Where mma.sync needs
+// every warp to read the whole x tile with ldmatrix (256 bytes of shared memory per HMMA at
+// m_tile 8), one wgmma reads it once for the 4 warps of a warpgroup. Decode tiles (m_tile <= 2)
+// and k-sliced blocks keep mma.sync: they are bound by the weight stream, not the MMAs.
+template <int MT, int KS>
+__device__ constexpr bool use_wgmma() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  return KS == 1 && (MT == 4 || MT == 8);
+#else
+  return false;
+#endif
+}
 
 template <typename T>
 struct Half2Traits;
@@ -249,6 +300,92 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
                : "r"(addr));
 }
 
+// ---- wgmma (sm_90a) --------------------------------------------------------------------------
+// Shared-memory matrix descriptor of a K-major operand in the 128-byte swizzle: start address
+// >> 4 (bits 0-13), leading offset unused for this mode (1), stride between 8-row atoms 1024 B
+// >> 4 (bits 32-45), swizzle mode 1 = 128 B (bits 62-63). A k16 step inside a 128-byte row is
+// the start address plus 32 bytes per step: the hardware applies the swizzle to the address it
+// computes, the same XOR that x_offset wrote with.
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_address) {
+  return static_cast<uint64_t>((smem_address & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+// Orders this thread's register writes (the A fragment, cleared accumulators) before the next
+// wgmma of the warpgroup reads them.
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+// Waits until at most N committed groups of this warpgroup's wgmmas are still running.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
+}
+// Shared memory written through the generic proxy (cp.async, st.shared) before a barrier, read by
+// wgmma (the async proxy) after it.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// The accumulators are results of asynchronous instructions: pin every use after the wait.
+template <int MT>
+__device__ __forceinline__ void pin_accumulators(float (&acc)[MT][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) asm volatile("" : "+f"(acc[mt][r]) :: "memory");
+}
+
+// acc (64 weight rows x 8*MT tokens per warpgroup; per warp the mma.m16n8k16 C layout of
+// its 16 rows, one [4] per 8 tokens) += A (registers, the m16n8k16 A layout of the warp's 16
+// rows) x B^T (8*MT token rows x k16, K-major at `desc`). scale-d = 1: always accumulate.
+#define JAX_NVFP4_ACC16 \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}"
+#define JAX_NVFP4_ACC32                                                                       \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,"   \
+  "%24,%25,%26,%27,%28,%29,%30,%31}"
+#define JAX_NVFP4_F(mt) "+f"(acc[mt][0]), "+f"(acc[mt][1]), "+f"(acc[mt][2]), "+f"(acc[mt][3])
+template <typename T, int MT>
+__device__ __forceinline__ void wgmma_rs(float (&acc)[MT][4], const uint32_t (&a)[4], uint64_t desc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  if constexpr (MT == 4) {
+    if constexpr (kBf16) {
+      asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " JAX_NVFP4_ACC16
+                   ", {%16,%17,%18,%19}, %20, 1, 1, 1, 0;\n"
+                   : JAX_NVFP4_F(0), JAX_NVFP4_F(1), JAX_NVFP4_F(2), JAX_NVFP4_F(3)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    } else {
+      asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " JAX_NVFP4_ACC16
+                   ", {%16,%17,%18,%19}, %20, 1, 1, 1, 0;\n"
+                   : JAX_NVFP4_F(0), JAX_NVFP4_F(1), JAX_NVFP4_F(2), JAX_NVFP4_F(3)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    }
+  } else if constexpr (MT == 8) {
+    if constexpr (kBf16) {
+      asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " JAX_NVFP4_ACC32
+                   ", {%32,%33,%34,%35}, %36, 1, 1, 1, 0;\n"
+                   : JAX_NVFP4_F(0), JAX_NVFP4_F(1), JAX_NVFP4_F(2), JAX_NVFP4_F(3),
+                     JAX_NVFP4_F(4), JAX_NVFP4_F(5), JAX_NVFP4_F(6), JAX_NVFP4_F(7)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    } else {
+      asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " JAX_NVFP4_ACC32
+                   ", {%32,%33,%34,%35}, %36, 1, 1, 1, 0;\n"
+                   : JAX_NVFP4_F(0), JAX_NVFP4_F(1), JAX_NVFP4_F(2), JAX_NVFP4_F(3),
+                     JAX_NVFP4_F(4), JAX_NVFP4_F(5), JAX_NVFP4_F(6), JAX_NVFP4_F(7)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    }
+  }
+#else
+  __trap();  // use_wgmma() is false here: never called
+#endif
+}
+#undef JAX_NVFP4_F
+#undef JAX_NVFP4_ACC32
+#undef JAX_NVFP4_ACC16
+
 // The main loop of one block. Work is a line of units u = tile * units_per_tile + kunit, where
 // tile is an N block (8 / KS N tiles of 16 rows; warp w's N tile is tile * (8 / KS) + w % (8 / KS))
 // and kunit a k-unit of kChunksPerUnit = KS * kChunksPerSlice k64 chunks (slice w / (8 / KS)
@@ -272,7 +409,8 @@ __device__ __forceinline__ void tile_mainloop(
   constexpr int S = Cfg::kStages;
   constexpr int KC = Cfg::kChunksPerSlice;
   constexpr int NT = Cfg::kTilesPerBlock;
-  extern __shared__ __align__(16) unsigned char smem[];
+  constexpr bool kWgmma = use_wgmma<MT, KS>();
+  extern __shared__ __align__(1024) unsigned char smem[];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int sub = warp % NT;     // this warp's N tile within the block
@@ -280,6 +418,9 @@ __device__ __forceinline__ void tile_mainloop(
   const int g = lane >> 2;
   const uint64_t policy = evict_first_policy();
   const uint32_t smem_base = smem_addr(smem);
+  if constexpr (kWgmma) {
+    if (smem_base & 1023) __trap();  // the swizzle atoms would be misread: fail loudly
+  }
 
   // Where this thread's copies land inside a stage.
   const uint32_t w_dst = threadIdx.x * 16;
@@ -291,8 +432,7 @@ __device__ __forceinline__ void tile_mainloop(
   for (int i = 0; i < Cfg::kXPerThread; ++i) {
     const int piece = threadIdx.x + i * kThreads;
     const int row = piece / Cfg::kXPiecesPerRow, q = piece % Cfg::kXPiecesPerRow;
-    x_dst[i] = Cfg::kWBytes + Cfg::kSBytes + row * Cfg::kXRowBytes +
-               (((q & ~7) | ((q ^ row) & 7)) << 4);
+    x_dst[i] = Cfg::kWBytes + Cfg::kSBytes + Cfg::x_offset(row, q);
     const bool mine = Cfg::kXPieces >= kThreads || piece < Cfg::kXPieces;
     x_src[i] = mine ? xsrc[i] : nullptr;
     x_col[i] = q * 8;
@@ -360,8 +500,7 @@ __device__ __forceinline__ void tile_mainloop(
 #pragma unroll
     for (int jp = 0; jp < 2; ++jp) {
       const int r = lane & 7, q = 8 * (slice * KC + kc) + 4 * jp + (lane >> 3);
-      x_ld[kc][jp] = Cfg::kWBytes + Cfg::kSBytes + r * Cfg::kXRowBytes +
-                     (((q & ~7) | ((q ^ r) & 7)) << 4);
+      x_ld[kc][jp] = Cfg::kWBytes + Cfg::kSBytes + Cfg::x_offset(r, q);
     }
 
   const int units = u_end - u_begin;
@@ -384,11 +523,48 @@ __device__ __forceinline__ void tile_mainloop(
   uint32_t stage = 0;
   for (int u = 0; u < units; ++u) {
     cp_async_wait<S - 2>();
+    if constexpr (kWgmma) fence_proxy_async_smem();
     __syncthreads();  // unit u has landed for everyone; the stage load_stage is free again
     if (u + S - 1 < units) load_next(load_stage);
     cp_async_commit();
 
-    if (tile * NT + sub < n16) {
+    if constexpr (kWgmma) {
+      // All 4 warps of a warpgroup issue its wgmmas, so the test is the warpgroup's first N
+      // tile; a warp past N computes on stale weights and its rows are never stored.
+      if (tile * NT + (warp & ~3) < n16) {
+        const unsigned char *st = smem + stage;
+        const uint32_t x_tile = smem_base + stage + Cfg::kWBytes + Cfg::kSBytes;
+#pragma unroll
+        for (int kc = 0; kc < KC; ++kc) {
+          const uint4 w = *reinterpret_cast<const uint4 *>(st + kc * (kWarps * 512) + threadIdx.x * 16);
+          const uint2 sc = *reinterpret_cast<const uint2 *>(st + Cfg::kWBytes + warp * (KC * 64) +
+                                                            kc * 64 + g * 8);
+          const uint32_t s_lo[2] = {widen_scales<T>(sc.x, true), widen_scales<T>(sc.x, false)};
+          const uint32_t s_hi[2] = {widen_scales<T>(sc.y, true), widen_scales<T>(sc.y, false)};
+          const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+          const uint64_t desc = wgmma_desc_sw128(x_tile + kc * Cfg::kXChunkBytes);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int jj = j & 1;
+            const bool high = j >= 2;
+            uint32_t a[4];
+            dequant_word<T>(words[j], a);
+            a[0] = scale_half<T>(a[0], s_lo[jj], high);
+            a[1] = scale_half<T>(a[1], s_hi[jj], high);
+            a[2] = scale_half<T>(a[2], s_lo[jj], high);
+            a[3] = scale_half<T>(a[3], s_hi[jj], high);
+            wgmma_fence();
+            wgmma_rs<T, MT>(acc, a, desc + (j * 32 >> 4));  // k16 step j: 32 bytes further
+          }
+          // One group per chunk; at most two in flight, so the A fragments of only two chunks
+          // stay live (m_tile 4 fits its 128 registers, two blocks per SM, without spills).
+          wgmma_commit();
+          wgmma_wait<1>();
+        }
+        wgmma_wait<0>();  // the stage is read before the next barrier frees it
+        pin_accumulators<MT>(acc);
+      }
+    } else if (tile * NT + sub < n16) {
       const unsigned char *st = smem + stage;
       const uint32_t x_stage = smem_base + stage;
 #pragma unroll
@@ -405,7 +581,7 @@ __device__ __forceinline__ void tile_mainloop(
           uint32_t b[MT][4];
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt)
-            ldmatrix_x4(b[mt], x_stage + x_ld[kc][jp] + mt * 8 * Cfg::kXRowBytes);
+            ldmatrix_x4(b[mt], x_stage + x_ld[kc][jp] + mt * 8 * 128);  // 8 rows on
 #pragma unroll
           for (int jj = 0; jj < 2; ++jj) {
             const int j = 2 * jp + jj;

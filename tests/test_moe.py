@@ -538,6 +538,38 @@ def test_k_slices_at_decode_with_few_token_tiles(monkeypatch, slots, n, k, block
     assert (slots // block_m) * -(-(-(-n // 16)) // tpb) <= 132 * blocks
 
 
+def _capacity_slots(tokens, top_k, experts, block_m=64):
+  from jax_nvfp4.moe.align import capacity
+  return capacity(tokens * top_k, experts, block_m)
+
+
+@pytest.mark.parametrize("slots, n, k, block_m, splits, want", [
+    (_capacity_slots(4096, 8, 128), 2048, 768, 64, 1, 4),    # Qwen3-like GEMM 2, T = 4096
+    (_capacity_slots(4096, 8, 128), 1536, 2048, 64, 1, 4),   # its GEMM 1: 8 units x 4
+    (_capacity_slots(1024, 8, 128), 2048, 768, 64, 1, 2),    # T = 1024: 4 would be < 4 waves
+    (_capacity_slots(4096, 8, 256), 4096, 7168, 64, 1, 1),   # DeepSeek-like GEMM 1: K is long
+    (_capacity_slots(4096, 8, 256), 7168, 2048, 64, 1, 4),   # its GEMM 2
+    (_capacity_slots(4096, 2, 8), 28672, 4096, 64, 1, 2),    # Mixtral-like GEMM 1: 16 units
+    (_capacity_slots(1024, 2, 8), 4096, 14336, 64, 1, 1),    # GEMM 2 at T = 1024 (measured loss)
+    (_capacity_slots(4096, 8, 128), 2048, 768, 32, 1, 1),    # block_m 32
+    (_capacity_slots(4096, 8, 128), 2048, 768, 64, 2, 1),    # K split across blocks
+    (64, 100, 768, 64, 1, 1),                                # one N block
+])
+def test_prefill_tiles_per_block(monkeypatch, slots, n, k, block_m, splits, want):
+  """Several N blocks per block at block_m 64 only where K is short, the block runs at most
+  MOE_PREFILL_MAX_UNITS units and the grid keeps MOE_PREFILL_MIN_WAVES waves."""
+  monkeypatch.setattr(moe_ops._ffi, "sm_count", lambda: 132)           # an H100's SMs
+  monkeypatch.setattr(moe_ops._ffi, "moe_blocks_per_sm", lambda mt, bf16: 2)
+  got = moe_ops.choose_moe_prefill_tiles(slots, n, k, block_m, splits)
+  assert got == want
+  n_blocks = -(-(-(-n // 16)) // 8)
+  units = -(-(-(-k // 64)) // 4)
+  assert 1 <= got <= n_blocks
+  if got > 1:
+    assert units * got <= moe_ops.MOE_PREFILL_MAX_UNITS
+    assert -(-n_blocks // got) * (slots // block_m) >= moe_ops.MOE_PREFILL_MIN_WAVES * 132 * 2
+
+
 @pytest.mark.parametrize("limit", [0, 1, 2, 16])
 def test_cluster_reduction_policy(monkeypatch, limit):
   """Splits reduce in a cluster only for 2..CLUSTER_MAX_SPLITS (3) and only up to the largest

@@ -272,6 +272,38 @@ def test_k_sliced_decode_gemms(rng, monkeypatch, m, h, i, e, k, dtype, mapped, f
   _check(x, w13, w2, unsliced, tw, ti, **kw)
 
 
+@pytest.mark.parametrize("m, h, i, e, k, dtype, tiles, mapped", [
+    (300, 512, 400, 6, 2, jnp.bfloat16, 2, False),   # N = 800 / 512: 7 / 4 N blocks; K 7 / 8 chunks
+    (300, 512, 400, 6, 2, jnp.float16, 3, False),    # a ragged last block of N blocks
+    (257, 1040, 1008, 4, 3, jnp.bfloat16, 4, True),  # K = 1040 / 1008 (partial units), mapped
+])
+def test_prefill_gemms_with_several_n_blocks_per_block(rng, monkeypatch, m, h, i, e, k, dtype,
+                                                      tiles, mapped):
+  """At block_m 64 a block can run several N blocks of its token tile through one pipeline
+  (the default where K is short and the grid keeps 4 waves; forced here on small shapes).
+  Against the float64 layer with poisoned outputs, and bitwise equal to one N block per
+  block (the same fp32 sums in the same order)."""
+  x, w13, w2 = _layer(rng, m, h, i, e, dtype=dtype)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  kw = {}
+  if mapped:  # this device holds experts 0, 2, ...
+    local = np.arange(0, e, 2)
+    emap = np.full(e, -1, np.int32)
+    emap[local] = np.arange(len(local))
+    w13, w2 = (jax.tree.map(lambda a: a[local], w) for w in (w13, w2))
+    kw = dict(expert_map=emap)
+  p13, p2 = nf.prepare(w13), nf.prepare(w2)
+  assert choose_block_m(m, k, e) == 64
+  layer = lambda: jax.jit(lambda *a: nf.fused_moe(*a, topk_weights=tw, topk_ids=ti,  # noqa: E731
+                                                   **kw))
+  monkeypatch.setattr(moe_ops, "choose_moe_prefill_tiles", lambda *a, **kw: tiles)
+  several = np.asarray(poisoned(layer(), x, p13, p2, out_shape=x.shape, dtype=dtype))
+  _check(x, w13, w2, several, tw, ti, **kw)
+  monkeypatch.setattr(moe_ops, "choose_moe_prefill_tiles", lambda *a, **kw: 1)
+  one = np.asarray(poisoned(layer(), x, p13, p2, out_shape=x.shape, dtype=dtype))
+  np.testing.assert_array_equal(several, one)
+
+
 def test_kernel_matches_xla_reference_at_qwen3_prefill(rng):
   """(E, H, I, k) = (128, 2048, 768, 8) at T = 4096 against the reference lowering run by XLA on
   the same GPU (same rounding points, float32 products)."""

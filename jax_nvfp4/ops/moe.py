@@ -353,6 +353,34 @@ def choose_moe_tiles_per_block(num_slots: int, n: int, block_m: int, k_slices: i
                                           token_tiles=max(1, num_slots // block_m))
 
 
+#: Prefill (block_m 64, K not split): a block may run up to this many k-units (its N blocks'
+#: K ranges one after another through one pipeline) ...
+MOE_PREFILL_MAX_UNITS = 32
+#: ... while the grid keeps at least this many waves of resident blocks.
+MOE_PREFILL_MIN_WAVES = 4
+
+
+def choose_moe_prefill_tiles(num_slots: int, n: int, k: int, block_m: int, splits: int,
+                             bf16: bool = True) -> int:
+  """N blocks (of 128 rows) per block of an unsliced, unsplit launch at block_m 64: 4 or 2
+  where K is short, so that a block's start and pipeline fill are paid once for several N
+  blocks of its token tile, else 1. Measured per GEMM on an H100 at T = 4096
+  (NOTES_moe.md v8): Qwen3-like GEMM 2 (K = 768, 3 units) 573 -> 529 us with 4, DeepSeek-like
+  GEMM 2 (K = 2048) 3726 -> 3523, Mixtral-like GEMM 1 (K = 4096) 5421 -> 5267 with 2; a loss
+  where the grid fell under a wave (Mixtral-like GEMM 2 at T = 1024: 696 -> 965 us with 4)."""
+  if block_m != 64 or splits != 1:
+    return 1
+  n_blocks = -(-(-(-n // 16)) // _WARPS_PER_BLOCK)
+  tiles = max(1, num_slots // block_m)
+  units = -(-(-(-k // 64)) // _CHUNKS_PER_UNIT)
+  resident = (_ffi.sm_count() or 132) * (_ffi.moe_blocks_per_sm(block_m // 8, bf16) or 1)
+  for t in (4, 2):
+    if (t <= n_blocks and units * t <= MOE_PREFILL_MAX_UNITS
+        and -(-n_blocks // t) * tiles >= MOE_PREFILL_MIN_WAVES * resident):
+      return t
+  return 1
+
+
 def use_moe_cluster(splits: int, block_m: int, bf16: bool = True) -> bool:
   """Whether the splits reduce in a thread-block cluster (sm_90): for 2 to
   ``ops.dense.CLUSTER_MAX_SPLITS`` splits, as the dense kernel (same epilogue)."""
@@ -390,9 +418,12 @@ def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, 
   x_aval, slots = ctx.avals_in[0], ctx.avals_in[4].shape[0]
   bf16 = np.dtype(x_aval.dtype) == np.dtype(jnp.bfloat16)
   k_slices = choose_moe_k_slices(slots, n, k, block_m)
-  tiles_per_block = choose_moe_tiles_per_block(slots, n, block_m, k_slices)
   splits = 1 if k_slices > 1 else choose_moe_splits(slots, n, k, block_m, bf16)
   cluster = use_moe_cluster(splits, block_m, bf16)
+  if k_slices > 1:
+    tiles_per_block = choose_moe_tiles_per_block(slots, n, block_m, k_slices)
+  else:
+    tiles_per_block = choose_moe_prefill_tiles(slots, n, k, block_m, splits, bf16)
   ws = jax.core.ShapedArray((moe_workspace_bytes(slots, n, block_m, splits, cluster),),
                             jnp.uint8)
   results = jax.ffi.ffi_lowering(CUDA_TARGET)(
