@@ -22,6 +22,25 @@ inline ffi::Error cuda_error(const char *what, cudaError_t e) {
   return ffi::Error(ffi::ErrorCode::kInternal, std::string(what) + ": " + cudaGetErrorString(e));
 }
 
+// The launch-shape attributes both GEMM handlers take, checked against each other and the K
+// range; "" when consistent. `k_sliced_tile` names where k-slices exist (the dense kernel: m_tile
+// 1 or 2, the grouped one: block_m 8) and `k_sliced` whether this launch is there.
+inline std::string launch_problem(int64_t splits, bool cluster, int64_t k_slices,
+                                  int64_t tiles_per_block, int64_t k64, bool k_sliced,
+                                  const char *k_sliced_tile) {
+  if (splits < 1 || splits > (k64 + kChunksPerStage - 1) / kChunksPerStage)
+    return "splits out of range (at most one per pipeline unit of " +
+           std::to_string(kChunksPerStage) + " k64 chunks)";
+  if (k_slices != 1 && k_slices != kDecodeKSlices)
+    return "k_slices must be 1 or " + std::to_string(kDecodeKSlices);
+  if (k_slices != 1 && (!k_sliced || splits != 1 || cluster))
+    return std::string("k_slices > 1 needs ") + k_sliced_tile + ", splits 1 and no cluster";
+  if (tiles_per_block < 1 || tiles_per_block > 65535 ||
+      (tiles_per_block > 1 && (splits != 1 || cluster)))
+    return "tiles_per_block must be in [1, 65535], and 1 when K is split across blocks";
+  return "";
+}
+
 // The launch fields both handlers share. The workspace holds `ticket_bytes` of split-K tickets,
 // then the fp32 partials.
 inline GemmParams common_params(const ffi::AnyBuffer &x, const ffi::Buffer<ffi::U32> &qweight,

@@ -47,17 +47,12 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32>
     return invalid("bias must have N elements");
   if (static_cast<int64_t>(out->element_count()) != m * n) return invalid("out must be [..., N]");
   if (m_tile != 1 && m_tile != 2 && m_tile != 4 && m_tile != 8) return invalid("bad m_tile");
-  if (k_slices != 1 && k_slices != kDecodeKSlices)
-    return invalid("k_slices must be 1 or " + std::to_string(kDecodeKSlices));
-  if (k_slices != 1 && (m_tile > 2 || splits != 1 || cluster))
-    return invalid("k_slices > 1 needs m_tile 1 or 2, splits 1 and no cluster");
-  if (tiles_per_block < 1 || tiles_per_block > 65535 ||
-      (tiles_per_block > 1 && (splits != 1 || cluster)))
-    return invalid("tiles_per_block must be in [1, 65535], and 1 when K is split across blocks");
+  if (auto why = launch_problem(splits, cluster, k_slices, tiles_per_block, k64, m_tile <= 2,
+                                "m_tile 1 or 2");
+      !why.empty())
+    return invalid(why);
   const int64_t token_tiles = (m + 8 * m_tile - 1) / (8 * m_tile);
   const int64_t n_blocks = (n16 + kWarps - 1) / kWarps;  // of the k_slices = 1 launch
-  const int64_t units = (k64 + kChunksPerStage - 1) / kChunksPerStage;
-  if (splits < 1 || splits > units) return invalid("splits out of range (at most one per k-unit)");
   if (m == 0) return ffi::Error::Success();
   if (m > INT32_MAX / 2 || n * k > (int64_t(1) << 40)) return invalid("problem too large");
 

@@ -66,15 +66,10 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
     return invalid("bias must be [E, N]");
   if (static_cast<int64_t>(out->element_count()) != num_rows_out * n)
     return invalid("out must be [num_rows_out, N]");
-  if (splits < 1 || splits > (k64 + kChunksPerStage - 1) / kChunksPerStage)
-    return invalid("splits out of range (at most one per pipeline unit)");
-  if (k_slices != 1 && k_slices != kDecodeKSlices)
-    return invalid("k_slices must be 1 or " + std::to_string(kDecodeKSlices));
-  if (k_slices != 1 && (block_m != 8 || splits != 1 || cluster))
-    return invalid("k_slices > 1 needs block_m 8, splits 1 and no cluster");
-  if (tiles_per_block < 1 || tiles_per_block > 65535 ||
-      (tiles_per_block > 1 && (splits != 1 || cluster)))
-    return invalid("tiles_per_block must be >= 1, and 1 when K is split across blocks");
+  if (auto why = launch_problem(splits, cluster, k_slices, tiles_per_block, k64, block_m == 8,
+                                "block_m 8");
+      !why.empty())
+    return invalid(why);
   if (num_rows_out == 0) return ffi::Error::Success();
   if (slots > INT32_MAX / 2 || num_rows_out > INT32_MAX / 2) return invalid("problem too large");
 

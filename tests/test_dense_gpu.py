@@ -190,6 +190,36 @@ def test_cluster_request_beyond_the_device_is_a_clear_error(rng):
                                          m_tile=1, cluster=True))
 
 
+@pytest.mark.parametrize("bad, message", [
+    (dict(), None),                                           # consistent: runs
+    (dict(splits=5), "splits out of range"),                  # K = 1024: 4 pipeline units
+    (dict(k_slices=4), "k_slices must be 1 or 8"),
+    (dict(k_slices=8, m_tile=4), "k_slices > 1 needs m_tile 1 or 2"),
+    (dict(k_slices=8, splits=2), "k_slices > 1 needs m_tile 1 or 2, splits 1"),
+    (dict(splits=2, tiles_per_block=2), "tiles_per_block must be in"),
+    (dict(tiles_per_block=0), "tiles_per_block must be in"),
+])
+def test_handler_rejects_inconsistent_launch_attributes(rng, bad, message):
+  """The FFI handler checks the launch attributes itself (the primitive's own checks never let
+  such a launch through, so the target is called directly here)."""
+  p = nf.prepare(random_weight(rng, 256, 1024))
+  x = jnp.asarray(rng.standard_normal((1, 1024)), jnp.bfloat16)
+  attrs = dict(splits=1, m_tile=1, cluster=False, k_slices=1, tiles_per_block=1) | bad
+  call = jax.ffi.ffi_call("jax_nvfp4_gemm_cuda",
+                          (jax.ShapeDtypeStruct((1, 256), jnp.bfloat16),
+                           jax.ShapeDtypeStruct((1 << 20,), jnp.uint8)))
+  f = jax.jit(lambda *a: call(*a, n=np.int64(256), k=np.int64(1024), has_bias=False,
+                              **{name: v if isinstance(v, bool) else np.int64(v)
+                                 for name, v in attrs.items()})[0])
+  args = (x, p.qweight, p.qscales, p.global_scale, jnp.zeros((1,), jnp.float32))
+  if message is None:
+    want = _forced_launch(x, p, splits=1, m_tile=1, cluster=False)  # the same launch
+    np.testing.assert_array_equal(np.asarray(f(*args)), np.asarray(want))
+    return
+  with pytest.raises(Exception, match=message):
+    jax.block_until_ready(f(*args))
+
+
 def test_dependent_chain_reads_each_input_complete(rng):
   """Back-to-back dependent calls in one program. With programmatic dependent launch (sm_90) a
   call's blocks may start before the previous call ends; each must still read its input only
