@@ -94,12 +94,12 @@ constexpr int kThreads = kWarps * 32;
 #define JAX_NVFP4_DECODE_STAGES 2
 #endif
 // m_tile 8: two stages of 50 KB, so that two blocks (four warpgroups) share an SM; with three
-// stages one block per SM was 25-30 % slower at M >= 256 on the H100 (NOTES_dense.md v10).
+// stages, one block per SM, M = 256 and 4096 ran 13-32 % slower on the H100 (NOTES_dense.md v10).
 #ifndef JAX_NVFP4_MT8_STAGES
 #define JAX_NVFP4_MT8_STAGES 2
 #endif
 // Resident blocks per SM the m_tile-8 kernels are compiled for (their register cap): two for
-// the wgmma code (124 registers), one for the mma.sync code (165).
+// the wgmma code (122-128 registers), one for the mma.sync code (~160).
 #ifndef JAX_NVFP4_MT8_BLOCKS
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define JAX_NVFP4_MT8_BLOCKS 2
