@@ -65,25 +65,16 @@ def profile_once(fn, lists, copies: int) -> dict:
 
 
 @contextlib.contextmanager
-def k_slices_off():
-  """Lowerings inside pick no k-slices (a variant is compiled at its first call)."""
-  saved = moe_ops.choose_moe_k_slices
-  moe_ops.choose_moe_k_slices = lambda *args, **kw: 1
+def rule_returning(name: str, value: int):
+  """Lowerings inside see ``ops.moe.<name>`` return ``value`` (a variant is compiled at its
+  first call): ``unsliced`` sets ``choose_moe_k_slices`` to 1, ``one_tile``
+  ``choose_moe_prefill_tiles`` to 1."""
+  saved = getattr(moe_ops, name)
+  setattr(moe_ops, name, lambda *args, **kw: value)
   try:
     yield
   finally:
-    moe_ops.choose_moe_k_slices = saved
-
-
-@contextlib.contextmanager
-def prefill_tiles_off():
-  """Lowerings inside run one N block per block at prefill (the A/B of NOTES_moe.md v8)."""
-  saved = moe_ops.choose_moe_prefill_tiles
-  moe_ops.choose_moe_prefill_tiles = lambda *args, **kw: 1
-  try:
-    yield
-  finally:
-    moe_ops.choose_moe_prefill_tiles = saved
+    setattr(moe_ops, name, saved)
 
 
 def main():
@@ -100,8 +91,9 @@ def main():
     routing = bench_moe.routing_for(e, k)
     w13s, w2s, key = ab_moe_overhead.weight_copies(key, e, h, inter)
     copies = len(w13s)
-    contexts = {"unsliced": k_slices_off, "fused_moe": contextlib.nullcontext,
-                "one_tile": prefill_tiles_off}
+    contexts = {"unsliced": lambda: rule_returning("choose_moe_k_slices", 1),
+                "fused_moe": contextlib.nullcontext,
+                "one_tile": lambda: rule_returning("choose_moe_prefill_tiles", 1)}
     variants = {name: (many(bench_moe.nvfp4_layer(routing)), contexts[name])
                 for name in args.variants.split(",")}
     for t in (int(v) for v in args.tokens.split(",")):

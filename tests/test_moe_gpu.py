@@ -229,6 +229,15 @@ def test_cluster_split_k_bitwise_equal_to_ticket_path(rng, monkeypatch, m, h, i,
   np.testing.assert_array_equal(clustered, tickets)
 
 
+def _even_experts_local(w13, w2, e):
+  """This device holds experts 0, 2, 4, ...: their weights and the expert_map keyword."""
+  local = np.arange(0, e, 2)
+  emap = np.full(e, -1, np.int32)
+  emap[local] = np.arange(len(local))
+  w13, w2 = (jax.tree.map(lambda a: a[local], w) for w in (w13, w2))
+  return w13, w2, dict(expert_map=emap)
+
+
 @pytest.mark.parametrize("m, h, i, e, k, dtype, mapped, forced", [
     (1, 4096, 2048, 8, 2, jnp.bfloat16, False, False),   # Mixtral-like decode: the default
     (2, 2048, 4096, 6, 2, jnp.float16, False, False),
@@ -244,13 +253,7 @@ def test_k_sliced_decode_gemms(rng, monkeypatch, m, h, i, e, k, dtype, mapped, f
   repeatable, and the unsliced launch against the same reference."""
   x, w13, w2 = _layer(rng, m, h, i, e, dtype=dtype)
   tw, ti = _distinct_topk(rng, m, e, k)
-  kw = {}
-  if mapped:  # this device holds experts 0, 2, 4, ...
-    local = np.arange(0, e, 2)
-    emap = np.full(e, -1, np.int32)
-    emap[local] = np.arange(len(local))
-    w13, w2 = (jax.tree.map(lambda a: a[local], w) for w in (w13, w2))
-    kw = dict(expert_map=emap)
+  w13, w2, kw = _even_experts_local(w13, w2, e) if mapped else (w13, w2, {})
   p13, p2 = nf.prepare(w13), nf.prepare(w2)
   assert choose_block_m(m, k, e) == 8
   slots = capacity(m * k, e, 8)
@@ -285,13 +288,7 @@ def test_prefill_gemms_with_several_n_blocks_per_block(rng, monkeypatch, m, h, i
   block (the same fp32 sums in the same order)."""
   x, w13, w2 = _layer(rng, m, h, i, e, dtype=dtype)
   tw, ti = _distinct_topk(rng, m, e, k)
-  kw = {}
-  if mapped:  # this device holds experts 0, 2, ...
-    local = np.arange(0, e, 2)
-    emap = np.full(e, -1, np.int32)
-    emap[local] = np.arange(len(local))
-    w13, w2 = (jax.tree.map(lambda a: a[local], w) for w in (w13, w2))
-    kw = dict(expert_map=emap)
+  w13, w2, kw = _even_experts_local(w13, w2, e) if mapped else (w13, w2, {})
   p13, p2 = nf.prepare(w13), nf.prepare(w2)
   assert choose_block_m(m, k, e) == 64
   layer = lambda: jax.jit(lambda *a: nf.fused_moe(*a, topk_weights=tw, topk_ids=ti,  # noqa: E731
