@@ -386,6 +386,37 @@ __device__ __forceinline__ void wgmma_rs(float (&acc)[MT][4], const uint32_t (&a
 #undef JAX_NVFP4_ACC32
 #undef JAX_NVFP4_ACC16
 
+// What a warp needs from one k64 chunk of a stage to decode its 16x16 weight tiles: the
+// lane's code word of each of the 4 k16 steps, and the block scales of rows g and g+8 as
+// 16-bit floats [even steps 0,2 | odd steps 1,3] (scale_half picks the step's half).
+struct ChunkFragments {
+  uint32_t words[4];
+  uint32_t s_lo[2], s_hi[2];
+};
+
+template <typename T, int KC>
+__device__ __forceinline__ ChunkFragments load_chunk(const unsigned char *stage, int kc,
+                                                     int w_bytes, int warp, int g) {
+  const uint4 w = *reinterpret_cast<const uint4 *>(stage + kc * (kWarps * 512) + threadIdx.x * 16);
+  const uint2 sc = *reinterpret_cast<const uint2 *>(stage + w_bytes + warp * (KC * 64) + kc * 64 +
+                                                    g * 8);
+  return ChunkFragments{{w.x, w.y, w.z, w.w},
+                        {widen_scales<T>(sc.x, true), widen_scales<T>(sc.x, false)},
+                        {widen_scales<T>(sc.y, true), widen_scales<T>(sc.y, false)}};
+}
+
+// The A fragment of k16 step j (0..3) of a chunk: decoded, times its block scales.
+template <typename T>
+__device__ __forceinline__ void weight_fragment(const ChunkFragments &f, int j, uint32_t (&a)[4]) {
+  const int jj = j & 1;
+  const bool high = j >= 2;
+  dequant_word<T>(f.words[j], a);
+  a[0] = scale_half<T>(a[0], f.s_lo[jj], high);
+  a[1] = scale_half<T>(a[1], f.s_hi[jj], high);
+  a[2] = scale_half<T>(a[2], f.s_lo[jj], high);
+  a[3] = scale_half<T>(a[3], f.s_hi[jj], high);
+}
+
 // The main loop of one block. Work is a line of units u = tile * units_per_tile + kunit, where
 // tile is an N block (8 / KS N tiles of 16 rows; warp w's N tile is tile * (8 / KS) + w % (8 / KS))
 // and kunit a k-unit of kChunksPerUnit = KS * kChunksPerSlice k64 chunks (slice w / (8 / KS)
@@ -536,23 +567,12 @@ __device__ __forceinline__ void tile_mainloop(
         const uint32_t x_tile = smem_base + stage + Cfg::kWBytes + Cfg::kSBytes;
 #pragma unroll
         for (int kc = 0; kc < KC; ++kc) {
-          const uint4 w = *reinterpret_cast<const uint4 *>(st + kc * (kWarps * 512) + threadIdx.x * 16);
-          const uint2 sc = *reinterpret_cast<const uint2 *>(st + Cfg::kWBytes + warp * (KC * 64) +
-                                                            kc * 64 + g * 8);
-          const uint32_t s_lo[2] = {widen_scales<T>(sc.x, true), widen_scales<T>(sc.x, false)};
-          const uint32_t s_hi[2] = {widen_scales<T>(sc.y, true), widen_scales<T>(sc.y, false)};
-          const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+          const ChunkFragments f = load_chunk<T, KC>(st, kc, Cfg::kWBytes, warp, g);
           const uint64_t desc = wgmma_desc_sw128(x_tile + kc * Cfg::kXChunkBytes);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            const int jj = j & 1;
-            const bool high = j >= 2;
             uint32_t a[4];
-            dequant_word<T>(words[j], a);
-            a[0] = scale_half<T>(a[0], s_lo[jj], high);
-            a[1] = scale_half<T>(a[1], s_hi[jj], high);
-            a[2] = scale_half<T>(a[2], s_lo[jj], high);
-            a[3] = scale_half<T>(a[3], s_hi[jj], high);
+            weight_fragment<T>(f, j, a);
             wgmma_fence();
             wgmma_rs<T, MT>(acc, a, desc + (j * 32 >> 4));  // k16 step j: 32 bytes further
           }
@@ -569,13 +589,7 @@ __device__ __forceinline__ void tile_mainloop(
       const uint32_t x_stage = smem_base + stage;
 #pragma unroll
       for (int kc = 0; kc < KC; ++kc) {
-        const uint4 w = *reinterpret_cast<const uint4 *>(st + kc * (kWarps * 512) + threadIdx.x * 16);
-        const uint2 sc = *reinterpret_cast<const uint2 *>(st + Cfg::kWBytes + warp * (KC * 64) +
-                                                          kc * 64 + g * 8);
-        // [row g | row g+8][even steps 0,2 | odd steps 1,3]
-        const uint32_t s_lo[2] = {widen_scales<T>(sc.x, true), widen_scales<T>(sc.x, false)};
-        const uint32_t s_hi[2] = {widen_scales<T>(sc.y, true), widen_scales<T>(sc.y, false)};
-        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+        const ChunkFragments f = load_chunk<T, KC>(st, kc, Cfg::kWBytes, warp, g);
 #pragma unroll
         for (int jp = 0; jp < 2; ++jp) {
           uint32_t b[MT][4];
@@ -586,11 +600,7 @@ __device__ __forceinline__ void tile_mainloop(
           for (int jj = 0; jj < 2; ++jj) {
             const int j = 2 * jp + jj;
             uint32_t a[4];
-            dequant_word<T>(words[j], a);
-            a[0] = scale_half<T>(a[0], s_lo[jj], jp == 1);
-            a[1] = scale_half<T>(a[1], s_hi[jj], jp == 1);
-            a[2] = scale_half<T>(a[2], s_lo[jj], jp == 1);
-            a[3] = scale_half<T>(a[3], s_hi[jj], jp == 1);
+            weight_fragment<T>(f, j, a);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
               mma_16816<T>(acc[mt], a, b[mt][2 * jj], b[mt][2 * jj + 1]);
