@@ -9,7 +9,8 @@ as bench_moe.py) runs under ``jax.profiler.trace`` and the GPU activity of that 
 read from the Perfetto trace: ``span`` = last kernel end - first kernel start, divided by C
 (what a layer costs inside a longer program, launch gaps included), ``busy`` = the summed kernel
 durations per layer by kind (our GEMMs, our alignment, memsets, XLA's kernels), ``kernels`` =
-launches per layer. Median of three executions. Variants (``--variants``): ``fused_moe`` (the
+launches per layer, ``by_name_us`` = the same per kernel (XLA's per-copy numbering removed).
+Median of three executions. Variants (``--variants``): ``fused_moe`` (the
 library's layer), ``unsliced`` (the same layer compiled with the grouped GEMM's k-slices off: the
 v6 launch, K split across blocks only; the A/B of NOTES_moe.md v7) and ``one_tile`` (one N block
 per block at prefill: the A/B of NOTES_moe.md v8). Large T works too (``--tokens 1024,4096``).
@@ -21,6 +22,7 @@ import argparse
 import collections
 import contextlib
 import json
+import re
 import statistics
 import tempfile
 
@@ -59,9 +61,21 @@ def profile_once(fn, lists, copies: int) -> dict:
   gemms = sorted((e for e in events if kind_of(e["name"]) == "gemm"), key=lambda e: e["ts"])
   for i, e in enumerate(gemms):
     busy[f"gemm{1 + i % 2}"] += e["dur"]
+  by_name = collections.Counter()
+  for e in events:
+    by_name[kernel_family(e["name"])] += e["dur"] / copies
   return dict(span_us=(end - start) / copies, kernels=len(events) / copies,
               **{f"{k}_us": v / copies for k, v in busy.items()},
-              names=sorted({e["name"][:60] for e in events}))
+              names=sorted({e["name"][:60] for e in events}), by_name=dict(by_name))
+
+
+def kernel_family(name: str) -> str:
+  """A kernel's name without the per-copy numbering XLA gives fusions (``sort_10_1`` ->
+  ``sort``), so the C copies of one op add up."""
+  name = name[:60]
+  if name.startswith(("void ", "jax_nvfp4")):
+    return name
+  return re.sub(r"(_\d+)+$", "", name)
 
 
 @contextlib.contextmanager
@@ -109,12 +123,16 @@ def main():
                    names=runs[0]["names"])
         for field in sorted({f for r in runs for f in r if f.endswith("_us") or f == "kernels"}):
           row[field] = statistics.median(r.get(field, 0.0) for r in runs)
+        row["by_name_us"] = {n: statistics.median(r["by_name"].get(n, 0.0) for r in runs)
+                             for n in sorted(runs[0]["by_name"])}
         rows.append(row)
         print(f"E={e:<4} T={t:<4} {name:<9} span {row['span_us']:7.1f} us/layer | kernels "
               f"{row['kernels']:5.1f} | " + " ".join(
                   f"{f[:-3]} {row[f]:6.1f}" for f in ("gemm_us", "gemm1_us", "gemm2_us",
                                                        "align_us", "memset_us", "xla_us")
                   if f in row), flush=True)
+        print("    " + "; ".join(f"{n} {v:.1f}" for n, v in sorted(
+            row["by_name_us"].items(), key=lambda kv: -kv[1])), flush=True)
     del w13s, w2s
   if args.out:
     with open(args.out, "w") as f:

@@ -1,5 +1,5 @@
 // XLA FFI handler of the MoE token alignment (target jax_nvfp4_moe_align_cuda): the CUDA twin of
-// jax_nvfp4/moe/align.py's reference, bit for bit, in one launch.
+// jax_nvfp4/moe/align.py's reference, bit for bit.
 //
 // Input: the expert ids of T = M * top_k (token, k) pairs (pair p = token * top_k + j) and an
 // optional expert map (global id -> local id or -1). Output, with P slots (P % block_m == 0):
@@ -8,26 +8,35 @@
 //                       slots past num_padded hold T too;
 //   block_expert[P/bm]  the (mapped) expert of each block of block_m slots; -1 past num_padded;
 //   num_padded[1]       the sum of the padded runs.
-// Ids outside [0, E) are dropped (they appear nowhere).
+// Ids outside [0, E) are dropped (they appear nowhere). A scratch result holds [G][E] int32
+// block counts when G > 1 (below); nothing reads it afterwards.
 //
-// Why one block: a decode step aligns tens of pairs, where the ~9 XLA kernels of the JAX version
-// cost more in launch gaps than in work (3.2 us for this kernel at one token, NOTES_moe.md v5);
-// a 4096-token prefill has a few tens of thousands of pairs, 32 chunks here: 98 us next to
-// 1.2 ms of GEMMs for the Qwen3-like layer (NOTES_moe.md v8). One block needs no global scratch and no second launch.
-// Its steps:
-//   1. histogram of the ids (shared-memory atomics: counts do not depend on their order);
-//   2. warp 0 scans the padded counts into each expert's first slot and num_padded;
-//   3. per expert: its padding slots get the sentinel, its blocks their expert id; the tail
-//      past num_padded gets the sentinel / -1. (No slot is written twice, so no ordering.)
-//   4. the pairs are placed in chunks of one pair per thread, in pair order, which keeps each
-//      run ascending. Inside a chunk a pair's rank among the pairs of its expert is
-//        (pairs of that expert in earlier warps of the chunk) + (lower lanes of its own warp
-//         with the same expert: __match_any_sync);
-//      the per-warp counts sit in a [warps][E] uint16 table that one pass per expert turns
-//      into exclusive prefixes (at most 1024, so 16 bits hold them), and a cursor per expert
-//      carries the placed count from chunk to chunk.
-// The block has as many threads as pairs, between 128 and 1024: a decode step's alignment is
-// pure latency, and fewer warps mean a smaller table and shorter passes over it.
+// The pairs are cut into G contiguous block ranges (G = align_grid(pairs): 1 up to 1024 pairs,
+// then one block per 1024 pairs up to 64 blocks), each block's range into contiguous warp
+// ranges, each warp range into chunks of 32 pairs. Why: the work is ~100 instructions per chunk
+// and pass, and one SM issues ~2 per cycle: a single block took 55 us for the 32768 pairs of a
+// 4096-token, top-8 prefill (NOTES_moe.md v9), while a decode step's few pairs want one launch
+// and no scratch (3-5 us; the ~9 XLA kernels of the JAX version cost more in launch gaps).
+//
+// Launch 1 (G > 1 only), moe_align_count_kernel: each block counts its range per expert into
+// block_counts[g][E].
+// Launch 2, moe_align_place_kernel, per block:
+//   1. each warp counts its range into its row of a [warps][E] shared table (per chunk,
+//      lanes_equal groups equal ids and the group's lowest lane adds the group's size: no
+//      atomics, a row is the warp's own);
+//   2. per expert, the rows become exclusive prefixes over the warps; with G > 1, the pairs of
+//      that expert in earlier blocks' ranges and its total come from block_counts (every block
+//      scans them, so no third launch);
+//   3. warp 0 scans the padded totals into each expert's first slot and num_padded;
+//   4. the padding slots and block experts of the experts e with e % G == g, this block's share
+//      of the tail past num_padded (sentinel / -1; no slot is written twice); each row entry
+//      becomes the slot where the warp puts its next pair of that expert;
+//   5. each warp walks its range again in order: a pair goes to its row entry + the lower lanes
+//      of its chunk with the same expert, and the group's lowest lane advances the entry.
+// Ranges ascend with block and warp index and chunks are walked in order, so each run is
+// ascending. A block has as many threads as its range has pairs, 128 to 1024 (fewer where E is
+// large and the table must fit in shared memory). Ids are loaded kLoadAhead chunks at a time so
+// that their global-load latency overlaps.
 
 #include <algorithm>
 #include <string>
@@ -38,101 +47,207 @@ namespace jax_nvfp4 {
 namespace {
 
 constexpr int kAlignMaxThreads = 1024;
+constexpr int kAlignPairsPerBlock = 1024;   // mirrored by ops/moe_align.py align_grid
+constexpr int kAlignMaxBlocks = 64;
+constexpr int kLoadAhead = 8;
 
-int align_threads(int64_t pairs) {
-  return static_cast<int>(std::clamp<int64_t>((pairs + 31) / 32 * 32, 128, kAlignMaxThreads));
+int64_t align_grid(int64_t pairs) {
+  return std::clamp<int64_t>((pairs + kAlignPairsPerBlock - 1) / kAlignPairsPerBlock, 1,
+                             kAlignMaxBlocks);
 }
 
-// Dynamic shared memory: cursor[E], chunk_total[E] (int32), then table[warps][E] (uint16).
-size_t align_smem_bytes(int experts, int threads) {
-  return size_t(experts) * (2 * sizeof(int) + threads / 32 * sizeof(uint16_t));
+// The place kernel's shared memory (int32, all dynamic): total[E], before[E], start[E],
+// num_padded, table[warps][E]. The count kernel uses the table only.
+size_t align_smem_bytes(int experts, int warps) {
+  return (size_t(experts) * (warps + 3) + 1) * sizeof(int);
+}
+
+// One warp per 32 pairs of a block's range, 4 to 32 warps, no more than the table allows.
+int align_warps(int64_t pairs_per_block, int experts, size_t smem_limit) {
+  const int64_t wanted = std::clamp<int64_t>((pairs_per_block + 31) / 32, 4,
+                                             kAlignMaxThreads / 32);
+  const int64_t fit =
+      static_cast<int64_t>((smem_limit / sizeof(int) - 1) / size_t(experts)) - 3;
+  return static_cast<int>(std::min(wanted, fit));
+}
+
+// [first, end) of this warp's pairs: whole chunks of 32, ranges in (block, warp) order.
+struct WarpRange {
+  int first, end;
+};
+
+__device__ __forceinline__ WarpRange warp_range(int num_pairs) {
+  const int chunks = (num_pairs + 31) / 32;
+  const int block_chunks = (chunks + gridDim.x - 1) / gridDim.x;
+  const int block_first = min(int(blockIdx.x) * block_chunks * 32, num_pairs);
+  const int block_end = min(block_first + block_chunks * 32, num_pairs);
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32;
+  const int per_warp = (block_chunks + warps - 1) / warps * 32;
+  const int first = min(block_first + warp * per_warp, block_end);
+  return {first, min(first + per_warp, block_end)};
+}
+
+// The expert of pair p, or E where p is past the range or its id outside [0, E).
+__device__ __forceinline__ int expert_of(const int *__restrict__ ids, int p, int end,
+                                         int experts) {
+  const int e = p < end ? __ldg(ids + p) : experts;
+  return e >= 0 && e < experts ? e : experts;
+}
+
+// The lanes of the warp whose v equals this lane's (v < 2^bits), one ballot per bit. Why not
+// __match_any_sync: in the single-block version 2 x 32 chunks per warp of it took 73 us for
+// 32768 pairs, these ballots 55 (NOTES_moe.md v9).
+__device__ __forceinline__ unsigned lanes_equal(int v, int bits) {
+  unsigned peers = 0xffffffffu;
+  for (int b = 0; b < bits; ++b) {
+    const bool set = (v >> b) & 1;
+    const unsigned ones = __ballot_sync(0xffffffffu, set);
+    peers &= set ? ones : ~ones;
+  }
+  return peers;
+}
+
+// Walks the warp's range chunk by chunk; for each chunk calls
+// visit(pair, expert (E for none), peers, lowest lane of its group). The row updates inside
+// visit are ordered by the __syncwarp after it.
+template <class Visit>
+__device__ __forceinline__ void for_each_chunk(const int *__restrict__ ids, WarpRange r,
+                                               int experts, Visit visit) {
+  const int lane = threadIdx.x % 32;
+  const int id_bits = 32 - __clz(experts);   // ids and the "no expert" value E
+  const unsigned lanes_below = (1u << lane) - 1u;
+  for (int base = r.first; base < r.end; base += kLoadAhead * 32) {
+    int e[kLoadAhead];
+#pragma unroll
+    for (int c = 0; c < kLoadAhead; ++c)
+      e[c] = expert_of(ids, base + c * 32 + lane, r.end, experts);
+#pragma unroll
+    for (int c = 0; c < kLoadAhead; ++c) {
+      if (base + c * 32 >= r.end) break;   // warp-uniform: short ranges (decode) stop early
+      const unsigned peers = lanes_equal(e[c], id_bits);
+      visit(base + c * 32 + lane, e[c], __popc(peers & lanes_below), __popc(peers),
+            (peers & lanes_below) == 0);
+      __syncwarp();
+    }
+  }
+}
+
+// Step 1: this warp's counts per expert into row[E].
+__device__ __forceinline__ void count_warp_range(const int *__restrict__ ids, WarpRange r,
+                                                 int experts, int *row) {
+  for (int e = threadIdx.x % 32; e < experts; e += 32) row[e] = 0;
+  __syncwarp();
+  for_each_chunk(ids, r, experts, [&](int, int e, int, int group, bool lowest) {
+    if (e < experts && lowest) row[e] += group;
+  });
 }
 
 __global__ void __launch_bounds__(kAlignMaxThreads)
-    moe_align_kernel(const int *__restrict__ ids, int num_pairs, const int *__restrict__ expert_map,
-                     int experts, int block_m, int slots, int *__restrict__ sorted_ids,
-                     int *__restrict__ block_expert, int *__restrict__ num_padded_out) {
+    moe_align_count_kernel(const int *__restrict__ ids, int num_pairs, int experts,
+                           int *__restrict__ block_counts) {
+  extern __shared__ int table[];   // [warps][E]
+  const int warps = blockDim.x / 32;
+  count_warp_range(ids, warp_range(num_pairs), experts, table + threadIdx.x / 32 * experts);
+  __syncthreads();
+  for (int x = threadIdx.x; x < experts; x += blockDim.x) {
+    int sum = 0;
+    for (int w = 0; w < warps; ++w) sum += table[w * experts + x];
+    block_counts[blockIdx.x * experts + x] = sum;
+  }
+}
+
+__global__ void __launch_bounds__(kAlignMaxThreads)
+    moe_align_place_kernel(const int *__restrict__ ids, int num_pairs,
+                           const int *__restrict__ expert_map, int experts, int block_m,
+                           int slots, const int *__restrict__ block_counts,
+                           int *__restrict__ sorted_ids, int *__restrict__ block_expert,
+                           int *__restrict__ num_padded_out) {
   extern __shared__ int smem[];
-  int *cursor = smem;                  // step 1: counts; from step 2: the next free slot
-  int *chunk_total = smem + experts;   // step 3: counts; step 4: pairs placed by this chunk
-  auto *table = reinterpret_cast<uint16_t *>(smem + 2 * experts);
-  __shared__ int num_padded;
+  int *total = smem;                   // pairs per expert
+  int *before = smem + experts;        // pairs per expert in earlier blocks' ranges
+  int *start = smem + 2 * experts;     // each expert's first slot
+  int &num_padded = smem[3 * experts];
+  int *table = smem + 3 * experts + 1; // [warps][E]: counts, prefixes over warps, then cursors
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int threads = blockDim.x, warps = threads / 32;
+  const int g = blockIdx.x, grid = gridDim.x;
   const int sentinel = num_pairs;
+  const WarpRange range = warp_range(num_pairs);
+  int *row = table + warp * experts;
 
-  // 1. Histogram.
-  for (int e = tid; e < experts; e += threads) cursor[e] = 0;
+  // 1. Per-warp counts.
+  count_warp_range(ids, range, experts, row);
   __syncthreads();
-  for (int i = tid; i < num_pairs; i += threads) {
-    const int e = ids[i];
-    if (e >= 0 && e < experts) atomicAdd(&cursor[e], 1);
+
+  // 2. Rows -> exclusive prefixes over the warps; totals and earlier blocks' counts.
+  for (int x = tid; x < experts; x += threads) {
+    int run = 0;
+    for (int w = 0; w < warps; ++w) {
+      const int count = table[w * experts + x];
+      table[w * experts + x] = run;
+      run += count;
+    }
+    int earlier = 0, all = run;
+    if (grid > 1) {
+      all = 0;
+      for (int b = 0; b < grid; ++b) {
+        const int count = block_counts[b * experts + x];
+        earlier += b < g ? count : 0;
+        all += count;
+      }
+    }
+    total[x] = all;
+    before[x] = earlier;
   }
   __syncthreads();
 
-  // 2. Exclusive scan of the padded counts (warp 0, 32 experts per step).
+  // 3. Exclusive scan of the padded totals (warp 0, 32 experts per step).
   if (warp == 0) {
     int carry = 0;
     for (int base = 0; base < experts; base += 32) {
       const int e = base + lane;
-      const int count = e < experts ? cursor[e] : 0;
+      const int count = e < experts ? total[e] : 0;
       const int padded = (count + block_m - 1) / block_m * block_m;
       int incl = padded;
       for (int d = 1; d < 32; d *= 2) {
         const int v = __shfl_up_sync(0xffffffffu, incl, d);
         if (lane >= d) incl += v;
       }
-      if (e < experts) {
-        chunk_total[e] = count;
-        cursor[e] = carry + incl - padded;
-      }
+      if (e < experts) start[e] = carry + incl - padded;
       carry += __shfl_sync(0xffffffffu, incl, 31);
     }
     if (lane == 0) num_padded = carry;
   }
   __syncthreads();
 
-  // 3. Padding slots, block experts, the tail.
-  for (int e = tid; e < experts; e += threads) {
-    const int first = cursor[e], count = chunk_total[e];
+  // 4. This block's share of the padding slots, block experts and tail; rows -> cursors.
+  for (int e = g + tid * grid; e < experts; e += threads * grid) {
+    const int first = start[e], count = total[e];
     const int end = first + (count + block_m - 1) / block_m * block_m;
     for (int s = first + count; s < end; ++s) sorted_ids[s] = sentinel;
     const int mapped = expert_map != nullptr ? expert_map[e] : e;
     for (int b = first / block_m; b < end / block_m; ++b) block_expert[b] = mapped;
-    chunk_total[e] = 0;
   }
   const int used = num_padded;
-  for (int s = used + tid; s < slots; s += threads) sorted_ids[s] = sentinel;
-  for (int b = used / block_m + tid; b < slots / block_m; b += threads) block_expert[b] = -1;
-  if (tid == 0) *num_padded_out = used;
-
-  // 4. Placement, one chunk of kThreads pairs at a time.
-  const unsigned lanes_below = (1u << lane) - 1u;
-  for (int base = 0; base < num_pairs; base += threads) {
-    for (int i = tid; i < warps * experts; i += threads) table[i] = 0;
-    __syncthreads();
-    const int pair = base + tid;
-    int e = pair < num_pairs ? ids[pair] : -1;
-    const bool placed = e >= 0 && e < experts;
-    if (!placed) e = -1;
-    const unsigned peers = __match_any_sync(0xffffffffu, e);
-    const int rank_in_warp = __popc(peers & lanes_below);
-    if (placed && rank_in_warp == 0) table[warp * experts + e] = uint16_t(__popc(peers));
-    __syncthreads();
-    for (int x = tid; x < experts; x += threads) {
-      cursor[x] += chunk_total[x];
-      int run = 0;
-      for (int w = 0; w < warps; ++w) {
-        const int c = table[w * experts + x];
-        table[w * experts + x] = uint16_t(run);
-        run += c;
-      }
-      chunk_total[x] = run;
-    }
-    __syncthreads();
-    if (placed) sorted_ids[cursor[e] + table[warp * experts + e] + rank_in_warp] = pair;
-    __syncthreads();
+  for (int s = used + g * threads + tid; s < slots; s += grid * threads) sorted_ids[s] = sentinel;
+  for (int b = used / block_m + g * threads + tid; b < slots / block_m; b += grid * threads)
+    block_expert[b] = -1;
+  if (g == 0 && tid == 0) *num_padded_out = used;
+  for (int i = tid; i < warps * experts; i += threads) {
+    const int x = i % experts;
+    table[i] += start[x] + before[x];
   }
+  __syncthreads();
+
+  // 5. Placement, each warp over its own range in order.
+  for_each_chunk(ids, range, experts, [&](int pair, int e, int rank, int group, bool lowest) {
+    const int slot = e < experts ? row[e] + rank : 0;
+    __syncwarp();
+    if (e < experts) {
+      sorted_ids[slot] = pair;
+      if (lowest) row[e] += group;
+    }
+  });
 }
 
 ffi::Error invalid(const std::string &msg) {
@@ -145,14 +260,23 @@ int64_t align_capacity(int64_t pairs, int64_t experts, int64_t block_m) {
   return (bound + block_m - 1) / block_m * block_m;
 }
 
+ffi::Error set_smem(const void *kernel, size_t smem) {
+  if (smem <= 48 * 1024) return ffi::Error::Success();
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem));
+  if (e != cudaSuccess) return cuda_error("jax_nvfp4_moe_align shared-memory opt-in", e);
+  return ffi::Error::Success();
+}
+
 ffi::Error MoeAlignImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> topk_ids,
                         ffi::Buffer<ffi::S32> expert_map, ffi::Result<ffi::Buffer<ffi::S32>> sorted,
                         ffi::Result<ffi::Buffer<ffi::S32>> block_expert,
-                        ffi::Result<ffi::Buffer<ffi::S32>> num_padded, int64_t num_experts,
+                        ffi::Result<ffi::Buffer<ffi::S32>> num_padded,
+                        ffi::Result<ffi::Buffer<ffi::S32>> scratch, int64_t num_experts,
                         int64_t block_m) {
   if (block_m != 8 && block_m != 16 && block_m != 32 && block_m != 64)
     return invalid("block_m must be 8, 16, 32 or 64");
-  if (num_experts < 1) return invalid("num_experts must be >= 1");
+  if (num_experts < 1 || num_experts > 65535) return invalid("num_experts must be in [1, 65535]");
   const int64_t pairs = topk_ids.element_count();
   const int64_t map_len = expert_map.element_count();
   if (map_len != 0 && map_len != num_experts)
@@ -167,27 +291,41 @@ ffi::Error MoeAlignImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> topk_ids,
   if (slots < need)
     return invalid("sorted_ids has " + std::to_string(slots) + " slots, the alignment may need " +
                    std::to_string(need));
+  const int experts = static_cast<int>(num_experts);
+  const int64_t grid = align_grid(pairs);
+  if (grid > 1 && static_cast<int64_t>(scratch->element_count()) < grid * experts)
+    return invalid("the scratch result needs " + std::to_string(grid * experts) +
+                   " int32 for " + std::to_string(pairs) + " pairs, got " +
+                   std::to_string(scratch->element_count()));
 
-  const int threads = align_threads(pairs);
-  const size_t smem = align_smem_bytes(static_cast<int>(num_experts), threads);
   int device = 0, optin = 0;
   cudaError_t e = cudaGetDevice(&device);
   if (e == cudaSuccess)
     e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (e != cudaSuccess) return cuda_error("jax_nvfp4_moe_align device query", e);
-  if (num_experts > 65535 || smem > size_t(optin))
-    return invalid(std::to_string(num_experts) + " experts need " + std::to_string(smem) +
-                   " bytes of shared memory, more than this GPU's " + std::to_string(optin));
-  if (smem > 48 * 1024) {
-    e = cudaFuncSetAttribute(moe_align_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem));
-    if (e != cudaSuccess) return cuda_error("jax_nvfp4_moe_align shared-memory opt-in", e);
+  const int64_t pairs_per_block = ((pairs + 31) / 32 + grid - 1) / grid * 32;
+  const int warps = align_warps(pairs_per_block, experts, size_t(optin));
+  if (warps < 1)
+    return invalid(std::to_string(num_experts) + " experts need " +
+                   std::to_string(align_smem_bytes(experts, 1)) +
+                   " bytes of shared memory or more, more than this GPU's " +
+                   std::to_string(optin));
+  const int threads = warps * 32;
+  const size_t table_smem = size_t(warps) * experts * sizeof(int);
+  const size_t smem = align_smem_bytes(experts, warps);
+  if (grid > 1) {
+    ffi::Error err = set_smem(reinterpret_cast<const void *>(moe_align_count_kernel), table_smem);
+    if (err.failure()) return err;
+    moe_align_count_kernel<<<grid, threads, table_smem, stream>>>(
+        topk_ids.typed_data(), static_cast<int>(pairs), experts, scratch->typed_data());
   }
-  moe_align_kernel<<<1, threads, smem, stream>>>(
-      topk_ids.typed_data(), static_cast<int>(pairs),
-      map_len ? expert_map.typed_data() : nullptr, static_cast<int>(num_experts),
-      static_cast<int>(block_m), static_cast<int>(slots), sorted->typed_data(),
-      block_expert->typed_data(), num_padded->typed_data());
+  ffi::Error err = set_smem(reinterpret_cast<const void *>(moe_align_place_kernel), smem);
+  if (err.failure()) return err;
+  moe_align_place_kernel<<<grid, threads, smem, stream>>>(
+      topk_ids.typed_data(), static_cast<int>(pairs), map_len ? expert_map.typed_data() : nullptr,
+      experts, static_cast<int>(block_m), static_cast<int>(slots),
+      grid > 1 ? scratch->typed_data() : nullptr, sorted->typed_data(), block_expert->typed_data(),
+      num_padded->typed_data());
   e = cudaGetLastError();
   if (e != cudaSuccess) return cuda_error("jax_nvfp4_moe_align launch", e);
   return ffi::Error::Success();
@@ -204,6 +342,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Nvfp4MoeAlignCuda, jax_nvfp4::MoeAlignImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()  // sorted_ids [P]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // block_expert [P / block_m]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // num_padded [1]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // scratch [G * E] or [1]
                                   .Attr<int64_t>("num_experts")
                                   .Attr<int64_t>("block_m"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

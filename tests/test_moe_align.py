@@ -135,25 +135,27 @@ def test_backend_errors():
                                num_experts=4, block_m=8, backend="auto")
 
 
-def _export_for_cuda(e, monkeypatch, backend="auto"):
+def _export_for_cuda(e, monkeypatch, backend="auto", m=5):
   monkeypatch.setattr(nf._ffi, "REGISTERED", nf._ffi.REGISTERED | {moe_align.CUDA_TARGET})
   f = jax.jit(lambda i, mp: nf.align_tokens(i, e, 16, mp, backend=backend).sorted_ids)
   exp = jax.export.export(f, platforms=["cuda"], disabled_checks=[
       jax.export.DisabledSafetyCheck.custom_call(moe_align.CUDA_TARGET)])(
-          jax.ShapeDtypeStruct((5, 4), jnp.int32), jax.ShapeDtypeStruct((e,), jnp.int32))
+          jax.ShapeDtypeStruct((m, 4), jnp.int32), jax.ShapeDtypeStruct((e,), jnp.int32))
   return [l for l in exp.mlir_module().split("\n")
           if f"custom_call @{moe_align.CUDA_TARGET}" in l]
 
 
 def test_cuda_lowering_emits_one_ffi_call(monkeypatch):
   """Lowered for cuda (no GPU needed): one call, operands and results as the handler binds
-  them; more experts than the kernel's shared memory holds go to the reference."""
-  calls = _export_for_cuda(64, monkeypatch)
-  p = capacity(20, 64, 16)
-  assert len(calls) == 1
-  assert "num_experts = 64 : i64" in calls[0] and "block_m = 16 : i64" in calls[0]
-  assert (f"(tensor<5x4xi32>, tensor<64xi32>) -> (tensor<{p}xi32>, tensor<{p // 16}xi32>, "
-          "tensor<1xi32>)") in calls[0]
+  them (the last result the kernel's scratch: one int32 for a single block, [blocks * E] above
+  1024 pairs); more experts than the kernel's shared memory holds go to the reference."""
+  for m, scratch in ((5, 1), (256, 1), (257, 2 * 64), (5000, 20 * 64), (40000, 64 * 64)):
+    calls = _export_for_cuda(64, monkeypatch, m=m)
+    p = capacity(4 * m, 64, 16)
+    assert len(calls) == 1
+    assert "num_experts = 64 : i64" in calls[0] and "block_m = 16 : i64" in calls[0]
+    assert (f"(tensor<{m}x4xi32>, tensor<64xi32>) -> (tensor<{p}xi32>, tensor<{p // 16}xi32>, "
+            f"tensor<1xi32>, tensor<{scratch}xi32>)") in calls[0]
   assert _export_for_cuda(moe_align.ALIGN_MAX_EXPERTS + 1, monkeypatch) == []
   with pytest.raises(ValueError, match="at most"):
     _export_for_cuda(moe_align.ALIGN_MAX_EXPERTS + 1, monkeypatch, backend="cuda")

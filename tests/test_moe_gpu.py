@@ -389,11 +389,14 @@ def _align_ids(rng, kind, m, e, k):
     ("repeats", 4096, 256, 8, 64, False), ("repeats", 4096, 256, 8, 64, True),
     ("one_expert", 3000, 2, 1, 64, False), ("repeats", 1000, 1, 3, 8, False),
     ("repeats", 50, 1024, 6, 16, True), ("repeats", 200, 1024, 6, 32, True),
-    ("distinct", 1025, 64, 4, 32, False),
+    ("distinct", 1025, 64, 4, 32, False), ("dropped", 1111, 40, 3, 16, False),
+    ("repeats", 600, 1024, 6, 16, True), ("distinct", 9000, 128, 8, 64, True),
     ("dropped", 0, 4, 2, 8, False)])
 def test_alignment_kernel_matches_reference_bitwise(rng, kind, m, e, k, block_m, mapped):
-  """The one-launch CUDA alignment against the pure-JAX one (same GPU), bit for bit, and
-  against the NumPy invariants, with poisoned output memory."""
+  """The CUDA alignment against the pure-JAX one (same GPU), bit for bit, and against the NumPy
+  invariants, with poisoned output memory. Pair counts from 0 to 72000: one block (<= 1024
+  pairs) and the two-launch grid (3, 4, 5 blocks with a short last one, 32, and 64 blocks of
+  more than 1024 pairs each)."""
   ids = jnp.asarray(_align_ids(rng, kind, m, e, k))
   emap = None
   if mapped:
@@ -410,6 +413,26 @@ def test_alignment_kernel_matches_reference_bitwise(rng, kind, m, e, k, block_m,
   for g, w in zip(got, want):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
   ref.check_alignment(*got, np.asarray(ids), e, block_m, emap)
+
+
+def test_alignment_handler_checks_its_scratch(rng):
+  """More than 1024 pairs need a [blocks, E] int32 scratch result: the handler refuses a short
+  one (the primitive's lowering always sizes it; the target is called directly here)."""
+  e, pairs = 16, 4096
+  ids = jnp.asarray(rng.integers(0, e, (pairs // 4, 4)).astype(np.int32))
+  p = capacity(pairs, e, 8)
+  def call(scratch_len):
+    out = (jax.ShapeDtypeStruct((p,), jnp.int32), jax.ShapeDtypeStruct((p // 8,), jnp.int32),
+           jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((scratch_len,), jnp.int32))
+    f = jax.ffi.ffi_call(moe_align.CUDA_TARGET, out)
+    return jax.jit(lambda i: f(i, jnp.zeros((0,), jnp.int32), num_experts=np.int64(e),
+                               block_m=np.int64(8))[:3])(ids)
+  blocks = moe_align.align_grid(pairs)
+  assert blocks == 4
+  got = call(blocks * e)
+  ref.check_alignment(*got, np.asarray(ids), e, 8)
+  with pytest.raises(Exception, match="scratch result needs 64 int32"):
+    jax.block_until_ready(call(blocks * e - 1))
 
 
 def test_alignment_kernel_expert_limit(rng):

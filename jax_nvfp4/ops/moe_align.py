@@ -36,9 +36,19 @@ from jax_nvfp4.ops._batching import batch_dim_first
 
 CUDA_TARGET = "jax_nvfp4_moe_align_cuda"
 LOWERINGS = ("auto", "cuda", "reference")
-#: The kernel keeps a [32, E] uint16 table and two int32 [E] arrays in shared memory (72 * E
-#: bytes): 1024 experts fit every SM80+ GPU's opt-in limit; more go to the reference.
+#: The kernel keeps a [warps, E] int32 table and two int32 [E] arrays in shared memory
+#: (4 * E * (warps + 2) bytes, fewer warps where E is large): 1024 experts fit every SM80+ GPU's
+#: opt-in limit with 22 warps or more; more experts go to the reference.
 ALIGN_MAX_EXPERTS = 1024
+#: Pairs per block of the kernel's grid and its most blocks (csrc/nvfp4_moe_align.cu
+#: kAlignPairsPerBlock / kAlignMaxBlocks): more than one block needs a [G, E] int32 scratch.
+ALIGN_PAIRS_PER_BLOCK = 1024
+ALIGN_MAX_BLOCKS = 64
+
+
+def align_grid(pairs: int) -> int:
+  """Blocks the alignment kernel runs for ``pairs`` (token, k) pairs (the kernel's rule)."""
+  return min(max(-(-pairs // ALIGN_PAIRS_PER_BLOCK), 1), ALIGN_MAX_BLOCKS)
 
 
 def _fail(msg: str, exc=ValueError):
@@ -106,9 +116,13 @@ def _cuda_lowering(ctx, topk_ids, expert_map, *, num_experts, block_m, backend):
   if not fits:
     raise ValueError(f"moe_align: backend='cuda' handles at most {ALIGN_MAX_EXPERTS} experts, "
                      f"got {num_experts}; use backend='auto' or 'reference'")
-  return jax.ffi.ffi_lowering(CUDA_TARGET)(ctx, topk_ids, expert_map,
-                                           num_experts=np.int64(num_experts),
-                                           block_m=np.int64(block_m))
+  pairs = int(np.prod(ctx.avals_in[0].shape))
+  grid = align_grid(pairs)
+  scratch = jax.core.ShapedArray((grid * num_experts if grid > 1 else 1,), jnp.int32)
+  results = jax.ffi.ffi_lowering(CUDA_TARGET)(
+      ctx.replace(avals_out=[*ctx.avals_out, scratch]), topk_ids, expert_map,
+      num_experts=np.int64(num_experts), block_m=np.int64(block_m))
+  return results[:3]
 
 
 mlir.register_lowering(moe_align_p, _default_lowering)
