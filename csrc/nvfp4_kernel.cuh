@@ -184,12 +184,19 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
     if (slot0 >= padded || expert < 0) return;
   }
 
+  // The output row of each token slot of the tile, for the epilogue: the rows are already in
+  // the registers of the threads holding each row's first x piece (no second load), and the
+  // mainloop's first barrier orders these writes before any epilogue.
+  __shared__ int tile_rows[8 * MT];
   const T *xsrc[Cfg::kXPerThread];
 #pragma unroll
   for (int i = 0; i < Cfg::kXPerThread; ++i) {
     const int row = piece_row[i];
     const int xrow = kMoe ? row / p.gather_div : row;
     xsrc[i] = row >= 0 ? static_cast<const T *>(p.x) + static_cast<int64_t>(xrow) * p.k : nullptr;
+    const int piece = threadIdx.x + i * kThreads;
+    if (piece < Cfg::kXPieces && piece % Cfg::kXPiecesPerRow == 0)
+      tile_rows[piece / Cfg::kXPiecesPerRow] = row;
   }
 
   const float gscale = __ldg(p.global_scale + expert) * Tr::kUnbias;
@@ -201,6 +208,30 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
       if (p.topk_weights != nullptr) v *= __ldg(p.topk_weights + row);
     }
     static_cast<T *>(p.out)[static_cast<int64_t>(row) * p.n + n] = static_cast<T>(v);
+  };
+  // Columns n and n + 1 of one row (the same arithmetic as store, per value); one 4-byte store
+  // where both are in range and the row stride keeps it aligned.
+  const bool even_n = (p.n & 1) == 0;
+  auto store_pair = [&](int row, int n, float v0, float v1, float weight) {
+    v0 *= gscale;
+    v1 *= gscale;
+    if (bias != nullptr) {
+      if (n < p.n) v0 += __ldg(bias + n);
+      if (n + 1 < p.n) v1 += __ldg(bias + n + 1);
+    }
+    if constexpr (kMoe) {
+      if (p.topk_weights != nullptr) {
+        v0 *= weight;
+        v1 *= weight;
+      }
+    }
+    T *dst = static_cast<T *>(p.out) + static_cast<int64_t>(row) * p.n + n;
+    if (even_n && n + 1 < p.n) {
+      *reinterpret_cast<typename Tr::T2 *>(dst) = Tr::pack(v0, v1);
+    } else {
+      if (n < p.n) dst[0] = static_cast<T>(v0);
+      if (n + 1 < p.n) dst[1] = static_cast<T>(v1);
+    }
   };
   __shared__ int is_last;
 
@@ -216,16 +247,32 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
     const int n_hi = n_lo + 8;
     const int tile_begin = tile * units_per_tile;
     if (u_begin <= tile_begin && u_end >= tile_begin + units_per_tile) {  // the whole K range
-      if (!active) return;
+      if (!active) return;  // warp-uniform: the shuffles below see all 32 lanes
+      // Lanes g and g ^ 1 (lane ^ 4) swap one row's values, so that each holds one row at two
+      // adjacent columns: even g keeps slot 2t (columns g, g + 1 and g + 8, g + 9), odd g slot
+      // 2t + 1. Half the stores of one value each, and half the row / top-k weight lookups.
+      // The top-k weights are loaded first, all MT at once: one round trip per tile.
+      const bool even = (g & 1) == 0;
+      const int n0 = tile_n * 16 + (g & ~1);
+      float weight[MT];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int row = slot_row<kMoe>(p, slot0 + mt * 8 + 2 * t + e);
-          if (row < 0) continue;
-          if (n_lo < p.n) store(row, n_lo, acc[mt][e]);
-          if (n_hi < p.n) store(row, n_hi, acc[mt][2 + e]);
+        weight[mt] = 1.f;
+        if constexpr (kMoe) {
+          const int row = tile_rows[mt * 8 + 2 * t + (even ? 0 : 1)];
+          if (p.topk_weights != nullptr && row >= 0) weight[mt] = __ldg(p.topk_weights + row);
         }
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const float got_lo = __shfl_xor_sync(0xffffffffu, even ? acc[mt][1] : acc[mt][0], 4);
+        const float got_hi = __shfl_xor_sync(0xffffffffu, even ? acc[mt][3] : acc[mt][2], 4);
+        const int slot = mt * 8 + 2 * t + (even ? 0 : 1);
+        const int row = kMoe ? tile_rows[slot] : (slot0 + slot < p.rows_out ? slot0 + slot : -1);
+        if (row < 0) continue;
+        store_pair(row, n0, even ? acc[mt][0] : got_lo, even ? got_lo : acc[mt][1], weight[mt]);
+        store_pair(row, n0 + 8, even ? acc[mt][2] : got_hi, even ? got_hi : acc[mt][3],
+                   weight[mt]);
       }
       return;
     }

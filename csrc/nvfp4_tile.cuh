@@ -176,6 +176,10 @@ struct Half2Traits;
 
 template <>
 struct Half2Traits<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static __device__ __forceinline__ T2 pack(float lo, float hi) {
+    return __floats2bfloat162_rn(lo, hi);
+  }
   static constexpr uint32_t kScaleMul = 16;
   static constexpr uint32_t kScaleAdd = (235u << 7) | (235u << 23);
   static constexpr float kUnbias = 256.0f;  // 2^8
@@ -183,6 +187,8 @@ struct Half2Traits<__nv_bfloat16> {
 
 template <>
 struct Half2Traits<__half> {
+  using T2 = __half2;
+  static __device__ __forceinline__ T2 pack(float lo, float hi) { return __floats2half2_rn(lo, hi); }
   static constexpr uint32_t kScaleMul = 128;
   static constexpr uint32_t kScaleAdd = (12u << 10) | (12u << 26);
   static constexpr float kUnbias = 128.0f;  // 2^7
