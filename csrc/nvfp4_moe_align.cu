@@ -142,7 +142,7 @@ __device__ __forceinline__ void count_warp_range(const int *__restrict__ ids, Wa
   });
 }
 
-__global__ void __launch_bounds__(kAlignMaxThreads)
+__global__ void __launch_bounds__(kAlignMaxThreads, 1)
     moe_align_count_kernel(const int *__restrict__ ids, int num_pairs, int experts,
                            int *__restrict__ block_counts) {
   extern __shared__ int table[];   // [warps][E]
@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(kAlignMaxThreads)
   }
 }
 
-__global__ void __launch_bounds__(kAlignMaxThreads)
+__global__ void __launch_bounds__(kAlignMaxThreads, 1)
     moe_align_place_kernel(const int *__restrict__ ids, int num_pairs,
                            const int *__restrict__ expert_map, int experts, int block_m,
                            int slots, const int *__restrict__ block_counts,
