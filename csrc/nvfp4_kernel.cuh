@@ -209,8 +209,9 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
     }
     static_cast<T *>(p.out)[static_cast<int64_t>(row) * p.n + n] = static_cast<T>(v);
   };
-  // Columns n and n + 1 of one row (the same arithmetic as store, per value); one 4-byte store
-  // where both are in range and the row stride keeps it aligned.
+  // Columns n and n + 1 of one row (the same arithmetic as store, per value, kept apart from it:
+  // the shared per-value helpers tried added branches per value, up to 344 more SASS lines);
+  // one 4-byte store where both are in range and the row stride keeps it aligned.
   const bool even_n = (p.n & 1) == 0;
   auto store_pair = [&](int row, int n, float v0, float v1, float weight) {
     v0 *= gscale;
@@ -268,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
         const float got_lo = __shfl_xor_sync(0xffffffffu, even ? acc[mt][1] : acc[mt][0], 4);
         const float got_hi = __shfl_xor_sync(0xffffffffu, even ? acc[mt][3] : acc[mt][2], 4);
         const int slot = mt * 8 + 2 * t + (even ? 0 : 1);
-        const int row = kMoe ? tile_rows[slot] : (slot0 + slot < p.rows_out ? slot0 + slot : -1);
+        const int row = kMoe ? tile_rows[slot] : slot_row<false>(p, slot0 + slot);
         if (row < 0) continue;
         store_pair(row, n0, even ? acc[mt][0] : got_lo, even ? got_lo : acc[mt][1], weight[mt]);
         store_pair(row, n0 + 8, even ? acc[mt][2] : got_hi, even ? got_hi : acc[mt][3],
