@@ -1,11 +1,15 @@
 // Kernel-only timing of the dense NVFP4 kernel without JAX (not a test), for variants built with
-// -D JAX_NVFP4_CHUNKS_PER_STAGE / JAX_NVFP4_DECODE_STAGES and for ncu:
+// -D JAX_NVFP4_CHUNKS_PER_STAGE / JAX_NVFP4_DECODE_STAGES / JAX_NVFP4_ROW_STAGES /
+// JAX_NVFP4_SINGLE_ROW (the knobs of nvfp4_tile.cuh and nvfp4_kernel.cuh; lab_defines.sh builds
+// and times several at once) and for ncu:
 //   nvcc -std=c++17 -O3 -arch=sm_90a -I csrc benchmarks/kernel_lab.cu -o lab &&
 //   ./lab K N M [splits [k_slices [tiles_per_block]]]
 // Weights and scales are random bytes in COPIES rotating buffers (more than L2 holds); each
 // timed call is the kernel (plus the ticket memset where the splits do not reduce in a
 // cluster), as in the FFI handler. Prints the median
 // microseconds per call over TRIALS trials of COPIES calls, timed with CUDA events.
+// LAB_READ_ONLY=1: instead of the GEMM, a bare read of the same weight and scale bytes (16-byte
+// loads, 4 in flight per thread, one wave of blocks): the floor a single launch can reach.
 #include <cstdio>
 #include <cstdlib>
 #include <algorithm>
@@ -33,6 +37,31 @@ __global__ void fill_random(uint32_t *p, size_t n, uint32_t seed) {
 __global__ void fill_x(__nv_bfloat16 *p, size_t n) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
     p[i] = __float2bfloat16(float(int(i % 17) - 8) * 0.125f);
+}
+
+// Reads n 16-byte words (grid-stride, 4 independent loads in flight per thread); the sum only
+// keeps the loads alive.
+__global__ void read_only(const uint4 *__restrict__ a, size_t na, const uint4 *__restrict__ b,
+                          size_t nb, uint32_t *sink) {
+  uint32_t acc = 0;
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  for (int part = 0; part < 2; ++part) {
+    const uint4 *p = part == 0 ? a : b;
+    const size_t n = part == 0 ? na : nb;
+    size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x;
+    for (; i + 3 * stride < n; i += 4 * stride) {
+      uint4 v[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[j] = __ldcs(p + i + j * stride);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc += v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
+    }
+    for (; i < n; i += stride) {
+      const uint4 v = __ldcs(p + i);
+      acc += v.x ^ v.y ^ v.z ^ v.w;
+    }
+  }
+  if (acc == 0x9E3779B9u) *sink = acc;
 }
 
 int main(int argc, char **argv) {
@@ -88,7 +117,15 @@ int main(int argc, char **argv) {
   // default stream.
   cudaStream_t stream;
   CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const bool read_only_mode = std::getenv("LAB_READ_ONLY") != nullptr;
   auto call = [&](int c) {
+    if (read_only_mode) {
+      read_only<<<sms * 8, 256, 0, stream>>>(static_cast<const uint4 *>(w[c]), size_t(n16) * k64 * 32,
+                                             static_cast<const uint4 *>(s[c]), sbytes / 16,
+                                             reinterpret_cast<uint32_t *>(ws));
+      CHECK(cudaGetLastError());
+      return;
+    }
     p.qweight = static_cast<const uint4 *>(w[c]);
     p.qscales = static_cast<const uint4 *>(s[c]);
     if (splits > 1 && !p.cluster) CHECK(cudaMemsetAsync(p.tickets, 0, tickets, stream));
@@ -110,7 +147,12 @@ int main(int argc, char **argv) {
     t.push_back(ms * 1e3f / copies);
   }
   std::sort(t.begin(), t.end());
+  if (k_slices == kDecodeKSlices && m == 1 && JAX_NVFP4_SINGLE_ROW)
+    std::printf("[single-row block: %d stages, %d blocks/SM] ",
+                TileConfig<1, kDecodeKSlices, 1>::kStages,
+                blocks_per_sm_typed<__nv_bfloat16, 1, false, kDecodeKSlices, 1>());
   const double bytes = double(n) * k / 2 + double(n) * k / 16;
+  if (read_only_mode) std::printf("[bare read of the weight bytes] ");
   std::printf("K=%d N=%d M=%d chunks/stage=%d stages=%d splits=%d k_slices=%d tiles/block=%d%s "
               "blocks/SM=%d: %.1f us (%.0f GB/s, %.0f TFLOP/s)\n",
               k, n, m, kChunksPerStage, TileConfig<1>::kStages, splits, k_slices, tiles_per_block,

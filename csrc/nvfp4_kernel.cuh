@@ -120,10 +120,13 @@ __device__ __forceinline__ int slot_row(const GemmParams &p, int slot) {
 
 // KS > 1 (k-slices inside the block, nvfp4_tile.cuh) is launched with splits = 1 only: the
 // block's warps already cover the whole K range, and the cross-block reductions are compiled out.
-template <typename T, int MT, bool kMoe, int KS = 1>
+// XR < 8 * MT (x rows held, nvfp4_tile.cuh TileConfig) is launched for dense tiles of at most XR
+// rows only (launch_typed checks): the epilogue reads rows through slot_row, never tile_rows.
+template <typename T, int MT, bool kMoe, int KS = 1, int XR = 8 * MT>
 __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) nvfp4_kernel(const GemmParams p) {
+  static_assert(!kMoe || XR == 8 * MT, "the grouped GEMM's tiles hold 8 * MT rows");
   using Tr = Half2Traits<T>;
-  using Cfg = TileConfig<MT, KS>;
+  using Cfg = TileConfig<MT, KS, XR>;
   constexpr int NT = Cfg::kTilesPerBlock;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -366,7 +369,7 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
   };
 
   const int64_t expert_off = static_cast<int64_t>(expert) * p.n16 * p.k64;
-  tile_mainloop<T, MT, KS>(p.qweight + expert_off * 32, p.qscales + expert_off * 4, p.n16, p.k64, xsrc,
+  tile_mainloop<T, MT, KS, XR>(p.qweight + expert_off * 32, p.qscales + expert_off * 4, p.n16, p.k64, xsrc,
                        p.x, p.k, units_per_tile, u_begin, u_end, epilogue);
 }
 
@@ -375,20 +378,20 @@ inline int64_t ticket_bytes(int64_t token_tiles, int64_t n_blocks) {
 }
 
 // Above 48 KB of dynamic shared memory a kernel must opt in, once per process and device.
-template <typename T, int MT, bool kMoe, int KS = 1>
+template <typename T, int MT, bool kMoe, int KS = 1, int XR = 8 * MT>
 cudaError_t allow_shared_memory() {
   static const cudaError_t once = cudaFuncSetAttribute(
-      nvfp4_kernel<T, MT, kMoe, KS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      TileConfig<MT, KS>::kSmemBytes);
+      nvfp4_kernel<T, MT, kMoe, KS, XR>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      TileConfig<MT, KS, XR>::kSmemBytes);
   return once;
 }
 
 // The SASS version of the code the runtime loaded for this instantiation (90 for sm_90 code),
 // 0 if it cannot say.
-template <typename T, int MT, bool kMoe, int KS>
+template <typename T, int MT, bool kMoe, int KS, int XR = 8 * MT>
 int loaded_binary_version() {
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, nvfp4_kernel<T, MT, kMoe, KS>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, nvfp4_kernel<T, MT, kMoe, KS, XR>) != cudaSuccess) {
     cudaGetLastError();  // not the next launch's error
     return 0;
   }
@@ -443,22 +446,23 @@ int cluster_limit_typed() {
 // (programmatic dependent launch): only where the loaded code is sm_90 or newer, so that it
 // holds the griddepcontrol.wait that makes the overlap safe, and unless JAX_NVFP4_PDL=0 (an
 // escape hatch and the A/B switch of the benchmarks). One answer per process.
-template <typename T, int MT, bool kMoe, int KS>
+template <typename T, int MT, bool kMoe, int KS, int XR>
 bool pdl_allowed() {
   static const bool allowed = [] {
     const char *env = std::getenv("JAX_NVFP4_PDL");
     if (env != nullptr && std::string(env) == "0") return false;
-    return loaded_binary_version<T, MT, kMoe, KS>() >= 90;
+    return loaded_binary_version<T, MT, kMoe, KS, XR>() >= 90;
   }();
   return allowed;
 }
 
-template <typename T, int MT, bool kMoe, int KS>
+template <typename T, int MT, bool kMoe, int KS, int XR = 8 * MT>
 cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stream) {
   static_assert(TileConfig<MT>::kSmemBytes >= (kThreads + kMaxClusterSplits) * MT * 16,
                 "the cluster reduction reuses the pipeline ring as its receive buffer");
   if (KS > 1 && p.splits != 1) return cudaErrorInvalidConfiguration;
-  if (cudaError_t e = allow_shared_memory<T, MT, kMoe, KS>(); e != cudaSuccess) return e;
+  if (XR < 8 * MT && (token_tiles != 1 || p.rows_out > XR)) return cudaErrorInvalidConfiguration;
+  if (cudaError_t e = allow_shared_memory<T, MT, kMoe, KS, XR>(); e != cudaSuccess) return e;
   cudaLaunchAttribute at[2];
   unsigned n_at = 0;
   if (KS == 1 && p.cluster && p.splits > 1) {
@@ -469,7 +473,7 @@ cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stre
     at[n_at].val.clusterDim.z = 1;
     ++n_at;
   }
-  if (pdl_allowed<T, MT, kMoe, KS>()) {
+  if (pdl_allowed<T, MT, kMoe, KS, XR>()) {
     at[n_at].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     at[n_at].val.programmaticStreamSerializationAllowed = 1;
     ++n_at;
@@ -481,11 +485,11 @@ cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stre
   const int tiles = (p.n16 + NT - 1) / NT;
   cfg.gridDim = dim3((tiles + p.tiles_per_block - 1) / p.tiles_per_block, p.splits, token_tiles);
   cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = TileConfig<MT, KS>::kSmemBytes;
+  cfg.dynamicSmemBytes = TileConfig<MT, KS, XR>::kSmemBytes;
   cfg.stream = stream;
   cfg.attrs = at;
   cfg.numAttrs = n_at;
-  return cudaLaunchKernelEx(&cfg, nvfp4_kernel<T, MT, kMoe, KS>, p);
+  return cudaLaunchKernelEx(&cfg, nvfp4_kernel<T, MT, kMoe, KS, XR>, p);
 }
 
 // k_slices = kDecodeKSlices exists at m_tile 1 (decode) for the dense and the grouped kernel,
@@ -493,9 +497,21 @@ cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stre
 // (ops/dense.py choose_k_slices and ops/moe.py choose_moe_k_slices say when).
 constexpr int kDecodeKSlices = 8;
 
+// One token (dense M = 1) runs the k-sliced block whose x tile holds that row alone, a deeper
+// ring in the same shared memory (JAX_NVFP4_SINGLE_ROW=0 at compile time: the 8-row tile, for
+// A/B timing in kernel_lab). Same sums in the same order: the outputs are bitwise those of the
+// 8-row tile.
+#ifndef JAX_NVFP4_SINGLE_ROW
+#define JAX_NVFP4_SINGLE_ROW 1
+#endif
 template <bool kMoe>
 cudaError_t launch(const GemmParams &p, bool bf16, int mt, int token_tiles, cudaStream_t stream,
                    int k_slices = 1) {
+  if constexpr (!kMoe && JAX_NVFP4_SINGLE_ROW) {
+    if (k_slices == kDecodeKSlices && mt == 1 && token_tiles == 1 && p.rows_out == 1)
+      return bf16 ? launch_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices, 1>(p, token_tiles, stream)
+                  : launch_typed<__half, 1, kMoe, kDecodeKSlices, 1>(p, token_tiles, stream);
+  }
   if (k_slices == kDecodeKSlices && mt == 1)
     return bf16 ? launch_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices>(p, token_tiles, stream)
                 : launch_typed<__half, 1, kMoe, kDecodeKSlices>(p, token_tiles, stream);
@@ -531,12 +547,12 @@ int cluster_limit(int mt, bool bf16) {
 #undef JAX_NVFP4_LIMIT
 }
 
-template <typename T, int MT, bool kMoe, int KS>
+template <typename T, int MT, bool kMoe, int KS, int XR = 8 * MT>
 int blocks_per_sm_typed() {
-  if (allow_shared_memory<T, MT, kMoe, KS>() != cudaSuccess) return 0;
+  if (allow_shared_memory<T, MT, kMoe, KS, XR>() != cudaSuccess) return 0;
   int blocks = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, nvfp4_kernel<T, MT, kMoe, KS>,
-                                                    kThreads, TileConfig<MT, KS>::kSmemBytes) !=
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, nvfp4_kernel<T, MT, kMoe, KS, XR>,
+                                                    kThreads, TileConfig<MT, KS, XR>::kSmemBytes) !=
       cudaSuccess) {
     cudaGetLastError();  // not the next launch's error
     return 0;

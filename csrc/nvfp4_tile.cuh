@@ -116,31 +116,47 @@ constexpr int kThreads = kWarps * 32;
 #ifndef JAX_NVFP4_KSLICE_CHUNKS_MT2
 #define JAX_NVFP4_KSLICE_CHUNKS_MT2 2
 #endif
+// Ring depth of the single-row k-sliced block (M = 1, TileConfig XR = 1): its stage is 22 KB
+// instead of 50 KB, so four stages still leave two blocks per SM.
+#ifndef JAX_NVFP4_ROW_STAGES
+#define JAX_NVFP4_ROW_STAGES 4
+#endif
 constexpr int kChunksPerStage = JAX_NVFP4_CHUNKS_PER_STAGE;  // k64 chunks per stage ("unit")
 
 // MT: token tiles of 8 rows per block. KS: k-slices per block: the 8 warps are KS groups that
 // split each unit's K range (warp w works on N tile w % (8 / KS) of the block, slice w / (8 / KS))
 // and add their partial sums in shared memory, so a block covers 8 / KS N tiles (1 for KS = 8).
-template <int MT, int KS = 1>
+// XR: token rows the x tile holds (8 * MT, or fewer at m_tile 1 where the launch knows the tile
+// has no more rows: M = 1). The MMA still reads 8 rows; rows from XR on come from one zero row
+// after the ring, so a stage shrinks to the weights and the real rows, and the ring deepens.
+template <int MT, int KS = 1, int XR = 8 * MT>
 struct TileConfig {
   static_assert(KS == 1 || KS == 2 || KS == 4 || KS == 8, "k-slices must divide the 8 warps");
+  static_assert(XR == 8 * MT || (MT == 1 && (XR == 1 || XR == 2 || XR == 4)),
+                "fewer x rows than the tile: m_tile 1 only, 1, 2 or 4 rows");
+  static constexpr bool kRowsShort = XR < 8 * MT;
   static constexpr int kTilesPerBlock = kWarps / KS;
   // k64 chunks of one warp's slice of a unit, and of the whole unit.
   static constexpr int kChunksPerSlice =
       KS == 1 ? kChunksPerStage : MT == 1 ? JAX_NVFP4_KSLICE_CHUNKS : JAX_NVFP4_KSLICE_CHUNKS_MT2;
   static constexpr int kChunksPerUnit = KS * kChunksPerSlice;
   // Deeper rings where a stage is small (decode): more bytes in flight per SM.
-  static constexpr int kStages = MT <= 2 ? JAX_NVFP4_DECODE_STAGES : MT == 4 ? 3 : JAX_NVFP4_MT8_STAGES;
+  static constexpr int kStages = kRowsShort ? JAX_NVFP4_ROW_STAGES
+                                : MT <= 2   ? JAX_NVFP4_DECODE_STAGES
+                                : MT == 4   ? 3
+                                            : JAX_NVFP4_MT8_STAGES;
   static constexpr int kWBytes = kChunksPerSlice * kWarps * 512;
   static constexpr int kSBytes = kWarps * kChunksPerSlice * 64;
   static constexpr int kXRowBytes = kChunksPerUnit * 128;
-  static constexpr int kXBytes = 8 * MT * kXRowBytes;
+  static constexpr int kXRows = XR;
+  static constexpr int kXBytes = kXRows * kXRowBytes;
   static constexpr int kStageBytes = kWBytes + kSBytes + kXBytes;
-  static constexpr int kSmemBytes = kStages * kStageBytes;   // above 48 KB: opt-in at launch
-  static constexpr int kXRows = 8 * MT;
+  // The zero row (128 bytes) that the MMA reads for rows from XR on, after the ring.
+  static constexpr int kZeroRowOffset = kStages * kStageBytes;
+  static constexpr int kSmemBytes = kZeroRowOffset + (kRowsShort ? 128 : 0);  // > 48 KB: opt-in
   static constexpr int kXChunkBytes = kXRows * 128;            // one k64 chunk of every row
   static constexpr int kXPiecesPerRow = kXRowBytes / 16;
-  static constexpr int kXPieces = 8 * MT * kXPiecesPerRow;   // 16-byte pieces of an x tile
+  static constexpr int kXPieces = kXRows * kXPiecesPerRow;   // 16-byte pieces of an x tile
   static constexpr int kXPerThread = (kXPieces + kThreads - 1) / kThreads;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory above the sm_80/sm_90 limit");
   static_assert(kXPieces % kThreads == 0 || kXPieces < kThreads, "x pieces must tile the block");
@@ -437,12 +453,12 @@ __device__ __forceinline__ void weight_fragment(const ChunkFragments &f, int j, 
 //          (or null for a row that holds no token); piece p = threadIdx.x + i * kThreads covers
 //          row p / kXPiecesPerRow, piece q = p % kXPiecesPerRow
 //   x_any: any valid global address (a zero-filling copy still names a source)
-template <typename T, int MT, int KS, typename Epilogue>
+template <typename T, int MT, int KS, int XR, typename Epilogue>
 __device__ __forceinline__ void tile_mainloop(
     const uint4 *__restrict__ qweight, const uint4 *__restrict__ qscales, int n16, int k64,
-    const T *const (&xsrc)[TileConfig<MT, KS>::kXPerThread], const void *x_any, int k,
+    const T *const (&xsrc)[TileConfig<MT, KS, XR>::kXPerThread], const void *x_any, int k,
     int units_per_tile, int u_begin, int u_end, Epilogue &&epilogue) {
-  using Cfg = TileConfig<MT, KS>;
+  using Cfg = TileConfig<MT, KS, XR>;
   constexpr int S = Cfg::kStages;
   constexpr int KC = Cfg::kChunksPerSlice;
   constexpr int NT = Cfg::kTilesPerBlock;
@@ -528,17 +544,25 @@ __device__ __forceinline__ void tile_mainloop(
     }
   };
 
-  // ldmatrix row addresses of this lane (relative to a stage's x tile) for k16 pairs 0-1, 2-3
-  // of chunk kc of its slice: matrix lane / 8 is piece 4 * (2 (slice * KC + kc) + jp) + lane / 8
-  // of row lane % 8.
+  // ldmatrix row addresses of this lane (relative to a stage) for k16 pairs 0-1, 2-3 of chunk
+  // kc of its slice: matrix lane / 8 is piece 4 * (2 (slice * KC + kc) + jp) + lane / 8 of row
+  // lane % 8. A row the tile does not hold (XR <= lane % 8) reads the zero row instead, relative
+  // to the start of shared memory, at the piece its swizzle names: the 8 lanes of a matrix still
+  // hit 8 distinct 16-byte bank groups (no conflict with the real row's piece).
+  const bool real_row = (lane & 7) < XR;
   uint32_t x_ld[KC][2];
 #pragma unroll
   for (int kc = 0; kc < KC; ++kc)
 #pragma unroll
     for (int jp = 0; jp < 2; ++jp) {
       const int r = lane & 7, q = 8 * (slice * KC + kc) + 4 * jp + (lane >> 3);
-      x_ld[kc][jp] = Cfg::kWBytes + Cfg::kSBytes + Cfg::x_offset(r, q);
+      x_ld[kc][jp] = real_row ? Cfg::kWBytes + Cfg::kSBytes + Cfg::x_offset(r, q)
+                              : Cfg::kZeroRowOffset + (((q ^ r) & 7) << 4);
     }
+  if constexpr (Cfg::kRowsShort) {
+    if (threadIdx.x < 8)  // ordered before every read by the main loop's first barrier
+      *reinterpret_cast<uint4 *>(smem + Cfg::kZeroRowOffset + threadIdx.x * 16) = make_uint4(0, 0, 0, 0);
+  }
 
   const int units = u_end - u_begin;
   uint32_t load_stage = 0;
@@ -592,7 +616,8 @@ __device__ __forceinline__ void tile_mainloop(
       }
     } else if (tile * NT + sub < n16) {
       const unsigned char *st = smem + stage;
-      const uint32_t x_stage = smem_base + stage;
+      // Rows the tile does not hold are addressed from the start of shared memory (zero row).
+      const uint32_t x_stage = smem_base + (real_row ? stage : 0u);
 #pragma unroll
       for (int kc = 0; kc < KC; ++kc) {
         const ChunkFragments f = load_chunk<T, KC>(st, kc, Cfg::kWBytes, warp, g);

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device call's worth of work (run on the GPU machine from the repo root, output under $OUT):
+#   bash benchmarks/device_run.sh build         the extension for sm_90a (pip, no network)
+#   bash benchmarks/device_run.sh test FILES..  pytest on the given GPU test files
+#   bash benchmarks/device_run.sh bench ARGS..  benchmarks/bench_dense.py ARGS
+# Steps can be chained: device_run.sh build && device_run.sh test tests/test_dense_gpu.py
+set -uo pipefail
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+step=$1; shift
+case "$step" in
+  build)
+    start=$(date +%s)
+    JAX_NVFP4_CUDA_ARCHS=90a python3 -m pip install -q --no-build-isolation --no-deps -e . \
+      > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+    echo "[device_run] built in $(( $(date +%s) - start )) s"
+    python3 -c 'import jax, jax_nvfp4._C as c; print(jax.devices(), c.built_with_cuda())' ;;
+  test)
+    python3 -m pytest -q -ra -p no:cacheprovider "$@" 2>&1 | tee "$out/test_$(date +%s).log" | tail -25 ;;
+  bench)
+    python3 benchmarks/bench_dense.py "$@" 2>&1 | tee "$out/bench_$(date +%s).log" ;;
+  *) echo "unknown step $step"; exit 2 ;;
+esac
