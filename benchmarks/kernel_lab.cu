@@ -147,10 +147,16 @@ int main(int argc, char **argv) {
     t.push_back(ms * 1e3f / copies);
   }
   std::sort(t.begin(), t.end());
-  if (k_slices == kDecodeKSlices && m == 1 && JAX_NVFP4_SINGLE_ROW)
-    std::printf("[single-row block: %d stages, %d blocks/SM] ",
-                TileConfig<1, kDecodeKSlices, 1>::kStages,
-                blocks_per_sm_typed<__nv_bfloat16, 1, false, kDecodeKSlices, 1>());
+  if (k_slices == kDecodeKSlices && m <= 4 && JAX_NVFP4_SINGLE_ROW) {
+    const int xr = m == 1 ? 1 : m == 2 ? 2 : 4;
+    const int stages = xr == 1 ? TileConfig<1, kDecodeKSlices, 1>::kStages
+                       : xr == 2 ? TileConfig<1, kDecodeKSlices, 2>::kStages
+                                 : TileConfig<1, kDecodeKSlices, 4>::kStages;
+    const int resident = xr == 1 ? blocks_per_sm_typed<__nv_bfloat16, 1, false, kDecodeKSlices, 1>()
+                         : xr == 2 ? blocks_per_sm_typed<__nv_bfloat16, 1, false, kDecodeKSlices, 2>()
+                                   : blocks_per_sm_typed<__nv_bfloat16, 1, false, kDecodeKSlices, 4>();
+    std::printf("[%d-row block: %d stages, %d blocks/SM] ", xr, stages, resident);
+  }
   const double bytes = double(n) * k / 2 + double(n) * k / 16;
   if (read_only_mode) std::printf("[bare read of the weight bytes] ");
   std::printf("K=%d N=%d M=%d chunks/stage=%d stages=%d splits=%d k_slices=%d tiles/block=%d%s "

@@ -497,20 +497,31 @@ cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stre
 // (ops/dense.py choose_k_slices and ops/moe.py choose_moe_k_slices say when).
 constexpr int kDecodeKSlices = 8;
 
-// One token (dense M = 1) runs the k-sliced block whose x tile holds that row alone, a deeper
-// ring in the same shared memory (JAX_NVFP4_SINGLE_ROW=0 at compile time: the 8-row tile, for
-// A/B timing in kernel_lab). Same sums in the same order: the outputs are bitwise those of the
-// 8-row tile.
+// Dense decode with 1, 2 or 3-4 tokens runs the k-sliced block whose x tile holds 1, 2 or 4
+// rows, a deeper ring in the same shared memory (JAX_NVFP4_SINGLE_ROW=0 at compile time: the
+// 8-row tile, for A/B timing in kernel_lab). Same sums in the same order: the outputs are
+// bitwise those of the 8-row tile.
 #ifndef JAX_NVFP4_SINGLE_ROW
 #define JAX_NVFP4_SINGLE_ROW 1
 #endif
+template <bool kMoe, typename T, int XR>
+cudaError_t launch_rows(const GemmParams &p, int token_tiles, cudaStream_t stream) {
+  return launch_typed<T, 1, kMoe, kDecodeKSlices, XR>(p, token_tiles, stream);
+}
 template <bool kMoe>
 cudaError_t launch(const GemmParams &p, bool bf16, int mt, int token_tiles, cudaStream_t stream,
                    int k_slices = 1) {
   if constexpr (!kMoe && JAX_NVFP4_SINGLE_ROW) {
-    if (k_slices == kDecodeKSlices && mt == 1 && token_tiles == 1 && p.rows_out == 1)
-      return bf16 ? launch_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices, 1>(p, token_tiles, stream)
-                  : launch_typed<__half, 1, kMoe, kDecodeKSlices, 1>(p, token_tiles, stream);
+    if (k_slices == kDecodeKSlices && mt == 1 && token_tiles == 1 && p.rows_out <= 4) {
+      if (p.rows_out == 1)
+        return bf16 ? launch_rows<kMoe, __nv_bfloat16, 1>(p, token_tiles, stream)
+                    : launch_rows<kMoe, __half, 1>(p, token_tiles, stream);
+      if (p.rows_out == 2)
+        return bf16 ? launch_rows<kMoe, __nv_bfloat16, 2>(p, token_tiles, stream)
+                    : launch_rows<kMoe, __half, 2>(p, token_tiles, stream);
+      return bf16 ? launch_rows<kMoe, __nv_bfloat16, 4>(p, token_tiles, stream)
+                  : launch_rows<kMoe, __half, 4>(p, token_tiles, stream);
+    }
   }
   if (k_slices == kDecodeKSlices && mt == 1)
     return bf16 ? launch_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices>(p, token_tiles, stream)

@@ -116,19 +116,24 @@ constexpr int kThreads = kWarps * 32;
 #ifndef JAX_NVFP4_KSLICE_CHUNKS_MT2
 #define JAX_NVFP4_KSLICE_CHUNKS_MT2 2
 #endif
-// Ring depth of the single-row k-sliced block (M = 1, TileConfig XR = 1): its stage is 22 KB
-// instead of 50 KB, so four stages still leave two blocks per SM.
+// Most stages of a k-sliced block that holds fewer x rows than its tile (M <= 4, TileConfig
+// XR < 8): its stage is 22 / 26 / 34 KB for 1 / 2 / 4 rows instead of 50 KB, so the ring
+// deepens to as many stages (at most this many) as leave two blocks per SM.
 #ifndef JAX_NVFP4_ROW_STAGES
 #define JAX_NVFP4_ROW_STAGES 4
 #endif
+// Dynamic shared memory of one of two blocks per SM (228 KB per SM on sm_90, 1 KB reserved per
+// block, 4-6 KB of the k-sliced kernel's static arrays).
+constexpr int kTwoBlockSmemBytes = 108 * 1024;
 constexpr int kChunksPerStage = JAX_NVFP4_CHUNKS_PER_STAGE;  // k64 chunks per stage ("unit")
 
 // MT: token tiles of 8 rows per block. KS: k-slices per block: the 8 warps are KS groups that
 // split each unit's K range (warp w works on N tile w % (8 / KS) of the block, slice w / (8 / KS))
 // and add their partial sums in shared memory, so a block covers 8 / KS N tiles (1 for KS = 8).
 // XR: token rows the x tile holds (8 * MT, or fewer at m_tile 1 where the launch knows the tile
-// has no more rows: M = 1). The MMA still reads 8 rows; rows from XR on come from one zero row
-// after the ring, so a stage shrinks to the weights and the real rows, and the ring deepens.
+// has no more rows: dense M <= 4). The MMA still reads 8 rows; rows from XR on come from one
+// zero row after the ring, so a stage shrinks to the weights and the real rows, and the ring
+// deepens.
 template <int MT, int KS = 1, int XR = 8 * MT>
 struct TileConfig {
   static_assert(KS == 1 || KS == 2 || KS == 4 || KS == 8, "k-slices must divide the 8 warps");
@@ -141,16 +146,20 @@ struct TileConfig {
       KS == 1 ? kChunksPerStage : MT == 1 ? JAX_NVFP4_KSLICE_CHUNKS : JAX_NVFP4_KSLICE_CHUNKS_MT2;
   static constexpr int kChunksPerUnit = KS * kChunksPerSlice;
   // Deeper rings where a stage is small (decode): more bytes in flight per SM.
-  static constexpr int kStages = kRowsShort ? JAX_NVFP4_ROW_STAGES
-                                : MT <= 2   ? JAX_NVFP4_DECODE_STAGES
-                                : MT == 4   ? 3
-                                            : JAX_NVFP4_MT8_STAGES;
   static constexpr int kWBytes = kChunksPerSlice * kWarps * 512;
   static constexpr int kSBytes = kWarps * kChunksPerSlice * 64;
   static constexpr int kXRowBytes = kChunksPerUnit * 128;
   static constexpr int kXRows = XR;
   static constexpr int kXBytes = kXRows * kXRowBytes;
   static constexpr int kStageBytes = kWBytes + kSBytes + kXBytes;
+  static constexpr int kRowStages = kTwoBlockSmemBytes / (kStageBytes + 128) < JAX_NVFP4_ROW_STAGES
+                                        ? kTwoBlockSmemBytes / (kStageBytes + 128)
+                                        : JAX_NVFP4_ROW_STAGES;
+  static constexpr int kStages = kRowsShort ? kRowStages
+                                : MT <= 2   ? JAX_NVFP4_DECODE_STAGES
+                                : MT == 4   ? 3
+                                            : JAX_NVFP4_MT8_STAGES;
+  static_assert(kStages >= 2, "the ring needs two stages");
   // The zero row (128 bytes) that the MMA reads for rows from XR on, after the ring.
   static constexpr int kZeroRowOffset = kStages * kStageBytes;
   static constexpr int kSmemBytes = kZeroRowOffset + (kRowsShort ? 128 : 0);  // > 48 KB: opt-in

@@ -288,27 +288,27 @@ def test_k_sliced_launch_matches_reference(rng, m, n, k, tiles_per_block, dtype)
     (4096, 14336, 4), (1000, 4160, 3), (520, 80, 1), (136, 16384, 1), (8200, 2048, 7),
     (24, 2064, 2)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_single_token_block_matches_the_eight_row_tile_bitwise(rng, n, k, tiles_per_block,
-                                                               dtype):
-  """M = 1 runs the k-sliced block whose x tile holds one row (the other 7 MMA rows read a zero
-  row, a deeper ring); M = 2 the 8-row tile. Row 0 of both is the same sums in the same order:
-  bitwise equal, and within 5e-3 of float64 (N not a multiple of the tile, K = 80 leaving
-  slices empty, K ending mid-unit, ragged last block, bias)."""
+def test_short_token_blocks_match_the_eight_row_tile_bitwise(rng, n, k, tiles_per_block, dtype):
+  """M = 1, 2, 3-4 run k-sliced blocks whose x tile holds 1, 2, 4 rows (the other MMA rows read
+  a zero row; a deeper ring); M = 8 the 8-row tile. The first M rows of both are the same sums
+  in the same order: bitwise equal, and within 5e-3 of float64 (N not a multiple of the tile,
+  K = 80 leaving slices empty, K ending mid-unit, ragged last block, bias)."""
   w = random_weight(rng, n, k)
   p = nf.prepare(w)
-  x2 = jnp.asarray(rng.standard_normal((2, k)), dtype)
+  x8 = jnp.asarray(rng.standard_normal((8, k)), dtype)
   bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
   f = jax.jit(lambda xx, q, s, g, bb: dense.nvfp4_gemm_p.bind(
       xx, q, s, g, bb, n=p.n, k=p.k, has_bias=True, splits=1, m_tile=1, cluster=False,
       k_slices=dense.DECODE_K_SLICES, tiles_per_block=tiles_per_block)[0])
-  one = np.asarray(poisoned_call(f, x2[:1], p.qweight, p.qscales, p.global_scale, bias,
-                                 out_shape=(1, n), dtype=dtype), np.float64)
-  two = np.asarray(f(x2, p.qweight, p.qscales, p.global_scale, bias), np.float64)
-  assert np.isfinite(one).all(), "unwritten (NaN-poisoned) outputs"
-  np.testing.assert_array_equal(one[0], two[0])
-  ref = (np.asarray(x2[:1], np.float64) @ npref.dequantize(w.packed, w.scales, w.global_scale).T
+  eight = np.asarray(f(x8, p.qweight, p.qscales, p.global_scale, bias), np.float64)
+  ref = (np.asarray(x8, np.float64) @ npref.dequantize(w.packed, w.scales, w.global_scale).T
          + np.asarray(bias, np.float64))
-  assert rel_l2(one, ref) <= 5e-3
+  for m in (1, 2, 3, 4):
+    got = np.asarray(poisoned_call(f, x8[:m], p.qweight, p.qscales, p.global_scale, bias,
+                                   out_shape=(m, n), dtype=dtype), np.float64)
+    assert np.isfinite(got).all(), f"unwritten (NaN-poisoned) outputs at M = {m}"
+    np.testing.assert_array_equal(got, eight[:m], err_msg=f"M = {m}")
+    assert rel_l2(got, ref[:m]) <= 5e-3
 
 
 @pytest.mark.parametrize("m, n, k", [(1, 4096, 14336), (1, 14336, 4096), (16, 4096, 14336)])
