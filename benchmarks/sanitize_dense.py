@@ -8,11 +8,13 @@ import jax_nvfp4 as nf
 rng = np.random.default_rng(0)
 # (1, 12000, 1024) and (5, 9000, 2048) split K in two and three: a cluster reduction on sm_90.
 # (1, 4000, 4160), (1, 9000, 2048): the k-sliced decode launch (8 warps split K in the block;
-# the second one with 3 N tiles per block, the last block short); (16, 2200, 4160) and
+# the second one with 3 N tiles per block, the last block short) on the 1-row x tile;
+# (2, 4000, 4160) and (3, 9000, 2048) on the 2- and 4-row tiles; (16, 2200, 4160) and
 # (12, 4200, 1088): the same at m_tile 2.
 for m, n, k in [(1, 100, 1664), (7, 33, 48), (17, 2368, 1664), (255, 832, 1408), (3, 512, 8192),
                 (64, 4000, 256), (1, 12000, 1024), (5, 9000, 2048), (1, 4000, 4160),
-                (8, 2200, 1088), (1, 9000, 2048), (16, 2200, 4160), (12, 4200, 1088)]:
+                (8, 2200, 1088), (1, 9000, 2048), (2, 4000, 4160), (3, 9000, 2048),
+                (16, 2200, 4160), (12, 4200, 1088)]:
   for dtype in (jnp.bfloat16, jnp.float16):
     w = nf.quantize(jnp.asarray(rng.standard_normal((n, k)), jnp.float32))
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)

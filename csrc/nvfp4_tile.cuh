@@ -57,7 +57,10 @@
 // third of the instructions with one chunk per stage. A chunk past K64 (odd K64) and x columns
 // past K are zero-filled by the copy itself (src-size 0); weight padding is code 0 with scale 1,
 // so the K tail needs no branch. x rows past M (or padding rows of an MoE block) are never
-// copied: their rows are zeroed once in every stage before the loop.
+// copied: their rows are zeroed once in every stage before the loop. Dense decode with at most
+// 4 tokens goes further (TileConfig XR): the stage holds 1, 2 or 4 x rows, the MMA's other rows
+// read one zero row outside the ring, and the freed shared memory buys a deeper ring (22-34 KB
+// stages, 3-4 deep, instead of 2 x 50 KB): more weight bytes in flight per block.
 //
 // x tile in shared memory (TileConfig::x_offset): chunk-major, row r (a token) of k64 chunk c at
 // c * (8*MT * 128) + r * 128, its 16-byte piece q (8 k values, 0..7) at ((q ^ r) & 7) * 16.
