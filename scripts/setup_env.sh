@@ -79,10 +79,21 @@ PY
   else
     echo "[setup] installing requirements into $VENV"
     "${PIP[@]}" install "${REQS[@]}"
+    # With CUDA 13's nvcc, its disassembler too (NVIDIA's wheels, 6 MB): tests/test_sass.py then
+    # checks the built kernels' machine code (tensor-core instructions, no local memory) on
+    # machines without a CUDA toolkit's cuobjdump, CI's included.
+    if command -v nvcc >/dev/null 2>&1 && ! command -v cuobjdump >/dev/null 2>&1 &&
+       nvcc --version | grep -q "release 13\."; then
+      "${PIP[@]}" install "nvidia-cuda-cuobjdump>=13,<14" "nvidia-cuda-nvdisasm>=13,<14" ||
+        echo "[setup] no cuobjdump wheel: tests/test_sass.py will skip"
+    fi
   fi
   echo "[setup] building jax_nvfp4 (CUDA kernels: $(command -v nvcc >/dev/null && echo "nvcc found" || echo "no nvcc"))"
   "${PIP[@]}" install --no-build-isolation --no-deps -e "$ROOT"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
+for tools in "$VENV"/lib/python*/site-packages/nvidia/cu*/bin; do
+  if [ -x "$tools/cuobjdump" ]; then export PATH="$PATH:$tools"; fi  # after any system one
+done
 PYTHON="$VENV/bin/python"
