@@ -504,23 +504,26 @@ constexpr int kDecodeKSlices = 8;
 #ifndef JAX_NVFP4_SINGLE_ROW
 #define JAX_NVFP4_SINGLE_ROW 1
 #endif
-template <bool kMoe, typename T, int XR>
-cudaError_t launch_rows(const GemmParams &p, int token_tiles, cudaStream_t stream) {
-  return launch_typed<T, 1, kMoe, kDecodeKSlices, XR>(p, token_tiles, stream);
+// The x rows of the short tile for a dense decode launch of `rows` tokens (0: the 8-row tile).
+inline int short_tile_rows(int rows) {
+  return !JAX_NVFP4_SINGLE_ROW ? 0 : rows <= 1 ? 1 : rows == 2 ? 2 : rows <= 4 ? 4 : 0;
+}
+template <bool kMoe, int XR>
+cudaError_t launch_short(const GemmParams &p, bool bf16, int token_tiles, cudaStream_t stream) {
+  return bf16 ? launch_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices, XR>(p, token_tiles, stream)
+              : launch_typed<__half, 1, kMoe, kDecodeKSlices, XR>(p, token_tiles, stream);
 }
 template <bool kMoe>
 cudaError_t launch(const GemmParams &p, bool bf16, int mt, int token_tiles, cudaStream_t stream,
                    int k_slices = 1) {
-  if constexpr (!kMoe && JAX_NVFP4_SINGLE_ROW) {
-    if (k_slices == kDecodeKSlices && mt == 1 && token_tiles == 1 && p.rows_out <= 4) {
-      if (p.rows_out == 1)
-        return bf16 ? launch_rows<kMoe, __nv_bfloat16, 1>(p, token_tiles, stream)
-                    : launch_rows<kMoe, __half, 1>(p, token_tiles, stream);
-      if (p.rows_out == 2)
-        return bf16 ? launch_rows<kMoe, __nv_bfloat16, 2>(p, token_tiles, stream)
-                    : launch_rows<kMoe, __half, 2>(p, token_tiles, stream);
-      return bf16 ? launch_rows<kMoe, __nv_bfloat16, 4>(p, token_tiles, stream)
-                  : launch_rows<kMoe, __half, 4>(p, token_tiles, stream);
+  if constexpr (!kMoe) {
+    if (k_slices == kDecodeKSlices && mt == 1 && token_tiles == 1) {
+      switch (short_tile_rows(p.rows_out)) {
+        case 1: return launch_short<kMoe, 1>(p, bf16, token_tiles, stream);
+        case 2: return launch_short<kMoe, 2>(p, bf16, token_tiles, stream);
+        case 4: return launch_short<kMoe, 4>(p, bf16, token_tiles, stream);
+        default: break;  // 5-8 rows: the 8-row tile below
+      }
     }
   }
   if (k_slices == kDecodeKSlices && mt == 1)

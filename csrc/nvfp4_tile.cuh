@@ -63,7 +63,7 @@
 // stages, 3-4 deep, instead of 2 x 50 KB): more weight bytes in flight per block.
 //
 // x tile in shared memory (TileConfig::x_offset): chunk-major, row r (a token) of k64 chunk c at
-// c * (8*MT * 128) + r * 128, its 16-byte piece q (8 k values, 0..7) at ((q ^ r) & 7) * 16.
+// c * (kXRows * 128) + r * 128, its 16-byte piece q (8 k values, 0..7) at ((q ^ r) & 7) * 16.
 // ldmatrix.x4 then reads eight rows of one piece column without bank conflicts and hands each
 // lane exactly b[0], b[1] of two k16 steps; and eight rows of a chunk are one 1024-byte atom of
 // the 128-byte swizzle, which is how wgmma reads B from shared memory.
@@ -155,8 +155,10 @@ struct TileConfig {
   static constexpr int kXRows = XR;
   static constexpr int kXBytes = kXRows * kXRowBytes;
   static constexpr int kStageBytes = kWBytes + kSBytes + kXBytes;
-  static constexpr int kRowStages = kTwoBlockSmemBytes / (kStageBytes + 128) < JAX_NVFP4_ROW_STAGES
-                                        ? kTwoBlockSmemBytes / (kStageBytes + 128)
+  // Short tiles: as many stages as fit beside the zero row in kTwoBlockSmemBytes, at most
+  // JAX_NVFP4_ROW_STAGES.
+  static constexpr int kRowStages = (kTwoBlockSmemBytes - 128) / kStageBytes < JAX_NVFP4_ROW_STAGES
+                                        ? (kTwoBlockSmemBytes - 128) / kStageBytes
                                         : JAX_NVFP4_ROW_STAGES;
   static constexpr int kStages = kRowsShort ? kRowStages
                                 : MT <= 2   ? JAX_NVFP4_DECODE_STAGES
