@@ -12,8 +12,11 @@ durations per layer by kind (our GEMMs, our alignment, memsets, XLA's kernels), 
 launches per layer, ``by_name_us`` = the same per kernel (XLA's per-copy numbering removed).
 Median of three executions. Variants (``--variants``): ``fused_moe`` (the
 library's layer), ``unsliced`` (the same layer compiled with the grouped GEMM's k-slices off: the
-v6 launch, K split across blocks only; the A/B of NOTES_moe.md v7) and ``one_tile`` (one N block
-per block at prefill: the A/B of NOTES_moe.md v8). Large T works too (``--tokens 1024,4096``).
+v6 launch, K split across blocks only; the A/B of NOTES_moe.md v7), ``one_tile`` (one N block
+per block at prefill: the A/B of NOTES_moe.md v8), ``eight_rows`` (no ``expert_rows`` hint: the
+k-sliced decode block holds 8 x rows, not 1-4; NOTES_moe.md v11), ``ksliced`` (k-slices at
+every block_m-8 GEMM, whatever the rule says) and ``ksliced_eight_rows`` (both). Large T works
+too (``--tokens 1024,4096``).
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+import jax_nvfp4 as nf
 from jax_nvfp4.bench import moe as bench_moe
-from jax_nvfp4.bench.common import gpu_events, many
+from jax_nvfp4.bench.common import copy_bandwidth, gpu_events, many
 from jax_nvfp4.ops import moe as moe_ops
 
 import ab_moe_overhead  # benchmarks/, next to this file
@@ -91,23 +96,48 @@ def rule_returning(name: str, value: int):
     setattr(moe_ops, name, saved)
 
 
+@contextlib.contextmanager
+def gemms_without_row_hint():
+  """fused_moe's grouped GEMMs get ``expert_rows=0``: the 8-row decode block."""
+  saved = moe_ops.nvfp4_moe_gemm
+  moe_ops.nvfp4_moe_gemm = lambda *a, **kw: saved(*a, **{**kw, "expert_rows": 0})
+  try:
+    yield
+  finally:
+    moe_ops.nvfp4_moe_gemm = saved
+
+
+@contextlib.contextmanager
+def all_ksliced(eight_rows: bool = False):
+  with rule_returning("choose_moe_k_slices", moe_ops.MOE_K_SLICES):
+    with (gemms_without_row_hint() if eight_rows else contextlib.nullcontext()):
+      yield
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--tokens", default="1,16")
   ap.add_argument("--out", default=None)
   ap.add_argument("--variants", default="unsliced,fused_moe",
                   help="comma-separated, of: fused_moe (the library's layer), unsliced (no "
-                       "k-slices at decode), one_tile (one N block per block at prefill)")
+                       "k-slices at decode), one_tile (one N block per block at prefill), "
+                       "eight_rows (8-row decode blocks), ksliced (k-slices at every block_m-8 "
+                       "GEMM), ksliced_eight_rows")
   args = ap.parse_args()
   rows = []
   key = jax.random.key(1)
+  bw = copy_bandwidth()
+  print(f"{jax.devices()[0].device_kind}: copy bandwidth {bw / 1e9:.0f} GB/s (the roofline's)")
   for e, h, inter, k in bench_moe.SHAPES:
     routing = bench_moe.routing_for(e, k)
     w13s, w2s, key = ab_moe_overhead.weight_copies(key, e, h, inter)
     copies = len(w13s)
     contexts = {"unsliced": lambda: rule_returning("choose_moe_k_slices", 1),
                 "fused_moe": contextlib.nullcontext,
-                "one_tile": lambda: rule_returning("choose_moe_prefill_tiles", 1)}
+                "one_tile": lambda: rule_returning("choose_moe_prefill_tiles", 1),
+                "eight_rows": gemms_without_row_hint,
+                "ksliced": all_ksliced,
+                "ksliced_eight_rows": lambda: all_ksliced(eight_rows=True)}
     variants = {name: (many(bench_moe.nvfp4_layer(routing)), contexts[name])
                 for name in args.variants.split(",")}
     for t in (int(v) for v in args.tokens.split(",")):
@@ -115,18 +145,25 @@ def main():
       xs = [jax.random.normal(kx[2 * c], (t, h), jnp.bfloat16) for c in range(copies)]
       logits = [jax.random.normal(kx[2 * c + 1], (t, e), jnp.float32) for c in range(copies)]
       lists = (xs, logits, w13s, w2s)
+      # The roofline as bench_moe.py's: the FP4 bytes of the experts hit, at the copy bandwidth.
+      hit = np.mean([len(np.unique(np.asarray(nf.route(lg, routing)[1]))) for lg in logits])
+      per_expert = bench_moe.fp4_expert_bytes(2 * inter, h) + bench_moe.fp4_expert_bytes(h, inter)
+      roof_us = hit * per_expert / bw * 1e6
       for name, (fn, context) in variants.items():
         with context():
           jax.block_until_ready(fn(*lists))
           runs = [profile_once(fn, lists, copies) for _ in range(3)]
         row = dict(e=e, h=h, i=inter, top_k=k, tokens=t, variant=name, copies=copies,
-                   names=runs[0]["names"])
+                   names=runs[0]["names"], experts_hit=float(hit), roofline_us=roof_us,
+                   copy_bandwidth_gbs=bw / 1e9)
         for field in sorted({f for r in runs for f in r if f.endswith("_us") or f == "kernels"}):
           row[field] = statistics.median(r.get(field, 0.0) for r in runs)
         row["by_name_us"] = {n: statistics.median(r["by_name"].get(n, 0.0) for r in runs)
                              for n in sorted(runs[0]["by_name"])}
+        row["pct_roofline"] = 100 * roof_us / row["span_us"]
         rows.append(row)
-        print(f"E={e:<4} T={t:<4} {name:<9} span {row['span_us']:7.1f} us/layer | kernels "
+        print(f"E={e:<4} T={t:<4} {name:<18} span {row['span_us']:7.1f} us/layer "
+              f"({row['pct_roofline']:4.1f} % of {roof_us:.1f}) | kernels "
               f"{row['kernels']:5.1f} | " + " ".join(
                   f"{f[:-3]} {row[f]:6.1f}" for f in ("gemm_us", "gemm1_us", "gemm2_us",
                                                        "align_us", "memset_us", "xla_us")

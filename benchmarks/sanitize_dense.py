@@ -1,4 +1,10 @@
-"""Runs the dense kernel on a few awkward shapes; meant to be run under compute-sanitizer."""
+"""Runs the dense kernel on a few awkward shapes; meant to be run under compute-sanitizer.
+
+  python benchmarks/sanitize_dense.py [--decode-only]
+
+``--decode-only`` runs only the k-sliced decode shapes (M <= 16)."""
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +12,8 @@ import numpy as np
 import jax_nvfp4 as nf
 
 rng = np.random.default_rng(0)
+K_SLICED = {(1, 4000, 4160), (1, 9000, 2048), (2, 4000, 4160), (3, 9000, 2048),
+            (16, 2200, 4160), (12, 4200, 1088)}
 # (1, 12000, 1024) and (5, 9000, 2048) split K in two and three: a cluster reduction on sm_90.
 # (1, 4000, 4160), (1, 9000, 2048): the k-sliced decode launch (8 warps split K in the block;
 # the second one with 3 N tiles per block, the last block short) on the 1-row x tile;
@@ -15,6 +23,8 @@ for m, n, k in [(1, 100, 1664), (7, 33, 48), (17, 2368, 1664), (255, 832, 1408),
                 (64, 4000, 256), (1, 12000, 1024), (5, 9000, 2048), (1, 4000, 4160),
                 (8, 2200, 1088), (1, 9000, 2048), (2, 4000, 4160), (3, 9000, 2048),
                 (16, 2200, 4160), (12, 4200, 1088)]:
+  if "--decode-only" in sys.argv[1:] and not (m <= 16 and (m, n, k) in K_SLICED):
+    continue
   for dtype in (jnp.bfloat16, jnp.float16):
     w = nf.quantize(jnp.asarray(rng.standard_normal((n, k)), jnp.float32))
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)

@@ -1,4 +1,11 @@
-"""Runs the grouped MoE kernel on a few awkward shapes; meant to be run under compute-sanitizer."""
+"""Runs the grouped MoE kernel on a few awkward shapes; meant to be run under compute-sanitizer.
+
+  python benchmarks/sanitize_moe.py [--decode-only]
+
+``--decode-only`` runs only the k-sliced decode layers (the short x tiles) and the repeated-id
+passes: a few minutes under memcheck instead of about eight."""
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +14,7 @@ import jax_nvfp4 as nf
 from jax_nvfp4.ops import moe as moe_ops
 
 rng = np.random.default_rng(0)
+decode_only = "--decode-only" in sys.argv[1:]
 choose = moe_ops.choose_moe_k_slices
 choose_tiles = moe_ops.choose_moe_prefill_tiles
 
@@ -14,9 +22,13 @@ choose_tiles = moe_ops.choose_moe_prefill_tiles
 # empty experts; (130, ...) runs block_m 64 (wgmma on sm_90a); (1, 2048, 2048, 8, 2) takes the
 # k-sliced decode launch by default; "k_slices" forces it on sizes off its unit (N = 96 and 208,
 # K = 4 and 1 chunks); "tiles" forces 3 N blocks per block at block_m 64 (7 and 4 N blocks).
+# The k-sliced decode blocks hold T x rows: 1 (T = 1), 2 (T = 2) and 4 (T = 3).
 for m, h, i, e, k, forced in [(1, 256, 176, 5, 2, None), (37, 128, 48, 12, 3, None),
                               (130, 192, 96, 4, 2, None), (1, 2048, 2048, 8, 2, None),
-                              (2, 208, 48, 6, 2, "k_slices"), (300, 512, 400, 6, 2, "tiles")]:
+                              (2, 208, 48, 6, 2, "k_slices"), (3, 208, 48, 6, 2, "k_slices"),
+                              (300, 512, 400, 6, 2, "tiles")]:
+  if decode_only and not (m <= 4 and (forced == "k_slices" or h == 2048)):
+    continue
   moe_ops.choose_moe_k_slices = ((lambda *a, **kw: moe_ops.MOE_K_SLICES)
                                  if forced == "k_slices" else choose)
   moe_ops.choose_moe_prefill_tiles = (lambda *a, **kw: 3) if forced == "tiles" else choose_tiles
@@ -34,8 +46,28 @@ for m, h, i, e, k, forced in [(1, 256, 176, 5, 2, None), (37, 128, 48, 12, 3, No
                 jnp.linalg.norm(ref.astype(jnp.float32)))
     print(m, h, i, e, k, dtype.__name__, f"rel {err:.2e}")
     assert np.isfinite(np.asarray(out, np.float32)).all() and err < 2e-2
-moe_ops.choose_moe_k_slices = choose
 moe_ops.choose_moe_prefill_tiles = choose_tiles
+# Repeated expert ids in a token's top-k: more rows per expert than tokens, so the short decode
+# blocks (k-slices forced) run several passes over their tile.
+for ids in ([[3, 3]], [[1, 1], [1, 5]], [[2, 2], [2, 2], [2, 6]]):
+  moe_ops.choose_moe_k_slices = lambda *a, **kw: moe_ops.MOE_K_SLICES
+  ti = jnp.asarray(ids, jnp.int32)
+  tw = jnp.full(ti.shape, 0.5, jnp.float32)
+  w13 = nf.prepare(nf.quantize(jnp.asarray(rng.standard_normal((8, 96, 208)) * 0.1, jnp.float32)))
+  w2 = nf.prepare(nf.quantize(jnp.asarray(rng.standard_normal((8, 208, 48)) * 0.1, jnp.float32)))
+  x = jnp.asarray(rng.standard_normal((len(ids), 208)), jnp.bfloat16)
+  out = jax.jit(lambda x: nf.fused_moe(x, w13, w2, topk_weights=tw, topk_ids=ti))(x)
+  moe_ops.choose_moe_k_slices = choose
+  ref = jax.jit(lambda x: nf.fused_moe(x, w13, w2, topk_weights=tw, topk_ids=ti,
+                                       backend="reference"))(x)
+  err = float(jnp.linalg.norm((out - ref).astype(jnp.float32)) /
+              jnp.linalg.norm(ref.astype(jnp.float32)))
+  print("repeated ids", ids, f"rel {err:.2e}")
+  assert np.isfinite(np.asarray(out, np.float32)).all() and err < 2e-2
+moe_ops.choose_moe_k_slices = choose
+if decode_only:
+  print("sanitize run done (decode only)")
+  sys.exit(0)
 # The one-launch alignment: runs longer than a 1024-pair chunk, 1024 experts with 1024 threads
 # (72 KB of shared memory, past the 48 KB default), an expert map, ids out of range.
 for m, e, k, bm, mapped in [(3000, 2, 1, 64, False), (200, 1024, 6, 32, True),

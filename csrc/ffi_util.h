@@ -88,13 +88,13 @@ std::string cluster_problem(const GemmParams &p, bool bf16, int m_tile) {
 template <bool kMoe>
 ffi::Error clear_and_launch(const GemmParams &p, int64_t ticket_bytes, bool bf16, int m_tile,
                             int64_t token_tiles, cudaStream_t stream, const std::string &name,
-                            int k_slices = 1) {
+                            int k_slices = 1, int expert_rows = 0) {
   if (p.splits > 1 && !p.cluster) {
     cudaError_t e = cudaMemsetAsync(p.tickets, 0, ticket_bytes, stream);
     if (e != cudaSuccess) return cuda_error((name + " memset").c_str(), e);
   }
   cudaError_t e =
-      launch<kMoe>(p, bf16, m_tile, static_cast<int>(token_tiles), stream, k_slices);
+      launch<kMoe>(p, bf16, m_tile, static_cast<int>(token_tiles), stream, k_slices, expert_rows);
   if (e != cudaSuccess) return cuda_error((name + " launch").c_str(), e);
   return ffi::Error::Success();
 }

@@ -120,11 +120,16 @@ __device__ __forceinline__ int slot_row(const GemmParams &p, int slot) {
 
 // KS > 1 (k-slices inside the block, nvfp4_tile.cuh) is launched with splits = 1 only: the
 // block's warps already cover the whole K range, and the cross-block reductions are compiled out.
-// XR < 8 * MT (x rows held, nvfp4_tile.cuh TileConfig) is launched for dense tiles of at most XR
-// rows only (launch_typed checks): the epilogue reads rows through slot_row, never tile_rows.
+// XR < 8 * MT (x rows held, nvfp4_tile.cuh TileConfig; k-sliced m_tile 1 only) is launched for
+// dense tiles of at most XR rows (launch_typed checks), and for MoE tiles of any content: a
+// grouped-GEMM block runs its tile in passes of XR slots, one pass per group of slots that holds
+// a row. At decode with T tokens an expert's tile holds at most T rows (top-k experts of a token
+// are distinct; the alignment puts an expert's rows first in its tile), so the launch picks XR
+// from T and one pass runs; a tile with more rows (repeated expert ids in a caller's top-k) costs
+// more passes, never a lost row.
 template <typename T, int MT, bool kMoe, int KS = 1, int XR = 8 * MT>
 __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) nvfp4_kernel(const GemmParams p) {
-  static_assert(!kMoe || XR == 8 * MT, "the grouped GEMM's tiles hold 8 * MT rows");
+  constexpr bool kShortMoe = kMoe && XR < 8 * MT;
   using Tr = Half2Traits<T>;
   using Cfg = TileConfig<MT, KS, XR>;
   constexpr int NT = Cfg::kTilesPerBlock;
@@ -179,6 +184,11 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
     piece_row[i] = piece < Cfg::kXPieces ? slot_row<kMoe>(p, slot0 + piece / Cfg::kXPiecesPerRow)
                                          : -1;
   }
+  // Short MoE tiles: every slot's row, for the passes (threads 0-7, in the same round trip).
+  int own_row = -1;
+  if constexpr (kShortMoe) {
+    if (threadIdx.x < 8 * MT) own_row = slot_row<kMoe>(p, slot0 + threadIdx.x);
+  }
   int expert = 0;
   if constexpr (kMoe) {
     const int padded = __ldg(p.num_padded);
@@ -198,9 +208,24 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
     const int xrow = kMoe ? row / p.gather_div : row;
     xsrc[i] = row >= 0 ? static_cast<const T *>(p.x) + static_cast<int64_t>(xrow) * p.k : nullptr;
     const int piece = threadIdx.x + i * kThreads;
-    if (piece < Cfg::kXPieces && piece % Cfg::kXPiecesPerRow == 0)
+    if (!kShortMoe && piece < Cfg::kXPieces && piece % Cfg::kXPiecesPerRow == 0)
       tile_rows[piece / Cfg::kXPiecesPerRow] = row;
   }
+  if constexpr (kShortMoe) {
+    if (threadIdx.x < 8 * MT) tile_rows[threadIdx.x] = own_row;
+  }
+  // The tile slot that MMA column (x tile row) 0 stands for: 0, or a short MoE tile's pass.
+  int row_base = 0;
+  // Output row of MMA column `slot` (0 .. 8 * MT - 1) of the tile, or -1.
+  auto column_row = [&](int slot) -> int {
+    if constexpr (kShortMoe) {
+      return slot < XR ? tile_rows[row_base + slot] : -1;
+    } else if constexpr (kMoe) {
+      return tile_rows[slot];
+    } else {
+      return slot_row<false>(p, slot0 + slot);
+    }
+  };
 
   const float gscale = __ldg(p.global_scale + expert) * Tr::kUnbias;
   const float *bias = p.bias != nullptr ? p.bias + static_cast<int64_t>(expert) * p.n : nullptr;
@@ -263,7 +288,7 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
       for (int mt = 0; mt < MT; ++mt) {
         weight[mt] = 1.f;
         if constexpr (kMoe) {
-          const int row = tile_rows[mt * 8 + 2 * t + (even ? 0 : 1)];
+          const int row = column_row(mt * 8 + 2 * t + (even ? 0 : 1));
           if (p.topk_weights != nullptr && row >= 0) weight[mt] = __ldg(p.topk_weights + row);
         }
       }
@@ -272,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
         const float got_lo = __shfl_xor_sync(0xffffffffu, even ? acc[mt][1] : acc[mt][0], 4);
         const float got_hi = __shfl_xor_sync(0xffffffffu, even ? acc[mt][3] : acc[mt][2], 4);
         const int slot = mt * 8 + 2 * t + (even ? 0 : 1);
-        const int row = kMoe ? tile_rows[slot] : slot_row<false>(p, slot0 + slot);
+        const int row = column_row(slot);
         if (row < 0) continue;
         store_pair(row, n0, even ? acc[mt][0] : got_lo, even ? got_lo : acc[mt][1], weight[mt]);
         store_pair(row, n0 + 8, even ? acc[mt][2] : got_hi, even ? got_hi : acc[mt][3],
@@ -369,8 +394,35 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
   };
 
   const int64_t expert_off = static_cast<int64_t>(expert) * p.n16 * p.k64;
-  tile_mainloop<T, MT, KS, XR>(p.qweight + expert_off * 32, p.qscales + expert_off * 4, p.n16, p.k64, xsrc,
-                       p.x, p.k, units_per_tile, u_begin, u_end, epilogue);
+  if constexpr (!kShortMoe) {
+    tile_mainloop<T, MT, KS, XR>(p.qweight + expert_off * 32, p.qscales + expert_off * 4, p.n16,
+                                 p.k64, xsrc, p.x, p.k, units_per_tile, u_begin, u_end, epilogue);
+  } else {
+    // One pass over the block's units per group of XR slots that holds a row (see above).
+    __syncthreads();  // tile_rows, written above by threads 0-7, is read by all
+    bool ran = false;
+#pragma unroll 1
+    for (row_base = 0; row_base < 8 * MT; row_base += XR) {
+      bool any = false;
+#pragma unroll
+      for (int r = 0; r < XR; ++r) any |= tile_rows[row_base + r] >= 0;
+      if (!any) continue;  // block-uniform: every thread reads the same slots
+      if (ran) __syncthreads();  // the last pass's ring reads and epilogue are done
+#pragma unroll
+      for (int i = 0; i < Cfg::kXPerThread; ++i) {
+        const int piece = threadIdx.x + i * kThreads;
+        const int row =
+            piece < Cfg::kXPieces ? tile_rows[row_base + piece / Cfg::kXPiecesPerRow] : -1;
+        xsrc[i] = row >= 0 ? static_cast<const T *>(p.x) +
+                                 static_cast<int64_t>(row / p.gather_div) * p.k
+                           : nullptr;
+      }
+      tile_mainloop<T, MT, KS, XR>(p.qweight + expert_off * 32, p.qscales + expert_off * 4, p.n16,
+                                   p.k64, xsrc, p.x, p.k, units_per_tile, u_begin, u_end,
+                                   epilogue);
+      ran = true;
+    }
+  }
 }
 
 inline int64_t ticket_bytes(int64_t token_tiles, int64_t n_blocks) {
@@ -461,7 +513,8 @@ cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stre
   static_assert(TileConfig<MT>::kSmemBytes >= (kThreads + kMaxClusterSplits) * MT * 16,
                 "the cluster reduction reuses the pipeline ring as its receive buffer");
   if (KS > 1 && p.splits != 1) return cudaErrorInvalidConfiguration;
-  if (XR < 8 * MT && (token_tiles != 1 || p.rows_out > XR)) return cudaErrorInvalidConfiguration;
+  if (!kMoe && XR < 8 * MT && (token_tiles != 1 || p.rows_out > XR))
+    return cudaErrorInvalidConfiguration;
   if (cudaError_t e = allow_shared_memory<T, MT, kMoe, KS, XR>(); e != cudaSuccess) return e;
   cudaLaunchAttribute at[2];
   unsigned n_at = 0;
@@ -497,38 +550,43 @@ cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stre
 // (ops/dense.py choose_k_slices and ops/moe.py choose_moe_k_slices say when).
 constexpr int kDecodeKSlices = 8;
 
-// Dense decode with 1, 2 or 3-4 tokens runs the k-sliced block whose x tile holds 1, 2 or 4
-// rows, a deeper ring in the same shared memory (JAX_NVFP4_SINGLE_ROW=0 at compile time: the
-// 8-row tile, for A/B timing in kernel_lab). Same sums in the same order: the outputs are
-// bitwise those of the 8-row tile.
+// Decode with 1, 2 or 3-4 tokens runs the k-sliced block whose x tile holds 1, 2 or 4 rows, a
+// deeper ring in the same shared memory (JAX_NVFP4_SINGLE_ROW=0 at compile time: the 8-row tile,
+// for A/B timing in kernel_lab). Same sums in the same order: the outputs are bitwise those of
+// the 8-row tile. Dense: the launch's M; grouped GEMM: the most rows one expert's tile is
+// expected to hold (the handler's expert_rows hint: the token count).
 #ifndef JAX_NVFP4_SINGLE_ROW
 #define JAX_NVFP4_SINGLE_ROW 1
 #endif
-// The x rows of the short tile for a dense decode launch of `rows` tokens (0: the 8-row tile).
+// The x rows of the short tile for a decode launch of `rows` tokens (0: the 8-row tile).
 inline int short_tile_rows(int rows) {
-  return !JAX_NVFP4_SINGLE_ROW ? 0 : rows <= 1 ? 1 : rows == 2 ? 2 : rows <= 4 ? 4 : 0;
+  return !JAX_NVFP4_SINGLE_ROW || rows < 1 ? 0
+         : rows == 1                       ? 1
+         : rows == 2                       ? 2
+         : rows <= 4                       ? 4
+                                           : 0;
 }
 template <bool kMoe, int XR>
 cudaError_t launch_short(const GemmParams &p, bool bf16, int token_tiles, cudaStream_t stream) {
   return bf16 ? launch_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices, XR>(p, token_tiles, stream)
               : launch_typed<__half, 1, kMoe, kDecodeKSlices, XR>(p, token_tiles, stream);
 }
+// expert_rows: the grouped GEMM's hint (most rows one expert's tile is expected to hold; 0:
+// none); the dense launch takes its rows from p.rows_out.
 template <bool kMoe>
 cudaError_t launch(const GemmParams &p, bool bf16, int mt, int token_tiles, cudaStream_t stream,
-                   int k_slices = 1) {
-  if constexpr (!kMoe) {
-    if (k_slices == kDecodeKSlices && mt == 1 && token_tiles == 1) {
-      switch (short_tile_rows(p.rows_out)) {
-        case 1: return launch_short<kMoe, 1>(p, bf16, token_tiles, stream);
-        case 2: return launch_short<kMoe, 2>(p, bf16, token_tiles, stream);
-        case 4: return launch_short<kMoe, 4>(p, bf16, token_tiles, stream);
-        default: break;  // 5-8 rows: the 8-row tile below
-      }
+                   int k_slices = 1, int expert_rows = 0) {
+  if (k_slices == kDecodeKSlices && mt == 1) {
+    const int rows = kMoe ? expert_rows : token_tiles == 1 ? p.rows_out : 0;
+    switch (short_tile_rows(rows)) {
+      case 1: return launch_short<kMoe, 1>(p, bf16, token_tiles, stream);
+      case 2: return launch_short<kMoe, 2>(p, bf16, token_tiles, stream);
+      case 4: return launch_short<kMoe, 4>(p, bf16, token_tiles, stream);
+      default: break;  // 5-8 rows: the 8-row tile below
     }
-  }
-  if (k_slices == kDecodeKSlices && mt == 1)
     return bf16 ? launch_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices>(p, token_tiles, stream)
                 : launch_typed<__half, 1, kMoe, kDecodeKSlices>(p, token_tiles, stream);
+  }
   if constexpr (!kMoe) {  // m_tile 2 k-slices: dense only (the grouped GEMM's rule never asks)
     if (k_slices == kDecodeKSlices && mt == 2)
       return bf16 ? launch_typed<__nv_bfloat16, 2, kMoe, kDecodeKSlices>(p, token_tiles, stream)

@@ -6,11 +6,15 @@
 //
 //   out[id, :] = ((x[id / gather_div, :] @ W_e^T) * global_scale[e] + bias[e]) * topk_weights[id]
 //
-// (bias and topk_weights optional), computed in fp32 with one final cast. Every other row of
+// (bias and topk_weights optional), computed in fp32 with one final cast. expert_rows (>= 0) is
+// a launch hint only: the most rows one expert's tile is expected to hold (the token count for
+// top-k routing), 0 for none; at 1-4 the k-sliced decode block holds that many x rows
+// (nvfp4_kernel.cuh), and any tile content still gives the same results. Every other row of
 // out is zero, or left as it was with zero_unwritten = false (fused_moe never reads them: one
 // memset node less per GEMM). The tile engine and the split-K reduction are shared with the dense kernel
 // (nvfp4_tile.cuh, nvfp4_kernel.cuh); ops/moe.py computes the same workspace size.
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -31,7 +35,8 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
                        ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t n, int64_t k,
                        int64_t gather_div, int64_t num_rows_out, int64_t block_m, int64_t splits,
                        bool mul_topk_weight, bool has_bias, bool cluster,
-                       bool zero_unwritten, int64_t k_slices, int64_t tiles_per_block) {
+                       bool zero_unwritten, int64_t k_slices, int64_t tiles_per_block,
+                       int64_t expert_rows) {
   const auto xt = x.element_type();
   if (xt != ffi::DataType::BF16 && xt != ffi::DataType::F16)
     return invalid("x must be bf16 or f16");
@@ -40,6 +45,7 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
   if (block_m != 8 && block_m != 16 && block_m != 32 && block_m != 64)
     return invalid("block_m must be 8, 16, 32 or 64");
   if (gather_div < 1) return invalid("gather_div must be >= 1");
+  if (expert_rows < 0) return invalid("expert_rows must be >= 0");
   const auto xd = x.dimensions();
   if (xd.size() != 2 || xd[1] != k) return invalid("x must be [R, K], got " + dims_str(xd));
   const int64_t x_rows = xd[0];
@@ -105,7 +111,8 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
   p.tiles_per_block = static_cast<int>(tiles_per_block);
   return clear_and_launch<true>(p, tickets, xt == ffi::DataType::BF16,
                                 static_cast<int>(block_m / 8), token_tiles, stream,
-                                "jax_nvfp4_moe_gemm", static_cast<int>(k_slices));
+                                "jax_nvfp4_moe_gemm", static_cast<int>(k_slices),
+                                static_cast<int>(std::min<int64_t>(expert_rows, 1 << 20)));
 }
 
 }  // namespace
@@ -136,7 +143,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Nvfp4MoeGemmCuda, jax_nvfp4::MoeGemmImpl,
                                   .Attr<bool>("cluster")
                                   .Attr<bool>("zero_unwritten")
                                   .Attr<int64_t>("k_slices")
-                                  .Attr<int64_t>("tiles_per_block"),
+                                  .Attr<int64_t>("tiles_per_block")
+                                  .Attr<int64_t>("expert_rows"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 // Here, not in nvfp4_gemm.cu: each kernel instantiation must live in one translation unit, or

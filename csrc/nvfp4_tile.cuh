@@ -57,9 +57,10 @@
 // third of the instructions with one chunk per stage. A chunk past K64 (odd K64) and x columns
 // past K are zero-filled by the copy itself (src-size 0); weight padding is code 0 with scale 1,
 // so the K tail needs no branch. x rows past M (or padding rows of an MoE block) are never
-// copied: their rows are zeroed once in every stage before the loop. Dense decode with at most
-// 4 tokens goes further (TileConfig XR): the stage holds 1, 2 or 4 x rows, the MMA's other rows
-// read one zero row outside the ring, and the freed shared memory buys a deeper ring (22-34 KB
+// copied: their rows are zeroed once in every stage before the loop. Decode with at most 4
+// tokens goes further (TileConfig XR; dense, and the grouped GEMM's expert tiles, which then
+// hold at most that many rows): the stage holds 1, 2 or 4 x rows, the MMA's other rows read
+// one zero row outside the ring, and the freed shared memory buys a deeper ring (22-34 KB
 // stages, 3-4 deep, instead of 2 x 50 KB): more weight bytes in flight per block.
 //
 // x tile in shared memory (TileConfig::x_offset): chunk-major, row r (a token) of k64 chunk c at
@@ -133,8 +134,9 @@ constexpr int kChunksPerStage = JAX_NVFP4_CHUNKS_PER_STAGE;  // k64 chunks per s
 // MT: token tiles of 8 rows per block. KS: k-slices per block: the 8 warps are KS groups that
 // split each unit's K range (warp w works on N tile w % (8 / KS) of the block, slice w / (8 / KS))
 // and add their partial sums in shared memory, so a block covers 8 / KS N tiles (1 for KS = 8).
-// XR: token rows the x tile holds (8 * MT, or fewer at m_tile 1 where the launch knows the tile
-// has no more rows: dense M <= 4). The MMA still reads 8 rows; rows from XR on come from one
+// XR: token rows the x tile holds (8 * MT, or fewer at m_tile 1 where the launch expects the
+// tile to have no more rows: dense M <= 4, or the grouped GEMM at T <= 4 tokens, whose blocks
+// take one pass per XR slots that hold rows; nvfp4_kernel.cuh). The MMA still reads 8 rows; rows from XR on come from one
 // zero row after the ring, so a stage shrinks to the weights and the real rows, and the ring
 // deepens.
 template <int MT, int KS = 1, int XR = 8 * MT>

@@ -408,6 +408,8 @@ def test_primitive_abstract_eval_errors(rng):
       ({4: al.sorted_ids.astype(jnp.uint32)}, {}, TypeError, "sorted_ids must be int32"),
       ({}, {"backend": "kernel"}, ValueError, "backend must be one of"),
       ({}, {"zero_unwritten": "no"}, TypeError, "zero_unwritten must be a bool"),
+      ({}, {"expert_rows": -1}, ValueError, "expert_rows must be >= 0"),
+      ({}, {"expert_rows": 1.5}, TypeError, "expert_rows must be an int"),
   ]
   for over, pover, exc, match in cases:
     a = list(args)

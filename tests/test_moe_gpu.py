@@ -270,9 +270,80 @@ def test_k_sliced_decode_gemms(rng, monkeypatch, m, h, i, e, k, dtype, mapped, f
   _check(x, w13, w2, sliced, tw, ti, **kw)
   for _ in range(2):
     np.testing.assert_array_equal(np.asarray(sliced_fn(x, p13, p2)), sliced)
+  # fused_moe hints the token count: at M <= 4 the blocks held 1, 2 or 4 x rows. The 8-row
+  # block (no hint) makes the same sums in the same order.
+  with monkeypatch.context() as mp:
+    _gemms_without_row_hint(mp)
+    eight = np.asarray(poisoned(layer(), x, p13, p2, out_shape=x.shape, dtype=dtype))
+  np.testing.assert_array_equal(eight, sliced)
   monkeypatch.setattr(moe_ops, "choose_moe_k_slices", lambda *a, **kw: 1)
   unsliced = np.asarray(poisoned(layer(), x, p13, p2, out_shape=x.shape, dtype=dtype))
   _check(x, w13, w2, unsliced, tw, ti, **kw)
+
+
+def _gemms_without_row_hint(mp):
+  """fused_moe's grouped GEMMs run without the expert_rows hint (the 8-row decode block)."""
+  gemm = moe_ops.nvfp4_moe_gemm
+  mp.setattr(moe_ops, "nvfp4_moe_gemm", lambda *a, **kw: gemm(*a, **{**kw, "expert_rows": 0}))
+
+
+@pytest.mark.parametrize("expert_rows", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_short_decode_blocks_take_any_tile_content(rng, monkeypatch, expert_rows, dtype):
+  """With expert_rows = 1, 2 or 4 the k-sliced decode block holds that many x rows and runs its
+  tile in passes of that many slots, one per group that holds a row. A hand schedule the hint
+  does not describe (tiles of 0, 1, 3 and 8 rows, rows after padding slots, sentinels -1 and
+  >= num_rows_out, a -1 tile, a tile past num_padded) through the kernel with poisoned output
+  memory: bitwise equal to the 8-row block, the contract's rows within tolerance, every other
+  row zero."""
+  from tests.test_moe import _contract_numpy
+  e, n, k, bm = 3, 300, 1040, 8  # N and K off the tile (K: 16.25 k64 chunks)
+  w = random_experts(rng, e, n, k)
+  rows_out, gd = 20, 2
+  x = jnp.asarray(rng.standard_normal((10, k)), dtype)
+  pad = 99
+  sids = np.full(48, pad, np.int32)
+  sids[0:8] = [pad, 0, -1, 7, pad, pad, pad, 3]     # expert 2: rows after padding
+  sids[8:11] = [1, 2, 4]                             # expert -1: not local
+  sids[16:24] = [5, 6, 8, 9, 10, 11, 12, 13]         # expert 0: a full tile
+  sids[24] = 14                                      # expert 1: one row
+  sids[40:44] = [15, 16, 17, 18]                     # past num_padded: never run
+  block_expert = np.array([2, -1, 0, 1, 1, 0], np.int32)
+  num_padded = 40
+  tw = rng.uniform(0.1, 1, rows_out).astype(np.float32)
+  bias = rng.standard_normal((e, n)).astype(np.float32)
+  p = nf.prepare(w)
+  al = nf.Alignment(jnp.asarray(sids), jnp.asarray(block_expert),
+                    jnp.array([num_padded], jnp.int32), block_m=bm, num_pairs=rows_out)
+  written = [0, 7, 3, 5, 6, 8, 9, 10, 11, 12, 13, 14]
+  untouched = np.setdiff1d(np.arange(rows_out), written)
+  monkeypatch.setattr(moe_ops, "choose_moe_k_slices", lambda *a, **kw: moe_ops.MOE_K_SLICES)
+  gemm = lambda hint: jax.jit(lambda xx: nf.nvfp4_moe_gemm(  # noqa: E731
+      xx, p, al, gather_div=gd, num_rows_out=rows_out, topk_weights=tw, bias=bias,
+      expert_rows=hint))
+  short = np.asarray(poisoned(gemm(expert_rows), x, out_shape=(rows_out, n), dtype=dtype))
+  eight = np.asarray(poisoned(gemm(0), x, out_shape=(rows_out, n), dtype=dtype))
+  assert np.isfinite(short).all() and not short[untouched].any()
+  np.testing.assert_array_equal(short, eight)
+  want = _contract_numpy(x, w, sids, block_expert, num_padded, tw, bias, gather_div=gd,
+                         num_rows_out=rows_out, block_m=bm)
+  assert ref.rel_l2(short[written], want[written]) <= 4e-3
+
+
+@pytest.mark.parametrize("ids", [[[3, 3]], [[1, 1], [1, 5]], [[2, 2], [2, 2], [2, 2], [2, 6]]])
+def test_repeated_expert_ids_at_decode(rng, monkeypatch, ids):
+  """A caller's top-k with an expert repeated in a token's row gives that expert more rows than
+  tokens: the k-sliced decode blocks sized by the token count (1, 2, 4 x rows) take extra passes
+  and lose nothing."""
+  m, h, i, e = len(ids), 2048, 1024, 8
+  monkeypatch.setattr(moe_ops, "choose_moe_k_slices", lambda *a, **kw: moe_ops.MOE_K_SLICES)
+  x, w13, w2 = _layer(rng, m, h, i, e)
+  ti = np.asarray(ids, np.int32)
+  tw = rng.uniform(0.2, 1.0, ti.shape).astype(np.float32)
+  p13, p2 = nf.prepare(w13), nf.prepare(w2)
+  layer = jax.jit(lambda *a: nf.fused_moe(*a, topk_weights=tw, topk_ids=ti))  # a fresh trace
+  out = poisoned(layer, x, p13, p2, out_shape=x.shape, dtype=x.dtype)
+  _check(x, w13, w2, out, tw, ti)
 
 
 @pytest.mark.parametrize("m, h, i, e, k, dtype, tiles, mapped", [

@@ -8,7 +8,7 @@ Contract of ``nvfp4_moe_gemm_p`` (one result; the CUDA kernel implements exactly
   nvfp4_moe_gemm_p.bind(x, qweight, qscales, global_scale, sorted_ids, block_expert, num_padded,
                         topk_weights, bias, n=int, k=int, gather_div=int, num_rows_out=int,
                         block_m=int, mul_topk_weight=bool, has_bias=bool,
-                        zero_unwritten=bool, backend=str)
+                        zero_unwritten=bool, backend=str, expert_rows=int)
 
   x             bf16/fp16 [R, k]                      (R * gather_div >= num_rows_out)
   qweight       uint32 [E, ceil(n/16), ceil(k/64), 32, 4]   stacked prepare() layout
@@ -35,6 +35,11 @@ block experts must be ``< E`` (the reference skips larger ids; the kernel may no
 block writes stay zero (an expert-parallel combine sums over devices), or, with
 ``zero_unwritten=False``, are unspecified (the kernel leaves the buffer as it was, the
 reference writes NaN).
+
+``expert_rows`` (>= 0, default 0 = no hint) changes no result: it tells the CUDA lowering the
+most rows one expert's block is expected to hold (the token count M for top-k routing, whose
+experts per token are distinct), and at 1 to 4 the decode launch holds only that many x rows
+per block (a deeper weight pipeline); blocks holding more rows take more passes.
 
 The CUDA lowering adds launch details the contract does not show: a split-K factor and whether
 the splits reduce in a thread-block cluster (FFI attributes ``splits``, ``cluster``), or K split
@@ -99,16 +104,19 @@ def _check_operand(name, aval, dtype, shape):
 
 def _check_gemm(x, qweight, qscales, global_scale, sorted_ids, block_expert, num_padded,
                 topk_weights, bias, *, n, k, gather_div, num_rows_out, block_m, mul_topk_weight,
-                has_bias, zero_unwritten, backend):
+                has_bias, zero_unwritten, backend, expert_rows=0):
   """Validates every operand and parameter of the contract (module docstring)."""
   if backend not in LOWERINGS:
     _fail(f"backend must be one of {LOWERINGS}, got {backend!r}")
   if not isinstance(zero_unwritten, (bool, np.bool_)):
     _fail(f"zero_unwritten must be a bool, got {zero_unwritten!r}", TypeError)
   for pname, v in (("n", n), ("k", k), ("gather_div", gather_div),
-                   ("num_rows_out", num_rows_out), ("block_m", block_m)):
+                   ("num_rows_out", num_rows_out), ("block_m", block_m),
+                   ("expert_rows", expert_rows)):
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
       _fail(f"{pname} must be an int, got {v!r}", TypeError)
+  if expert_rows < 0:
+    _fail(f"expert_rows must be >= 0 (0: no hint), got {expert_rows}")
   if n < 1 or k < 1 or k % 16:
     _fail(f"need n >= 1 and k >= 1 with k % 16 == 0, got n = {n}, k = {k}")
   if block_m not in BLOCK_MS:
@@ -256,8 +264,8 @@ def _unit(w: NVFP4Weight) -> jax.Array:
 
 
 def _reference_lowering(x, qweight, qscales, global_scale, sorted_ids, block_expert, num_padded,
-                        topk_weights, bias, *, n, k, backend, **params):
-  del backend  # the caller chose this lowering
+                        topk_weights, bias, *, n, k, backend, expert_rows=0, **params):
+  del backend, expert_rows  # the caller chose this lowering; a launch hint
   def unit(q, s):  # _unit of the prepared weight
     return dequantize_blocks_reference(q, s, n=n, k=k, dtype=jnp.float32)
 
@@ -403,12 +411,12 @@ def moe_workspace_bytes(num_slots: int, n: int, block_m: int, splits: int,
 def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, block_expert,
                             num_padded, topk_weights, bias, *, n, k, gather_div, num_rows_out,
                             block_m, mul_topk_weight, has_bias, zero_unwritten=True,
-                            backend="auto"):
+                            backend="auto", expert_rows=0):
   """The cuda platform's lowering: the kernel, or the reference for ``backend="reference"``
   (and for ``"auto"`` where the kernel is not built: ``_ffi.REGISTERED`` at lowering time)."""
   params = dict(n=n, k=k, gather_div=gather_div, num_rows_out=num_rows_out, block_m=block_m,
                 mul_topk_weight=mul_topk_weight, has_bias=has_bias,
-                zero_unwritten=zero_unwritten, backend=backend)
+                zero_unwritten=zero_unwritten, backend=backend, expert_rows=expert_rows)
   built = CUDA_TARGET in _ffi.REGISTERED
   if backend == "reference" or (backend == "auto" and not built):
     return _reference_rule(ctx, x, qweight, qscales, global_scale, sorted_ids, block_expert,
@@ -432,7 +440,8 @@ def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, 
       gather_div=np.int64(gather_div), num_rows_out=np.int64(num_rows_out),
       block_m=np.int64(block_m), splits=np.int64(splits), mul_topk_weight=bool(mul_topk_weight),
       has_bias=bool(has_bias), cluster=bool(cluster), zero_unwritten=bool(zero_unwritten),
-      k_slices=np.int64(k_slices), tiles_per_block=np.int64(tiles_per_block))
+      k_slices=np.int64(k_slices), tiles_per_block=np.int64(tiles_per_block),
+      expert_rows=np.int64(expert_rows))
   return [results[0]]
 
 
@@ -477,7 +486,7 @@ def _empty_f32():
 def nvfp4_moe_gemm(x: jax.Array, w: PreparedNVFP4Weight, alignment: Alignment, *, gather_div: int,
                    num_rows_out: int, topk_weights: jax.Array | None = None,
                    bias: jax.Array | None = None, zero_unwritten: bool = True,
-                   backend: str | None = "auto") -> jax.Array:
+                   backend: str | None = "auto", expert_rows: int = 0) -> jax.Array:
   """One grouped GEMM through ``nvfp4_moe_gemm_p`` (see the module docstring for semantics).
 
   Args:
@@ -495,6 +504,9 @@ def nvfp4_moe_gemm(x: jax.Array, w: PreparedNVFP4Weight, alignment: Alignment, *
       kernel); for callers that never read them.
     backend: None/``"auto"``, ``"cuda"`` or ``"reference"``, the primitive's lowering choice
       (module docstring); ``"cuda"`` raises a ``ValueError`` here when the kernel is not built.
+    expert_rows: a launch hint that changes no result: the most rows one expert's block is
+      expected to hold (``M`` for top-k routing, whose experts per token are distinct); 0 (the
+      default) for none. At 1-4 the decode launch holds only that many x rows per block.
 
   Returns ``[num_rows_out, n]`` in ``x.dtype``: row ``sid`` is
   ``((x[sid // gather_div] @ W_e.T) * global_scale[e] + bias[e]) * topk_weights[sid]`` for the
@@ -517,7 +529,7 @@ def nvfp4_moe_gemm(x: jax.Array, w: PreparedNVFP4Weight, alignment: Alignment, *
       alignment.num_padded, tw, b, n=w.n, k=w.k, gather_div=gather_div,
       num_rows_out=num_rows_out, block_m=alignment.block_m,
       mul_topk_weight=topk_weights is not None, has_bias=bias is not None,
-      zero_unwritten=bool(zero_unwritten), backend=backend)
+      zero_unwritten=bool(zero_unwritten), backend=backend, expert_rows=expert_rows)
 
 
 def _checkpoint_moe_gemm(x, w: NVFP4Weight, alignment: Alignment, *, gather_div, num_rows_out,
@@ -772,7 +784,9 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
 
   def gemm(a, w, **kw):
     if isinstance(w, PreparedNVFP4Weight):
-      return nvfp4_moe_gemm(a, w, alignment, num_rows_out=rows, backend=primitive_backend, **kw)
+      # Top-k experts of a token are distinct: no expert's block holds more than m rows.
+      return nvfp4_moe_gemm(a, w, alignment, num_rows_out=rows, backend=primitive_backend,
+                            expert_rows=m, **kw)
     return _checkpoint_moe_gemm(a, w, alignment, num_rows_out=rows, **kw)
 
   # The rows of dropped pairs (ids out of range, or experts held elsewhere) are computed by no
