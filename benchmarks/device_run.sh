@@ -12,8 +12,11 @@ step=$1; shift
 case "$step" in
   build)
     start=$(date +%s)
+    # CMAKE_CUDA_FLAGS reset: a lab define (ab_decode_stages.sh) stays in the CMake cache of
+    # build/ otherwise, and this build would silently keep it.
     JAX_NVFP4_CUDA_ARCHS=90a python3 -m pip install -q --no-build-isolation --no-deps -e . \
-      > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+      -C cmake.define.CMAKE_CUDA_FLAGS="" > "$out/build.log" 2>&1 \
+      || { tail -40 "$out/build.log"; exit 1; }
     echo "[device_run] built in $(( $(date +%s) - start )) s"
     python3 -c 'import jax, jax_nvfp4._C as c; print(jax.devices(), c.built_with_cuda())' ;;
   test)

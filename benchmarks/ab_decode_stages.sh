@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# A/B of the unsliced decode ring depth (JAX_NVFP4_DECODE_STAGES, m_tile 1 and 2) in the real
+# extension: for each stage count, rebuild for sm_90a and time the MoE layers at small T
+# (profile_moe.py, GPU time) and the dense M = 16 shapes that run the unsliced m_tile-2 block.
+# Run on the GPU machine from the repo root: bash benchmarks/ab_decode_stages.sh "2 4 3"
+# (results under $OUT). The stage counts stay in the CMake cache of build/: device_run.sh build
+# resets them (a plain pip install would keep the last one).
+set -uo pipefail
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+for st in ${1:-2 4}; do
+  JAX_NVFP4_CUDA_ARCHS=90a python3 -m pip install -q --no-build-isolation --no-deps -e . \
+    -C cmake.define.CMAKE_CUDA_FLAGS="-DJAX_NVFP4_DECODE_STAGES=$st" > "$out/build_$st.log" 2>&1 \
+    || { tail -20 "$out/build_$st.log"; exit 1; }
+  echo "== decode stages $st: resident blocks per SM (dense m_tile 1 / 2, MoE m_tile 1):" \
+    "$(python3 -c 'from jax_nvfp4 import _ffi as f; print(f.blocks_per_sm(1, True), f.blocks_per_sm(2, True), f.moe_blocks_per_sm(1, True))')"
+  (cd benchmarks && timeout 200 python3 profile_moe.py --tokens 1,2,16 --variants fused_moe \
+     --out "$out/profile_moe_stages$st.json" | grep span)
+  timeout 150 python3 benchmarks/bench_dense.py --shapes 4096x14336,8192x28672 --ms 16 \
+    --no-torch --out "$out/dense_stages$st.json" | grep -v "^ *$" | tail -6
+done
