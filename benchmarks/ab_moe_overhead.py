@@ -59,7 +59,7 @@ def gemms_only(x, al, tw, w13, w2):
 
 def weight_copies(key, e, h, inter):
   """bench_moe.py's weight copies of one shape: ``(w13s, w2s, next key)``."""
-  per_expert = bench_moe.fp4_expert_bytes(2 * inter, h) + bench_moe.fp4_expert_bytes(h, inter)
+  per_expert = bench_moe.layer_expert_bytes(h, inter)
   copies = int(max(1, min(bench_moe.MAX_COPIES, bench_moe.FP4_BUDGET // (e * per_expert))))
   keys = jax.random.split(key, 2 * copies + 1)
   w13s = [bench_moe.random_prepared(keys[2 * c], e, 2 * inter, h) for c in range(copies)]

@@ -31,9 +31,6 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-import jax_nvfp4 as nf
 from jax_nvfp4.bench import moe as bench_moe
 from jax_nvfp4.bench.common import copy_bandwidth, gpu_events, many
 from jax_nvfp4.ops import moe as moe_ops
@@ -146,15 +143,14 @@ def main():
       logits = [jax.random.normal(kx[2 * c + 1], (t, e), jnp.float32) for c in range(copies)]
       lists = (xs, logits, w13s, w2s)
       # The roofline as bench_moe.py's: the FP4 bytes of the experts hit, at the copy bandwidth.
-      hit = np.mean([len(np.unique(np.asarray(nf.route(lg, routing)[1]))) for lg in logits])
-      per_expert = bench_moe.fp4_expert_bytes(2 * inter, h) + bench_moe.fp4_expert_bytes(h, inter)
-      roof_us = hit * per_expert / bw * 1e6
+      hit = bench_moe.experts_hit(logits, routing)
+      roof_us = hit * bench_moe.layer_expert_bytes(h, inter) / bw * 1e6
       for name, (fn, context) in variants.items():
         with context():
           jax.block_until_ready(fn(*lists))
           runs = [profile_once(fn, lists, copies) for _ in range(3)]
         row = dict(e=e, h=h, i=inter, top_k=k, tokens=t, variant=name, copies=copies,
-                   names=runs[0]["names"], experts_hit=float(hit), roofline_us=roof_us,
+                   names=runs[0]["names"], experts_hit=hit, roofline_us=roof_us,
                    copy_bandwidth_gbs=bw / 1e9)
         for field in sorted({f for r in runs for f in r if f.endswith("_us") or f == "kernels"}):
           row[field] = statistics.median(r.get(field, 0.0) for r in runs)

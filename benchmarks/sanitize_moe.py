@@ -49,15 +49,14 @@ for m, h, i, e, k, forced in [(1, 256, 176, 5, 2, None), (37, 128, 48, 12, 3, No
 moe_ops.choose_moe_prefill_tiles = choose_tiles
 # Repeated expert ids in a token's top-k: more rows per expert than tokens, so the short decode
 # blocks (k-slices forced) run several passes over their tile.
+moe_ops.choose_moe_k_slices = lambda *a, **kw: moe_ops.MOE_K_SLICES
 for ids in ([[3, 3]], [[1, 1], [1, 5]], [[2, 2], [2, 2], [2, 6]]):
-  moe_ops.choose_moe_k_slices = lambda *a, **kw: moe_ops.MOE_K_SLICES
   ti = jnp.asarray(ids, jnp.int32)
   tw = jnp.full(ti.shape, 0.5, jnp.float32)
   w13 = nf.prepare(nf.quantize(jnp.asarray(rng.standard_normal((8, 96, 208)) * 0.1, jnp.float32)))
   w2 = nf.prepare(nf.quantize(jnp.asarray(rng.standard_normal((8, 208, 48)) * 0.1, jnp.float32)))
   x = jnp.asarray(rng.standard_normal((len(ids), 208)), jnp.bfloat16)
   out = jax.jit(lambda x: nf.fused_moe(x, w13, w2, topk_weights=tw, topk_ids=ti))(x)
-  moe_ops.choose_moe_k_slices = choose
   ref = jax.jit(lambda x: nf.fused_moe(x, w13, w2, topk_weights=tw, topk_ids=ti,
                                        backend="reference"))(x)
   err = float(jnp.linalg.norm((out - ref).astype(jnp.float32)) /

@@ -174,17 +174,19 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
   }
   wait_for_prior_grids();
 
-  // The token rows of this thread's x pieces. For MoE these loads, the padded length and the
-  // tile's expert are independent (every index is in bounds), so all go out together: a
-  // block's start is one global round trip, not three in a row.
+  // The token rows of this thread's x pieces (short MoE tiles: none here, each pass sets its
+  // own below). For MoE these loads, the padded length and the tile's expert are independent
+  // (every index is in bounds), so all go out together: a block's start is one global round
+  // trip, not three in a row.
   int piece_row[Cfg::kXPerThread];
 #pragma unroll
   for (int i = 0; i < Cfg::kXPerThread; ++i) {
     const int piece = threadIdx.x + i * kThreads;
-    piece_row[i] = piece < Cfg::kXPieces ? slot_row<kMoe>(p, slot0 + piece / Cfg::kXPiecesPerRow)
-                                         : -1;
+    piece_row[i] = !kShortMoe && piece < Cfg::kXPieces
+                       ? slot_row<kMoe>(p, slot0 + piece / Cfg::kXPiecesPerRow)
+                       : -1;
   }
-  // Short MoE tiles: every slot's row, for the passes (threads 0-7, in the same round trip).
+  // Short MoE tiles: every slot's row (threads 0-7), for the passes, in the same round trip.
   int own_row = -1;
   if constexpr (kShortMoe) {
     if (threadIdx.x < 8 * MT) own_row = slot_row<kMoe>(p, slot0 + threadIdx.x);
@@ -201,12 +203,16 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
   // the registers of the threads holding each row's first x piece (no second load), and the
   // mainloop's first barrier orders these writes before any epilogue.
   __shared__ int tile_rows[8 * MT];
+  // Where output row `row` reads its x row (null: no token).
+  auto x_row = [&](int row) -> const T * {
+    const int xrow = kMoe ? row / p.gather_div : row;
+    return row >= 0 ? static_cast<const T *>(p.x) + static_cast<int64_t>(xrow) * p.k : nullptr;
+  };
   const T *xsrc[Cfg::kXPerThread];
 #pragma unroll
   for (int i = 0; i < Cfg::kXPerThread; ++i) {
     const int row = piece_row[i];
-    const int xrow = kMoe ? row / p.gather_div : row;
-    xsrc[i] = row >= 0 ? static_cast<const T *>(p.x) + static_cast<int64_t>(xrow) * p.k : nullptr;
+    xsrc[i] = x_row(row);
     const int piece = threadIdx.x + i * kThreads;
     if (!kShortMoe && piece < Cfg::kXPieces && piece % Cfg::kXPiecesPerRow == 0)
       tile_rows[piece / Cfg::kXPiecesPerRow] = row;
@@ -411,11 +417,8 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
 #pragma unroll
       for (int i = 0; i < Cfg::kXPerThread; ++i) {
         const int piece = threadIdx.x + i * kThreads;
-        const int row =
-            piece < Cfg::kXPieces ? tile_rows[row_base + piece / Cfg::kXPiecesPerRow] : -1;
-        xsrc[i] = row >= 0 ? static_cast<const T *>(p.x) +
-                                 static_cast<int64_t>(row / p.gather_div) * p.k
-                           : nullptr;
+        xsrc[i] = x_row(piece < Cfg::kXPieces ? tile_rows[row_base + piece / Cfg::kXPiecesPerRow]
+                                              : -1);
       }
       tile_mainloop<T, MT, KS, XR>(p.qweight + expert_off * 32, p.qscales + expert_off * 4, p.n16,
                                    p.k64, xsrc, p.x, p.k, units_per_tile, u_begin, u_end,

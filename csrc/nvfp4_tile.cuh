@@ -136,9 +136,9 @@ constexpr int kChunksPerStage = JAX_NVFP4_CHUNKS_PER_STAGE;  // k64 chunks per s
 // and add their partial sums in shared memory, so a block covers 8 / KS N tiles (1 for KS = 8).
 // XR: token rows the x tile holds (8 * MT, or fewer at m_tile 1 where the launch expects the
 // tile to have no more rows: dense M <= 4, or the grouped GEMM at T <= 4 tokens, whose blocks
-// take one pass per XR slots that hold rows; nvfp4_kernel.cuh). The MMA still reads 8 rows; rows from XR on come from one
-// zero row after the ring, so a stage shrinks to the weights and the real rows, and the ring
-// deepens.
+// take one pass per XR slots that hold rows; nvfp4_kernel.cuh). The MMA still reads 8 rows;
+// rows from XR on come from one zero row after the ring, so a stage shrinks to the weights and
+// the real rows, and the ring deepens.
 template <int MT, int KS = 1, int XR = 8 * MT>
 struct TileConfig {
   static_assert(KS == 1 || KS == 2 || KS == 4 || KS == 8, "k-slices must divide the 8 warps");

@@ -85,6 +85,16 @@ def fp4_expert_bytes(n: int, k: int) -> int:
   return n16 * k64 * (32 * 4 * 4 + 64) + 4
 
 
+def layer_expert_bytes(h: int, inter: int) -> int:
+  """Bytes of one expert of a gated layer: its w13 ``[2I, H]`` and w2 ``[H, I]``."""
+  return fp4_expert_bytes(2 * inter, h) + fp4_expert_bytes(h, inter)
+
+
+def experts_hit(logits: list, routing: RoutingConfig) -> float:
+  """Distinct experts a call routes to, averaged over the calls' router logits."""
+  return float(np.mean([len(np.unique(np.asarray(route(l, routing)[1]))) for l in logits]))
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def random_prepared(key, e: int, n: int, k: int) -> PreparedNVFP4Weight:
   """Random stacked weight in the kernel layout: all codes, UE5M3 scales in [2^-2, 2^2]."""
@@ -141,7 +151,7 @@ def bench_shape(e, h, inter, k, tokens, bw, key, *, ragged=True, runs: int = RUN
   """
   log = log if log is not None else (lambda line: None)
   routing = routing_for(e, k)
-  per_expert = fp4_expert_bytes(2 * inter, h) + fp4_expert_bytes(h, inter)
+  per_expert = layer_expert_bytes(h, inter)
   fp4_copies = int(max(1, min(max_copies, FP4_BUDGET // (e * per_expert))))
   bf16_copies = int(max(1, min(max_copies, BF16_BUDGET // (e * 3 * h * inter * 2))))
   keys = jax.random.split(key, 2 * fp4_copies + 2 * bf16_copies + 1)
@@ -154,14 +164,14 @@ def bench_shape(e, h, inter, k, tokens, bw, key, *, ragged=True, runs: int = RUN
     kx = jax.random.split(jax.random.fold_in(keys[-1], t), 2 * fp4_copies)
     xs = [jax.random.normal(kx[2 * c], (t, h), jnp.bfloat16) for c in range(fp4_copies)]
     logits = [jax.random.normal(kx[2 * c + 1], (t, e), jnp.float32) for c in range(fp4_copies)]
-    hit = [len(np.unique(np.asarray(route(l, routing)[1]))) for l in logits]
-    hit_bytes = float(np.mean(hit)) * per_expert
+    hit = experts_hit(logits, routing)
+    hit_bytes = hit * per_expert
     roof_us = hit_bytes / bw * 1e6
     t_fp4 = time_per_call(fp4_fn, xs, logits, w13s, w2s, runs=runs, trials=trials) * 1e6
     flops = 2 * t * k * 3 * h * inter
     row = dict(e=e, h=h, i=inter, top_k=k, tokens=t, nvfp4_us=t_fp4, roofline_us=roof_us,
                pct_roofline=100 * roof_us / t_fp4, nvfp4_tflops=flops / t_fp4 / 1e6,
-               experts_hit=float(np.mean(hit)), fp4_copies=fp4_copies, ragged_bf16_us=None,
+               experts_hit=hit, fp4_copies=fp4_copies, ragged_bf16_us=None,
                bf16_copies=bf16_copies)
     rows.append(row)
     log(f"E={e:<4} H={h:<5} I={inter:<6} k={k} T={t:<5} nvfp4 {t_fp4:9.1f} us | roof "
