@@ -8,15 +8,17 @@ bench_moe.py mix host and device. Here one ``many`` program (C layers, distinct 
 as bench_moe.py) runs under ``jax.profiler.trace`` and the GPU activity of that one execution is
 read from the Perfetto trace: ``span`` = last kernel end - first kernel start, divided by C
 (what a layer costs inside a longer program, launch gaps included), ``busy`` = the summed kernel
-durations per layer by kind (our GEMMs, our alignment, memsets, XLA's kernels), ``kernels`` =
+durations per layer by kind (our GEMMs, our alignment or routing + alignment kernel, memsets,
+XLA's kernels), ``kernels`` =
 launches per layer, ``by_name_us`` = the same per kernel (XLA's per-copy numbering removed).
 Median of three executions. Variants (``--variants``): ``fused_moe`` (the
 library's layer), ``unsliced`` (the same layer compiled with the grouped GEMM's k-slices off: the
 v6 launch, K split across blocks only; the A/B of NOTES_moe.md v7), ``one_tile`` (one N block
 per block at prefill: the A/B of NOTES_moe.md v8), ``eight_rows`` (no ``expert_rows`` hint: the
 k-sliced decode block holds 8 x rows, not 1-4; NOTES_moe.md v11), ``ksliced`` (k-slices at
-every block_m-8 GEMM, whatever the rule says) and ``ksliced_eight_rows`` (both). Large T works
-too (``--tokens 1024,4096``).
+every block_m-8 GEMM, whatever the rule says), ``ksliced_eight_rows`` (both) and ``xla_routing``
+(routing by XLA's kernels and the separate alignment kernel, as before the routing kernel:
+NOTES_moe.md v12). Large T works too (``--tokens 1024,4096``).
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ import jax.numpy as jnp
 from jax_nvfp4.bench import moe as bench_moe
 from jax_nvfp4.bench.common import copy_bandwidth, gpu_events, many
 from jax_nvfp4.ops import moe as moe_ops
+from jax_nvfp4.ops import moe_route
 
 import ab_moe_overhead  # benchmarks/, next to this file
 
 
 def kind_of(name: str) -> str:
   low = name.lower()
-  if "moe_align" in low:
+  if "moe_align" in low or "moe_route" in low:   # the alignment, or routing + alignment
     return "align"
   if "nvfp4" in low:
     return "gemm"
@@ -105,6 +108,17 @@ def gemms_without_row_hint():
 
 
 @contextlib.contextmanager
+def xla_routing():
+  """fused_moe routes with XLA's kernels and aligns with the alignment kernel at every T."""
+  saved = moe_route.fits_one_block
+  moe_route.fits_one_block = lambda *a: False
+  try:
+    yield
+  finally:
+    moe_route.fits_one_block = saved
+
+
+@contextlib.contextmanager
 def all_ksliced(eight_rows: bool = False):
   with rule_returning("choose_moe_k_slices", moe_ops.MOE_K_SLICES):
     with (gemms_without_row_hint() if eight_rows else contextlib.nullcontext()):
@@ -119,7 +133,7 @@ def main():
                   help="comma-separated, of: fused_moe (the library's layer), unsliced (no "
                        "k-slices at decode), one_tile (one N block per block at prefill), "
                        "eight_rows (8-row decode blocks), ksliced (k-slices at every block_m-8 "
-                       "GEMM), ksliced_eight_rows")
+                       "GEMM), ksliced_eight_rows, xla_routing (no routing kernel)")
   args = ap.parse_args()
   rows = []
   key = jax.random.key(1)
@@ -134,7 +148,8 @@ def main():
                 "one_tile": lambda: rule_returning("choose_moe_prefill_tiles", 1),
                 "eight_rows": gemms_without_row_hint,
                 "ksliced": all_ksliced,
-                "ksliced_eight_rows": lambda: all_ksliced(eight_rows=True)}
+                "ksliced_eight_rows": lambda: all_ksliced(eight_rows=True),
+                "xla_routing": xla_routing}
     variants = {name: (many(bench_moe.nvfp4_layer(routing)), contexts[name])
                 for name in args.variants.split(",")}
     for t in (int(v) for v in args.tokens.split(",")):

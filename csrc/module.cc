@@ -9,6 +9,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4GemmCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4MoeGemmCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4DequantizeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4MoeAlignCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4MoeRouteAlignCuda);
 extern "C" int jax_nvfp4_sm_count();
 extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16, int k_slices);
 extern "C" int jax_nvfp4_moe_blocks_per_sm(int mt, int bf16, int k_slices);
@@ -37,6 +38,8 @@ NB_MODULE(_C, m) {
     registrations["jax_nvfp4_moe_gemm_cuda"] = EncapsulateFfiHandler(Nvfp4MoeGemmCuda);
     registrations["jax_nvfp4_dequantize_cuda"] = EncapsulateFfiHandler(Nvfp4DequantizeCuda);
     registrations["jax_nvfp4_moe_align_cuda"] = EncapsulateFfiHandler(Nvfp4MoeAlignCuda);
+    registrations["jax_nvfp4_moe_route_align_cuda"] =
+        EncapsulateFfiHandler(Nvfp4MoeRouteAlignCuda);
 #endif
     return registrations;
   }, "Names and capsules of the XLA FFI handlers built into this module.");

@@ -42,14 +42,16 @@
 #include <string>
 
 #include "ffi_util.h"
+#include "moe_align_block.cuh"
 
 namespace jax_nvfp4 {
 namespace {
 
+using namespace moe_align;
+
 constexpr int kAlignMaxThreads = 1024;
 constexpr int kAlignPairsPerBlock = 1024;   // mirrored by ops/moe_align.py align_grid
 constexpr int kAlignMaxBlocks = 64;
-constexpr int kLoadAhead = 8;
 
 int64_t align_grid(int64_t pairs) {
   return std::clamp<int64_t>((pairs + kAlignPairsPerBlock - 1) / kAlignPairsPerBlock, 1,
@@ -59,7 +61,7 @@ int64_t align_grid(int64_t pairs) {
 // The place kernel's shared memory (int32, all dynamic): total[E], before[E], start[E],
 // num_padded, table[warps][E]. The count kernel uses the table only.
 size_t align_smem_bytes(int experts, int warps) {
-  return (size_t(experts) * (warps + 3) + 1) * sizeof(int);
+  return align_smem_ints(experts, warps) * sizeof(int);
 }
 
 // One warp per 32 pairs of a block's range, 4 to 32 warps, no more than the table allows.
@@ -71,83 +73,12 @@ int align_warps(int64_t pairs_per_block, int experts, size_t smem_limit) {
   return static_cast<int>(std::min(wanted, fit));
 }
 
-// [first, end) of this warp's pairs: whole chunks of 32, ranges in (block, warp) order.
-struct WarpRange {
-  int first, end;
-};
-
-__device__ __forceinline__ WarpRange warp_range(int num_pairs) {
-  const int chunks = (num_pairs + 31) / 32;
-  const int block_chunks = (chunks + gridDim.x - 1) / gridDim.x;
-  const int block_first = min(int(blockIdx.x) * block_chunks * 32, num_pairs);
-  const int block_end = min(block_first + block_chunks * 32, num_pairs);
-  const int warps = blockDim.x / 32, warp = threadIdx.x / 32;
-  const int per_warp = (block_chunks + warps - 1) / warps * 32;
-  const int first = min(block_first + warp * per_warp, block_end);
-  return {first, min(first + per_warp, block_end)};
-}
-
-// The expert of pair p, or E where p is past the range or its id outside [0, E).
-__device__ __forceinline__ int expert_of(const int *__restrict__ ids, int p, int end,
-                                         int experts) {
-  const int e = p < end ? __ldg(ids + p) : experts;
-  return e >= 0 && e < experts ? e : experts;
-}
-
-// The lanes of the warp whose v equals this lane's (v < 2^bits), one ballot per bit. Why not
-// __match_any_sync: in the single-block version 2 x 32 chunks per warp of it took 73 us for
-// 32768 pairs, these ballots 55 (NOTES_moe.md v9).
-__device__ __forceinline__ unsigned lanes_equal(int v, int bits) {
-  unsigned peers = 0xffffffffu;
-  for (int b = 0; b < bits; ++b) {
-    const bool set = (v >> b) & 1;
-    const unsigned ones = __ballot_sync(0xffffffffu, set);
-    peers &= set ? ones : ~ones;
-  }
-  return peers;
-}
-
-// Walks the warp's range chunk by chunk; for each chunk calls
-// visit(pair, expert (E for none), peers, lowest lane of its group). The row updates inside
-// visit are ordered by the __syncwarp after it.
-template <class Visit>
-__device__ __forceinline__ void for_each_chunk(const int *__restrict__ ids, WarpRange r,
-                                               int experts, Visit visit) {
-  const int lane = threadIdx.x % 32;
-  const int id_bits = 32 - __clz(experts);   // ids and the "no expert" value E
-  const unsigned lanes_below = (1u << lane) - 1u;
-  for (int base = r.first; base < r.end; base += kLoadAhead * 32) {
-    int e[kLoadAhead];
-#pragma unroll
-    for (int c = 0; c < kLoadAhead; ++c)
-      e[c] = expert_of(ids, base + c * 32 + lane, r.end, experts);
-#pragma unroll
-    for (int c = 0; c < kLoadAhead; ++c) {
-      if (base + c * 32 >= r.end) break;   // warp-uniform: short ranges (decode) stop early
-      const unsigned peers = lanes_equal(e[c], id_bits);
-      visit(base + c * 32 + lane, e[c], __popc(peers & lanes_below), __popc(peers),
-            (peers & lanes_below) == 0);
-      __syncwarp();
-    }
-  }
-}
-
-// Step 1: this warp's counts per expert into row[E].
-__device__ __forceinline__ void count_warp_range(const int *__restrict__ ids, WarpRange r,
-                                                 int experts, int *row) {
-  for (int e = threadIdx.x % 32; e < experts; e += 32) row[e] = 0;
-  __syncwarp();
-  for_each_chunk(ids, r, experts, [&](int, int e, int, int group, bool lowest) {
-    if (e < experts && lowest) row[e] += group;
-  });
-}
-
 __global__ void __launch_bounds__(kAlignMaxThreads, 1)
     moe_align_count_kernel(const int *__restrict__ ids, int num_pairs, int experts,
                            int *__restrict__ block_counts) {
   extern __shared__ int table[];   // [warps][E]
   const int warps = blockDim.x / 32;
-  count_warp_range(ids, warp_range(num_pairs), experts, table + threadIdx.x / 32 * experts);
+  count_warp_range<kLoadAhead>(ids, warp_range(num_pairs), experts, table + threadIdx.x / 32 * experts);
   __syncthreads();
   for (int x = threadIdx.x; x < experts; x += blockDim.x) {
     int sum = 0;
@@ -163,91 +94,8 @@ __global__ void __launch_bounds__(kAlignMaxThreads, 1)
                            int *__restrict__ sorted_ids, int *__restrict__ block_expert,
                            int *__restrict__ num_padded_out) {
   extern __shared__ int smem[];
-  int *total = smem;                   // pairs per expert
-  int *before = smem + experts;        // pairs per expert in earlier blocks' ranges
-  int *start = smem + 2 * experts;     // each expert's first slot
-  int &num_padded = smem[3 * experts];
-  int *table = smem + 3 * experts + 1; // [warps][E]: counts, prefixes over warps, then cursors
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int threads = blockDim.x, warps = threads / 32;
-  const int g = blockIdx.x, grid = gridDim.x;
-  const int sentinel = num_pairs;
-  const WarpRange range = warp_range(num_pairs);
-  int *row = table + warp * experts;
-
-  // 1. Per-warp counts.
-  count_warp_range(ids, range, experts, row);
-  __syncthreads();
-
-  // 2. Rows -> exclusive prefixes over the warps; totals and earlier blocks' counts.
-  for (int x = tid; x < experts; x += threads) {
-    int run = 0;
-    for (int w = 0; w < warps; ++w) {
-      const int count = table[w * experts + x];
-      table[w * experts + x] = run;
-      run += count;
-    }
-    int earlier = 0, all = run;
-    if (grid > 1) {
-      all = 0;
-      for (int b = 0; b < grid; ++b) {
-        const int count = block_counts[b * experts + x];
-        earlier += b < g ? count : 0;
-        all += count;
-      }
-    }
-    total[x] = all;
-    before[x] = earlier;
-  }
-  __syncthreads();
-
-  // 3. Exclusive scan of the padded totals (warp 0, 32 experts per step).
-  if (warp == 0) {
-    int carry = 0;
-    for (int base = 0; base < experts; base += 32) {
-      const int e = base + lane;
-      const int count = e < experts ? total[e] : 0;
-      const int padded = (count + block_m - 1) / block_m * block_m;
-      int incl = padded;
-      for (int d = 1; d < 32; d *= 2) {
-        const int v = __shfl_up_sync(0xffffffffu, incl, d);
-        if (lane >= d) incl += v;
-      }
-      if (e < experts) start[e] = carry + incl - padded;
-      carry += __shfl_sync(0xffffffffu, incl, 31);
-    }
-    if (lane == 0) num_padded = carry;
-  }
-  __syncthreads();
-
-  // 4. This block's share of the padding slots, block experts and tail; rows -> cursors.
-  for (int e = g + tid * grid; e < experts; e += threads * grid) {
-    const int first = start[e], count = total[e];
-    const int end = first + (count + block_m - 1) / block_m * block_m;
-    for (int s = first + count; s < end; ++s) sorted_ids[s] = sentinel;
-    const int mapped = expert_map != nullptr ? expert_map[e] : e;
-    for (int b = first / block_m; b < end / block_m; ++b) block_expert[b] = mapped;
-  }
-  const int used = num_padded;
-  for (int s = used + g * threads + tid; s < slots; s += grid * threads) sorted_ids[s] = sentinel;
-  for (int b = used / block_m + g * threads + tid; b < slots / block_m; b += grid * threads)
-    block_expert[b] = -1;
-  if (g == 0 && tid == 0) *num_padded_out = used;
-  for (int i = tid; i < warps * experts; i += threads) {
-    const int x = i % experts;
-    table[i] += start[x] + before[x];
-  }
-  __syncthreads();
-
-  // 5. Placement, each warp over its own range in order.
-  for_each_chunk(ids, range, experts, [&](int pair, int e, int rank, int group, bool lowest) {
-    const int slot = e < experts ? row[e] + rank : 0;
-    __syncwarp();
-    if (e < experts) {
-      sorted_ids[slot] = pair;
-      if (lowest) row[e] += group;
-    }
-  });
+  align_place<kLoadAhead>(ids, num_pairs, expert_map, experts, block_m, slots, block_counts, sorted_ids,
+              block_expert, num_padded_out, smem);
 }
 
 ffi::Error invalid(const std::string &msg) {

@@ -8,7 +8,7 @@ from jax_nvfp4.ops.dequantize import dequantize_blocks
 from jax_nvfp4.prepare import PreparedNVFP4Weight, prepare, unprepare
 from jax_nvfp4.reference import reference_matmul
 from jax_nvfp4.moe import (Alignment, RoutingConfig, align_tokens, apply_activation,
-                           choose_block_m, deinterleave_gate_up, route)
+                           choose_block_m, deinterleave_gate_up, route, route_and_align)
 from jax_nvfp4.ops.moe import fused_moe, nvfp4_moe_gemm
 from jax_nvfp4.backend import BackendChoice, select_backend  # the Flax layers: jax_nvfp4.nn (needs flax)
 
@@ -18,6 +18,6 @@ __all__ = [
     "BLOCK_SIZE", "E2M1_VALUES", "NVFP4Weight", "PreparedNVFP4Weight", "prepare", "unprepare", "dequantize", "dequantize_blocks", "nvfp4_matmul", "pack_fp4",
     "quantize", "reference_matmul", "round_to_e2m1", "unpack_fp4",
     "Alignment", "RoutingConfig", "align_tokens", "apply_activation", "choose_block_m",
-    "deinterleave_gate_up", "fused_moe", "nvfp4_moe_gemm", "route",
+    "deinterleave_gate_up", "fused_moe", "nvfp4_moe_gemm", "route", "route_and_align",
     "BackendChoice", "select_backend",
 ]

@@ -12,7 +12,7 @@ import jax_nvfp4.nn
 
 #: Array functions of the top level whose docstrings must give shapes and dtypes.
 ARRAY_FUNCTIONS = ("dequantize", "dequantize_blocks", "nvfp4_matmul", "pack_fp4", "unpack_fp4", "quantize",
-                   "reference_matmul", "prepare", "unprepare", "route", "align_tokens",
+                   "reference_matmul", "prepare", "unprepare", "route", "route_and_align", "align_tokens",
                    "apply_activation", "deinterleave_gate_up", "fused_moe", "nvfp4_moe_gemm")
 DTYPE_WORDS = ("uint8", "uint32", "float32", "bf16", "bfloat16", "float", "int32", "integer")
 

@@ -16,7 +16,7 @@ import pytest
 
 import jax_nvfp4 as nf
 from jax_nvfp4.ops import moe as moe_ops
-from jax_nvfp4.ops import moe_align
+from jax_nvfp4.ops import moe_align, moe_route
 from tests import numpy_moe_reference as ref
 from tests import numpy_reference as npref
 
@@ -473,7 +473,7 @@ def test_cuda_lowering_emits_the_ffi_call(rng, monkeypatch):
   """The CUDA lowering (exported for the cuda platform, no GPU needed): operands in contract
   order, attributes typed as the handler binds them, the workspace result only internal."""
   # The lowering rule asks at lowering time whether the kernel is built (here it is not).
-  targets = (moe_ops.CUDA_TARGET, moe_align.CUDA_TARGET)
+  targets = (moe_ops.CUDA_TARGET, moe_align.CUDA_TARGET, moe_route.CUDA_TARGET)
   monkeypatch.setattr(nf._ffi, "REGISTERED", nf._ffi.REGISTERED | set(targets))
   p13 = nf.prepare(random_experts(rng, 4, 64, 128))
   p2 = nf.prepare(random_experts(rng, 4, 128, 32))
@@ -483,9 +483,12 @@ def test_cuda_lowering_emits_the_ffi_call(rng, monkeypatch):
           jax.ShapeDtypeStruct((3, 128), jnp.bfloat16), jax.ShapeDtypeStruct((3, 4), jnp.float32))
   lines = exp.mlir_module().split("\n")
   calls = [l for l in lines if "custom_call @jax_nvfp4_moe_gemm_cuda" in l]
-  align = [l for l in lines if f"custom_call @{moe_align.CUDA_TARGET}" in l]
+  routing = [l for l in lines if f"custom_call @{moe_route.CUDA_TARGET}" in l]
   assert len(calls) == 2 and exp.out_avals[0].shape == (3, 128)
-  assert len(align) == 1 and "(tensor<3x2xi32>, tensor<0xi32>) -> (tensor<40xi32>" in align[0]
+  # Routing and alignment are one launch at decode (no sort, no separate alignment).
+  assert len(routing) == 1 and ("(tensor<3x4xf32>, tensor<0xf32>, tensor<0xi32>) -> "
+                                "(tensor<3x2xf32>, tensor<3x2xi32>, tensor<40xi32>") in routing[0]
+  assert not any(f"@{moe_align.CUDA_TARGET}" in l or "sort" in l for l in lines)
   gemm1, gemm2 = calls
   for attr in ("block_m = 8 : i64", "num_rows_out = 6 : i64", "splits = 1 : i64",
                "k_slices = 1 : i64", "tiles_per_block = 1 : i64", "cluster = false",

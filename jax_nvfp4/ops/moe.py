@@ -70,7 +70,8 @@ from jax_nvfp4 import _ffi
 from jax_nvfp4.format import NVFP4Weight, check_weight, dequantize
 from jax_nvfp4.moe.activations import GPTOSS_ALPHA, apply_activation, is_gated
 from jax_nvfp4.moe.align import BLOCK_MS, Alignment, align_tokens, choose_block_m
-from jax_nvfp4.moe.routing import RoutingConfig, route
+from jax_nvfp4.moe.route_align import route_and_align
+from jax_nvfp4.moe.routing import RoutingConfig
 from jax_nvfp4.ops import dense as dense_ops
 from jax_nvfp4.ops.dense import CLUSTER_MAX_SPLITS, DECODE_K_SLICES, K_SLICES_MIN_K
 from jax_nvfp4.ops.dequantize import reference as dequantize_blocks_reference
@@ -741,7 +742,8 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
     if tuple(logits.shape) != (*lead, e_global):
       raise ValueError(f"fused_moe: router_logits must have shape {(*lead, e_global)} "
                        f"(tokens x E_global), got {tuple(logits.shape)}")
-    topk_weights, topk_ids = route(logits.reshape(m, e_global), routing)
+    k = routing.top_k
+    routing.validate(e_global)
   else:
     if topk_weights is None or topk_ids is None:
       raise ValueError("fused_moe: give router_logits (with top_k or routing) or both "
@@ -761,7 +763,7 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
     topk_weights = _float_array(topk_weights, "topk_weights", topk_ids.shape)
     topk_ids = topk_ids.reshape(m, -1).astype(jnp.int32)
     topk_weights = topk_weights.reshape(m, -1)
-  k = topk_ids.shape[-1]
+    k = topk_ids.shape[-1]
   if not 1 <= k <= e_global:
     raise ValueError(f"fused_moe: top_k = {k} must be in [1, E = {e_global}]")
   if w13_bias is not None:
@@ -780,7 +782,12 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
   # Chosen rather than asked for: the primitive still lowers per platform, so a computation
   # placed on the host of a GPU machine (jax.jit(..., device=cpu)) runs the reference there.
   primitive_backend = "auto" if backend in (None, "auto") and lowering == "cuda" else lowering
-  alignment = align_tokens(topk_ids, e_global, bm, expert_map, backend=primitive_backend)
+  if router_logits is not None:
+    # One launch routes and aligns a decode-sized batch on a GPU (jax_nvfp4.ops.moe_route).
+    topk_weights, topk_ids, alignment = route_and_align(
+        logits.reshape(m, e_global), routing, bm, expert_map, backend=primitive_backend)
+  else:
+    alignment = align_tokens(topk_ids, e_global, bm, expert_map, backend=primitive_backend)
 
   def gemm(a, w, **kw):
     if isinstance(w, PreparedNVFP4Weight):
