@@ -15,20 +15,24 @@
 // One block; warp w routes tokens w, w + warps, ...; per token, in the warp:
 //   1. score = softmax over the E logits (max, exp, sum, divide) or sigmoid; the selection
 //      score choice = score + correction bias is kept as an order-preserving uint32 key, so that
-//      one 64-bit warp max per round picks (highest choice, lowest index): the tie rule of
-//      lax.top_k, which the reference uses. Both rows live in shared memory ([warps][2][E]).
+//      a warp max of the keys and a warp min of the indices holding it (two REDUX) pick
+//      (highest choice, lowest index): the tie rule of lax.top_k, which the reference uses. Both
+//      rows live in shared memory ([warps][2][E]).
 //   2. n_group > 1: lane g owns group g (n_group <= 32); its score is the sum of its two largest
 //      choices or its largest; topk_group rounds of the warp max pick the groups; the experts of
 //      the others get key 1, below every real score (the reference's -inf; only a choice of
 //      -inf or NaN inside a chosen group could then order differently).
-//   3. top_k rounds of the warp max over the keys (k <= 32); the winner's key becomes 0 (taken);
-//      lane j keeps the j-th id, so ids come out best first, as lax.top_k gives them.
+//   3. top_k rounds of that selection over the lanes' best keys (k <= 32); the winner's key
+//      becomes 0 (taken) and only its lane rescans; lane j keeps the j-th id, so ids come out
+//      best first, as lax.top_k gives them.
+// Code size matters more than instruction count here: a single-block launch after the GEMMs
+// fetches its instructions from HBM, so loops stay rolled (NOTES_moe.md v12).
 //   4. lane j < k reads score[id_j]; renormalise by the warp's sum (max with 1e-20) and scale.
 // The ids also go to shared memory; after a barrier the whole block aligns them with the
 // alignment kernel's steps (moe_align_block.cuh) over the same shared memory, so no id makes a
 // round trip through global memory and nothing waits on a second launch.
 // Floating-point results match the XLA reference to rounding (the sums run in another order);
-// ids match exactly wherever the selection scores of different experts differ in float32.
+// ids match exactly except where two experts' selection scores lie within that rounding.
 
 #include <algorithm>
 #include <cuda_bf16.h>

@@ -271,11 +271,13 @@ def test_k_sliced_decode_gemms(rng, monkeypatch, m, h, i, e, k, dtype, mapped, f
   for _ in range(2):
     np.testing.assert_array_equal(np.asarray(sliced_fn(x, p13, p2)), sliced)
   # fused_moe hints the token count: at M <= 4 the blocks held 1, 2 or 4 x rows. The 8-row
-  # block (no hint) makes the same sums in the same order.
-  with monkeypatch.context() as mp:
-    _gemms_without_row_hint(mp)
-    eight = np.asarray(poisoned(layer(), x, p13, p2, out_shape=x.shape, dtype=dtype))
-  np.testing.assert_array_equal(eight, sliced)
+  # block (no hint) makes the same sums in the same order. (Above 4 tokens the hint picks the
+  # 8-row block itself, so there is nothing to compare.)
+  if m <= 4:
+    with monkeypatch.context() as mp:
+      _gemms_without_row_hint(mp)
+      eight = np.asarray(poisoned(layer(), x, p13, p2, out_shape=x.shape, dtype=dtype))
+    np.testing.assert_array_equal(eight, sliced)
   monkeypatch.setattr(moe_ops, "choose_moe_k_slices", lambda *a, **kw: 1)
   unsliced = np.asarray(poisoned(layer(), x, p13, p2, out_shape=x.shape, dtype=dtype))
   _check(x, w13, w2, unsliced, tw, ti, **kw)

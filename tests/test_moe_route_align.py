@@ -208,6 +208,14 @@ def test_cuda_lowering_is_one_launch_at_decode(monkeypatch):
   assert any(moe_align.CUDA_TARGET in c for c in calls) and any("sort" in c for c in calls)
   calls = _export_calls(4, 256, cfg, monkeypatch, backend="reference")
   assert not any("custom_call" in c for c in calls)
+  # Past one block's limits on top_k (32), n_group (32) and E (1024): XLA routing again.
+  for m, e, wide in ((2, 64, nf.RoutingConfig(top_k=33)),
+                     (2, 128, nf.RoutingConfig(top_k=4, n_group=64, topk_group=2)),
+                     (1, 1025, nf.RoutingConfig(top_k=2))):
+    assert not moe_route.fits_one_block(m, e, wide.top_k, wide.n_group)
+    calls = _export_calls(m, e, wide, monkeypatch)
+    assert not any(moe_route.CUDA_TARGET in c for c in calls) and any("sort" in c for c in calls)
+  assert moe_route.fits_one_block(32, 1024, 32, 32)
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -33,8 +33,8 @@ def route_and_align(router_logits: jax.Array, config: RoutingConfig, block_m: in
   Returns:
     ``(topk_weights, topk_ids, alignment)``: float32 ``[..., top_k]``, int32 ``[..., top_k]``
     and an ``Alignment`` of the ``M * top_k`` pairs, as ``route`` and ``align_tokens`` define
-    them. The kernel's ids equal ``route``'s wherever the selection scores of distinct experts
-    differ in float32 (on exact ties both take the lower index); its weights agree to float32
+    them. The kernel's ids equal ``route``'s except where the selection scores of two experts
+    lie within float32 rounding of each other (on exact ties both take the lower index); its weights agree to float32
     rounding; its alignment is exactly ``align_tokens`` of its ids.
   """
   from jax_nvfp4.ops import moe_route  # pylint: disable=import-outside-toplevel (import cycle)

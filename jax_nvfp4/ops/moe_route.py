@@ -22,8 +22,9 @@ Contract::
 
 The kernel (csrc/nvfp4_moe_route.cu) runs where a single block holds the problem
 (``fits_one_block``): at most ``ROUTE_MAX_PAIRS`` (token, k) pairs, ``ROUTE_MAX_EXPERTS``
-experts, ``top_k`` and ``n_group`` at most 32. Its ids equal the reference's wherever the
-selection scores of distinct experts differ in float32 (on exact ties both take the lower index);
+experts, ``top_k`` and ``n_group`` at most 32. Its ids equal the reference's except where the
+selection scores of two experts lie within float32 rounding of each other (the sums run in
+another order; on exact ties both take the lower index);
 its weights agree to float32 rounding (sums in another order); its alignment is bit for bit the
 alignment of its ids. Larger batches lower to ``route`` (XLA) and the alignment primitive.
 
