@@ -138,6 +138,12 @@ def test_leading_dims_and_defaults(rng):
   np.testing.assert_array_equal(np.asarray(ids), np.asarray(rids))
 
 
+def test_m_zero():
+  w, ids, al = _run(jnp.zeros((0, 16), jnp.float32), nf.RoutingConfig(top_k=2), block_m=8)
+  assert w.shape == ids.shape == (0, 2) and al.sorted_ids.shape == (0,)
+  assert int(al.num_padded[0]) == 0
+
+
 def test_vmap_routes_each_element(rng):
   logits = jnp.asarray(rng.standard_normal((3, 4, 24)).astype(np.float32))
   cfg = nf.RoutingConfig(top_k=3)
