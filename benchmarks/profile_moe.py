@@ -84,16 +84,17 @@ def kernel_family(name: str) -> str:
 
 
 @contextlib.contextmanager
-def rule_returning(name: str, value: int):
-  """Lowerings inside see ``ops.moe.<name>`` return ``value`` (a variant is compiled at its
-  first call): ``unsliced`` sets ``choose_moe_k_slices`` to 1, ``one_tile``
-  ``choose_moe_prefill_tiles`` to 1."""
-  saved = getattr(moe_ops, name)
-  setattr(moe_ops, name, lambda *args, **kw: value)
+def rule_returning(name: str, value, module=moe_ops):
+  """Lowerings inside see ``module.<name>`` return ``value`` (a variant is compiled at its
+  first call): ``unsliced`` sets ``ops.moe.choose_moe_k_slices`` to 1, ``one_tile``
+  ``ops.moe.choose_moe_prefill_tiles`` to 1, ``xla_routing`` ``ops.moe_route.fits_one_block``
+  to False (XLA routing and the alignment kernel at every T)."""
+  saved = getattr(module, name)
+  setattr(module, name, lambda *args, **kw: value)
   try:
     yield
   finally:
-    setattr(moe_ops, name, saved)
+    setattr(module, name, saved)
 
 
 @contextlib.contextmanager
@@ -105,17 +106,6 @@ def gemms_without_row_hint():
     yield
   finally:
     moe_ops.nvfp4_moe_gemm = saved
-
-
-@contextlib.contextmanager
-def xla_routing():
-  """fused_moe routes with XLA's kernels and aligns with the alignment kernel at every T."""
-  saved = moe_route.fits_one_block
-  moe_route.fits_one_block = lambda *a: False
-  try:
-    yield
-  finally:
-    moe_route.fits_one_block = saved
 
 
 @contextlib.contextmanager
@@ -149,7 +139,7 @@ def main():
                 "eight_rows": gemms_without_row_hint,
                 "ksliced": all_ksliced,
                 "ksliced_eight_rows": lambda: all_ksliced(eight_rows=True),
-                "xla_routing": xla_routing}
+                "xla_routing": lambda: rule_returning("fits_one_block", False, moe_route)}
     variants = {name: (many(bench_moe.nvfp4_layer(routing)), contexts[name])
                 for name in args.variants.split(",")}
     for t in (int(v) for v in args.tokens.split(",")):

@@ -22,6 +22,25 @@ inline ffi::Error cuda_error(const char *what, cudaError_t e) {
   return ffi::Error(ffi::ErrorCode::kInternal, std::string(what) + ": " + cudaGetErrorString(e));
 }
 
+// The current device's opt-in shared memory per block, in bytes.
+inline ffi::Error smem_optin_bytes(int &bytes, const char *what) {
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e == cudaSuccess)
+    e = cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e != cudaSuccess) return cuda_error((std::string(what) + " device query").c_str(), e);
+  return ffi::Error::Success();
+}
+
+// Lets `kernel` launch with `smem` bytes of dynamic shared memory (an opt-in above 48 KB).
+inline ffi::Error allow_dynamic_smem(const void *kernel, size_t smem, const char *what) {
+  if (smem <= 48 * 1024) return ffi::Error::Success();
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem));
+  if (e != cudaSuccess) return cuda_error((std::string(what) + " shared-memory opt-in").c_str(), e);
+  return ffi::Error::Success();
+}
+
 // The launch-shape attributes both GEMM handlers take, checked against each other and the K
 // range; "" when consistent. `k_sliced_tile` names where k-slices exist (the dense kernel: m_tile
 // 1 or 2, the grouped one: block_m 8) and `k_sliced` whether this launch is there.

@@ -3,7 +3,10 @@
 // (nvfp4_moe_route.cu, which aligns the ids it has just chosen without a second launch).
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
+#include <cstdint>
+#include <string>
 
 namespace jax_nvfp4 {
 namespace moe_align {
@@ -19,6 +22,30 @@ constexpr int kLoadAhead = 8;
 // table[warps][E].
 inline size_t align_smem_ints(int experts, int warps) {
   return size_t(experts) * (warps + 3) + 1;
+}
+
+// The static length align.py's capacity() gives: the most slots the padded runs can take.
+inline int64_t align_capacity(int64_t pairs, int64_t experts, int64_t block_m) {
+  const int64_t bound = pairs + std::min(experts, pairs) * (block_m - 1);
+  return (bound + block_m - 1) / block_m * block_m;
+}
+
+// Checks the alignment's buffers (both handlers write one); "" when they fit the contract.
+inline std::string alignment_problem(int64_t pairs, int64_t experts, int64_t block_m,
+                                     int64_t map_len, int64_t slots, int64_t block_expert_len,
+                                     int64_t num_padded_len) {
+  if (block_m != 8 && block_m != 16 && block_m != 32 && block_m != 64)
+    return "block_m must be 8, 16, 32 or 64";
+  if (map_len != 0 && map_len != experts) return "expert_map must have E entries (or none)";
+  if (slots % block_m != 0) return "len(sorted_ids) must be a multiple of block_m";
+  if (block_expert_len != slots / block_m)
+    return "block_expert must have len(sorted_ids) / block_m entries";
+  if (num_padded_len != 1) return "num_padded must have one element";
+  const int64_t need = align_capacity(pairs, experts, block_m);
+  if (slots < need)
+    return "sorted_ids has " + std::to_string(slots) + " slots, the alignment may need " +
+           std::to_string(need);
+  return "";
 }
 
 // [first, end) of this warp's pairs: whole chunks of 32, ranges in (block, warp) order.

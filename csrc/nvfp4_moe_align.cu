@@ -102,43 +102,21 @@ ffi::Error invalid(const std::string &msg) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_nvfp4_moe_align: " + msg);
 }
 
-// The static length align.py's capacity() gives: the most slots the padded runs can take.
-int64_t align_capacity(int64_t pairs, int64_t experts, int64_t block_m) {
-  const int64_t bound = pairs + std::min(experts, pairs) * (block_m - 1);
-  return (bound + block_m - 1) / block_m * block_m;
-}
-
-ffi::Error set_smem(const void *kernel, size_t smem) {
-  if (smem <= 48 * 1024) return ffi::Error::Success();
-  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(smem));
-  if (e != cudaSuccess) return cuda_error("jax_nvfp4_moe_align shared-memory opt-in", e);
-  return ffi::Error::Success();
-}
-
 ffi::Error MoeAlignImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> topk_ids,
                         ffi::Buffer<ffi::S32> expert_map, ffi::Result<ffi::Buffer<ffi::S32>> sorted,
                         ffi::Result<ffi::Buffer<ffi::S32>> block_expert,
                         ffi::Result<ffi::Buffer<ffi::S32>> num_padded,
                         ffi::Result<ffi::Buffer<ffi::S32>> scratch, int64_t num_experts,
                         int64_t block_m) {
-  if (block_m != 8 && block_m != 16 && block_m != 32 && block_m != 64)
-    return invalid("block_m must be 8, 16, 32 or 64");
   if (num_experts < 1 || num_experts > 65535) return invalid("num_experts must be in [1, 65535]");
   const int64_t pairs = topk_ids.element_count();
-  const int64_t map_len = expert_map.element_count();
-  if (map_len != 0 && map_len != num_experts)
-    return invalid("expert_map must have num_experts entries (or none)");
-  const int64_t slots = sorted->element_count();
-  if (slots % block_m != 0) return invalid("len(sorted_ids) must be a multiple of block_m");
-  if (static_cast<int64_t>(block_expert->element_count()) != slots / block_m)
-    return invalid("block_expert must have len(sorted_ids) / block_m entries");
-  if (num_padded->element_count() != 1) return invalid("num_padded must have one element");
   if (pairs > INT32_MAX / 2) return invalid("too many pairs for one alignment");
-  const int64_t need = align_capacity(pairs, num_experts, block_m);
-  if (slots < need)
-    return invalid("sorted_ids has " + std::to_string(slots) + " slots, the alignment may need " +
-                   std::to_string(need));
+  const int64_t map_len = expert_map.element_count();
+  const int64_t slots = sorted->element_count();
+  const std::string problem =
+      alignment_problem(pairs, num_experts, block_m, map_len, slots,
+                        block_expert->element_count(), num_padded->element_count());
+  if (!problem.empty()) return invalid(problem);
   const int experts = static_cast<int>(num_experts);
   const int64_t grid = align_grid(pairs);
   if (grid > 1 && static_cast<int64_t>(scratch->element_count()) < grid * experts)
@@ -146,11 +124,8 @@ ffi::Error MoeAlignImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> topk_ids,
                    " int32 for " + std::to_string(pairs) + " pairs, got " +
                    std::to_string(scratch->element_count()));
 
-  int device = 0, optin = 0;
-  cudaError_t e = cudaGetDevice(&device);
-  if (e == cudaSuccess)
-    e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (e != cudaSuccess) return cuda_error("jax_nvfp4_moe_align device query", e);
+  int optin = 0;
+  if (ffi::Error err = smem_optin_bytes(optin, "jax_nvfp4_moe_align"); err.failure()) return err;
   const int64_t pairs_per_block = ((pairs + 31) / 32 + grid - 1) / grid * 32;
   const int warps = align_warps(pairs_per_block, experts, size_t(optin));
   if (warps < 1)
@@ -162,20 +137,22 @@ ffi::Error MoeAlignImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> topk_ids,
   const size_t table_smem = size_t(warps) * experts * sizeof(int);
   const size_t smem = align_smem_bytes(experts, warps);
   if (grid > 1) {
-    ffi::Error err = set_smem(reinterpret_cast<const void *>(moe_align_count_kernel), table_smem);
+    ffi::Error err = allow_dynamic_smem(reinterpret_cast<const void *>(moe_align_count_kernel),
+                                        table_smem, "jax_nvfp4_moe_align");
     if (err.failure()) return err;
     moe_align_count_kernel<<<grid, threads, table_smem, stream>>>(
         topk_ids.typed_data(), static_cast<int>(pairs), experts, scratch->typed_data());
   }
-  ffi::Error err = set_smem(reinterpret_cast<const void *>(moe_align_place_kernel), smem);
+  ffi::Error err = allow_dynamic_smem(reinterpret_cast<const void *>(moe_align_place_kernel), smem,
+                                      "jax_nvfp4_moe_align");
   if (err.failure()) return err;
   moe_align_place_kernel<<<grid, threads, smem, stream>>>(
       topk_ids.typed_data(), static_cast<int>(pairs), map_len ? expert_map.typed_data() : nullptr,
       experts, static_cast<int>(block_m), static_cast<int>(slots),
       grid > 1 ? scratch->typed_data() : nullptr, sorted->typed_data(), block_expert->typed_data(),
       num_padded->typed_data());
-  e = cudaGetLastError();
-  if (e != cudaSuccess) return cuda_error("jax_nvfp4_moe_align launch", e);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess)
+    return cuda_error("jax_nvfp4_moe_align launch", e);
   return ffi::Error::Success();
 }
 

@@ -263,12 +263,6 @@ size_t route_smem_ints(int pairs, int experts, int warps) {
          std::max(size_t(2) * warps * experts, moe_align::align_smem_ints(experts, warps));
 }
 
-// The alignment's capacity (align.py capacity()).
-int64_t route_capacity(int64_t pairs, int64_t experts, int64_t block_m) {
-  const int64_t bound = pairs + std::min(experts, pairs) * (block_m - 1);
-  return (bound + block_m - 1) / block_m * block_m;
-}
-
 ffi::Error MoeRouteAlignImpl(cudaStream_t stream, ffi::AnyBuffer logits,
                              ffi::Buffer<ffi::F32> correction_bias,
                              ffi::Buffer<ffi::S32> expert_map,
@@ -301,27 +295,20 @@ ffi::Error MoeRouteAlignImpl(cudaStream_t stream, ffi::AnyBuffer logits,
                    "] and divide E");
   if (n_group > 1 && (topk_group < 1 || topk_group > n_group || top_k > topk_group * (e / n_group)))
     return invalid("topk_group must be in [1, n_group] with top_k <= topk_group * E / n_group");
-  if (block_m != 8 && block_m != 16 && block_m != 32 && block_m != 64)
-    return invalid("block_m must be 8, 16, 32 or 64");
   const int64_t bias_len = correction_bias.element_count();
   if (bias_len != 0 && bias_len != e) return invalid("correction_bias must have E entries or none");
-  const int64_t map_len = expert_map.element_count();
-  if (map_len != 0 && map_len != e) return invalid("expert_map must have E entries or none");
   if (weights->element_count() != pairs || ids->element_count() != pairs)
     return invalid("topk_weights and topk_ids must have M * top_k entries");
+  const int64_t map_len = expert_map.element_count();
   const int64_t slots = sorted->element_count();
-  if (slots < route_capacity(pairs, e, block_m) || slots % block_m != 0)
-    return invalid("sorted_ids must have a multiple of block_m slots, at least the capacity " +
-                   std::to_string(route_capacity(pairs, e, block_m)));
-  if (block_expert->element_count() != slots / block_m)
-    return invalid("block_expert must have len(sorted_ids) / block_m entries");
-  if (num_padded->element_count() != 1) return invalid("num_padded must have one element");
+  const std::string problem =
+      moe_align::alignment_problem(pairs, e, block_m, map_len, slots,
+                                   block_expert->element_count(), num_padded->element_count());
+  if (!problem.empty()) return invalid(problem);
 
-  int device = 0, optin = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return cuda_error("jax_nvfp4_moe_route_align device query", err);
+  int optin = 0;
+  if (ffi::Error err = smem_optin_bytes(optin, "jax_nvfp4_moe_route_align"); err.failure())
+    return err;
   // A warp per token up to 32, at least the alignment's warp per 32 pairs, and no more than
   // the shared memory holds.
   int warps = static_cast<int>(
@@ -360,15 +347,13 @@ ffi::Error MoeRouteAlignImpl(cudaStream_t stream, ffi::AnyBuffer logits,
                        : dtype == ffi::DataType::BF16
                            ? reinterpret_cast<const void *>(moe_route_align_kernel<__nv_bfloat16>)
                            : reinterpret_cast<const void *>(moe_route_align_kernel<__half>);
-  if (smem > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem));
-    if (err != cudaSuccess)
-      return cuda_error("jax_nvfp4_moe_route_align shared-memory opt-in", err);
-  }
+  if (ffi::Error err = allow_dynamic_smem(kernel, smem, "jax_nvfp4_moe_route_align");
+      err.failure())
+    return err;
   void *args[] = {&p};
-  err = cudaLaunchKernel(kernel, dim3(1), dim3(warps * 32), args, smem, stream);
-  if (err != cudaSuccess) return cuda_error("jax_nvfp4_moe_route_align launch", err);
+  if (cudaError_t err = cudaLaunchKernel(kernel, dim3(1), dim3(warps * 32), args, smem, stream);
+      err != cudaSuccess)
+    return cuda_error("jax_nvfp4_moe_route_align launch", err);
   return ffi::Error::Success();
 }
 

@@ -94,20 +94,28 @@ def align_tokens(topk_ids: jax.Array, num_experts: int, block_m: int,
     raise ValueError(f"align_tokens: topk_ids must be [M, top_k], got shape {topk_ids.shape}")
   if not jnp.issubdtype(topk_ids.dtype, jnp.integer):
     raise TypeError(f"align_tokens: topk_ids must be integer, got {topk_ids.dtype}")
-  if block_m not in BLOCK_MS:
-    raise ValueError(f"align_tokens: block_m must be one of {BLOCK_MS}, got {block_m!r}")
   if num_experts < 1:
     raise ValueError(f"align_tokens: num_experts must be >= 1, got {num_experts}")
-  if expert_map is not None:
-    expert_map = jnp.asarray(expert_map)
-    if expert_map.shape != (num_experts,) or not jnp.issubdtype(expert_map.dtype, jnp.integer):
-      raise ValueError(f"align_tokens: expert_map must be integer ({num_experts},), got "
-                       f"{expert_map.dtype} {expert_map.shape}")
+  expert_map = check_schedule_args(block_m, expert_map, num_experts, "align_tokens")
   m, top_k = topk_ids.shape
   sorted_ids, block_expert, num_padded = moe_align.moe_align(
       topk_ids.astype(jnp.int32), num_experts, block_m,
       None if expert_map is None else expert_map.astype(jnp.int32), backend=backend)
   return Alignment(sorted_ids, block_expert, num_padded, block_m=block_m, num_pairs=m * top_k)
+
+
+def check_schedule_args(block_m, expert_map, num_experts: int, caller: str):
+  """Raises ValueError unless ``block_m`` is in ``BLOCK_MS`` and ``expert_map`` is None or an
+  integer ``[num_experts]`` array; returns ``expert_map`` as an array (or None)."""
+  if block_m not in BLOCK_MS:
+    raise ValueError(f"{caller}: block_m must be one of {BLOCK_MS}, got {block_m!r}")
+  if expert_map is None:
+    return None
+  expert_map = jnp.asarray(expert_map)
+  if expert_map.shape != (num_experts,) or not jnp.issubdtype(expert_map.dtype, jnp.integer):
+    raise ValueError(f"{caller}: expert_map must be integer ({num_experts},), got "
+                     f"{expert_map.dtype} {expert_map.shape}")
+  return expert_map
 
 
 def align_reference(topk_ids: jax.Array, expert_map: jax.Array | None, *, num_experts: int,

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_nvfp4.moe.align import BLOCK_MS, Alignment, choose_block_m
+from jax_nvfp4.moe.align import Alignment, check_schedule_args, choose_block_m
 from jax_nvfp4.moe.routing import RoutingConfig
 
 
@@ -52,13 +52,7 @@ def route_and_align(router_logits: jax.Array, config: RoutingConfig, block_m: in
   m = int(np.prod(lead))
   if block_m is None:
     block_m = choose_block_m(m, config.top_k, num_experts)
-  if block_m not in BLOCK_MS:
-    raise ValueError(f"route_and_align: block_m must be one of {BLOCK_MS}, got {block_m!r}")
-  if expert_map is not None:
-    expert_map = jnp.asarray(expert_map)
-    if expert_map.shape != (num_experts,) or not jnp.issubdtype(expert_map.dtype, jnp.integer):
-      raise ValueError(f"route_and_align: expert_map must be integer ({num_experts},), got "
-                       f"{expert_map.dtype} {expert_map.shape}")
+  expert_map = check_schedule_args(block_m, expert_map, num_experts, "route_and_align")
   backend = "auto" if backend is None else backend
   weights, ids, sorted_ids, block_expert, num_padded = moe_route.moe_route_align(
       logits.reshape(m, num_experts), config, block_m, expert_map, backend=backend)

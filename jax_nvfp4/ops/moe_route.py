@@ -69,12 +69,9 @@ def _fail(msg: str, exc=ValueError):
   raise exc(f"moe_route_align: {msg}")
 
 
-def _config(correction_bias, *, top_k, scoring, renormalize, n_group, topk_group, group_score,
-            routed_scaling_factor):
-  return RoutingConfig(top_k=top_k, scoring=scoring, renormalize=renormalize, n_group=n_group,
-                       topk_group=topk_group, group_score=group_score,
-                       routed_scaling_factor=routed_scaling_factor,
-                       correction_bias=correction_bias if correction_bias.shape[0] else None)
+def _config(correction_bias=None, **routing) -> RoutingConfig:
+  """The primitive's routing parameters as a RoutingConfig (bias: an array, or None)."""
+  return RoutingConfig(correction_bias=correction_bias, **routing)
 
 
 def _check(logits, correction_bias, expert_map, *, top_k, scoring, renormalize, n_group,
@@ -100,9 +97,9 @@ def _check(logits, correction_bias, expert_map, *, top_k, scoring, renormalize, 
   if scoring not in SCORING_FUNCS or group_score not in GROUP_SCORES:
     _fail(f"scoring must be one of {SCORING_FUNCS} and group_score one of {GROUP_SCORES}, got "
           f"{scoring!r}, {group_score!r}")
-  RoutingConfig(top_k=top_k, scoring=scoring, renormalize=renormalize, n_group=n_group,
-                topk_group=topk_group, group_score=group_score,
-                routed_scaling_factor=routed_scaling_factor).validate(e)
+  _config(top_k=top_k, scoring=scoring, renormalize=renormalize, n_group=n_group,
+          topk_group=topk_group, group_score=group_score,
+          routed_scaling_factor=routed_scaling_factor).validate(e)
 
 
 moe_route_align_p = Primitive("nvfp4_moe_route_align")
@@ -128,7 +125,8 @@ moe_route_align_p.def_impl(lambda *args, **params: jax.jit(
 def _composed(logits, correction_bias, expert_map, *, block_m, backend, **routing):
   """``route`` then the alignment primitive (with ``backend``): the definition, and the path of
   problems the kernel does not take."""
-  weights, ids = route(logits, _config(correction_bias, **routing))
+  bias = correction_bias if correction_bias.shape[0] else None
+  weights, ids = route(logits, _config(bias, **routing))
   aligned = moe_align.moe_align(ids, logits.shape[1], block_m,
                                 expert_map if expert_map.shape[0] else None, backend=backend)
   return (weights, ids, *aligned)
