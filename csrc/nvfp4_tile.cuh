@@ -57,7 +57,8 @@
 // third of the instructions with one chunk per stage. A chunk past K64 (odd K64) and x columns
 // past K are zero-filled by the copy itself (src-size 0); weight padding is code 0 with scale 1,
 // so the K tail needs no branch. x rows past M (or padding rows of an MoE block) are never
-// copied: their rows are zeroed once in every stage before the loop. Decode with at most 4
+// copied (a predicated copy, not a branch): their rows are zeroed once in every stage before
+// the loop. Decode with at most 4
 // tokens goes further (TileConfig XR; dense, and the grouped GEMM's expert tiles, which then
 // hold at most that many rows): the stage holds 1, 2 or 4 x rows, the MMA's other rows read
 // one zero row outside the ring, and the freed shared memory buys a deeper ring (22-34 KB
@@ -325,6 +326,18 @@ __device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void *src, 
                :: "r"(dst), "l"(src), "r"(src_bytes));
 }
 
+// Activations, one copy per unit per piece, predicated instead of branched around: `issue`
+// false issues nothing (a row without a token, zeroed once before the loop); `read` false
+// writes zeros and leaves src alone (cp.async's ignore-src operand: columns past K; src need
+// not be a valid address then).
+__device__ __forceinline__ void cp_async16_x(uint32_t dst, const void *src, bool issue, bool read) {
+  asm volatile("{\n .reg .pred issue, ignore;\n setp.ne.u32 issue, %2, 0;\n"
+               " setp.eq.u32 ignore, %3, 0;\n"
+               " @issue cp.async.cg.shared.global [%0], [%1], 16, ignore;\n}\n"
+               :: "r"(dst), "l"(src), "r"(static_cast<uint32_t>(issue)),
+                  "r"(static_cast<uint32_t>(read)));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 
 template <int N>
@@ -468,7 +481,7 @@ __device__ __forceinline__ void weight_fragment(const ChunkFragments &f, int j, 
 //   xsrc:  per x piece this thread copies, the address of its token row at piece q, column 0
 //          (or null for a row that holds no token); piece p = threadIdx.x + i * kThreads covers
 //          row p / kXPiecesPerRow, piece q = p % kXPiecesPerRow
-//   x_any: any valid global address (a zero-filling copy still names a source)
+//   x_any: a global address that rows without a token are addressed from (never read)
 template <typename T, int MT, int KS, int XR, typename Epilogue>
 __device__ __forceinline__ void tile_mainloop(
     const uint4 *__restrict__ qweight, const uint4 *__restrict__ qscales, int n16, int k64,
@@ -494,17 +507,26 @@ __device__ __forceinline__ void tile_mainloop(
   // Where this thread's copies land inside a stage.
   const uint32_t w_dst = threadIdx.x * 16;
   const uint32_t s_dst = Cfg::kWBytes + warp * (KC * 64) + lane * 16;   // lanes 0 .. 4*KC-1
+  // Per x piece of this thread: where it lands in a stage, and where its row reads at the
+  // first unit's column (x_any for a row without a token). All pieces of a thread sit in the
+  // same column q of their rows (kThreads is a multiple of the pieces per row), so one count
+  // of columns left and one bit per piece (copied at all?) finish the description: a unit's
+  // copy is then one compare and one address.
+  static_assert(kThreads % Cfg::kXPiecesPerRow == 0, "a thread's x pieces must share a column");
+  static_assert(Cfg::kXPerThread <= 32, "one bit per x piece");
+  const int x_q = threadIdx.x % Cfg::kXPiecesPerRow;
+  const int x_left = k - x_q * 8;
   uint32_t x_dst[Cfg::kXPerThread];
   const T *x_src[Cfg::kXPerThread];
-  int x_col[Cfg::kXPerThread];
+  uint32_t x_copy = 0;
 #pragma unroll
   for (int i = 0; i < Cfg::kXPerThread; ++i) {
     const int piece = threadIdx.x + i * kThreads;
-    const int row = piece / Cfg::kXPiecesPerRow, q = piece % Cfg::kXPiecesPerRow;
-    x_dst[i] = Cfg::kWBytes + Cfg::kSBytes + Cfg::x_offset(row, q);
+    const int row = piece / Cfg::kXPiecesPerRow;
+    x_dst[i] = Cfg::kWBytes + Cfg::kSBytes + Cfg::x_offset(row, x_q);
     const bool mine = Cfg::kXPieces >= kThreads || piece < Cfg::kXPieces;
-    x_src[i] = mine ? xsrc[i] : nullptr;
-    x_col[i] = q * 8;
+    if (mine && xsrc[i] != nullptr) x_copy |= 1u << i;
+    x_src[i] = mine && xsrc[i] != nullptr ? xsrc[i] + x_q * 8 : static_cast<const T *>(x_any);
     // A row without a token is zero in every stage, once; it is never copied.
     if (mine && xsrc[i] == nullptr) {
 #pragma unroll
@@ -519,6 +541,8 @@ __device__ __forceinline__ void tile_mainloop(
   // Weights and scales. The k-sliced instantiations copy without the evict-first hint: with it,
   // ptxas 13.0 emitted LDGSTS whose cache-policy descriptor register was never written (an
   // "illegal instruction" on the H100; found with compute-sanitizer, see NOTES_dense.md v8).
+  // The same happened to the unsliced ones when the weight addresses became running sums (v14):
+  // tests/test_sass.py scans every LDGSTS for it.
   auto weight_copy = [&](uint32_t dst, const void *src, uint32_t src_bytes) {
     if constexpr (KS == 1) {
       cp_async16_stream_zfill(dst, src, src_bytes, policy);
@@ -526,6 +550,11 @@ __device__ __forceinline__ void tile_mainloop(
       cp_async16_zfill(dst, src, src_bytes);
     }
   };
+  // The copies of one unit. The x copies have no branch around them: ptxas wrapped every
+  // guarded copy in its own convergence region and recomputed its shared and global addresses
+  // there (~22 instructions per 16-byte copy, more than half of the k-sliced m_tile-2 block's
+  // issue slots, ncu in NOTES_dense.md v14). An x copy is predicated off for a row without a
+  // token and writes zeros for columns past K.
   auto load_next = [&](uint32_t stage) {
     const uint32_t base = smem_base + stage;
     const int tile_n = ld_tile * NT + sub;
@@ -546,13 +575,10 @@ __device__ __forceinline__ void tile_mainloop(
         weight_copy(base + s_dst, in ? qscales + at * 4 + lane : qscales, in ? 16u : 0u);
       }
     }
+    const int col = unit_chunk * 64;
 #pragma unroll
     for (int i = 0; i < Cfg::kXPerThread; ++i) {
-      if (x_src[i] == nullptr) continue;
-      const int col = unit_chunk * 64 + x_col[i];
-      const bool in = col < k;
-      cp_async16_zfill(base + x_dst[i], in ? static_cast<const void *>(x_src[i] + col) : x_any,
-                       in ? 16u : 0u);
+      cp_async16_x(base + x_dst[i], x_src[i] + col, (x_copy >> i) & 1u, col < x_left);
     }
     if (++ld_kunit == units_per_tile) {
       ld_kunit = 0;

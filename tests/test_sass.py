@@ -64,3 +64,31 @@ def test_no_kernel_touches_local_memory(arch):
   funcs = sass_functions(extension_path(), arch)
   for name, body in funcs.items():
     assert not re.search(r"\b(LDL|STL)(\.\w+)*\s", body), f"local memory in {name}"
+
+
+#: An LDGSTS (cp.async) whose cache-policy operand is a uniform register: ``desc[URn]``.
+LDGSTS_DESC = re.compile(r"\bLDGSTS\S*\s.*?desc\[UR(\d+)\]")
+#: A SASS instruction (optionally predicated) and its first operand, the destination.
+INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)\s+([^,;\s]+)")
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_every_copy_descriptor_register_is_written(arch):
+  """ptxas 13.0 has emitted LDGSTS with a cache-policy descriptor in a uniform register that no
+  instruction of the kernel writes (an illegal instruction at run time: NOTES_dense.md v8, v14).
+  Every ``desc[URn]`` an LDGSTS names must be the destination of some instruction (n and n+1:
+  the descriptor is 64 bits)."""
+  funcs = sass_functions(extension_path(), arch)
+  checked = 0
+  for name, body in funcs.items():
+    written = set()
+    for opcode, dst in INSTRUCTION.findall(body):
+      m = re.fullmatch(r"UR(\d+)", dst)
+      if m:
+        written.add(int(m.group(1)))
+        if ".64" in opcode:
+          written.add(int(m.group(1)) + 1)
+    for n in map(int, LDGSTS_DESC.findall(body)):
+      checked += 1
+      assert {n, n + 1} <= written, f"{name}: LDGSTS reads descriptor UR{n}, never written"
+  assert checked > 0, "no LDGSTS with a descriptor found: the pattern no longer matches"
