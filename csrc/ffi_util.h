@@ -60,6 +60,14 @@ inline std::string launch_problem(int64_t splits, bool cluster, int64_t k_slices
   return "";
 }
 
+// "" when the kernel can address one [N, K] weight (one expert's): tile_mainloop counts its
+// 16-byte pieces, n16 * k64 * 32, in 32 bits.
+inline std::string weight_size_problem(int64_t n16, int64_t k64) {
+  if (n16 * k64 * 32 <= int64_t{0xFFFFFFFF}) return "";
+  return "a weight of " + std::to_string(n16 * 16) + " x " + std::to_string(k64 * 64) +
+         " is beyond the kernel's 32-bit weight addressing; split N";
+}
+
 // The launch fields both handlers share. The workspace holds `ticket_bytes` of split-K tickets,
 // then the fp32 partials.
 inline GemmParams common_params(const ffi::AnyBuffer &x, const ffi::Buffer<ffi::U32> &qweight,

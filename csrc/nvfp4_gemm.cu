@@ -54,7 +54,8 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32>
   const int64_t token_tiles = (m + 8 * m_tile - 1) / (8 * m_tile);
   const int64_t n_blocks = (n16 + kWarps - 1) / kWarps;  // of the k_slices = 1 launch
   if (m == 0) return ffi::Error::Success();
-  if (m > INT32_MAX / 2 || n * k > (int64_t(1) << 40)) return invalid("problem too large");
+  if (m > INT32_MAX / 2) return invalid("problem too large");
+  if (auto why = weight_size_problem(n16, k64); !why.empty()) return invalid(why);
 
   if (token_tiles > 65535) return invalid("too many token tiles for one launch");
 

@@ -76,6 +76,7 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
                                 "block_m 8");
       !why.empty())
     return invalid(why);
+  if (auto why = weight_size_problem(n16, k64); !why.empty()) return invalid(why);
   if (num_rows_out == 0) return ffi::Error::Success();
   if (slots > INT32_MAX / 2 || num_rows_out > INT32_MAX / 2) return invalid("problem too large");
 

@@ -48,9 +48,12 @@
 // KS consecutive pieces of kChunksPerSlice chunks of each unit; see TileConfig), and the block
 // owns 8 * MT token rows and a range of units of kChunksPerUnit k64 chunks (split K over
 // gridDim.y, or several N blocks in a row). Each unit is one stage of a kStages-deep cp.async
-// ring in shared memory: 8 warps x kChunksPerSlice x 512 B of weights (16-byte copies, L2
-// evict-first where the compiler allows it: streamed once), their block scales, and the x tile
-// (8*MT rows x kChunksPerUnit * 128 B, L2-cached: every block re-reads it). The loads of unit
+// ring in shared memory: 8 warps x kChunksPerSlice x 512 B of weights (16-byte copies), their
+// block scales, and the x tile (8*MT rows x kChunksPerUnit * 128 B, which every block re-reads
+// from L2). Only the m_tile-8 weight copies carry an L2 evict-first hint: elsewhere ptxas 13.0
+// emitted, again and again as the surrounding code changed, copies whose cache-policy register
+// nothing writes, an illegal instruction at run time (NOTES_dense.md v8, v14, v15;
+// tests/test_sass.py scans for it). The loads of unit
 // u + kStages - 1 are issued before unit u is computed, so up to kStages - 1 units per block are
 // in flight without holding registers. Several chunks per stage cut the per-stage cost
 // (barrier, wait, address updates, copy issue) per weight byte; ncu showed that overhead to be a
@@ -303,37 +306,36 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint64_t evict_first_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
+// An opaque use and redefinition of v: the compiler keeps v in a register from here on
+// instead of recomputing it where it is used.
+__device__ __forceinline__ void pin_register(uint32_t &v) { asm volatile("" : "+r"(v)); }
 
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// Weights and scales: streamed once, so L2 may evict them first; src_bytes = 0 zero-fills.
-__device__ __forceinline__ void cp_async16_stream_zfill(uint32_t dst, const void *src,
-                                                        uint32_t src_bytes, uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n"
-               :: "r"(dst), "l"(src), "r"(src_bytes), "l"(policy));
-}
-
-// Activations: cached in L2 (every block re-reads them); src_bytes = 0 zero-fills.
-__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void *src, uint32_t src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-               :: "r"(dst), "l"(src), "r"(src_bytes));
-}
-
-// Activations, one copy per unit per piece, predicated instead of branched around: `issue`
-// false issues nothing (a row without a token, zeroed once before the loop); `read` false
-// writes zeros and leaves src alone (cp.async's ignore-src operand: columns past K; src need
-// not be a valid address then).
-__device__ __forceinline__ void cp_async16_x(uint32_t dst, const void *src, bool issue, bool read) {
+// A copy predicated instead of branched around: `issue` false issues nothing (an x row without
+// a token, zeroed once before the loop; a lane without a scale copy); `read` false writes zeros
+// and leaves src alone (cp.async's ignore-src operand: x columns past K, weight chunks past K64;
+// src need not be a valid address then). ptxas wraps a branched-around copy in a convergence
+// region of its own and recomputes its addresses there (NOTES_dense.md v14).
+__device__ __forceinline__ void cp_async16_pred(uint32_t dst, const void *src, bool issue, bool read) {
   asm volatile("{\n .reg .pred issue, ignore;\n setp.ne.u32 issue, %2, 0;\n"
                " setp.eq.u32 ignore, %3, 0;\n"
                " @issue cp.async.cg.shared.global [%0], [%1], 16, ignore;\n}\n"
+               :: "r"(dst), "l"(src), "r"(static_cast<uint32_t>(issue)),
+                  "r"(static_cast<uint32_t>(read)));
+}
+
+// The same with the L2 evict-first hint (the policy created inside, so that ptxas sees no
+// policy register to carry): weights streamed past x tiles that every block re-reads. Only the
+// m_tile-8 blocks use it; see load_next.
+__device__ __forceinline__ void cp_async16_pred_evict_first(uint32_t dst, const void *src,
+                                                            bool issue, bool read) {
+  asm volatile("{\n .reg .pred issue, ignore;\n .reg .b64 policy;\n setp.ne.u32 issue, %2, 0;\n"
+               " setp.eq.u32 ignore, %3, 0;\n"
+               " createpolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
+               " @issue cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, ignore, policy;\n}\n"
                :: "r"(dst), "l"(src), "r"(static_cast<uint32_t>(issue)),
                   "r"(static_cast<uint32_t>(read)));
 }
@@ -498,8 +500,10 @@ __device__ __forceinline__ void tile_mainloop(
   const int sub = warp % NT;     // this warp's N tile within the block
   const int slice = warp / NT;   // and its k-slice
   const int g = lane >> 2;
-  const uint64_t policy = evict_first_policy();
-  const uint32_t smem_base = smem_addr(smem);
+  uint32_t smem_base = smem_addr(smem);
+  // In a register of its own: ptxas otherwise rebuilt it in every unit (S2UR of the cluster
+  // CTA id, and uniform-register arithmetic).
+  pin_register(smem_base);
   if constexpr (kWgmma) {
     if (smem_base & 1023) __trap();  // the swizzle atoms would be misread: fail loudly
   }
@@ -538,18 +542,6 @@ __device__ __forceinline__ void tile_mainloop(
   // The unit the loads are at.
   int ld_tile = u_begin / units_per_tile;
   int ld_kunit = u_begin - ld_tile * units_per_tile;
-  // Weights and scales. The k-sliced instantiations copy without the evict-first hint: with it,
-  // ptxas 13.0 emitted LDGSTS whose cache-policy descriptor register was never written (an
-  // "illegal instruction" on the H100; found with compute-sanitizer, see NOTES_dense.md v8).
-  // The same happened to the unsliced ones when the weight addresses became running sums (v14):
-  // tests/test_sass.py scans every LDGSTS for it.
-  auto weight_copy = [&](uint32_t dst, const void *src, uint32_t src_bytes) {
-    if constexpr (KS == 1) {
-      cp_async16_stream_zfill(dst, src, src_bytes, policy);
-    } else {
-      cp_async16_zfill(dst, src, src_bytes);
-    }
-  };
   // The copies of one unit. The x copies have no branch around them: ptxas wrapped every
   // guarded copy in its own convergence region and recomputed its shared and global addresses
   // there (~22 instructions per 16-byte copy, more than half of the k-sliced m_tile-2 block's
@@ -561,24 +553,33 @@ __device__ __forceinline__ void tile_mainloop(
     const int unit_chunk = ld_kunit * Cfg::kChunksPerUnit;
     const int chunk = unit_chunk + slice * KC;
     if (tile_n < n16) {
-      const int64_t at = static_cast<int64_t>(tile_n) * k64 + chunk;
-      const uint4 *w_src = qweight + at * 32 + lane;
+      // Counted in 16-byte pieces, N * K / 32 of them, in 32 bits (the handlers refuse larger
+      // weights: weight_size_problem): one wide multiply-add makes each address.
+      const uint32_t at = static_cast<uint32_t>(tile_n) * static_cast<uint32_t>(k64) + chunk;
+      const uint4 *w_src = qweight + (at * 32 + lane);
 #pragma unroll
       for (int kc = 0; kc < KC; ++kc) {
-        // K64 not a multiple of KC leaves the last unit's tail chunks empty: zero-filled.
+        // K64 not a multiple of KC leaves the last unit's tail chunks empty: zero-filled,
+        // their (possibly out-of-range) source never read.
+        const uint32_t dst = base + kc * (kWarps * 512) + w_dst;
         const bool in = chunk + kc < k64;
-        weight_copy(base + kc * (kWarps * 512) + w_dst, in ? w_src + kc * 32 : qweight,
-                    in ? 16u : 0u);
+        // m_tile 8 keeps the evict-first hint: without it 14336x4096 at M = 64 (K split four
+        // ways, x re-read by 32 N blocks) took 61.7 instead of 53.3 us on an H200; elsewhere
+        // it made no difference, and at m_tile 1, 2 and 4 ptxas 13.0 miscompiles it
+        // (NOTES_dense.md v15; tests/test_sass.py scans for that).
+        if constexpr (MT == 8) {
+          cp_async16_pred_evict_first(dst, w_src + kc * 32, true, in);
+        } else {
+          cp_async16_pred(dst, w_src + kc * 32, true, in);
+        }
       }
-      if (lane < 4 * KC) {
-        const bool in = chunk + (lane >> 2) < k64;
-        weight_copy(base + s_dst, in ? qscales + at * 4 + lane : qscales, in ? 16u : 0u);
-      }
+      cp_async16_pred(base + s_dst, qscales + (at * 4 + lane), lane < 4 * KC,
+                  chunk + (lane >> 2) < k64);
     }
     const int col = unit_chunk * 64;
 #pragma unroll
     for (int i = 0; i < Cfg::kXPerThread; ++i) {
-      cp_async16_x(base + x_dst[i], x_src[i] + col, (x_copy >> i) & 1u, col < x_left);
+      cp_async16_pred(base + x_dst[i], x_src[i] + col, (x_copy >> i) & 1u, col < x_left);
     }
     if (++ld_kunit == units_per_tile) {
       ld_kunit = 0;
@@ -600,6 +601,9 @@ __device__ __forceinline__ void tile_mainloop(
       const int r = lane & 7, q = 8 * (slice * KC + kc) + 4 * jp + (lane >> 3);
       x_ld[kc][jp] = real_row ? Cfg::kWBytes + Cfg::kSBytes + Cfg::x_offset(r, q)
                               : Cfg::kZeroRowOffset + (((q ^ r) & 7) << 4);
+      // Kept in a register: left to itself, ptxas recomputed these from threadIdx in every
+      // unit (~30 instructions of the k-sliced m_tile-2 unit).
+      if constexpr (!kWgmma) pin_register(x_ld[kc][jp]);
     }
   if constexpr (Cfg::kRowsShort) {
     if (threadIdx.x < 8)  // ordered before every read by the main loop's first barrier

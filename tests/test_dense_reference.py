@@ -164,3 +164,15 @@ def test_k_slices_launch_is_validated_at_trace_time(rng):
       jax.eval_shape(lambda *a, p={**base, **bad}: dense.nvfp4_gemm_p.bind(*a, **p), *args)
   out, ws = jax.eval_shape(lambda *a: dense.nvfp4_gemm_p.bind(*a, **base, k_slices=8), *args)
   assert out.shape == (1, 64) and ws.shape == (256,)
+
+
+def test_weights_beyond_the_kernels_32_bit_addressing_are_refused():
+  # tile_mainloop counts one weight's 16-byte pieces, ceil(N/16) * ceil(K/64) * 32, in 32 bits.
+  from jax_nvfp4.ops import dense
+  dense.check_kernel_weight_size("op", 16 * (2**27 - 1), 64)  # 2^32 - 32 pieces: fits
+  dense.check_kernel_weight_size("op", 4096, 14336)
+  with pytest.raises(ValueError, match=r"op: a weight of \[N, K\] = \[131072, 1048576\] is "
+                     r"4294967296 16-byte pieces"):
+    dense.check_kernel_weight_size("op", 131072, 1048576)  # 8192 * 16384 * 32 = 2^32
+  with pytest.raises(ValueError, match="split N"):
+    dense.check_kernel_weight_size("op", 16 * 2**27, 64)

@@ -231,6 +231,19 @@ def workspace_bytes(m: int, n: int, splits: int, m_tile: int, cluster: bool = Fa
   return tickets + splits * m * n * 4
 
 
+#: The kernels address one weight (one expert's) in 32-bit counts of 16-byte pieces:
+#: ceil(N/16) * ceil(K/64) * 32 of them, so N * K must stay below about 2^37 (a 64 GB weight).
+MAX_WEIGHT_PIECES = 2**32 - 1
+
+
+def check_kernel_weight_size(op: str, n: int, k: int) -> None:
+  """Raises where one [N, K] weight is beyond the CUDA kernels' 32-bit weight addressing."""
+  pieces = -(-n // 16) * -(-k // 64) * 32
+  if pieces > MAX_WEIGHT_PIECES:
+    raise ValueError(f"{op}: a weight of [N, K] = [{n}, {k}] is {pieces} 16-byte pieces, more "
+                     f"than the CUDA kernel addresses ({MAX_WEIGHT_PIECES}); split N")
+
+
 def _check_prepared(x_aval, qweight_aval, qscales_aval, gs_aval, bias_aval, n, k):
   if np.dtype(x_aval.dtype) not in ACTIVATION_DTYPES:
     raise TypeError(f"nvfp4_matmul: x must be bfloat16 or float16 [..., K], got {x_aval.dtype}")
@@ -288,6 +301,7 @@ if "jax_nvfp4_gemm_cuda" in _ffi.REGISTERED:
 
   def _gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, bias, *, n, k, has_bias,
                           splits, m_tile, cluster, k_slices=1, tiles_per_block=1):
+    check_kernel_weight_size("nvfp4_matmul", n, k)
     return _cuda_gemm(ctx, x, qweight, qscales, global_scale, bias, n=np.int64(n),
                       k=np.int64(k), splits=np.int64(splits), m_tile=np.int64(m_tile),
                       has_bias=bool(has_bias), cluster=bool(cluster),

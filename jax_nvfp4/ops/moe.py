@@ -424,6 +424,7 @@ def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, 
                            num_padded, topk_weights, bias, **params)
   if not built:
     raise ValueError(_kernel_missing())
+  dense_ops.check_kernel_weight_size("nvfp4_moe_gemm", n, k)
   x_aval, slots = ctx.avals_in[0], ctx.avals_in[4].shape[0]
   bf16 = np.dtype(x_aval.dtype) == np.dtype(jnp.bfloat16)
   k_slices = choose_moe_k_slices(slots, n, k, block_m)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every GPU test in one device call: the tests marked `gpu` split round-robin into SHARDS pytest
+# processes side by side (their time is mostly XLA compiling on the host, which has 16 cores:
+# 337 tests in ~6.5 minutes with 5 shards on the H200, where one process took over 20), and the
+# SASS checks. Each process has LIMIT seconds. Run on the GPU machine from the repo root after
+# `device_run.sh build`:
+#   bash benchmarks/verify_device.sh [SHARDS] [LIMIT]
+# Logs: $OUT/verify_*.log; the summary lines are printed at the end. compute-sanitizer runs
+# separately (benchmarks/sanitize_*.py under `compute-sanitizer --tool memcheck`), one at a time.
+set -uo pipefail
+shards=${1:-5}; limit=${2:-520}
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+python3 -m pytest --co -q -p no:cacheprovider -m gpu tests/ 2>/dev/null | grep "::" > /tmp/gpu_ids
+echo "[verify] $(wc -l < /tmp/gpu_ids) GPU tests in $shards shards"
+run_ids='import sys, pytest; sys.exit(pytest.main(["-q", "-ra", "-p", "no:cacheprovider"] + open(sys.argv[1]).read().splitlines()))'
+for s in $(seq 0 $((shards - 1))); do
+  awk -v n="$shards" -v s="$s" 'NR % n == s' /tmp/gpu_ids > "/tmp/shard_$s"
+  timeout -s INT "$limit" python3 -c "$run_ids" "/tmp/shard_$s" > "$out/verify_shard$s.log" 2>&1 &
+done
+timeout -s INT "$limit" python3 -m pytest -q -ra -p no:cacheprovider tests/test_sass.py \
+  > "$out/verify_sass.log" 2>&1 &
+wait
+for f in "$out"/verify_*.log; do
+  echo "== $(basename "$f"): $(grep -E "passed|failed|error" "$f" | tail -2 | tr '\n' ' ')"
+done
