@@ -3,6 +3,8 @@
 #   bash benchmarks/device_run.sh build         the extension for sm_90a (pip, no network)
 #   bash benchmarks/device_run.sh test FILES..  pytest on the given GPU test files
 #   bash benchmarks/device_run.sh bench ARGS..  benchmarks/bench_dense.py ARGS
+#   bash benchmarks/device_run.sh memcheck      memcheck_{dense,moe}.cu under compute-sanitizer
+#                                               (no JAX; needs no build step)
 # Steps can be chained: device_run.sh build && device_run.sh test tests/test_dense_gpu.py
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -23,5 +25,12 @@ case "$step" in
     python3 -m pytest -q -ra -p no:cacheprovider "$@" 2>&1 | tee "$out/test_$(date +%s).log" | tail -25 ;;
   bench)
     python3 benchmarks/bench_dense.py "$@" 2>&1 | tee "$out/bench_$(date +%s).log" ;;
+  memcheck)
+    for what in dense moe; do
+      nvcc -std=c++17 -O3 -arch=sm_90a --expt-relaxed-constexpr -diag-suppress=940,2473,177 \
+        -I csrc "benchmarks/memcheck_$what.cu" -o "/tmp/memcheck_$what" || exit 1
+      compute-sanitizer --tool memcheck "/tmp/memcheck_$what" > "$out/memcheck_$what.txt" 2>&1
+      echo "[device_run] memcheck_$what: exit $?; $(tail -2 "$out/memcheck_$what.txt" | tr '\n' ' ')"
+    done ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac

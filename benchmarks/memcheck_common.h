@@ -1,0 +1,104 @@
+// Helpers of the standalone memcheck drivers (memcheck_dense.cu, memcheck_moe.cu): not part of
+// the library.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#define CHECK(x)                                                                              \
+  do {                                                                                        \
+    cudaError_t e_ = (x);                                                                     \
+    if (e_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                           \
+    }                                                                                         \
+  } while (0)
+
+namespace memcheck {
+
+inline uint32_t next(uint64_t &s) {  // xorshift64*
+  s ^= s >> 12; s ^= s << 25; s ^= s >> 27;
+  return static_cast<uint32_t>((s * 0x2545F4914F6CDD1Dull) >> 32);
+}
+
+// A device buffer of exactly the host vector's size (memcheck then flags one element past it).
+template <typename T>
+T *device_copy(const std::vector<T> &h) {
+  T *d = nullptr;
+  CHECK(cudaMalloc(&d, h.size() * sizeof(T)));
+  CHECK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+// A random NVFP4 weight in the kernel layout: any code; block scales UE5M3 0x40-0x5F (about
+// 2^-2 .. 2^2), which keeps fp16 outputs finite.
+struct Weight {
+  uint4 *qweight;
+  uint4 *qscales;
+};
+inline Weight random_weight(size_t experts, int n, int k, uint64_t &seed) {
+  const size_t n16 = (n + 15) / 16, k64 = (k + 63) / 64;
+  std::vector<uint32_t> w(experts * n16 * k64 * 32 * 4);
+  for (auto &v : w) v = next(seed);
+  std::vector<uint8_t> s(experts * n16 * k64 * 64);
+  for (auto &v : s) v = 0x40 + next(seed) % 32;
+  return {reinterpret_cast<uint4 *>(device_copy(w)), reinterpret_cast<uint4 *>(device_copy(s))};
+}
+
+// Random activations [rows, k] with few mantissa bits (exact in both dtypes), as raw 16-bit.
+inline std::vector<uint16_t> random_x(size_t rows, int k, bool bf16, uint64_t &seed) {
+  std::vector<uint16_t> x(rows * k);
+  for (auto &v : x) {
+    const float f = float(int(next(seed) % 33) - 16) / 16.f;
+    if (bf16) {
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      v = uint16_t(u >> 16);
+    } else {
+      const __half h = __float2half(f);
+      std::memcpy(&v, &h, 2);
+    }
+  }
+  return x;
+}
+
+inline std::vector<float> to_float(const std::vector<uint16_t> &raw, bool bf16) {
+  std::vector<float> r(raw.size());
+  for (size_t i = 0; i < raw.size(); ++i) {
+    if (bf16) {
+      const uint32_t u = uint32_t(raw[i]) << 16;
+      std::memcpy(&r[i], &u, 4);
+    } else {
+      __half h;
+      std::memcpy(&h, &raw[i], 2);
+      r[i] = __half2float(h);
+    }
+  }
+  return r;
+}
+
+// max |got - want| <= 1e-2 * max |want|, everything finite, want not all zero; prints a line.
+inline bool agree(const std::vector<float> &got, const std::vector<float> &want, const char *what) {
+  double scale = 0, diff = 0;
+  bool finite = true;
+  for (size_t i = 0; i < got.size(); ++i) {
+    finite = finite && std::isfinite(got[i]) && std::isfinite(want[i]);
+    scale = std::max(scale, double(std::fabs(want[i])));
+    diff = std::max(diff, double(std::fabs(got[i] - want[i])));
+  }
+  const bool ok = finite && scale > 0 && diff <= 1e-2 * scale;
+  std::printf("%s %s: max |diff| %.3g of %.3g%s\n", ok ? "ok  " : "FAIL", what, diff, scale,
+              finite ? "" : " (non-finite output)");
+  return ok;
+}
+
+}  // namespace memcheck
