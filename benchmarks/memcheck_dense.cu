@@ -64,19 +64,20 @@ std::vector<float> run(const Launch &l, int m_tile, int splits, int k_slices, in
   if (*skipped) return {};
   const int64_t tickets = ticket_bytes(token_tiles, n_blocks);
   const bool workspace = splits > 1 && !cluster;
-  const size_t ws_bytes = workspace ? tickets + size_t(splits) * l.m * l.n * 4 : 0;
+  // As the handler: tickets and partials where the splits reduce through memory, else 256 B.
+  const size_t ws_bytes = workspace ? tickets + size_t(splits) * l.m * l.n * 4 : 256;
   void *out = nullptr, *ws = nullptr;
   CHECK(cudaMalloc(&out, size_t(l.m) * l.n * 2));
   CHECK(cudaMemsetAsync(out, 0xFF, size_t(l.m) * l.n * 2, stream));  // NaN in both dtypes
-  if (ws_bytes) {
-    CHECK(cudaMalloc(&ws, ws_bytes));
+  CHECK(cudaMalloc(&ws, ws_bytes));
+  if (workspace) {
     CHECK(cudaMemsetAsync(ws, 0xFF, ws_bytes, stream));
     CHECK(cudaMemsetAsync(ws, 0, tickets, stream));  // as clear_and_launch
   }
   GemmParams p{};
   p.x = x; p.qweight = w; p.qscales = s; p.global_scale = gs; p.bias = bias; p.out = out;
   p.tickets = static_cast<int *>(ws);
-  p.partials = ws ? reinterpret_cast<float *>(static_cast<char *>(ws) + tickets) : nullptr;
+  p.partials = reinterpret_cast<float *>(static_cast<char *>(ws) + tickets);
   p.rows_out = l.m; p.slots = l.m; p.n = l.n; p.k = l.k; p.n16 = n16; p.k64 = k64;
   p.splits = splits; p.tiles_per_block = tiles_per_block; p.cluster = cluster;
   CHECK(launch<false>(p, bf16, m_tile, token_tiles, stream, k_slices));
@@ -84,7 +85,7 @@ std::vector<float> run(const Launch &l, int m_tile, int splits, int k_slices, in
   std::vector<uint16_t> raw(size_t(l.m) * l.n);
   CHECK(cudaMemcpy(raw.data(), out, raw.size() * 2, cudaMemcpyDeviceToHost));
   CHECK(cudaFree(out));
-  if (ws) CHECK(cudaFree(ws));
+  CHECK(cudaFree(ws));
   return to_float(raw, bf16);
 }
 

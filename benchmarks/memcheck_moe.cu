@@ -85,14 +85,15 @@ std::vector<float> run(const Case &c, int block_m, int splits, int k_slices, int
   const int n_blocks = (n16 + kWarps - 1) / kWarps;
   const int64_t tickets = ticket_bytes(token_tiles, n_blocks);
   const bool workspace = splits > 1 && !cluster;
-  const size_t ws_bytes = workspace ? tickets + size_t(splits) * slots * c.n * 4 : 0;
+  // As the handler: tickets and partials where the splits reduce through memory, else 256 B.
+  const size_t ws_bytes = workspace ? tickets + size_t(splits) * slots * c.n * 4 : 256;
   int *ids = device_copy(a.sorted_ids), *be = device_copy(a.block_expert);
   int *padded = device_copy(std::vector<int>{a.num_padded});
   void *out = nullptr, *ws = nullptr;
   CHECK(cudaMalloc(&out, size_t(rows_out) * c.n * 2));
   CHECK(cudaMemsetAsync(out, 0, size_t(rows_out) * c.n * 2, stream));  // as zero_unwritten
-  if (ws_bytes) {
-    CHECK(cudaMalloc(&ws, ws_bytes));
+  CHECK(cudaMalloc(&ws, ws_bytes));
+  if (workspace) {
     CHECK(cudaMemsetAsync(ws, 0xFF, ws_bytes, stream));  // poisoned partials
     CHECK(cudaMemsetAsync(ws, 0, tickets, stream));
   }
@@ -100,7 +101,7 @@ std::vector<float> run(const Case &c, int block_m, int splits, int k_slices, int
   p.x = x; p.qweight = w.qweight; p.qscales = w.qscales; p.global_scale = gs; p.bias = bias;
   p.out = out;
   p.tickets = static_cast<int *>(ws);
-  p.partials = ws ? reinterpret_cast<float *>(static_cast<char *>(ws) + tickets) : nullptr;
+  p.partials = reinterpret_cast<float *>(static_cast<char *>(ws) + tickets);
   p.rows_out = rows_out; p.slots = slots; p.n = c.n; p.k = c.k; p.n16 = n16; p.k64 = k64;
   p.splits = splits; p.tiles_per_block = tiles_per_block; p.cluster = cluster;
   p.sorted_ids = ids; p.block_expert = be; p.num_padded = padded;
@@ -111,7 +112,7 @@ std::vector<float> run(const Case &c, int block_m, int splits, int k_slices, int
   std::vector<uint16_t> raw(size_t(rows_out) * c.n);
   CHECK(cudaMemcpy(raw.data(), out, raw.size() * 2, cudaMemcpyDeviceToHost));
   CHECK(cudaFree(out));
-  if (ws) CHECK(cudaFree(ws));
+  CHECK(cudaFree(ws));
   CHECK(cudaFree(ids));
   CHECK(cudaFree(be));
   CHECK(cudaFree(padded));
