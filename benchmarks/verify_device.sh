@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU test in one device call: the tests marked `gpu` split round-robin into SHARDS pytest
 # processes side by side (their time is mostly XLA compiling on the host, which has 16 cores:
-# 337 tests in ~6.5 minutes with 5 shards on the H200, where one process took over 20), and the
+# 337 tests in ~6.5 minutes with 5 shards on the H200; the shards' times add up to 30), and the
 # SASS checks. Each process has LIMIT seconds. Run on the GPU machine from the repo root after
 # `device_run.sh build`:
 #   bash benchmarks/verify_device.sh [SHARDS] [LIMIT]
