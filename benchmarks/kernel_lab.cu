@@ -10,21 +10,10 @@
 // microseconds per call over TRIALS trials of COPIES calls, timed with CUDA events.
 // LAB_READ_ONLY=1: instead of the GEMM, a bare read of the same weight and scale bytes (16-byte
 // loads, 4 in flight per thread, one wave of blocks): the floor a single launch can reach.
-#include <cstdio>
-#include <cstdlib>
 #include <algorithm>
 #include <vector>
 
-#include "nvfp4_kernel.cuh"
-
-#define CHECK(x)                                                                      \
-  do {                                                                                \
-    cudaError_t e_ = (x);                                                             \
-    if (e_ != cudaSuccess) {                                                          \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
+#include "cuda_tool.h"
 
 __global__ void fill_random(uint32_t *p, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {

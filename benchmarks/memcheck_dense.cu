@@ -12,8 +12,7 @@
 // launch agrees with the plain one (m_tile by M, no splits, no k-slices) to 1e-2 of the largest
 // output: a launch that wrote nothing, or wrote another launch's rows, fails here too.
 // Exit status 1 when any launch disagrees or fails to launch.
-#include "memcheck_common.h"
-#include "nvfp4_kernel.cuh"
+#include "cuda_tool.h"
 
 namespace {
 
@@ -62,31 +61,18 @@ std::vector<float> run(const Launch &l, int m_tile, int splits, int k_slices, in
   const int n_blocks = (n16 + kWarps - 1) / kWarps;
   *skipped = cluster && splits > cluster_limit<false>(m_tile, bf16);
   if (*skipped) return {};
-  const int64_t tickets = ticket_bytes(token_tiles, n_blocks);
-  const bool workspace = splits > 1 && !cluster;
-  // As the handler: tickets and partials where the splits reduce through memory, else 256 B.
-  const size_t ws_bytes = workspace ? tickets + size_t(splits) * l.m * l.n * 4 : 256;
-  void *out = nullptr, *ws = nullptr;
+  void *out = nullptr;
   CHECK(cudaMalloc(&out, size_t(l.m) * l.n * 2));
   CHECK(cudaMemsetAsync(out, 0xFF, size_t(l.m) * l.n * 2, stream));  // NaN in both dtypes
-  CHECK(cudaMalloc(&ws, ws_bytes));
-  if (workspace) {
-    CHECK(cudaMemsetAsync(ws, 0xFF, ws_bytes, stream));
-    CHECK(cudaMemsetAsync(ws, 0, tickets, stream));  // as clear_and_launch
-  }
   GemmParams p{};
   p.x = x; p.qweight = w; p.qscales = s; p.global_scale = gs; p.bias = bias; p.out = out;
-  p.tickets = static_cast<int *>(ws);
-  p.partials = reinterpret_cast<float *>(static_cast<char *>(ws) + tickets);
   p.rows_out = l.m; p.slots = l.m; p.n = l.n; p.k = l.k; p.n16 = n16; p.k64 = k64;
   p.splits = splits; p.tiles_per_block = tiles_per_block; p.cluster = cluster;
+  void *ws = attach_workspace(p, ticket_bytes(token_tiles, n_blocks), stream);
   CHECK(launch<false>(p, bf16, m_tile, token_tiles, stream, k_slices));
-  CHECK(cudaStreamSynchronize(stream));
-  std::vector<uint16_t> raw(size_t(l.m) * l.n);
-  CHECK(cudaMemcpy(raw.data(), out, raw.size() * 2, cudaMemcpyDeviceToHost));
-  CHECK(cudaFree(out));
+  std::vector<float> got = take_output(out, size_t(l.m) * l.n, bf16, stream);
   CHECK(cudaFree(ws));
-  return to_float(raw, bf16);
+  return got;
 }
 
 }  // namespace

@@ -11,8 +11,7 @@
 // bias, non-local experts, sizes off the tile. Every launch is compared with the plain one
 // (block_m 8, no splits, no k-slices) to 1e-2 of the largest output. Exit status 1 on any
 // disagreement.
-#include "memcheck_common.h"
-#include "nvfp4_kernel.cuh"
+#include "cuda_tool.h"
 
 namespace {
 
@@ -83,40 +82,27 @@ std::vector<float> run(const Case &c, int block_m, int splits, int k_slices, int
   const int n16 = (c.n + 15) / 16, k64 = (c.k + 63) / 64;
   const int token_tiles = slots / block_m;
   const int n_blocks = (n16 + kWarps - 1) / kWarps;
-  const int64_t tickets = ticket_bytes(token_tiles, n_blocks);
-  const bool workspace = splits > 1 && !cluster;
-  // As the handler: tickets and partials where the splits reduce through memory, else 256 B.
-  const size_t ws_bytes = workspace ? tickets + size_t(splits) * slots * c.n * 4 : 256;
   int *ids = device_copy(a.sorted_ids), *be = device_copy(a.block_expert);
   int *padded = device_copy(std::vector<int>{a.num_padded});
-  void *out = nullptr, *ws = nullptr;
+  void *out = nullptr;
   CHECK(cudaMalloc(&out, size_t(rows_out) * c.n * 2));
   CHECK(cudaMemsetAsync(out, 0, size_t(rows_out) * c.n * 2, stream));  // as zero_unwritten
-  CHECK(cudaMalloc(&ws, ws_bytes));
-  if (workspace) {
-    CHECK(cudaMemsetAsync(ws, 0xFF, ws_bytes, stream));  // poisoned partials
-    CHECK(cudaMemsetAsync(ws, 0, tickets, stream));
-  }
   GemmParams p{};
   p.x = x; p.qweight = w.qweight; p.qscales = w.qscales; p.global_scale = gs; p.bias = bias;
   p.out = out;
-  p.tickets = static_cast<int *>(ws);
-  p.partials = reinterpret_cast<float *>(static_cast<char *>(ws) + tickets);
   p.rows_out = rows_out; p.slots = slots; p.n = c.n; p.k = c.k; p.n16 = n16; p.k64 = k64;
   p.splits = splits; p.tiles_per_block = tiles_per_block; p.cluster = cluster;
   p.sorted_ids = ids; p.block_expert = be; p.num_padded = padded;
   p.topk_weights = c.second_gemm ? topk_weights : nullptr;
   p.gather_div = c.second_gemm ? 1 : c.top_k;
+  void *ws = attach_workspace(p, ticket_bytes(token_tiles, n_blocks), stream);
   CHECK(launch<true>(p, bf16, mt, token_tiles, stream, k_slices, expert_rows));
-  CHECK(cudaStreamSynchronize(stream));
-  std::vector<uint16_t> raw(size_t(rows_out) * c.n);
-  CHECK(cudaMemcpy(raw.data(), out, raw.size() * 2, cudaMemcpyDeviceToHost));
-  CHECK(cudaFree(out));
+  std::vector<float> got = take_output(out, size_t(rows_out) * c.n, bf16, stream);
   CHECK(cudaFree(ws));
   CHECK(cudaFree(ids));
   CHECK(cudaFree(be));
   CHECK(cudaFree(padded));
-  return to_float(raw, bf16);
+  return got;
 }
 
 }  // namespace

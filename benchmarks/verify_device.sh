@@ -6,7 +6,7 @@
 # `device_run.sh build`:
 #   bash benchmarks/verify_device.sh [SHARDS] [LIMIT]
 # Logs: $OUT/verify_*.log; the summary lines are printed at the end. compute-sanitizer runs
-# separately (benchmarks/sanitize_*.py under `compute-sanitizer --tool memcheck`), one at a time.
+# separately, without JAX: `device_run.sh memcheck`.
 set -uo pipefail
 shards=${1:-5}; limit=${2:-520}
 out=${OUT:-/tmp/out}

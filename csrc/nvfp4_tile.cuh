@@ -53,16 +53,15 @@
 // from L2). Only the m_tile-8 weight copies carry an L2 evict-first hint: elsewhere ptxas 13.0
 // emitted, again and again as the surrounding code changed, copies whose cache-policy register
 // nothing writes, an illegal instruction at run time (NOTES_dense.md v8, v14, v15;
-// tests/test_sass.py scans for it). The loads of unit
-// u + kStages - 1 are issued before unit u is computed, so up to kStages - 1 units per block are
-// in flight without holding registers. Several chunks per stage cut the per-stage cost
-// (barrier, wait, address updates, copy issue) per weight byte; ncu showed that overhead to be a
-// third of the instructions with one chunk per stage. A chunk past K64 (odd K64) and x columns
-// past K are zero-filled by the copy itself (src-size 0); weight padding is code 0 with scale 1,
-// so the K tail needs no branch. x rows past M (or padding rows of an MoE block) are never
-// copied (a predicated copy, not a branch): their rows are zeroed once in every stage before
-// the loop. Decode with at most 4
-// tokens goes further (TileConfig XR; dense, and the grouped GEMM's expert tiles, which then
+// tests/test_sass.py scans for it). The loads of unit u + kStages - 1 are issued before unit u
+// is computed, so up to kStages - 1 units per block are in flight without holding registers.
+// Several chunks per stage cut the per-stage cost (barrier, wait, address updates, copy issue)
+// per weight byte; ncu showed that overhead to be a third of the instructions with one chunk per
+// stage. A chunk past K64 (odd K64) and x columns past K are zero-filled by the copy itself
+// (ignore-src, the source not read); weight padding is code 0 with scale 1, so the K tail needs
+// no branch. x rows past M (or padding rows of an MoE block) are never copied (a predicated
+// copy, not a branch): their rows are zeroed once in every stage before the loop. Decode with
+// at most 4 tokens goes further (TileConfig XR; dense, and the grouped GEMM's expert tiles, which then
 // hold at most that many rows): the stage holds 1, 2 or 4 x rows, the MMA's other rows read
 // one zero row outside the ring, and the freed shared memory buys a deeper ring (22-34 KB
 // stages, 3-4 deep, instead of 2 x 50 KB): more weight bytes in flight per block.
@@ -318,26 +317,26 @@ __device__ __forceinline__ uint32_t smem_addr(const void *p) {
 // a token, zeroed once before the loop; a lane without a scale copy); `read` false writes zeros
 // and leaves src alone (cp.async's ignore-src operand: x columns past K, weight chunks past K64;
 // src need not be a valid address then). ptxas wraps a branched-around copy in a convergence
-// region of its own and recomputes its addresses there (NOTES_dense.md v14).
+// region of its own and recomputes its addresses there (NOTES_dense.md v14). kEvictFirst adds
+// the L2 evict-first hint (weights streamed past x tiles that every block re-reads), its policy
+// created inside so that ptxas sees no policy register to carry; only the m_tile-8 blocks use it
+// (see load_next).
+template <bool kEvictFirst = false>
 __device__ __forceinline__ void cp_async16_pred(uint32_t dst, const void *src, bool issue, bool read) {
-  asm volatile("{\n .reg .pred issue, ignore;\n setp.ne.u32 issue, %2, 0;\n"
-               " setp.eq.u32 ignore, %3, 0;\n"
-               " @issue cp.async.cg.shared.global [%0], [%1], 16, ignore;\n}\n"
-               :: "r"(dst), "l"(src), "r"(static_cast<uint32_t>(issue)),
-                  "r"(static_cast<uint32_t>(read)));
-}
-
-// The same with the L2 evict-first hint (the policy created inside, so that ptxas sees no
-// policy register to carry): weights streamed past x tiles that every block re-reads. Only the
-// m_tile-8 blocks use it; see load_next.
-__device__ __forceinline__ void cp_async16_pred_evict_first(uint32_t dst, const void *src,
-                                                            bool issue, bool read) {
-  asm volatile("{\n .reg .pred issue, ignore;\n .reg .b64 policy;\n setp.ne.u32 issue, %2, 0;\n"
-               " setp.eq.u32 ignore, %3, 0;\n"
-               " createpolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
-               " @issue cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, ignore, policy;\n}\n"
-               :: "r"(dst), "l"(src), "r"(static_cast<uint32_t>(issue)),
-                  "r"(static_cast<uint32_t>(read)));
+  if constexpr (kEvictFirst) {
+    asm volatile("{\n .reg .pred issue, ignore;\n .reg .b64 policy;\n setp.ne.u32 issue, %2, 0;\n"
+                 " setp.eq.u32 ignore, %3, 0;\n"
+                 " createpolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
+                 " @issue cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, ignore, policy;\n}\n"
+                 :: "r"(dst), "l"(src), "r"(static_cast<uint32_t>(issue)),
+                    "r"(static_cast<uint32_t>(read)));
+  } else {
+    asm volatile("{\n .reg .pred issue, ignore;\n setp.ne.u32 issue, %2, 0;\n"
+                 " setp.eq.u32 ignore, %3, 0;\n"
+                 " @issue cp.async.cg.shared.global [%0], [%1], 16, ignore;\n}\n"
+                 :: "r"(dst), "l"(src), "r"(static_cast<uint32_t>(issue)),
+                    "r"(static_cast<uint32_t>(read)));
+  }
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
@@ -567,11 +566,7 @@ __device__ __forceinline__ void tile_mainloop(
         // ways, x re-read by 32 N blocks) took 61.7 instead of 53.3 us on an H200; elsewhere
         // it made no difference, and at m_tile 1, 2 and 4 ptxas 13.0 miscompiles it
         // (NOTES_dense.md v15; tests/test_sass.py scans for that).
-        if constexpr (MT == 8) {
-          cp_async16_pred_evict_first(dst, w_src + kc * 32, true, in);
-        } else {
-          cp_async16_pred(dst, w_src + kc * 32, true, in);
-        }
+        cp_async16_pred<MT == 8>(dst, w_src + kc * 32, true, in);
       }
       cp_async16_pred(base + s_dst, qscales + (at * 4 + lane), lane < 4 * KC,
                   chunk + (lane >> 2) < k64);

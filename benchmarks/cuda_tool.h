@@ -1,5 +1,5 @@
-// Helpers of the standalone memcheck drivers (memcheck_dense.cu, memcheck_moe.cu): not part of
-// the library.
+// Helpers of the standalone CUDA programs in benchmarks/ (kernel_lab.cu, memcheck_dense.cu,
+// memcheck_moe.cu): not part of the library.
 #pragma once
 
 #include <algorithm>
@@ -13,6 +13,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include "nvfp4_kernel.cuh"
 
 #define CHECK(x)                                                                              \
   do {                                                                                        \
@@ -71,7 +73,30 @@ inline std::vector<uint16_t> random_x(size_t rows, int k, bool bf16, uint64_t &s
   return x;
 }
 
-inline std::vector<float> to_float(const std::vector<uint16_t> &raw, bool bf16) {
+// The split-K workspace as the FFI handler sizes and clears it (p.splits, p.cluster, p.slots and
+// p.n set): tickets, zeroed, then fp32 partials, poisoned, where the splits reduce through
+// memory; else 256 bytes nothing reads. Points p.tickets and p.partials into it.
+inline void *attach_workspace(jax_nvfp4::GemmParams &p, int64_t ticket_bytes,
+                              cudaStream_t stream) {
+  const bool in_memory = p.splits > 1 && !p.cluster;
+  const size_t bytes = in_memory ? ticket_bytes + size_t(p.splits) * p.slots * p.n * 4 : 256;
+  void *ws = nullptr;
+  CHECK(cudaMalloc(&ws, bytes));
+  if (in_memory) {
+    CHECK(cudaMemsetAsync(ws, 0xFF, bytes, stream));
+    CHECK(cudaMemsetAsync(ws, 0, ticket_bytes, stream));
+  }
+  p.tickets = static_cast<int *>(ws);
+  p.partials = reinterpret_cast<float *>(static_cast<char *>(ws) + ticket_bytes);
+  return ws;
+}
+
+// A 16-bit output of `elems` values, copied back (after the stream's work), freed, as float.
+inline std::vector<float> take_output(void *out, size_t elems, bool bf16, cudaStream_t stream) {
+  CHECK(cudaStreamSynchronize(stream));
+  std::vector<uint16_t> raw(elems);
+  CHECK(cudaMemcpy(raw.data(), out, elems * 2, cudaMemcpyDeviceToHost));
+  CHECK(cudaFree(out));
   std::vector<float> r(raw.size());
   for (size_t i = 0; i < raw.size(); ++i) {
     if (bf16) {
@@ -87,7 +112,8 @@ inline std::vector<float> to_float(const std::vector<uint16_t> &raw, bool bf16) 
 }
 
 // max |got - want| <= 1e-2 * max |want|, everything finite, want not all zero; prints a line.
-inline bool agree(const std::vector<float> &got, const std::vector<float> &want, const char *what) {
+inline bool agree(const std::vector<float> &got, const std::vector<float> &want,
+                  const char *what) {
   double scale = 0, diff = 0;
   bool finite = true;
   for (size_t i = 0; i < got.size(); ++i) {
