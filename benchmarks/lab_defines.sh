@@ -3,7 +3,9 @@
 # nvfp4_kernel.cuh) in parallel and times each on a list of launches (run on the GPU machine
 # from the repo root):
 #   bash benchmarks/lab_defines.sh OUTDIR "NAME=-DKNOB=V,-DKNOB2=V ..." "K N M [splits [ks [tpb]]];..."
-# e.g. NAME "row4=-DJAX_NVFP4_ROW_STAGES=4" and the launch "4096 14336 1 1 8 4".
+# e.g. NAME "row4=-DJAX_NVFP4_ROW_STAGES=4" and the launch "4096 14336 1 1 8 4"; or
+# "r72=-DJAX_NVFP4_ROW_SMEM_KB=72" (a 1-row ring of 3 stages, three blocks per SM) with the launch
+# "4096 14336 1 1 8 3" (tiles per block for a wave of 396 blocks).
 set -uo pipefail
 out=$1; variants=$2; launches=$3
 mkdir -p "$out"

@@ -129,9 +129,12 @@ constexpr int kThreads = kWarps * 32;
 #ifndef JAX_NVFP4_ROW_STAGES
 #define JAX_NVFP4_ROW_STAGES 4
 #endif
-// Dynamic shared memory of one of two blocks per SM (228 KB per SM on sm_90, 1 KB reserved per
-// block, 4-6 KB of the k-sliced kernel's static arrays).
-constexpr int kTwoBlockSmemBytes = 108 * 1024;
+// The shared memory a short-row ring may fill: one of two blocks per SM (228 KB per SM on sm_90,
+// 1 KB reserved per block, 4-6 KB of the k-sliced kernel's static arrays).
+#ifndef JAX_NVFP4_ROW_SMEM_KB
+#define JAX_NVFP4_ROW_SMEM_KB 108
+#endif
+constexpr int kRowRingBytes = JAX_NVFP4_ROW_SMEM_KB * 1024;
 constexpr int kChunksPerStage = JAX_NVFP4_CHUNKS_PER_STAGE;  // k64 chunks per stage ("unit")
 
 // MT: token tiles of 8 rows per block. KS: k-slices per block: the 8 warps are KS groups that
@@ -160,10 +163,10 @@ struct TileConfig {
   static constexpr int kXRows = XR;
   static constexpr int kXBytes = kXRows * kXRowBytes;
   static constexpr int kStageBytes = kWBytes + kSBytes + kXBytes;
-  // Short tiles: as many stages as fit beside the zero row in kTwoBlockSmemBytes, at most
+  // Short tiles: as many stages as fit beside the zero row in kRowRingBytes, at most
   // JAX_NVFP4_ROW_STAGES.
-  static constexpr int kRowStages = (kTwoBlockSmemBytes - 128) / kStageBytes < JAX_NVFP4_ROW_STAGES
-                                        ? (kTwoBlockSmemBytes - 128) / kStageBytes
+  static constexpr int kRowStages = (kRowRingBytes - 128) / kStageBytes < JAX_NVFP4_ROW_STAGES
+                                        ? (kRowRingBytes - 128) / kStageBytes
                                         : JAX_NVFP4_ROW_STAGES;
   static constexpr int kStages = kRowsShort ? kRowStages
                                 : MT <= 2   ? JAX_NVFP4_DECODE_STAGES
