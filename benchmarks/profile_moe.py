@@ -16,9 +16,10 @@ library's layer), ``unsliced`` (the same layer compiled with the grouped GEMM's 
 v6 launch, K split across blocks only; the A/B of NOTES_moe.md v7), ``one_tile`` (one N block
 per block at prefill: the A/B of NOTES_moe.md v8), ``eight_rows`` (no ``expert_rows`` hint: the
 k-sliced decode block holds 8 x rows, not 1-4; NOTES_moe.md v11), ``ksliced`` (k-slices at
-every block_m-8 GEMM, whatever the rule says), ``ksliced_eight_rows`` (both) and ``xla_routing``
+every block_m-8 GEMM, whatever the rule says), ``ksliced_eight_rows`` (both), ``xla_routing``
 (routing by XLA's kernels and the separate alignment kernel, as before the routing kernel:
-NOTES_moe.md v12). Large T works too (``--tokens 1024,4096``).
+NOTES_moe.md v12) and ``tiles2`` / ``tiles4`` (2 / 4 N blocks per block in every unsliced,
+unsplit GEMM, decode included: NOTES_moe.md v16). Large T works too (``--tokens 1024,4096``).
 """
 
 from __future__ import annotations
@@ -98,6 +99,19 @@ def rule_returning(name: str, value, module=moe_ops):
 
 
 @contextlib.contextmanager
+def unsplit_tiles_per_block(tiles: int):
+  """Every unsliced, unsplit grouped GEMM (block_m 8 at decode too, not only 64) runs ``tiles``
+  N blocks per block: the A/B of NOTES_moe.md v16."""
+  saved = moe_ops.choose_moe_prefill_tiles
+  moe_ops.choose_moe_prefill_tiles = (
+      lambda num_slots, n, k, block_m, splits, bf16=True: tiles if splits == 1 else 1)
+  try:
+    yield
+  finally:
+    moe_ops.choose_moe_prefill_tiles = saved
+
+
+@contextlib.contextmanager
 def gemms_without_row_hint():
   """fused_moe's grouped GEMMs get ``expert_rows=0``: the 8-row decode block."""
   saved = moe_ops.nvfp4_moe_gemm
@@ -123,7 +137,8 @@ def main():
                   help="comma-separated, of: fused_moe (the library's layer), unsliced (no "
                        "k-slices at decode), one_tile (one N block per block at prefill), "
                        "eight_rows (8-row decode blocks), ksliced (k-slices at every block_m-8 "
-                       "GEMM), ksliced_eight_rows, xla_routing (no routing kernel)")
+                       "GEMM), ksliced_eight_rows, xla_routing (no routing kernel), tiles2 / "
+                       "tiles4 (2 / 4 N blocks per block in every unsliced unsplit GEMM)")
   args = ap.parse_args()
   rows = []
   key = jax.random.key(1)
@@ -139,7 +154,9 @@ def main():
                 "eight_rows": gemms_without_row_hint,
                 "ksliced": all_ksliced,
                 "ksliced_eight_rows": lambda: all_ksliced(eight_rows=True),
-                "xla_routing": lambda: rule_returning("fits_one_block", False, moe_route)}
+                "xla_routing": lambda: rule_returning("fits_one_block", False, moe_route),
+                "tiles2": lambda: unsplit_tiles_per_block(2),
+                "tiles4": lambda: unsplit_tiles_per_block(4)}
     variants = {name: (many(bench_moe.nvfp4_layer(routing)), contexts[name])
                 for name in args.variants.split(",")}
     for t in (int(v) for v in args.tokens.split(",")):

@@ -11,8 +11,8 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4DequantizeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4MoeAlignCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4MoeRouteAlignCuda);
 extern "C" int jax_nvfp4_sm_count();
-extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16, int k_slices);
-extern "C" int jax_nvfp4_moe_blocks_per_sm(int mt, int bf16, int k_slices);
+extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16, int k_slices, int rows);
+extern "C" int jax_nvfp4_moe_blocks_per_sm(int mt, int bf16, int k_slices, int rows);
 extern "C" int jax_nvfp4_cluster_limit(int mt, int bf16);
 extern "C" int jax_nvfp4_moe_cluster_limit(int mt, int bf16);
 #endif
@@ -50,22 +50,22 @@ NB_MODULE(_C, m) {
     return 0;
 #endif
   }, "Multiprocessors of the current CUDA device (0 without CUDA or without a device).");
-  m.def("blocks_per_sm", [](int mt, bool bf16, int k_slices) {
+  m.def("blocks_per_sm", [](int mt, bool bf16, int k_slices, int rows) {
 #ifdef JAX_NVFP4_WITH_CUDA
-    return jax_nvfp4_blocks_per_sm(mt, bf16 ? 1 : 0, k_slices);
+    return jax_nvfp4_blocks_per_sm(mt, bf16 ? 1 : 0, k_slices, rows);
 #else
     return 0;
 #endif
-  }, "Resident blocks per SM of the dense kernel for token tile mt and k_slices (0 when "
-     "unknown or not launchable).");
-  m.def("moe_blocks_per_sm", [](int mt, bool bf16, int k_slices) {
+  }, "Resident blocks per SM of the dense kernel for token tile mt, k_slices and the launch's "
+     "rows (M; 0: the 8-row tile) (0 when unknown or not launchable).");
+  m.def("moe_blocks_per_sm", [](int mt, bool bf16, int k_slices, int rows) {
 #ifdef JAX_NVFP4_WITH_CUDA
-    return jax_nvfp4_moe_blocks_per_sm(mt, bf16 ? 1 : 0, k_slices);
+    return jax_nvfp4_moe_blocks_per_sm(mt, bf16 ? 1 : 0, k_slices, rows);
 #else
     return 0;
 #endif
-  }, "Resident blocks per SM of the MoE kernel for token tile mt and k_slices (0 when "
-     "unknown or not launchable).");
+  }, "Resident blocks per SM of the MoE kernel for token tile mt, k_slices and the "
+     "expert_rows hint (0: none) (0 when unknown or not launchable).");
   m.def("cluster_limit", [](int mt, bool bf16, bool moe) {
 #ifdef JAX_NVFP4_WITH_CUDA
     return moe ? jax_nvfp4_moe_cluster_limit(mt, bf16 ? 1 : 0)

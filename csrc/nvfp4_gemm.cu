@@ -107,8 +107,8 @@ extern "C" int jax_nvfp4_cluster_limit(int mt, int bf16) {
 }
 
 // Resident blocks per SM for token tile mt (the split-K choice fills one wave); 0 if unknown.
-extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16, int k_slices) {
-  return jax_nvfp4::blocks_per_sm<false>(mt, bf16 != 0, k_slices);
+extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16, int k_slices, int rows) {
+  return jax_nvfp4::blocks_per_sm<false>(mt, bf16 != 0, k_slices, rows);
 }
 
 // Multiprocessor count of the current device (for the split-K choice made at trace time).

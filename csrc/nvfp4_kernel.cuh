@@ -635,13 +635,28 @@ int blocks_per_sm_typed() {
   return blocks;
 }
 
+template <bool kMoe, int XR>
+int short_blocks_per_sm(bool bf16) {
+  return bf16 ? blocks_per_sm_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices, XR>()
+              : blocks_per_sm_typed<__half, 1, kMoe, kDecodeKSlices, XR>();
+}
+
 // Resident blocks per SM of a launch (0 when it cannot launch here, e.g. the k-sliced
-// block's ~100 KB of shared memory on a GPU with less per SM).
+// block's ~100 KB of shared memory on a GPU with less per SM). `rows`: as launch() picks the
+// k-sliced m_tile-1 block's x tile (the dense launch's M, the grouped GEMM's expert_rows hint;
+// 0: the 8-row tile), whose ring and so occupancy differ.
 template <bool kMoe>
-int blocks_per_sm(int mt, bool bf16, int k_slices = 1) {
-  if (k_slices == kDecodeKSlices && mt == 1)
+int blocks_per_sm(int mt, bool bf16, int k_slices = 1, int rows = 0) {
+  if (k_slices == kDecodeKSlices && mt == 1) {
+    switch (short_tile_rows(rows)) {
+      case 1: return short_blocks_per_sm<kMoe, 1>(bf16);
+      case 2: return short_blocks_per_sm<kMoe, 2>(bf16);
+      case 4: return short_blocks_per_sm<kMoe, 4>(bf16);
+      default: break;
+    }
     return bf16 ? blocks_per_sm_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices>()
                 : blocks_per_sm_typed<__half, 1, kMoe, kDecodeKSlices>();
+  }
   if constexpr (!kMoe) {
     if (k_slices == kDecodeKSlices && mt == 2)
       return bf16 ? blocks_per_sm_typed<__nv_bfloat16, 2, kMoe, kDecodeKSlices>()

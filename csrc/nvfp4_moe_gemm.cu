@@ -151,8 +151,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Nvfp4MoeGemmCuda, jax_nvfp4::MoeGemmImpl,
 // Here, not in nvfp4_gemm.cu: each kernel instantiation must live in one translation unit, or
 // the shared-memory opt-in (cudaFuncSetAttribute) can reach another unit's copy of the kernel
 // than the one launched ("invalid argument" at launch above 48 KB).
-extern "C" int jax_nvfp4_moe_blocks_per_sm(int mt, int bf16, int k_slices) {
-  return jax_nvfp4::blocks_per_sm<true>(mt, bf16 != 0, k_slices);
+extern "C" int jax_nvfp4_moe_blocks_per_sm(int mt, int bf16, int k_slices, int rows) {
+  return jax_nvfp4::blocks_per_sm<true>(mt, bf16 != 0, k_slices, rows);
 }
 
 extern "C" int jax_nvfp4_moe_cluster_limit(int mt, int bf16) {

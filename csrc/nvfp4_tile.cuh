@@ -164,10 +164,12 @@ struct TileConfig {
   static constexpr int kXBytes = kXRows * kXRowBytes;
   static constexpr int kStageBytes = kWBytes + kSBytes + kXBytes;
   // Short tiles: as many stages as fit beside the zero row in kRowRingBytes, at most
-  // JAX_NVFP4_ROW_STAGES.
-  static constexpr int kRowStages = (kRowRingBytes - 128) / kStageBytes < JAX_NVFP4_ROW_STAGES
-                                        ? (kRowRingBytes - 128) / kStageBytes
-                                        : JAX_NVFP4_ROW_STAGES;
+  // JAX_NVFP4_ROW_STAGES, and at least the two a ring needs (a budget below two 4-row stages
+  // gives up blocks per SM for the 4-row tile instead).
+  static constexpr int kRowStagesFit = (kRowRingBytes - 128) / kStageBytes;
+  static constexpr int kRowStages = kRowStagesFit < 2                      ? 2
+                                    : kRowStagesFit < JAX_NVFP4_ROW_STAGES ? kRowStagesFit
+                                                                           : JAX_NVFP4_ROW_STAGES;
   static constexpr int kStages = kRowsShort ? kRowStages
                                 : MT <= 2   ? JAX_NVFP4_DECODE_STAGES
                                 : MT == 4   ? 3

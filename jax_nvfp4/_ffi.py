@@ -37,16 +37,18 @@ def sm_count() -> int:
   return int(_C.sm_count()) if cuda_kernels_built() else 0
 
 
-def blocks_per_sm(m_tile: int, bf16: bool, k_slices: int = 1) -> int:
+def blocks_per_sm(m_tile: int, bf16: bool, k_slices: int = 1, rows: int = 0) -> int:
   """Resident blocks per SM of the dense kernel, 0 when unknown or when the launch does not
-  fit an SM of this device."""
-  return int(_C.blocks_per_sm(m_tile, bf16, k_slices)) if cuda_kernels_built() else 0
+  fit an SM of this device. ``rows``: the launch's M, which picks the x tile of the k-sliced
+  m_tile-1 block (1, 2 or 4 rows at M <= 4, a ring of another depth; 0: the 8-row tile)."""
+  return int(_C.blocks_per_sm(m_tile, bf16, k_slices, rows)) if cuda_kernels_built() else 0
 
 
-def moe_blocks_per_sm(m_tile: int, bf16: bool, k_slices: int = 1) -> int:
+def moe_blocks_per_sm(m_tile: int, bf16: bool, k_slices: int = 1, rows: int = 0) -> int:
   """Resident blocks per SM of the grouped MoE kernel, 0 when unknown or when the launch does
-  not fit an SM of this device."""
-  return int(_C.moe_blocks_per_sm(m_tile, bf16, k_slices)) if cuda_kernels_built() else 0
+  not fit an SM of this device. ``rows``: the launch's ``expert_rows`` hint (0: none)."""
+  return (int(_C.moe_blocks_per_sm(m_tile, bf16, k_slices, rows)) if cuda_kernels_built()
+          else 0)
 
 
 def cluster_limit(m_tile: int, bf16: bool, moe: bool) -> int:

@@ -121,7 +121,7 @@ def test_k_slices_at_decode(monkeypatch, m, n, k, kslice_blocks, cluster_limit, 
   monkeypatch.setattr(dense, "_blocks_per_sm", lambda m_tile: 4)
   monkeypatch.setattr(dense, "_cluster_limit", lambda m_tile: cluster_limit)
   monkeypatch.setattr(dense, "k_sliced_blocks_per_sm",
-                      lambda moe=False, m_tile=1: kslice_blocks)
+                      lambda moe=False, m_tile=1, rows=0: kslice_blocks)
   assert dense.choose_k_slices(m, n, k) == want
   if want > 1 and m > 8:  # what it replaces at m_tile 2: splits reduced through tickets
     splits, m_tile = dense.choose_launch(m, n, k)
@@ -140,12 +140,30 @@ def test_k_sliced_tiles_per_block_make_one_wave(monkeypatch, n, blocks_per_sm, w
   from jax_nvfp4.ops import dense
   monkeypatch.setattr(dense, "_sm_count", lambda: 132)
   monkeypatch.setattr(dense, "k_sliced_blocks_per_sm",
-                      lambda moe=False, m_tile=1: blocks_per_sm)
+                      lambda moe=False, m_tile=1, rows=0: blocks_per_sm)
   tpb = dense.choose_tiles_per_block(n, dense.DECODE_K_SLICES)
   assert tpb == want
   blocks = -(-(-(-n // 16)) // tpb)
   assert blocks <= 132 * blocks_per_sm and (tpb == 1 or -(-n // 16) > 132 * blocks_per_sm)
   assert dense.choose_tiles_per_block(n, 1) == 1
+
+
+@pytest.mark.parametrize("m, want", [(1, 4), (2, 8), (8, 8)])
+def test_k_sliced_wave_counts_the_launched_tiles_occupancy(rng, monkeypatch, m, want):
+  """The wave that sizes tiles_per_block is that of the block the launch runs: at M = 1 the
+  1-row tile (here 4 resident per SM), at M = 2 the 2-row one, at M = 8 the 8-row one (2)."""
+  from jax_nvfp4.ops import dense
+  occupancy = {1: 4}
+  monkeypatch.setattr(dense, "_sm_count", lambda: 4)
+  monkeypatch.setattr(dense, "k_sliced_blocks_per_sm",
+                      lambda moe=False, m_tile=1, rows=0: occupancy.get(rows, 2))
+  n, k = 64 * 16, 2048  # 64 N tiles over waves of 16 (1 row) or 8 blocks
+  w = nf.prepare(nf.quantize(jnp.asarray(rng.standard_normal((n, k)), jnp.float32)))
+  x = jnp.ones((m, k), jnp.bfloat16)
+  eqns = [e for e in jax.make_jaxpr(nf.nvfp4_matmul)(x, w).jaxpr.eqns
+          if e.primitive is dense.nvfp4_gemm_p]
+  assert len(eqns) == 1 and eqns[0].params["k_slices"] == dense.DECODE_K_SLICES
+  assert eqns[0].params["tiles_per_block"] == want
 
 
 def test_k_slices_launch_is_validated_at_trace_time(rng):

@@ -533,7 +533,7 @@ def test_split_k_choice_and_workspace(monkeypatch):
 def test_k_slices_at_decode_with_few_token_tiles(monkeypatch, slots, n, k, block_m, blocks,
                                                  want):
   monkeypatch.setattr(moe_ops.dense_ops, "k_sliced_blocks_per_sm",
-                      lambda moe=False, m_tile=1: blocks)
+                      lambda moe=False, m_tile=1, rows=0: blocks)
   monkeypatch.setattr(moe_ops.dense_ops, "_sm_count", lambda: 132)
   assert moe_ops.choose_moe_k_slices(slots, n, k, block_m) == want
   tpb = moe_ops.choose_moe_tiles_per_block(slots, n, block_m, want)

@@ -167,14 +167,16 @@ K_SLICES_MIN_K = k_sliced_unit_k(1)
 
 
 @functools.lru_cache(maxsize=None)
-def k_sliced_blocks_per_sm(moe: bool = False, m_tile: int = 1) -> int:
+def k_sliced_blocks_per_sm(moe: bool = False, m_tile: int = 1, rows: int = 0) -> int:
   """Resident k-sliced blocks per SM (about 100 KB of shared memory at m_tile 1, 90 KB at 2):
   2 on an H100, 1 on an A100, 0 where one does not fit an SM (e.g. an L4: no k-slices there).
+  ``rows``: the x rows the launch picks its m_tile-1 tile by (the dense M, the grouped GEMM's
+  ``expert_rows``; 0: the 8-row tile), since the 1-, 2- and 4-row tiles have rings of their own.
   Where no device can be asked (lowering for cuda from a host without one) an H100's 2."""
   if not _ffi.sm_count():
     return 2
   query = _ffi.moe_blocks_per_sm if moe else _ffi.blocks_per_sm
-  return query(m_tile, True, DECODE_K_SLICES)
+  return query(m_tile, True, DECODE_K_SLICES, rows if m_tile == 1 else 0)
 
 
 def choose_k_slices(m: int, n: int, k: int) -> int:
@@ -202,15 +204,16 @@ def choose_k_slices(m: int, n: int, k: int) -> int:
 
 
 def choose_tiles_per_block(n: int, k_slices: int, moe: bool = False, token_tiles: int = 1,
-                           m_tile: int = 1) -> int:
+                           m_tile: int = 1, rows: int = 0) -> int:
   """N tiles of 16 rows per block of a k-sliced launch (1 otherwise): the fewest that make the
-  grid one wave of resident blocks (``token_tiles`` blocks share each N tile), spread evenly.
+  grid one wave of resident blocks (``token_tiles`` blocks share each N tile), spread evenly;
+  ``rows`` as ``k_sliced_blocks_per_sm``.
   More than one wave cost up to 25 % on an H100 (8192x28672: 7 tiles per block, 256 blocks,
   53.1 us; 4 tiles, 448 blocks, 60.9 us; NOTES_dense.md v9)."""
   if k_slices == 1:
     return 1
   n_tiles = -(-n // 16)
-  wave = _sm_count() * max(1, k_sliced_blocks_per_sm(moe, m_tile))
+  wave = _sm_count() * max(1, k_sliced_blocks_per_sm(moe, m_tile, rows))
   per_token_tile = max(1, min(n_tiles, wave // max(1, token_tiles)))  # blocks per token tile
   return -(-n_tiles // per_token_tile)
 
@@ -330,7 +333,7 @@ def _bind_gemm(x, qweight, qscales, global_scale, bias, *, n, k, has_bias):
                              has_bias=has_bias, splits=splits, m_tile=m_tile,
                              cluster=use_cluster(splits, m_tile), k_slices=k_slices,
                              tiles_per_block=choose_tiles_per_block(n, k_slices,
-                                                                    m_tile=m_tile))
+                                                                    m_tile=m_tile, rows=m))
   return out
 
 

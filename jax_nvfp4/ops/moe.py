@@ -355,11 +355,14 @@ def choose_moe_k_slices(num_slots: int, n: int, k: int, block_m: int) -> int:
   return MOE_K_SLICES
 
 
-def choose_moe_tiles_per_block(num_slots: int, n: int, block_m: int, k_slices: int) -> int:
+def choose_moe_tiles_per_block(num_slots: int, n: int, block_m: int, k_slices: int,
+                               expert_rows: int = 0) -> int:
   """N tiles of 16 rows per block of a k-sliced launch: as the dense kernel's
-  ``choose_tiles_per_block``, with every token tile's blocks in the wave."""
+  ``choose_tiles_per_block``, with every token tile's blocks in the wave (``expert_rows``: the
+  launch's hint, which picks the block and so its occupancy)."""
   return dense_ops.choose_tiles_per_block(n, k_slices, moe=True,
-                                          token_tiles=max(1, num_slots // block_m))
+                                          token_tiles=max(1, num_slots // block_m),
+                                          rows=expert_rows)
 
 
 #: Prefill (block_m 64, K not split): a block may run up to this many k-units (its N blocks'
@@ -431,7 +434,7 @@ def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, 
   splits = 1 if k_slices > 1 else choose_moe_splits(slots, n, k, block_m, bf16)
   cluster = use_moe_cluster(splits, block_m, bf16)
   if k_slices > 1:
-    tiles_per_block = choose_moe_tiles_per_block(slots, n, block_m, k_slices)
+    tiles_per_block = choose_moe_tiles_per_block(slots, n, block_m, k_slices, expert_rows)
   else:
     tiles_per_block = choose_moe_prefill_tiles(slots, n, k, block_m, splits, bf16)
   ws = jax.core.ShapedArray((moe_workspace_bytes(slots, n, block_m, splits, cluster),),
