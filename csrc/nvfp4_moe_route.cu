@@ -50,6 +50,7 @@ constexpr int kRouteMaxExperts = 1024;
 constexpr int kRouteMaxTopK = 32;      // one lane per selected id
 constexpr int kRouteMaxGroups = 32;    // one lane per group
 constexpr int kRouteMaxWarps = 32;
+constexpr int kLoadBatch = 8;          // logits per lane in flight at once (all 256 of DeepSeek's)
 
 struct RouteParams {
   const void *logits;
@@ -122,21 +123,47 @@ __device__ __forceinline__ void route_token(const RouteParams &p, int t, float *
   const int lane = threadIdx.x % 32, experts = p.experts;
   const T *row = static_cast<const T *>(p.logits) + size_t(t) * experts;
 
-  // 1. Scores and selection keys. The bias is loaded beside the logits (parked in key[]) so
-  //    that both global reads are in flight together.
+  // 1. Scores and selection keys. A lane's logits (and bias) are loaded kLoadBatch at a time,
+  //    all of a batch issued before any is used: loaded, computed and stored to shared memory
+  //    one expert after another, each load waited for the one before it (the compiler kept
+  //    them behind the previous expert's shared-memory stores), one global round trip per
+  //    expert a lane owns (8 for 256 experts; NOTES_moe.md v16).
   const bool has_bias = p.bias != nullptr;
+  float logit[kLoadBatch], bias[kLoadBatch];
+  auto load_batch = [&](int base) {
+#pragma unroll
+    for (int j = 0; j < kLoadBatch; ++j) {
+      const int e = base + lane + 32 * j;
+      logit[j] = e < experts ? to_float(row[e]) : 0.0f;
+      bias[j] = has_bias && e < experts ? p.bias[e] : 0.0f;
+    }
+  };
   if (p.sigmoid) {
-    for (int e = lane; e < experts; e += 32) {
-      const float l = to_float(row[e]), b = has_bias ? p.bias[e] : 0.0f;
-      score[e] = 1.0f / (1.0f + expf(-l));
-      key[e] = order_key(has_bias ? score[e] + b : score[e]);
+#pragma unroll 1
+    for (int base = 0; base < experts; base += 32 * kLoadBatch) {
+      load_batch(base);
+#pragma unroll
+      for (int j = 0; j < kLoadBatch; ++j) {
+        const int e = base + lane + 32 * j;
+        if (e >= experts) continue;
+        const float s = 1.0f / (1.0f + expf(-logit[j]));
+        score[e] = s;
+        key[e] = order_key(has_bias ? s + bias[j] : s);
+      }
     }
   } else {
     float mx = -INFINITY;
-    for (int e = lane; e < experts; e += 32) {
-      score[e] = to_float(row[e]);
-      if (has_bias) key[e] = __float_as_uint(p.bias[e]);
-      mx = fmaxf(mx, score[e]);
+#pragma unroll 1
+    for (int base = 0; base < experts; base += 32 * kLoadBatch) {
+      load_batch(base);
+#pragma unroll
+      for (int j = 0; j < kLoadBatch; ++j) {
+        const int e = base + lane + 32 * j;
+        if (e >= experts) continue;
+        score[e] = logit[j];
+        key[e] = __float_as_uint(bias[j]);  // the bias, parked until the keys are made
+        mx = fmaxf(mx, logit[j]);
+      }
     }
     mx = warp_fmax(mx);
     float sum = 0.0f;
