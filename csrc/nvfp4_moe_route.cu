@@ -89,17 +89,25 @@ __device__ __forceinline__ int warp_argmax(unsigned key, int index) {
 }
 
 // This lane's best (key, index) among its experts e = lane + 32 j: ascending e and a strict >
-// keep the lowest index of equal keys; taken experts (key 0) are never a candidate.
+// keep the lowest index of equal keys; taken experts (key 0) are never a candidate. The keys
+// are read kLoadBatch at a time, all loads before the compares: the winner's lane rescans
+// after every selection round, and one shared-memory load after another made each rescan a
+// chain of E / 32 load latencies.
 __device__ __forceinline__ void lane_best(const unsigned *key, int experts, unsigned &best_key,
                                           int &best_index) {
   best_key = 0u;
   best_index = -1;
 #pragma unroll 1
-  for (int e = threadIdx.x % 32; e < experts; e += 32) {
-    const unsigned k = key[e];
-    if (k > best_key) {
-      best_key = k;
-      best_index = e;
+  for (int base = threadIdx.x % 32; base < experts; base += 32 * kLoadBatch) {
+    unsigned k[kLoadBatch];
+#pragma unroll
+    for (int j = 0; j < kLoadBatch; ++j) k[j] = base + 32 * j < experts ? key[base + 32 * j] : 0u;
+#pragma unroll
+    for (int j = 0; j < kLoadBatch; ++j) {
+      if (k[j] > best_key) {
+        best_key = k[j];
+        best_index = base + 32 * j;
+      }
     }
   }
 }
