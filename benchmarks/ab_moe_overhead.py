@@ -62,7 +62,7 @@ def weight_copies(key, e, h, inter):
   per_expert = bench_moe.layer_expert_bytes(h, inter)
   copies = int(max(1, min(bench_moe.MAX_COPIES, bench_moe.FP4_BUDGET // (e * per_expert))))
   keys = jax.random.split(key, 2 * copies + 1)
-  w13s = [bench_moe.random_prepared(keys[2 * c], e, 2 * inter, h) for c in range(copies)]
+  w13s = [bench_moe.random_prepared(keys[2 * c], e, 2 * inter, h, True) for c in range(copies)]
   w2s = [bench_moe.random_prepared(keys[2 * c + 1], e, h, inter) for c in range(copies)]
   return w13s, w2s, keys[-1]
 

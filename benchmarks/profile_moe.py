@@ -19,7 +19,11 @@ k-sliced decode block holds 8 x rows, not 1-4; NOTES_moe.md v11), ``ksliced`` (k
 every block_m-8 GEMM, whatever the rule says), ``ksliced_eight_rows`` (both), ``xla_routing``
 (routing by XLA's kernels and the separate alignment kernel, as before the routing kernel:
 NOTES_moe.md v12) and ``tiles2`` / ``tiles4`` (2 / 4 N blocks per block in every unsliced,
-unsplit GEMM, decode included: NOTES_moe.md v16). Large T works too (``--tokens 1024,4096``).
+unsplit GEMM, decode included: NOTES_moe.md v16), ``ks_tiles8`` / ``ks_tiles16`` (the k-sliced
+rule's ``MOE_K_SLICES_MAX_TOKEN_TILES`` at 8 / 16, not 4) and ``split6`` (``MIN_CHUNKS_PER_SPLIT``
+6, not 48: the short-K decode GEMMs split K; NOTES_moe.md v17) and ``unfused`` (w13 in plain
+``[gate; up]`` order: GEMM1 writes both halves and XLA applies the activation, the layer before
+v17). Large T works too (``--tokens 1024,4096``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import json
 import re
 import statistics
@@ -85,41 +90,35 @@ def kernel_family(name: str) -> str:
 
 
 @contextlib.contextmanager
-def rule_returning(name: str, value, module=moe_ops):
-  """Lowerings inside see ``module.<name>`` return ``value`` (a variant is compiled at its
-  first call): ``unsliced`` sets ``ops.moe.choose_moe_k_slices`` to 1, ``one_tile``
-  ``ops.moe.choose_moe_prefill_tiles`` to 1, ``xla_routing`` ``ops.moe_route.fits_one_block``
-  to False (XLA routing and the alignment kernel at every T)."""
+def patched(name: str, value, module=moe_ops):
+  """Lowerings inside see ``module.<name>`` replaced by ``value`` (a rule function or a
+  threshold constant; a variant is compiled at its first call, so the patch is read then)."""
   saved = getattr(module, name)
-  setattr(module, name, lambda *args, **kw: value)
+  setattr(module, name, value)
   try:
     yield
   finally:
     setattr(module, name, saved)
 
 
-@contextlib.contextmanager
+def rule_returning(name: str, value, module=moe_ops):
+  """``module.<name>`` returns ``value``: ``unsliced`` sets ``ops.moe.choose_moe_k_slices`` to
+  1, ``one_tile`` ``ops.moe.choose_moe_prefill_tiles`` to 1, ``xla_routing``
+  ``ops.moe_route.fits_one_block`` to False (XLA routing and the alignment kernel at every T)."""
+  return patched(name, lambda *args, **kw: value, module)
+
+
 def unsplit_tiles_per_block(tiles: int):
   """Every unsliced, unsplit grouped GEMM (block_m 8 at decode too, not only 64) runs ``tiles``
   N blocks per block: the A/B of NOTES_moe.md v16."""
-  saved = moe_ops.choose_moe_prefill_tiles
-  moe_ops.choose_moe_prefill_tiles = (
-      lambda num_slots, n, k, block_m, splits, bf16=True: tiles if splits == 1 else 1)
-  try:
-    yield
-  finally:
-    moe_ops.choose_moe_prefill_tiles = saved
+  return patched("choose_moe_prefill_tiles",
+                 lambda num_slots, n, k, block_m, splits, bf16=True: tiles if splits == 1 else 1)
 
 
-@contextlib.contextmanager
 def gemms_without_row_hint():
   """fused_moe's grouped GEMMs get ``expert_rows=0``: the 8-row decode block."""
   saved = moe_ops.nvfp4_moe_gemm
-  moe_ops.nvfp4_moe_gemm = lambda *a, **kw: saved(*a, **{**kw, "expert_rows": 0})
-  try:
-    yield
-  finally:
-    moe_ops.nvfp4_moe_gemm = saved
+  return patched("nvfp4_moe_gemm", lambda *a, **kw: saved(*a, **{**kw, "expert_rows": 0}))
 
 
 @contextlib.contextmanager
@@ -138,7 +137,10 @@ def main():
                        "k-slices at decode), one_tile (one N block per block at prefill), "
                        "eight_rows (8-row decode blocks), ksliced (k-slices at every block_m-8 "
                        "GEMM), ksliced_eight_rows, xla_routing (no routing kernel), tiles2 / "
-                       "tiles4 (2 / 4 N blocks per block in every unsliced unsplit GEMM)")
+                       "tiles4 (2 / 4 N blocks per block in every unsliced unsplit GEMM), "
+                       "ks_tiles8 / ks_tiles16 (the k-sliced rule's token-tile limit raised "
+                       "from 4), split6 (split K down to 6 k64 chunks per split, not 48), "
+                       "unfused (w13 in plain order: the activation as an XLA kernel)")
   args = ap.parse_args()
   rows = []
   key = jax.random.key(1)
@@ -156,7 +158,11 @@ def main():
                 "ksliced_eight_rows": lambda: all_ksliced(eight_rows=True),
                 "xla_routing": lambda: rule_returning("fits_one_block", False, moe_route),
                 "tiles2": lambda: unsplit_tiles_per_block(2),
-                "tiles4": lambda: unsplit_tiles_per_block(4)}
+                "tiles4": lambda: unsplit_tiles_per_block(4),
+                "ks_tiles8": lambda: patched("MOE_K_SLICES_MAX_TOKEN_TILES", 8),
+                "ks_tiles16": lambda: patched("MOE_K_SLICES_MAX_TOKEN_TILES", 16),
+                "split6": lambda: patched("MIN_CHUNKS_PER_SPLIT", 6),
+                "unfused": contextlib.nullcontext}
     variants = {name: (many(bench_moe.nvfp4_layer(routing)), contexts[name])
                 for name in args.variants.split(",")}
     for t in (int(v) for v in args.tokens.split(",")):
@@ -164,13 +170,17 @@ def main():
       xs = [jax.random.normal(kx[2 * c], (t, h), jnp.bfloat16) for c in range(copies)]
       logits = [jax.random.normal(kx[2 * c + 1], (t, e), jnp.float32) for c in range(copies)]
       lists = (xs, logits, w13s, w2s)
+      # "unfused": w13 in plain [gate; up] order, GEMM1 writes [M*k, 2I] and XLA applies the
+      # activation (the layer before NOTES_moe.md v17; random weights, so only the flag moves).
+      plain = (xs, logits, [dataclasses.replace(w, gate_up_pairs=False) for w in w13s], w2s)
       # The roofline as bench_moe.py's: the FP4 bytes of the experts hit, at the copy bandwidth.
       hit = bench_moe.experts_hit(logits, routing)
       roof_us = hit * bench_moe.layer_expert_bytes(h, inter) / bw * 1e6
       for name, (fn, context) in variants.items():
+        operands = plain if name == "unfused" else lists
         with context():
-          jax.block_until_ready(fn(*lists))
-          runs = [profile_once(fn, lists, copies) for _ in range(3)]
+          jax.block_until_ready(fn(*operands))
+          runs = [profile_once(fn, operands, copies) for _ in range(3)]
         row = dict(e=e, h=h, i=inter, top_k=k, tokens=t, variant=name, copies=copies,
                    names=runs[0]["names"], experts_hit=hit, roofline_us=roof_us,
                    copy_bandwidth_gbs=bw / 1e9)

@@ -27,6 +27,7 @@
 // No workspace, no memset, no atomics.
 #pragma once
 
+#include <cmath>
 #include <cstdlib>
 #include <string>
 
@@ -54,7 +55,37 @@ struct GemmParams {
   const int *num_padded;      // [1]
   const float *topk_weights;  // [rows_out] or null
   int gather_div;
+  // The activation fused into the epilogue (MoE GEMM 1; kActNone elsewhere). Gated ones read
+  // gate and up from the two halves of each 16-row N tile (rows g and g + 8: the same thread
+  // holds both) and write out[row, tile * 8 + g], so out is [rows_out, N / 2]; see below.
+  int act;
+  float act_limit;            // the clamp L of kActSwiglu (+inf: none) and kActGptOss
+  float act_alpha;            // kActGptOss's sigmoid slope
 };
+
+// Activation codes (ops/moe.py ACTIVATION_CODES). The gated ones need N % 16 == 0 and w13's rows
+// in gate/up pairs of 8 (jax_nvfp4/prepare.py gate_up_pairs): rows 16t .. 16t + 7 are gate rows
+// 8t .. 8t + 7 and rows 16t + 8 .. 16t + 15 the matching up rows.
+constexpr int kActNone = 0;
+constexpr int kActSwiglu = 1;  // min(silu(gate), L) * clamp(up, -L, L)
+constexpr int kActGptOss = 2;  // g * sigmoid(alpha g) * (clamp(up, -L, L) + 1), g = min(gate, L)
+constexpr int kActRelu2 = 3;   // relu(v)^2, not gated
+__host__ __device__ constexpr bool act_gated(int act) {
+  return act == kActSwiglu || act == kActGptOss;
+}
+
+// A gated activation of one (gate, up) pair, in fp32 after the global scale and the bias, with
+// the same formulas as jax_nvfp4/moe/activations.py (which the reference applies).
+__device__ __forceinline__ float gated_act(const GemmParams &p, float gate, float up) {
+  const float lim = p.act_limit;
+  if (p.act == kActGptOss) {
+    const float g = fminf(gate, lim);
+    return g / (1.f + expf(-p.act_alpha * g)) * (fminf(fmaxf(up, -lim), lim) + 1.f);
+  }
+  const float a = gate / (1.f + expf(-gate));
+  if (lim < INFINITY) return fminf(a, lim) * fminf(fmaxf(up, -lim), lim);
+  return a * up;
+}
 
 // Largest cluster the reduction supports (non-portable above 8; the H100 schedules 16).
 constexpr int kMaxClusterSplits = 16;
@@ -127,8 +158,17 @@ __device__ __forceinline__ int slot_row(const GemmParams &p, int slot) {
 // are distinct; the alignment puts an expert's rows first in its tile), so the launch picks XR
 // from T and one pass runs; a tile with more rows (repeated expert ids in a caller's top-k) costs
 // more passes, never a lost row.
+// Resident blocks per SM each instantiation is compiled for (its register cap). The unsliced
+// m_tile-1 block is small enough for three: left at two, ptxas took 96-116 registers once the
+// epilogue grew the fused activations (80 before), and the grouped GEMM's decode launches lost
+// a third of their blocks (Qwen3-like layer at T = 16: +8 %, NOTES_moe.md v17).
+template <int MT, int KS>
+constexpr int min_blocks_per_sm() {
+  return MT == 8 ? JAX_NVFP4_MT8_BLOCKS : MT == 1 && KS == 1 ? 3 : 2;
+}
+
 template <typename T, int MT, bool kMoe, int KS = 1, int XR = 8 * MT>
-__global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) nvfp4_kernel(const GemmParams p) {
+__global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<MT, KS>())) nvfp4_kernel(const GemmParams p) {
   constexpr bool kShortMoe = kMoe && XR < 8 * MT;
   using Tr = Half2Traits<T>;
   using Cfg = TileConfig<MT, KS, XR>;
@@ -235,13 +275,38 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
 
   const float gscale = __ldg(p.global_scale + expert) * Tr::kUnbias;
   const float *bias = p.bias != nullptr ? p.bias + static_cast<int64_t>(expert) * p.n : nullptr;
-  auto store = [&](int row, int n, float v) {
+  // A gated activation halves the output row: out is [rows_out, N / 2] (N % 16 == 0 then).
+  const bool gated = act_gated(p.act);
+  const int out_n = gated ? p.n >> 1 : p.n;
+  // The value of N row n before any activation: scaled, plus the bias.
+  auto scaled = [&](float v, int n) {
     v *= gscale;
     if (bias != nullptr) v += __ldg(bias + n);
+    return v;
+  };
+  auto plain_act = [&](float v) {
+    if (p.act == kActRelu2) {
+      v = fmaxf(v, 0.f);
+      v *= v;
+    }
+    return v;
+  };
+  auto store = [&](int row, int n, float v) {
+    v = plain_act(scaled(v, n));
     if constexpr (kMoe) {
       if (p.topk_weights != nullptr) v *= __ldg(p.topk_weights + row);
     }
     static_cast<T *>(p.out)[static_cast<int64_t>(row) * p.n + n] = static_cast<T>(v);
+  };
+  // Gated: the gate at N row n_gate (tile row g < 8) and its up at n_gate + 8 give output column
+  // tile * 8 + g.
+  auto store_gated = [&](int row, int n_gate, float gate, float up) {
+    float v = gated_act(p, scaled(gate, n_gate), scaled(up, n_gate + 8));
+    if constexpr (kMoe) {
+      if (p.topk_weights != nullptr) v *= __ldg(p.topk_weights + row);
+    }
+    const int col = (n_gate >> 4) * 8 + (n_gate & 7);
+    static_cast<T *>(p.out)[static_cast<int64_t>(row) * out_n + col] = static_cast<T>(v);
   };
   // Columns n and n + 1 of one row (the same arithmetic as store, per value, kept apart from it:
   // the shared per-value helpers tried added branches per value, up to 344 more SASS lines);
@@ -254,6 +319,8 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
       if (n < p.n) v0 += __ldg(bias + n);
       if (n + 1 < p.n) v1 += __ldg(bias + n + 1);
     }
+    v0 = plain_act(v0);
+    v1 = plain_act(v1);
     if constexpr (kMoe) {
       if (p.topk_weights != nullptr) {
         v0 *= weight;
@@ -267,6 +334,24 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
       if (n < p.n) dst[0] = static_cast<T>(v0);
       if (n + 1 < p.n) dst[1] = static_cast<T>(v1);
     }
+  };
+  // Gated, the whole-K path: gate rows n and n + 1 (n even, in the tile's first half) and their
+  // up rows n + 8, n + 9 make output columns col, col + 1 of one row: one 4-byte store (N / 2
+  // is a multiple of 8).
+  auto store_gated_pair = [&](int row, int n, float g0, float g1, float u0, float u1,
+                              float weight) {
+    float v0 = gated_act(p, scaled(g0, n), scaled(u0, n + 8));
+    float v1 = gated_act(p, scaled(g1, n + 1), scaled(u1, n + 9));
+    if constexpr (kMoe) {
+      if (p.topk_weights != nullptr) {
+        v0 *= weight;
+        v1 *= weight;
+      }
+    }
+    const int col = (n >> 4) * 8 + (n & 7);
+    *reinterpret_cast<typename Tr::T2 *>(static_cast<T *>(p.out) +
+                                         static_cast<int64_t>(row) * out_n + col) =
+        Tr::pack(v0, v1);
   };
   __shared__ int is_last;
 
@@ -305,9 +390,14 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
         const int slot = mt * 8 + 2 * t + (even ? 0 : 1);
         const int row = column_row(slot);
         if (row < 0) continue;
-        store_pair(row, n0, even ? acc[mt][0] : got_lo, even ? got_lo : acc[mt][1], weight[mt]);
-        store_pair(row, n0 + 8, even ? acc[mt][2] : got_hi, even ? got_hi : acc[mt][3],
-                   weight[mt]);
+        const float lo0 = even ? acc[mt][0] : got_lo, lo1 = even ? got_lo : acc[mt][1];
+        const float hi0 = even ? acc[mt][2] : got_hi, hi1 = even ? got_hi : acc[mt][3];
+        if (gated) {
+          store_gated_pair(row, n0, lo0, lo1, hi0, hi1, weight[mt]);
+          continue;
+        }
+        store_pair(row, n0, lo0, lo1, weight[mt]);
+        store_pair(row, n0 + 8, hi0, hi1, weight[mt]);
       }
       return;
     }
@@ -338,17 +428,28 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
       if (src_tile_n >= p.n16) return;
       const int s_lo = src_tile_n * 16 + src_g, s_hi = s_lo + 8;
       const float *recv = reinterpret_cast<const float *>(smem) + i * V;
+      auto sum_of = [&](int mt, int r) {
+        float sum = 0.f;
+#pragma unroll 1
+        for (int s = 0; s < splits; ++s) sum += recv[s * per * V + mt * 4 + r];
+        return sum;
+      };
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
+        if (gated) {  // r = e is the gate (s_lo), r = 2 + e its up (s_hi)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int row = slot_row<kMoe>(p, slot0 + mt * 8 + 2 * src_t + e);
+            if (row >= 0) store_gated(row, s_lo, sum_of(mt, e), sum_of(mt, 2 + e));
+          }
+          continue;
+        }
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int row = slot_row<kMoe>(p, slot0 + mt * 8 + 2 * src_t + (r & 1));
           const int n = r < 2 ? s_lo : s_hi;
           if (row < 0 || n >= p.n) continue;
-          float sum = 0.f;
-#pragma unroll 1
-          for (int s = 0; s < splits; ++s) sum += recv[s * per * V + mt * 4 + r];
-          store(row, n, sum);
+          store(row, n, sum_of(mt, r));
         }
       }
       return;
@@ -379,11 +480,11 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
     __syncthreads();
     if (!is_last || !active) return;
     __threadfence();
-    auto reduce = [&](int slot, int row, int n) {
+    auto reduce = [&](int slot, int n) {
       const int64_t off = static_cast<int64_t>(slot) * p.n + n;
       float sum = 0.f;
       for (int i = 0; i < p.splits; ++i) sum += __ldcg(p.partials + i * sn + off);
-      store(row, n, sum);
+      return sum;
     };
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -392,8 +493,12 @@ __global__ void __launch_bounds__(kThreads, MT == 8 ? JAX_NVFP4_MT8_BLOCKS : 2) 
         const int slot = slot0 + mt * 8 + 2 * t + e;
         const int row = slot_row<kMoe>(p, slot);
         if (row < 0) continue;
-        if (n_lo < p.n) reduce(slot, row, n_lo);
-        if (n_hi < p.n) reduce(slot, row, n_hi);
+        if (gated) {
+          store_gated(row, n_lo, reduce(slot, n_lo), reduce(slot, n_hi));
+          continue;
+        }
+        if (n_lo < p.n) store(row, n_lo, reduce(slot, n_lo));
+        if (n_hi < p.n) store(row, n_hi, reduce(slot, n_hi));
       }
     }
     }  // KS == 1

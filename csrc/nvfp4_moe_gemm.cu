@@ -4,9 +4,12 @@
 // e = block_expert[b] is >= 0 and which starts below num_padded[0], and every slot holding a row
 // id = sorted_ids[slot] < rows_out:
 //
-//   out[id, :] = ((x[id / gather_div, :] @ W_e^T) * global_scale[e] + bias[e]) * topk_weights[id]
+//   out[id, :] = act((x[id / gather_div, :] @ W_e^T) * global_scale[e] + bias[e]) * topk_weights[id]
 //
-// (bias and topk_weights optional), computed in fp32 with one final cast. expert_rows (>= 0) is
+// (bias, act and topk_weights optional), computed in fp32 with one final cast. act (activation
+// code, nvfp4_kernel.cuh kAct*): none, relu2, or a gated one (SwiGLU with an optional clamp,
+// gpt-oss) that reads W_e's rows in gate/up pairs of 8 per 16-row tile and halves the output:
+// out is [num_rows_out, N / 2] then. expert_rows (>= 0) is
 // a launch hint only: the most rows one expert's tile is expected to hold (the token count for
 // top-k routing), 0 for none; at 1-4 the k-sliced decode block holds that many x rows
 // (nvfp4_kernel.cuh), and any tile content still gives the same results. Every other row of
@@ -15,6 +18,7 @@
 // (nvfp4_tile.cuh, nvfp4_kernel.cuh); ops/moe.py computes the same workspace size.
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -36,7 +40,8 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
                        int64_t gather_div, int64_t num_rows_out, int64_t block_m, int64_t splits,
                        bool mul_topk_weight, bool has_bias, bool cluster,
                        bool zero_unwritten, int64_t k_slices, int64_t tiles_per_block,
-                       int64_t expert_rows) {
+                       int64_t expert_rows, int64_t activation, float act_limit,
+                       float act_alpha) {
   const auto xt = x.element_type();
   if (xt != ffi::DataType::BF16 && xt != ffi::DataType::F16)
     return invalid("x must be bf16 or f16");
@@ -46,6 +51,15 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
     return invalid("block_m must be 8, 16, 32 or 64");
   if (gather_div < 1) return invalid("gather_div must be >= 1");
   if (expert_rows < 0) return invalid("expert_rows must be >= 0");
+  if (activation < kActNone || activation > kActRelu2)
+    return invalid("activation must be 0 (none), 1 (swiglu), 2 (gptoss) or 3 (relu2)");
+  const bool gated = act_gated(static_cast<int>(activation));
+  if (gated && n % 16 != 0)
+    return invalid("a gated activation needs N % 16 == 0 (gate/up pairs of 8 rows per tile)");
+  if (gated && !(act_limit > 0.f)) return invalid("act_limit must be > 0 (+inf: no clamp)");
+  if (activation == kActGptOss && !std::isfinite(act_limit))
+    return invalid("gptoss needs a finite act_limit");
+  const int64_t out_n = gated ? n / 2 : n;
   const auto xd = x.dimensions();
   if (xd.size() != 2 || xd[1] != k) return invalid("x must be [R, K], got " + dims_str(xd));
   const int64_t x_rows = xd[0];
@@ -70,8 +84,9 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
     return invalid("topk_weights must have num_rows_out elements");
   if (has_bias && static_cast<int64_t>(bias.element_count()) != experts * n)
     return invalid("bias must be [E, N]");
-  if (static_cast<int64_t>(out->element_count()) != num_rows_out * n)
-    return invalid("out must be [num_rows_out, N]");
+  if (static_cast<int64_t>(out->element_count()) != num_rows_out * out_n)
+    return invalid(gated ? "out must be [num_rows_out, N / 2] (gated activation)"
+                         : "out must be [num_rows_out, N]");
   if (auto why = launch_problem(splits, cluster, k_slices, tiles_per_block, k64, block_m == 8,
                                 "block_m 8");
       !why.empty())
@@ -99,7 +114,7 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
     return invalid(why);
 
   if (zero_unwritten) {  // rows of non-local experts (and of nothing) are zero
-    cudaError_t e = cudaMemsetAsync(out->untyped_data(), 0, num_rows_out * n * 2, stream);
+    cudaError_t e = cudaMemsetAsync(out->untyped_data(), 0, num_rows_out * out_n * 2, stream);
     if (e != cudaSuccess) return cuda_error("jax_nvfp4_moe_gemm memset", e);
   }
   if (token_tiles == 0) return ffi::Error::Success();
@@ -110,6 +125,9 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
   p.topk_weights = mul_topk_weight ? topk_weights.typed_data() : nullptr;
   p.gather_div = static_cast<int>(gather_div);
   p.tiles_per_block = static_cast<int>(tiles_per_block);
+  p.act = static_cast<int>(activation);
+  p.act_limit = act_limit;
+  p.act_alpha = act_alpha;
   return clear_and_launch<true>(p, tickets, xt == ffi::DataType::BF16,
                                 static_cast<int>(block_m / 8), token_tiles, stream,
                                 "jax_nvfp4_moe_gemm", static_cast<int>(k_slices),
@@ -131,7 +149,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Nvfp4MoeGemmCuda, jax_nvfp4::MoeGemmImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()       // num_padded [1]
                                   .Arg<ffi::Buffer<ffi::F32>>()       // topk_weights ([0] if unused)
                                   .Arg<ffi::Buffer<ffi::F32>>()       // bias [E, N] ([0] if absent)
-                                  .Ret<ffi::AnyBuffer>()              // out [num_rows_out, N]
+                                  .Ret<ffi::AnyBuffer>()              // out [num_rows_out, N or N / 2]
                                   .Ret<ffi::Buffer<ffi::U8>>()        // workspace
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("k")
@@ -145,7 +163,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Nvfp4MoeGemmCuda, jax_nvfp4::MoeGemmImpl,
                                   .Attr<bool>("zero_unwritten")
                                   .Attr<int64_t>("k_slices")
                                   .Attr<int64_t>("tiles_per_block")
-                                  .Attr<int64_t>("expert_rows"),
+                                  .Attr<int64_t>("expert_rows")
+                                  .Attr<int64_t>("activation")
+                                  .Attr<float>("act_limit")
+                                  .Attr<float>("act_alpha"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 // Here, not in nvfp4_gemm.cu: each kernel instantiation must live in one translation unit, or

@@ -62,6 +62,10 @@ class PreparedNVFP4Weight:
     global_scale: float32 ``[...]`` (``[]`` for a single weight).
     n, k: the logical shape (static).
     dtype: default dtype of ``dequantize`` (static).
+    gate_up_pairs: (static) the rows of a gated MoE w13 ``[gate; up]`` are stored in pairs of
+      8 per 16-row tile (``prepare(w13, gate_up_pairs=True)``): tile t holds gate rows
+      8t..8t+7 then up rows 8t..8t+7, so that the grouped GEMM applies the activation in its
+      epilogue. ``unprepare`` restores ``[gate; up]``; ``n`` is the logical ``2I`` either way.
   """
 
   qweight: jax.Array
@@ -70,6 +74,7 @@ class PreparedNVFP4Weight:
   n: int = dataclasses.field(metadata=dict(static=True))
   k: int = dataclasses.field(metadata=dict(static=True))
   dtype: Any = dataclasses.field(default=jnp.bfloat16, metadata=dict(static=True))
+  gate_up_pairs: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -105,7 +110,25 @@ def _ue5m3_to_float(u: jax.Array) -> jax.Array:
   return jnp.ldexp(1.0 + (u & 7).astype(jnp.float32) / 8.0, (u >> 3) - UE5M3_BIAS)
 
 
-def prepare(w: NVFP4Weight) -> PreparedNVFP4Weight:
+#: Rows per half of a gate/up pair in ``gate_up_pairs`` order: half a 16-row tile, so that the
+#: grouped GEMM's m16n8k16 accumulator puts gate row g and its up row (g + 8) in one thread.
+GATE_UP_PAIR_ROWS = TILE_N // 2
+
+
+def interleave_gate_up(a: jax.Array, axis: int, pieces: int, inverse: bool = False) -> jax.Array:
+  """Rows ``[gate; up]`` along ``axis`` -> ``[gate_0; up_0; gate_1; up_1; ...]`` in ``pieces``
+  equal pieces (``inverse``: back). ``pieces = rows // 16`` gives ``gate_up_pairs`` order; the
+  tensor-parallel split uses ``pieces = tp``."""
+  shape = a.shape
+  if shape[axis] % (2 * pieces):
+    raise ValueError(f"gate/up reordering: {shape[axis]} rows (or tiles) of [gate; up] do not "
+                     f"split into 2 x {pieces} equal pieces")
+  order = (pieces, 2) if inverse else (2, pieces)
+  blocks = a.reshape(*shape[:axis], *order, shape[axis] // (2 * pieces), *shape[axis + 1:])
+  return jnp.swapaxes(blocks, axis, axis + 1).reshape(shape)
+
+
+def prepare(w: NVFP4Weight, *, gate_up_pairs: bool = False) -> PreparedNVFP4Weight:
   """Repacks a checkpoint-layout ``NVFP4Weight`` ``[N, K]`` for the CUDA kernel. Exact.
 
   Returns a ``PreparedNVFP4Weight`` with ``qweight`` uint32 ``[N16, K64, 32, 4]``, ``qscales``
@@ -117,10 +140,23 @@ def prepare(w: NVFP4Weight) -> PreparedNVFP4Weight:
 
   Stacked weights ``[..., N, K]`` (e.g. MoE experts ``[E, N, K]``) are prepared one by one (vmap):
   ``qweight [..., N16, K64, 32, 4]``, ``qscales [..., N16, K64, 64]``, ``global_scale [...]``.
+
+  ``gate_up_pairs=True`` (a gated MoE w13 ``[..., 2I, H]`` with rows ``[gate; up]``, ``I`` a
+  multiple of 8) stores the rows in gate/up pairs of 8 per tile (``PreparedNVFP4Weight``
+  docstring): ``fused_moe`` then applies the activation inside GEMM 1 on the CUDA kernel.
   """
   if not isinstance(w, NVFP4Weight):
     raise TypeError(f"prepare expects an NVFP4Weight, got {type(w).__name__}")
   w.validate()
+  if gate_up_pairs:
+    n = w.shape[-2]
+    if n % TILE_N:
+      raise ValueError(f"prepare: gate_up_pairs needs [gate; up] rows N = 2I with I a multiple "
+                       f"of {GATE_UP_PAIR_ROWS} (N % {TILE_N} == 0), got N = {n}")
+    axis = len(w.shape) - 2
+    paired = dataclasses.replace(w, packed=interleave_gate_up(w.packed, axis, n // TILE_N),
+                                 scales=interleave_gate_up(w.scales, axis, n // TILE_N))
+    return dataclasses.replace(prepare(paired), gate_up_pairs=True)
   if len(w.shape) > 2:
     fn = _prepare_2d
     for _ in w.shape[:-2]:
@@ -166,8 +202,15 @@ def unprepare(p: PreparedNVFP4Weight) -> NVFP4Weight:
 
   Returns an ``NVFP4Weight`` ``[N, K]`` (padding dropped): packed uint8 ``[N, K/2]``, scales
   float8_e4m3fn ``[N, K/16]``, the same float32 global scale and ``dtype``. Stacked prepared
-  weights (``qweight [..., N16, K64, 32, 4]``) give ``NVFP4Weight [..., N, K]``.
+  weights (``qweight [..., N16, K64, 32, 4]``) give ``NVFP4Weight [..., N, K]``. A
+  ``gate_up_pairs`` weight comes back in ``[gate; up]`` row order.
   """
+  if p.gate_up_pairs:
+    w = unprepare(dataclasses.replace(p, gate_up_pairs=False))
+    axis = len(w.shape) - 2
+    pieces = p.n // TILE_N
+    return dataclasses.replace(w, packed=interleave_gate_up(w.packed, axis, pieces, True),
+                               scales=interleave_gate_up(w.scales, axis, pieces, True))
   if p.qweight.ndim > 4:
     fn = _unprepare_2d
     for _ in p.qweight.shape[:-4]:

@@ -133,13 +133,16 @@ def dequantize_experts(w):
 
 
 def moe(x, w13, w2, topk_weights, topk_ids, *, activation_kind="swiglu", limit=None,
-        alpha=1.702, b13=None, b2=None, expert_map=None, round_dtype=None):
+        alpha=1.702, b13=None, b2=None, expert_map=None, round_dtype=None,
+        gemm1_rounded=False):
   """float64 MoE layer: out[t] = sum_j w[t,j] * (act(W13[e] x[t] + b13[e]) W2[e]^T + b2[e]).
 
   ``w13 [E, N13, H]`` and ``w2 [E, H, I]`` are float64 arrays; ``topk_ids`` are global ids,
   mapped through ``expert_map`` (pairs of -1 experts contribute zero). ``round_dtype`` (e.g.
-  ml_dtypes.bfloat16) rounds GEMM1's output, the activation and each GEMM2 row (after the top-k
-  weight) at the points the implementation documents; None keeps everything float64.
+  ml_dtypes.bfloat16) rounds the activation's output and each GEMM2 row (after the top-k
+  weight) at the points the implementation documents, and with ``gemm1_rounded`` GEMM1's
+  output before the activation too (fused_moe with a plain-order prepared gated w13); None
+  keeps everything float64.
   """
   x = np.asarray(x, np.float64)
   topk_ids = np.asarray(topk_ids)
@@ -159,7 +162,8 @@ def moe(x, w13, w2, topk_weights, topk_ids, *, activation_kind="swiglu", limit=N
     hid = x[tok] @ w13[local].T
     if b13 is not None:
       hid = hid + b13[local]
-    act = rnd(activation(rnd(hid), activation_kind, limit=limit, alpha=alpha))
+    act = rnd(activation(rnd(hid) if gemm1_rounded else hid, activation_kind, limit=limit,
+                         alpha=alpha))
     y = act @ w2[local].T
     if b2 is not None:
       y = y + b2[local]

@@ -82,16 +82,23 @@ def test_peer_shapes_router_logits(rng, m, h, i, e, k, dtype):
   assert ref.rel_l2(out, rounded) <= (1e-3 if dtype == jnp.bfloat16 else 2e-4)
 
 
-@pytest.mark.parametrize("prepared", [False, True])
+@pytest.mark.parametrize("prepared", [None, "pairs", "plain"])
 def test_prepared_and_checkpoint_weights_agree(rng, prepared):
   x, w13, w2 = _layer(rng, 37, 128, 96, 6)
   tw, ti = _distinct_topk(rng, 37, 6, 2)
-  a13, a2 = (nf.prepare(w13), nf.prepare(w2)) if prepared else (w13, w2)
+  a13, a2 = w13, w2
+  if prepared:
+    a13, a2 = nf.prepare(w13, gate_up_pairs=prepared == "pairs"), nf.prepare(w2)
   out = _fused(x, a13, a2, topk_weights=tw, topk_ids=ti)
   assert ref.rel_l2(out, _ref(x, w13, w2, tw, ti)) <= TOL[jnp.bfloat16]
-  if prepared:  # the primitive's reference lowering and the checkpoint path: same arithmetic
-    np.testing.assert_array_equal(np.asarray(out),
-                                  np.asarray(_fused(x, w13, w2, topk_weights=tw, topk_ids=ti)))
+  # GEMM1's output is rounded to bf16 before the activation only with a plain-order prepared
+  # w13 (the activation is not fused there).
+  rd = ml_dtypes.bfloat16
+  rounded = _ref(x, w13, w2, tw, ti, round_dtype=rd, gemm1_rounded=prepared == "plain")
+  assert ref.rel_l2(out, rounded.astype(rd)) <= 1e-3
+  if prepared == "pairs":  # the primitive's reference lowering and the checkpoint path: same
+    np.testing.assert_array_equal(  # arithmetic
+        np.asarray(out), np.asarray(_fused(x, w13, w2, topk_weights=tw, topk_ids=ti)))
 
 
 # ----------------------------------------------------------------------------- expert parallel
@@ -367,7 +374,7 @@ def test_primitive_contract_hand_schedule(rng, monkeypatch, loop, dtype):
 def test_reference_loop_path_equals_all_at_once(rng, monkeypatch):
   x, w13, w2 = _layer(rng, 30, 64, 32, 5)
   tw, ti = _distinct_topk(rng, 30, 5, 2)
-  p13, p2 = nf.prepare(w13), nf.prepare(w2)
+  p13, p2 = nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2)
   f = jax.jit(lambda a, b: nf.fused_moe(x, a, b, topk_weights=tw, topk_ids=ti, block_m=8))
   a = f(p13, p2)
   monkeypatch.setattr(moe_ops, "SMALL_ALL_EXPERTS", 0)
@@ -704,3 +711,102 @@ def test_reference_backend_equals_default(rng, prepared):
   tw, ti = ref.route(logits, 2)
   want = _ref(x, ck13, ck2, tw, ti, b13=np.asarray(b13, np.float64))
   assert ref.rel_l2(ref_out, want) <= TOL[jnp.bfloat16]
+
+
+# ----------------------------------------------------------------------------- fused activation
+
+def _pairs_order(i):
+  """Row order of a w13 prepared with gate_up_pairs, from [gate; up] (I gate rows, I up rows):
+  per 16-row tile, 8 gate rows then the same 8 up rows."""
+  return np.concatenate([np.r_[8 * t:8 * t + 8, i + 8 * t:i + 8 * t + 8] for t in range(i // 8)])
+
+
+def test_prepare_gate_up_pairs_row_order_and_round_trip(rng):
+  w = random_experts(rng, 3, 96, 128)  # I = 48: six pairs, three tiles
+  p = nf.prepare(w, gate_up_pairs=True)
+  assert p.gate_up_pairs and p.n == 96 and p.shape == (3, 96, 128)
+  order = _pairs_order(48)
+  by_hand = nf.prepare(nf.NVFP4Weight(w.packed[:, order], w.scales[:, order], w.global_scale))
+  assert not by_hand.gate_up_pairs
+  np.testing.assert_array_equal(np.asarray(p.qweight), np.asarray(by_hand.qweight))
+  np.testing.assert_array_equal(np.asarray(p.qscales), np.asarray(by_hand.qscales))
+  back = nf.unprepare(p)  # [gate; up] again
+  np.testing.assert_array_equal(np.asarray(back.packed), np.asarray(w.packed))
+  np.testing.assert_array_equal(np.asarray(back.scales.astype(np.float32)),
+                                np.asarray(w.scales.astype(np.float32)))
+  with pytest.raises(ValueError, match="gate_up_pairs needs"):
+    nf.prepare(random_experts(rng, 2, 40, 64), gate_up_pairs=True)  # I = 20: not whole pairs
+
+
+@pytest.mark.parametrize("activation, limit, with_bias", [("swiglu", None, False),
+                                                          ("swiglu", 3.0, True),
+                                                          ("gptoss", 7.0, True),
+                                                          ("relu2", None, False)])
+def test_primitive_fused_activation_against_float64(rng, activation, limit, with_bias):
+  """The grouped GEMM with the activation in its epilogue (reference lowering here; the same
+  contract as the kernel) against a float64 per-row loop over the [gate; up] checkpoint."""
+  m, h, i, e, k = 19, 128, 48, 5, 2
+  gated = activation != "relu2"
+  n = 2 * i if gated else i
+  w = random_experts(rng, e, n, h, out_std=3.0 if limit is None else 2 * limit)
+  x = jnp.asarray(rng.standard_normal((m, h)), jnp.bfloat16)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  tw = tw.astype(np.float32)
+  b = rng.standard_normal((e, n)).astype(np.float32) if with_bias else None
+  al = nf.align_tokens(jnp.asarray(ti), e, 8)
+  pw = nf.prepare(w, gate_up_pairs=gated)
+  pb = None if b is None else (b[:, _pairs_order(i)] if gated else b)
+  out = jax.jit(lambda xx: nf.nvfp4_moe_gemm(
+      xx, pw, al, gather_div=k, num_rows_out=m * k, topk_weights=tw.reshape(-1), bias=pb,
+      activation=activation, limit=limit))(x)
+  assert out.shape == (m * k, i) and out.dtype == jnp.bfloat16
+  d = ref.dequantize_experts(w)
+  x64 = np.asarray(x, np.float64)
+  want = np.zeros((m * k, i))
+  hid = np.zeros((m * k, n))
+  for t in range(m):
+    for j in range(k):
+      hid[t * k + j] = d[ti[t, j]] @ x64[t] + (0.0 if b is None else b[ti[t, j]])
+      want[t * k + j] = ref.activation(hid[t * k + j], activation, limit=limit) * tw[t, j]
+  assert ref.rel_l2(out, want) <= 4e-3  # one bf16 rounding of the result
+  if limit is not None:  # the clamp is active on a share of the gates and ups
+    assert np.mean(hid[:, :i] > limit) > 0.02 and np.mean(np.abs(hid[:, i:]) > limit) > 0.02
+
+
+def test_fused_activation_errors(rng):
+  w = random_experts(rng, 2, 32, 64)
+  x = jnp.zeros((4, 64), jnp.bfloat16)
+  al = nf.align_tokens(jnp.zeros((4, 1), jnp.int32), 2, 8)
+  ok = dict(gather_div=1, num_rows_out=4)
+  with pytest.raises(ValueError, match="gate_up_pairs=True"):
+    nf.nvfp4_moe_gemm(x, nf.prepare(w), al, activation="swiglu", **ok)
+  paired = nf.prepare(w, gate_up_pairs=True)
+  with pytest.raises(ValueError, match="only a fused gated activation"):
+    nf.nvfp4_moe_gemm(x, paired, al, **ok)
+  with pytest.raises(ValueError, match="needs limit"):
+    nf.nvfp4_moe_gemm(x, paired, al, activation="gptoss", **ok)
+  assert jax.eval_shape(lambda: nf.nvfp4_moe_gemm(x, paired, al, activation="swiglu",
+                                                  **ok)).shape == (4, 16)
+  bind = moe_ops.nvfp4_moe_gemm_p.bind
+  args = [x, paired.qweight, paired.qscales, paired.global_scale, al.sorted_ids,
+          al.block_expert, al.num_padded, jnp.zeros((0,), jnp.float32),
+          jnp.zeros((0,), jnp.float32)]
+  params = dict(n=32, k=64, gather_div=1, num_rows_out=4, block_m=8, mul_topk_weight=False,
+                has_bias=False, zero_unwritten=True, backend="auto", activation="swiglu",
+                limit=float("inf"), alpha=1.702)
+  for bad, match in [({"activation": "gelu"}, "activation must be one of"),
+                     ({"activation": "relu2", "limit": 5.0}, "clamps nothing"),
+                     ({"limit": -1.0}, "limit must be > 0"),
+                     ({"activation": "gptoss"}, "finite for gptoss")]:
+    with pytest.raises(ValueError, match=match):
+      jax.eval_shape(lambda: bind(*args, **{**params, **bad}))
+  w24 = random_experts(rng, 2, 24, 64)  # n = 24: gate/up pairs do not fill 16-row tiles
+  p24 = nf.prepare(w24)
+  args24 = [x, p24.qweight, p24.qscales, *args[3:]]
+  with pytest.raises(ValueError, match="multiple of 16"):
+    jax.eval_shape(lambda: bind(*args24, **{**params, "n": 24}))
+  w13, w2 = random_experts(rng, 2, 32, 64), random_experts(rng, 2, 64, 32)
+  with pytest.raises(ValueError, match="only a gated"):
+    nf.fused_moe(x, nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2),
+                 topk_weights=np.ones((4, 1), np.float32), topk_ids=np.zeros((4, 1), np.int32),
+                 activation="relu2")

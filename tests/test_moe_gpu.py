@@ -2,8 +2,11 @@
 
 Two references: the float64 NumPy layer (tests/numpy_moe_reference.py) with the bf16/fp16
 tolerances of tests/test_moe.py, and the same NumPy layer rounding to the activation dtype at
-the points the implementation rounds (GEMM1 output, activation, each GEMM2 row, result): the
-kernel may differ from that one only by float32 accumulation order, so its bound is tight.
+the points the implementation rounds (activation, each GEMM2 row, result; GEMM1's output too
+where the activation is not fused: a plain-order prepared gated w13): the kernel may differ
+from that one only by float32 accumulation order, so its bound is tight. Gated w13 weights are
+prepared with ``gate_up_pairs=True`` (GEMM1 applies the activation in its epilogue) unless a
+test says otherwise.
 """
 
 import jax
@@ -89,14 +92,17 @@ def test_peer_shapes_bf16(rng, m, i, h, e, k):
   _check(x, w13, w2, out, tw, ti)
 
 
+@pytest.mark.parametrize("pairs", [True, False])
 @pytest.mark.parametrize("m, i, h, e, k", [(1, 1024, 2048, 12, 3), (123, 128, 256, 5, 2),
                                            (666, 1024, 2048, 12, 3), (666, 128, 2048, 5, 3)])
-def test_peer_shapes_fp16(rng, m, i, h, e, k):
+def test_peer_shapes_fp16(rng, m, i, h, e, k, pairs):
+  """Both w13 layouts: gate/up pairs (the activation fused into GEMM1) and plain [gate; up]
+  (GEMM1 writes [M*k, 2I], rounded, and XLA applies the activation)."""
   x, w13, w2 = _layer(rng, m, h, i, e, dtype=jnp.float16)
   tw, ti = _distinct_topk(rng, m, e, k)
-  out = poisoned(_fused, x, nf.prepare(w13), nf.prepare(w2),
+  out = poisoned(_fused, x, nf.prepare(w13, gate_up_pairs=pairs), nf.prepare(w2),
                  topk_weights=tw, topk_ids=ti, out_shape=(m, h), dtype=jnp.float16)
-  _check(x, w13, w2, out, tw, ti)
+  _check(x, w13, w2, out, tw, ti, gemm1_rounded=not pairs)
 
 
 @pytest.mark.parametrize("m", [1, 64, 256])
@@ -193,7 +199,7 @@ def test_deterministic_eager_jit_prepared_bitwise(rng):
   m, h, i, e, k = 64, 2048, 768, 128, 8
   x, w13, w2 = _layer(rng, m, h, i, e)
   tw, ti = _distinct_topk(rng, m, e, k)
-  p13, p2 = nf.prepare(w13), nf.prepare(w2)
+  p13, p2 = nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2)
   a = np.asarray(_fused(x, p13, p2, topk_weights=tw, topk_ids=ti))
   for _ in range(3):
     np.testing.assert_array_equal(np.asarray(_fused(x, p13, p2, topk_weights=tw, topk_ids=ti)), a)
@@ -205,17 +211,20 @@ def test_deterministic_eager_jit_prepared_bitwise(rng):
 @pytest.mark.parametrize("m, h, i, e, k, block_m", [(1, 7168, 1536, 16, 8, 8),
                                                     (2, 6144, 1536, 32, 4, 8),
                                                     (1, 6400, 1008, 16, 6, 8)])
-def test_cluster_split_k_bitwise_equal_to_ticket_path(rng, monkeypatch, m, h, i, e, k, block_m):
+@pytest.mark.parametrize("gate_up_pairs", [True, False])
+def test_cluster_split_k_bitwise_equal_to_ticket_path(rng, monkeypatch, m, h, i, e, k, block_m,
+                                                      gate_up_pairs):
   """At decode sizes the grouped GEMM splits K; where the GPU has clusters (sm_90) the splits
   reduce through distributed shared memory. Same split order, same fp32 sums: the layer must
-  match the global-workspace ticket path bit for bit, and the reference within tolerance."""
+  match the global-workspace ticket path bit for bit, and the reference within tolerance; with
+  the activation fused into GEMM1 (gate/up pairs) and without."""
   if moe_ops.moe_cluster_limit(block_m) < 2:
     pytest.skip("no thread-block cluster path on this GPU (sm_90 only)")
   # Splits across blocks only happen without k-slices (the default at block_m 8).
   monkeypatch.setattr(moe_ops, "choose_moe_k_slices", lambda *a, **kw: 1)
   x, w13, w2 = _layer(rng, m, h, i, e)
   tw, ti = _distinct_topk(rng, m, e, k)
-  p13, p2 = nf.prepare(w13), nf.prepare(w2)
+  p13, p2 = nf.prepare(w13, gate_up_pairs=gate_up_pairs), nf.prepare(w2)
   pairs = m * k
   slots = -(-(pairs + min(e, pairs) * (block_m - 1)) // block_m) * block_m  # align.py's P
   # GEMM 1 splits K and reduces in a cluster.
@@ -223,7 +232,7 @@ def test_cluster_split_k_bitwise_equal_to_ticket_path(rng, monkeypatch, m, h, i,
   layer = lambda: jax.jit(lambda *a: nf.fused_moe(*a, topk_weights=tw, topk_ids=ti,  # noqa: E731
                                                    block_m=block_m))
   clustered = np.asarray(poisoned(layer(), x, p13, p2, out_shape=x.shape, dtype=x.dtype))
-  _check(x, w13, w2, clustered, tw, ti)
+  _check(x, w13, w2, clustered, tw, ti, gemm1_rounded=not gate_up_pairs)
   monkeypatch.setattr(moe_ops, "moe_cluster_limit", lambda *a, **kw: 0)
   tickets = np.asarray(layer()(x, p13, p2))
   np.testing.assert_array_equal(clustered, tickets)
@@ -254,7 +263,7 @@ def test_k_sliced_decode_gemms(rng, monkeypatch, m, h, i, e, k, dtype, mapped, f
   x, w13, w2 = _layer(rng, m, h, i, e, dtype=dtype)
   tw, ti = _distinct_topk(rng, m, e, k)
   w13, w2, kw = _even_experts_local(w13, w2, e) if mapped else (w13, w2, {})
-  p13, p2 = nf.prepare(w13), nf.prepare(w2)
+  p13, p2 = nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2)
   assert choose_block_m(m, k, e) == 8
   slots = capacity(m * k, e, 8)
   want = moe_ops.MOE_K_SLICES
@@ -342,7 +351,7 @@ def test_repeated_expert_ids_at_decode(rng, monkeypatch, ids):
   x, w13, w2 = _layer(rng, m, h, i, e)
   ti = np.asarray(ids, np.int32)
   tw = rng.uniform(0.2, 1.0, ti.shape).astype(np.float32)
-  p13, p2 = nf.prepare(w13), nf.prepare(w2)
+  p13, p2 = nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2)
   layer = jax.jit(lambda *a: nf.fused_moe(*a, topk_weights=tw, topk_ids=ti))  # a fresh trace
   out = poisoned(layer, x, p13, p2, out_shape=x.shape, dtype=x.dtype)
   _check(x, w13, w2, out, tw, ti)
@@ -362,7 +371,7 @@ def test_prefill_gemms_with_several_n_blocks_per_block(rng, monkeypatch, m, h, i
   x, w13, w2 = _layer(rng, m, h, i, e, dtype=dtype)
   tw, ti = _distinct_topk(rng, m, e, k)
   w13, w2, kw = _even_experts_local(w13, w2, e) if mapped else (w13, w2, {})
-  p13, p2 = nf.prepare(w13), nf.prepare(w2)
+  p13, p2 = nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2)
   assert choose_block_m(m, k, e) == 64
   layer = lambda: jax.jit(lambda *a: nf.fused_moe(*a, topk_weights=tw, topk_ids=ti,  # noqa: E731
                                                    **kw))
@@ -380,7 +389,8 @@ def test_kernel_matches_xla_reference_at_qwen3_prefill(rng):
   m, h, i, e, k = 4096, 2048, 768, 128, 8
   x, w13, w2 = _layer(rng, m, h, i, e)
   logits = jnp.asarray(rng.standard_normal((m, e)), jnp.float32)
-  out = _fused(x, nf.prepare(w13), nf.prepare(w2), router_logits=logits, top_k=k)
+  out = _fused(x, nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2), router_logits=logits,
+               top_k=k)
   want = jax.jit(lambda *a: nf.fused_moe(*a[:3], router_logits=a[3], top_k=k,
                                          backend="reference"))(x, w13, w2, logits)
   assert ref.rel_l2(out, np.asarray(want, np.float64)) <= TOL_ROUNDED[jnp.bfloat16]
@@ -542,7 +552,7 @@ def test_gemm_without_zeroing_writes_the_contract_rows(rng):
 def test_vmap_over_sequences(rng):
   x, w13, w2 = _layer(rng, 96, 1024, 512, 8)
   tw, ti = _distinct_topk(rng, 96, 8, 2)
-  p13, p2 = nf.prepare(w13), nf.prepare(w2)
+  p13, p2 = nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2)
   f = jax.jit(lambda xx, w, i: nf.fused_moe(xx, p13, p2, topk_weights=w, topk_ids=i))
   out = jax.jit(jax.vmap(f))(x.reshape(3, 32, 1024), tw.reshape(3, 32, 2), ti.reshape(3, 32, 2))
   for b in range(3):

@@ -95,15 +95,18 @@ def experts_hit(logits: list, routing: RoutingConfig) -> float:
   return float(np.mean([len(np.unique(np.asarray(route(l, routing)[1]))) for l in logits]))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def random_prepared(key, e: int, n: int, k: int) -> PreparedNVFP4Weight:
-  """Random stacked weight in the kernel layout: all codes, UE5M3 scales in [2^-2, 2^2]."""
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def random_prepared(key, e: int, n: int, k: int, gate_up_pairs: bool = False
+                    ) -> PreparedNVFP4Weight:
+  """Random stacked weight in the kernel layout: all codes, UE5M3 scales in [2^-2, 2^2]
+  (``gate_up_pairs``: marked as a gated w13 in gate/up pairs, so that GEMM1 applies the
+  activation, as ``prepare(w13, gate_up_pairs=True)`` gives)."""
   kq, ks = jax.random.split(key)
   n16, k64 = -(-n // 16), -(-k // 64)
   qweight = jax.random.bits(kq, (e, n16, k64, 32, 4), jnp.uint32)
   qscales = jax.random.randint(ks, (e, n16, k64, 64), 64, 104, jnp.int32).astype(jnp.uint8)
   gs = jnp.full((e,), 0.5 / np.sqrt(k), jnp.float32)
-  return PreparedNVFP4Weight(qweight, qscales, gs, n=n, k=k)
+  return PreparedNVFP4Weight(qweight, qscales, gs, n=n, k=k, gate_up_pairs=gate_up_pairs)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -155,7 +158,7 @@ def bench_shape(e, h, inter, k, tokens, bw, key, *, ragged=True, runs: int = RUN
   fp4_copies = int(max(1, min(max_copies, FP4_BUDGET // (e * per_expert))))
   bf16_copies = int(max(1, min(max_copies, BF16_BUDGET // (e * 3 * h * inter * 2))))
   keys = jax.random.split(key, 2 * fp4_copies + 2 * bf16_copies + 1)
-  w13s = [random_prepared(keys[2 * c], e, 2 * inter, h) for c in range(fp4_copies)]
+  w13s = [random_prepared(keys[2 * c], e, 2 * inter, h, True) for c in range(fp4_copies)]
   w2s = [random_prepared(keys[2 * c + 1], e, h, inter) for c in range(fp4_copies)]
   jax.block_until_ready((w13s, w2s))
   fp4_fn = many(nvfp4_layer(routing))

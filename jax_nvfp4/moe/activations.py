@@ -59,9 +59,20 @@ def relu2(h: jax.Array) -> jax.Array:
   return r * r
 
 
+def gate_up_halves(h: jax.Array, intermediate_size: int, pairs: bool = False):
+  """(gate, up) ``[..., I]`` of GEMM1's output: ``h[..., :I]`` and ``h[..., I:2I]``, or with
+  ``pairs`` (a w13 prepared with ``gate_up_pairs``) the first and second 8 of every 16
+  columns."""
+  i = intermediate_size
+  if not pairs:
+    return h[..., :i], h[..., i:2 * i]
+  tiles = h[..., :2 * i].reshape(*h.shape[:-1], i // 8, 2, 8)
+  return tiles[..., 0, :].reshape(*h.shape[:-1], i), tiles[..., 1, :].reshape(*h.shape[:-1], i)
+
+
 def apply_activation(h: jax.Array, activation: str, *, intermediate_size: int | None = None,
                      limit: float | None = None, alpha: float = GPTOSS_ALPHA,
-                     dtype=None) -> jax.Array:
+                     dtype=None, gate_up_pairs: bool = False) -> jax.Array:
   """Applies ``activation`` to GEMM1's output ``h [..., N13]`` in float32.
 
   Args:
@@ -73,6 +84,8 @@ def apply_activation(h: jax.Array, activation: str, *, intermediate_size: int | 
     limit: the clamp L (optional for swiglu, required for gptoss, refused for relu2).
     alpha: gpt-oss's sigmoid slope.
     dtype: the result dtype (default: ``h.dtype``).
+    gate_up_pairs: gated ``h`` comes from a w13 prepared with ``gate_up_pairs`` (``I`` a
+      multiple of 8; ``gate_up_halves``).
 
   Returns ``[..., I]`` in ``dtype``.
   """
@@ -87,14 +100,17 @@ def apply_activation(h: jax.Array, activation: str, *, intermediate_size: int | 
     raise ValueError("apply_activation: relu2 takes no limit")
   if activation == "gptoss" and limit is None:
     raise ValueError(f"apply_activation: gptoss needs a limit (gpt-oss uses {GPTOSS_LIMIT})")
+  if gated and gate_up_pairs and i % 8:
+    raise ValueError(f"apply_activation: gate_up_pairs needs I % 8 == 0, got I = {i}")
   dtype = h.dtype if dtype is None else dtype
   h = h.astype(jnp.float32)
   if activation == "relu2":
-    out = relu2(h[..., :i])
-  elif activation == "swiglu":
-    out = swiglu(h[..., :i], h[..., i:2 * i], limit)
+    return relu2(h[..., :i]).astype(dtype)
+  gate, up = gate_up_halves(h, i, gate_up_pairs)
+  if activation == "swiglu":
+    out = swiglu(gate, up, limit)
   else:
-    out = gptoss_glu(h[..., :i], h[..., i:2 * i], limit, alpha)
+    out = gptoss_glu(gate, up, limit, alpha)
   return out.astype(dtype)
 
 

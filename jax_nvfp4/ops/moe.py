@@ -8,7 +8,8 @@ Contract of ``nvfp4_moe_gemm_p`` (one result; the CUDA kernel implements exactly
   nvfp4_moe_gemm_p.bind(x, qweight, qscales, global_scale, sorted_ids, block_expert, num_padded,
                         topk_weights, bias, n=int, k=int, gather_div=int, num_rows_out=int,
                         block_m=int, mul_topk_weight=bool, has_bias=bool,
-                        zero_unwritten=bool, backend=str, expert_rows=int)
+                        zero_unwritten=bool, backend=str, expert_rows=int,
+                        activation=str, limit=float, alpha=float)
 
   x             bf16/fp16 [R, k]                      (R * gather_div >= num_rows_out)
   qweight       uint32 [E, ceil(n/16), ceil(k/64), 32, 4]   stacked prepare() layout
@@ -19,15 +20,15 @@ Contract of ``nvfp4_moe_gemm_p`` (one result; the CUDA kernel implements exactly
   num_padded    int32 [1]
   topk_weights  float32 [num_rows_out] if mul_topk_weight else float32 [0]
   bias          float32 [E, n] if has_bias else float32 [0]
-  -> out        x.dtype [num_rows_out, n]
+  -> out        x.dtype [num_rows_out, n_out]   (n_out = n // 2 for a gated activation, else n)
 
 ``out`` starts as zeros (with ``zero_unwritten=False``: as unspecified values, which saves
 the kernel a memset where no unwritten row is ever read). For each block ``b`` with ``b * block_m < num_padded[0]`` and
 ``e = block_expert[b] >= 0``, and each slot ``r < block_m`` with
 ``0 <= sid = sorted_ids[b*block_m+r] < num_rows_out``::
 
-  out[sid] = cast(((x[sid // gather_div] @ W_e.T) * global_scale[e] + bias[e])
-                  * (topk_weights[sid] if mul_topk_weight else 1))
+  h = (x[sid // gather_div] @ W_e.T) * global_scale[e] + bias[e]
+  out[sid] = cast(act(h) * (topk_weights[sid] if mul_topk_weight else 1))
 
 where ``W_e`` is expert e's weight *without* its global scale (E2M1 code x block scale) and all
 arithmetic is float32 up to the one final cast. A valid ``sid`` must appear at most once, and
@@ -35,6 +36,13 @@ block experts must be ``< E`` (the reference skips larger ids; the kernel may no
 block writes stay zero (an expert-parallel combine sums over devices), or, with
 ``zero_unwritten=False``, are unspecified (the kernel leaves the buffer as it was, the
 reference writes NaN).
+
+``activation`` (one of ``PRIMITIVE_ACTIVATIONS``, default ``"none"``: ``act(h) = h``) fuses
+GEMM1's activation (``jax_nvfp4.moe.activations``, in float32): ``"relu2"`` elementwise, and the
+gated ``"swiglu"`` (clamp ``limit``; ``math.inf`` for none) and ``"gptoss"`` (``limit``,
+``alpha``), which read W's rows in ``gate_up_pairs`` order (``prepare(w13,
+gate_up_pairs=True)``; n % 16 == 0): ``act(h)[c] = glu(h[16 (c // 8) + c % 8],
+h[16 (c // 8) + 8 + c % 8])``, so the result has ``n // 2`` columns.
 
 ``expert_rows`` (>= 0, default 0 = no hint) changes no result: it tells the CUDA lowering the
 most rows one expert's block is expected to hold (the token count M for top-k routing, whose
@@ -75,13 +83,17 @@ from jax_nvfp4.moe.routing import RoutingConfig
 from jax_nvfp4.ops import dense as dense_ops
 from jax_nvfp4.ops.dense import CLUSTER_MAX_SPLITS, DECODE_K_SLICES, K_SLICES_MIN_K
 from jax_nvfp4.ops.dequantize import reference as dequantize_blocks_reference
-from jax_nvfp4.prepare import PreparedNVFP4Weight, kernel_shapes, prepare
+from jax_nvfp4.prepare import PreparedNVFP4Weight, interleave_gate_up, kernel_shapes, prepare
 
 ACTIVATION_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 CUDA_TARGET = "jax_nvfp4_moe_gemm_cuda"
 #: Values of the primitive's ``backend`` parameter (see the module docstring). ``fused_moe``
 #: takes ``jax_nvfp4.backend``'s names: None/"auto", "cuda", "reference".
 LOWERINGS = ("auto", "cuda", "reference")
+#: Values of the primitive's ``activation`` parameter, and their codes in the CUDA handler
+#: (csrc/nvfp4_kernel.cuh kAct*).
+ACTIVATION_CODES = {"none": 0, "swiglu": 1, "gptoss": 2, "relu2": 3}
+PRIMITIVE_ACTIVATIONS = tuple(ACTIVATION_CODES)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -105,10 +117,23 @@ def _check_operand(name, aval, dtype, shape):
 
 def _check_gemm(x, qweight, qscales, global_scale, sorted_ids, block_expert, num_padded,
                 topk_weights, bias, *, n, k, gather_div, num_rows_out, block_m, mul_topk_weight,
-                has_bias, zero_unwritten, backend, expert_rows=0):
+                has_bias, zero_unwritten, backend, expert_rows=0, activation="none",
+                limit=math.inf, alpha=GPTOSS_ALPHA):
   """Validates every operand and parameter of the contract (module docstring)."""
   if backend not in LOWERINGS:
     _fail(f"backend must be one of {LOWERINGS}, got {backend!r}")
+  if activation not in ACTIVATION_CODES:
+    _fail(f"activation must be one of {PRIMITIVE_ACTIVATIONS}, got {activation!r}")
+  if not isinstance(limit, float) or not isinstance(alpha, float):
+    _fail(f"limit and alpha must be floats, got {limit!r}, {alpha!r}", TypeError)
+  if activation in ("swiglu", "gptoss"):
+    if n % 16:
+      _fail(f"a gated activation ({activation!r}) reads gate/up pairs of 8 rows per 16-row "
+            f"tile: n must be a multiple of 16, got n = {n}")
+    if not limit > 0 or (activation == "gptoss" and not math.isfinite(limit)):
+      _fail(f"limit must be > 0 (math.inf: no clamp; finite for gptoss), got {limit}")
+  elif limit != math.inf:
+    _fail(f"activation {activation!r} clamps nothing: limit must be math.inf, got {limit}")
   if not isinstance(zero_unwritten, (bool, np.bool_)):
     _fail(f"zero_unwritten must be a bool, got {zero_unwritten!r}", TypeError)
   for pname, v in (("n", n), ("k", k), ("gather_div", gather_div),
@@ -161,7 +186,12 @@ def _abstract_eval(x, qweight, qscales, global_scale, sorted_ids, block_expert, 
                    topk_weights, bias, **params):
   _check_gemm(x, qweight, qscales, global_scale, sorted_ids, block_expert, num_padded,
               topk_weights, bias, **params)
-  return jax.core.ShapedArray((params["num_rows_out"], params["n"]), x.dtype)
+  return jax.core.ShapedArray((params["num_rows_out"], _out_columns(params)), x.dtype)
+
+
+def _out_columns(params) -> int:
+  gated = params.get("activation", "none") in ("swiglu", "gptoss")
+  return params["n"] // 2 if gated else params["n"]
 
 
 nvfp4_moe_gemm_p.def_abstract_eval(_abstract_eval)
@@ -180,8 +210,12 @@ SMALL_PER_BLOCK = 1 << 24
 def grouped_gemm_reference(x, unit_weight, num_experts, global_scale, sorted_ids, block_expert,
                            num_padded, topk_weights, bias, *, n, k, gather_div, num_rows_out,
                            block_m, mul_topk_weight, has_bias, zero_unwritten=True,
-                           all_unit_weights=None):
+                           all_unit_weights=None, activation="none", limit=math.inf,
+                           alpha=GPTOSS_ALPHA, gate_up_pairs=True):
   """Pure-JAX implementation of the contract for any weight storage.
+
+  ``activation``, ``limit``, ``alpha``: the contract's fused activation; ``gate_up_pairs=False``
+  reads a gated weight's rows as ``[gate; up]`` halves instead (the checkpoint layout).
 
   With ``zero_unwritten=False`` the rows no block writes are NaN: "unspecified" made loud, so
   that a caller reading them (fused_moe must not) fails its tests on every platform.
@@ -194,7 +228,9 @@ def grouped_gemm_reference(x, unit_weight, num_experts, global_scale, sorted_ids
   nb = p // block_m
   r = x.shape[0]
   dtype = x.dtype
-  out = jnp.full((num_rows_out, n), 0.0 if zero_unwritten else jnp.nan, jnp.float32)
+  gated = activation in ("swiglu", "gptoss")
+  n_out = n // 2 if gated else n
+  out = jnp.full((num_rows_out, n_out), 0.0 if zero_unwritten else jnp.nan, jnp.float32)
   if nb == 0 or num_rows_out == 0 or r == 0:
     return out.astype(dtype)
   hi = jax.lax.Precision.HIGHEST
@@ -206,10 +242,15 @@ def grouped_gemm_reference(x, unit_weight, num_experts, global_scale, sorted_ids
   x = to_dtype(x.astype(jnp.float32))
 
   def epilogue(acc, e, sids):
-    """acc [..., rows, n] float32 of expert(s) e -> times gs[e], plus bias[e], times weight."""
+    """acc [..., rows, n] float32 of expert(s) e -> times gs[e], plus bias[e], the activation
+    ([..., rows, n_out]), times weight."""
     acc = acc * global_scale[e][..., None]
     if has_bias:
       acc = acc + bias[e]
+    if activation != "none":
+      acc = apply_activation(acc, activation, intermediate_size=n_out if gated else n,
+                             limit=limit if math.isfinite(limit) else None, alpha=alpha,
+                             dtype=jnp.float32, gate_up_pairs=gate_up_pairs)
     safe = jnp.clip(sids, 0, max(num_rows_out - 1, 0))
     if mul_topk_weight:
       acc = acc * topk_weights[safe][..., None]
@@ -230,7 +271,7 @@ def grouped_gemm_reference(x, unit_weight, num_experts, global_scale, sorted_ids
     acc = epilogue(acc, e_safe[:, None], sids)
     valid = use[:, None] & (sids >= 0) & (sids < num_rows_out)
     dest = jnp.where(valid, sids, num_rows_out).reshape(p)
-    out = out.at[dest].set(acc.reshape(p, n), mode="drop")
+    out = out.at[dest].set(acc.reshape(p, n_out), mode="drop")
     return to_dtype(out).astype(dtype)
 
   # One block at a time; the current expert's weight is carried and re-dequantized only when
@@ -415,12 +456,14 @@ def moe_workspace_bytes(num_slots: int, n: int, block_m: int, splits: int,
 def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, block_expert,
                             num_padded, topk_weights, bias, *, n, k, gather_div, num_rows_out,
                             block_m, mul_topk_weight, has_bias, zero_unwritten=True,
-                            backend="auto", expert_rows=0):
+                            backend="auto", expert_rows=0, activation="none", limit=math.inf,
+                            alpha=GPTOSS_ALPHA):
   """The cuda platform's lowering: the kernel, or the reference for ``backend="reference"``
   (and for ``"auto"`` where the kernel is not built: ``_ffi.REGISTERED`` at lowering time)."""
   params = dict(n=n, k=k, gather_div=gather_div, num_rows_out=num_rows_out, block_m=block_m,
                 mul_topk_weight=mul_topk_weight, has_bias=has_bias,
-                zero_unwritten=zero_unwritten, backend=backend, expert_rows=expert_rows)
+                zero_unwritten=zero_unwritten, backend=backend, expert_rows=expert_rows,
+                activation=activation, limit=limit, alpha=alpha)
   built = CUDA_TARGET in _ffi.REGISTERED
   if backend == "reference" or (backend == "auto" and not built):
     return _reference_rule(ctx, x, qweight, qscales, global_scale, sorted_ids, block_expert,
@@ -446,7 +489,8 @@ def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, 
       block_m=np.int64(block_m), splits=np.int64(splits), mul_topk_weight=bool(mul_topk_weight),
       has_bias=bool(has_bias), cluster=bool(cluster), zero_unwritten=bool(zero_unwritten),
       k_slices=np.int64(k_slices), tiles_per_block=np.int64(tiles_per_block),
-      expert_rows=np.int64(expert_rows))
+      expert_rows=np.int64(expert_rows), activation=np.int64(ACTIVATION_CODES[activation]),
+      act_limit=np.float32(limit), act_alpha=np.float32(alpha))
   return [results[0]]
 
 
@@ -491,7 +535,9 @@ def _empty_f32():
 def nvfp4_moe_gemm(x: jax.Array, w: PreparedNVFP4Weight, alignment: Alignment, *, gather_div: int,
                    num_rows_out: int, topk_weights: jax.Array | None = None,
                    bias: jax.Array | None = None, zero_unwritten: bool = True,
-                   backend: str | None = "auto", expert_rows: int = 0) -> jax.Array:
+                   backend: str | None = "auto", expert_rows: int = 0,
+                   activation: str = "none", limit: float | None = None,
+                   alpha: float = GPTOSS_ALPHA) -> jax.Array:
   """One grouped GEMM through ``nvfp4_moe_gemm_p`` (see the module docstring for semantics).
 
   Args:
@@ -512,11 +558,15 @@ def nvfp4_moe_gemm(x: jax.Array, w: PreparedNVFP4Weight, alignment: Alignment, *
     expert_rows: a launch hint that changes no result: the most rows one expert's block is
       expected to hold (``M`` for top-k routing, whose experts per token are distinct); 0 (the
       default) for none. At 1-4 the decode launch holds only that many x rows per block.
+    activation: ``"none"`` (default), ``"relu2"``, or a gated ``"swiglu"`` / ``"gptoss"``
+      (``w`` prepared with ``gate_up_pairs=True``), applied in float32 before the top-k
+      weight (module docstring); ``limit`` (swiglu's optional clamp, gptoss's required one)
+      and ``alpha`` as in ``fused_moe``.
 
-  Returns ``[num_rows_out, n]`` in ``x.dtype``: row ``sid`` is
-  ``((x[sid // gather_div] @ W_e.T) * global_scale[e] + bias[e]) * topk_weights[sid]`` for the
-  expert ``e`` of its block; rows no block writes are zero (unspecified with
-  ``zero_unwritten=False``).
+  Returns ``[num_rows_out, n]`` in ``x.dtype`` (``n // 2`` columns after a gated activation):
+  row ``sid`` is ``act((x[sid // gather_div] @ W_e.T) * global_scale[e] + bias[e]) *
+  topk_weights[sid]`` for the expert ``e`` of its block; rows no block writes are zero
+  (unspecified with ``zero_unwritten=False``).
   """
   if not isinstance(w, PreparedNVFP4Weight):
     raise TypeError(f"nvfp4_moe_gemm: w must be a stacked PreparedNVFP4Weight, got "
@@ -527,6 +577,14 @@ def nvfp4_moe_gemm(x: jax.Array, w: PreparedNVFP4Weight, alignment: Alignment, *
                      f"{backend!r}")
   if backend == "cuda" and CUDA_TARGET not in _ffi.REGISTERED:
     raise ValueError(_kernel_missing())
+  if activation in ("swiglu", "gptoss") and not w.gate_up_pairs:
+    raise ValueError(f"nvfp4_moe_gemm: the fused {activation!r} reads gate/up row pairs: "
+                     "prepare w13 with prepare(w13, gate_up_pairs=True)")
+  if activation not in ("swiglu", "gptoss") and w.gate_up_pairs:
+    raise ValueError("nvfp4_moe_gemm: w is in gate_up_pairs row order, which only a fused "
+                     f"gated activation reads (got activation={activation!r})")
+  if activation == "gptoss" and limit is None:
+    raise ValueError("nvfp4_moe_gemm: activation 'gptoss' needs limit (gpt-oss uses 7.0)")
   tw = _empty_f32() if topk_weights is None else jnp.asarray(topk_weights).astype(jnp.float32)
   b = _empty_f32() if bias is None else jnp.asarray(bias).astype(jnp.float32)
   return nvfp4_moe_gemm_p.bind(
@@ -534,13 +592,17 @@ def nvfp4_moe_gemm(x: jax.Array, w: PreparedNVFP4Weight, alignment: Alignment, *
       alignment.num_padded, tw, b, n=w.n, k=w.k, gather_div=gather_div,
       num_rows_out=num_rows_out, block_m=alignment.block_m,
       mul_topk_weight=topk_weights is not None, has_bias=bias is not None,
-      zero_unwritten=bool(zero_unwritten), backend=backend, expert_rows=expert_rows)
+      zero_unwritten=bool(zero_unwritten), backend=backend, expert_rows=expert_rows,
+      activation=activation, limit=math.inf if limit is None else float(limit),
+      alpha=float(alpha))
 
 
 def _checkpoint_moe_gemm(x, w: NVFP4Weight, alignment: Alignment, *, gather_div, num_rows_out,
-                         topk_weights=None, bias=None, zero_unwritten=True):
+                         topk_weights=None, bias=None, zero_unwritten=True, activation="none",
+                         limit=None, alpha=GPTOSS_ALPHA):
   """The same contract as ``nvfp4_moe_gemm`` for a checkpoint-layout stacked weight, in pure
-  JAX (CPU path: no prepare/unprepare round trip)."""
+  JAX (CPU path: no prepare/unprepare round trip); a gated activation reads ``[gate; up]``
+  halves."""
   e, n, k = w.shape
   tw = _empty_f32() if topk_weights is None else topk_weights.astype(jnp.float32)
   b = _empty_f32() if bias is None else bias.astype(jnp.float32)
@@ -550,7 +612,9 @@ def _checkpoint_moe_gemm(x, w: NVFP4Weight, alignment: Alignment, *, gather_div,
       alignment.block_expert, alignment.num_padded, tw, b, n=n, k=k, gather_div=gather_div,
       num_rows_out=num_rows_out, block_m=alignment.block_m,
       mul_topk_weight=topk_weights is not None, has_bias=bias is not None,
-      zero_unwritten=zero_unwritten, all_unit_weights=lambda: _unit(w))
+      zero_unwritten=zero_unwritten, all_unit_weights=lambda: _unit(w), activation=activation,
+      limit=math.inf if limit is None else float(limit), alpha=float(alpha),
+      gate_up_pairs=False)
 
 
 def _kernel_wanted() -> bool:
@@ -685,13 +749,16 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
 
   Returns:
     ``[..., H]`` in ``x.dtype``: ``sum_j w_j * (act(x @ W13[e_j].T + b13) @ W2[e_j].T + b2)``,
-    where GEMM1's output and the activation are rounded to ``x.dtype`` (the activation's math is
-    float32), each GEMM2 row (weight applied in float32) is rounded to ``x.dtype``, and the
-    sum over top-k is float32 before the final cast. The reference path rounds at the same
-    points as the kernel.
+    where the activation (float32 math) is applied to GEMM1's float32 result inside GEMM1 and
+    rounded to ``x.dtype``, each GEMM2 row (weight applied in float32) is rounded to
+    ``x.dtype``, and the sum over top-k is float32 before the final cast. One exception: a
+    gated ``w13`` given as a ``PreparedNVFP4Weight`` in plain ``[gate; up]`` order (``prepare(w13)``
+    without ``gate_up_pairs=True``) has GEMM1's output rounded to ``x.dtype`` before a
+    separate activation. The reference path rounds at the same points as the kernel.
 
   Where the kernel runs, unprepared weights are prepared on the fly inside the computation (call
-  ``prepare`` once to avoid that); the pure-JAX reference has identical semantics.
+  ``prepare`` once to avoid that: ``prepare(w13, gate_up_pairs=True)`` for a gated w13, which
+  lets GEMM1 apply the activation); the pure-JAX reference has identical semantics.
   """
   x = jnp.asarray(x)
   if np.dtype(x.dtype) not in ACTIVATION_DTYPES:
@@ -780,9 +847,16 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
   bm = block_m or choose_block_m(m, k, e_global)
   rows = m * k
 
+  if isinstance(w13, PreparedNVFP4Weight) and w13.gate_up_pairs and not gated:
+    raise ValueError(f"fused_moe: w13 was prepared with gate_up_pairs=True, which only a gated "
+                     f"activation reads, but activation is {activation!r}")
   if lowering == "cuda":
-    w13 = prepare(w13) if isinstance(w13, NVFP4Weight) else w13
+    if isinstance(w13, NVFP4Weight):
+      w13 = prepare(w13, gate_up_pairs=gated and n13 % 16 == 0)
     w2 = prepare(w2) if isinstance(w2, NVFP4Weight) else w2
+  # GEMM1 applies the activation to its float32 result unless w13 is a prepared gated weight
+  # in plain [gate; up] order (its gate and up rows meet only after GEMM1 has written them).
+  fused = not (gated and isinstance(w13, PreparedNVFP4Weight) and not w13.gate_up_pairs)
   # Chosen rather than asked for: the primitive still lowers per platform, so a computation
   # placed on the host of a GPU machine (jax.jit(..., device=cpu)) runs the reference there.
   primitive_backend = "auto" if backend in (None, "auto") and lowering == "cuda" else lowering
@@ -804,9 +878,15 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
   # block: GEMM2 reads only the rows GEMM1 wrote and the combine masks the rest, so neither
   # GEMM clears its output.
   x2 = x.reshape(m, hidden)
-  h = gemm(x2, w13, gather_div=k, bias=w13_bias, zero_unwritten=False)    # [M*k, N13]
-  a = apply_activation(h, activation, intermediate_size=inter, limit=limit, alpha=alpha,
-                       dtype=x.dtype)                                      # [M*k, I]
+  if fused:
+    if w13_bias is not None and getattr(w13, "gate_up_pairs", False):
+      w13_bias = interleave_gate_up(w13_bias, 1, n13 // 16)
+    a = gemm(x2, w13, gather_div=k, bias=w13_bias, zero_unwritten=False,
+             activation=activation, limit=limit, alpha=alpha)              # [M*k, I]
+  else:
+    h = gemm(x2, w13, gather_div=k, bias=w13_bias, zero_unwritten=False)  # [M*k, 2I]
+    a = apply_activation(h, activation, intermediate_size=inter, limit=limit, alpha=alpha,
+                         dtype=x.dtype)                                    # [M*k, I]
   y = gemm(a, w2, gather_div=1, topk_weights=topk_weights.reshape(rows),
            bias=w2_bias, zero_unwritten=False)                             # [M*k, H]
   kept = (topk_ids >= 0) & (topk_ids < e_global)

@@ -40,7 +40,7 @@ from jax_nvfp4.format import BLOCK_SIZE, NVFP4Weight
 from jax_nvfp4.moe.activations import GPTOSS_ALPHA, is_gated
 from jax_nvfp4.parallel._axes import (axes as _axes, check_disjoint_axes, entry as _entry,
                                       size as _size)
-from jax_nvfp4.prepare import CHUNK_K, TILE_N, PreparedNVFP4Weight
+from jax_nvfp4.prepare import CHUNK_K, TILE_N, PreparedNVFP4Weight, interleave_gate_up
 
 
 # ----------------------------------------------------------------------------- weights
@@ -89,19 +89,12 @@ def _stacked(w, name):
 def _gate_up_per_shard(a, axis: int, tp: int):
   """Rows ``[gate; up]`` along ``axis`` -> ``[gate_0; up_0; gate_1; up_1; ...]``, each piece
   1/tp of I (for the prepared layout ``axis`` counts 16-row tiles)."""
-  shape = a.shape
-  if shape[axis] % (2 * tp):
-    raise ValueError(f"gate/up reordering: {shape[axis]} rows (or tiles) of [gate; up] do not "
-                     f"split into 2 x {tp} equal pieces")
-  blocks = a.reshape(*shape[:axis], 2, tp, shape[axis] // (2 * tp), *shape[axis + 1:])
-  return jnp.swapaxes(blocks, axis, axis + 1).reshape(shape)
+  return interleave_gate_up(a, axis, tp)
 
 
 def _gate_up_canonical(a, axis: int, tp: int):
   """Inverse of ``_gate_up_per_shard``: ``[gate_0; up_0; gate_1; up_1; ...]`` -> ``[gate; up]``."""
-  shape = a.shape
-  blocks = a.reshape(*shape[:axis], tp, 2, shape[axis] // (2 * tp), *shape[axis + 1:])
-  return jnp.swapaxes(blocks, axis, axis + 1).reshape(shape)
+  return interleave_gate_up(a, axis, tp, inverse=True)
 
 
 def _permute_w13(w13, tp: int, inverse: bool = False):
@@ -222,6 +215,10 @@ def shard_moe_weights(w13, w2, mesh: Mesh, *, expert_axis=None, tensor_axis=None
   """
   e, n13, h = _stacked(w13, "w13")
   e2, h2, inter = _stacked(w2, "w2")
+  if isinstance(w13, PreparedNVFP4Weight) and w13.gate_up_pairs:
+    raise ValueError("shard_moe_weights: w13 was prepared with gate_up_pairs=True; the sharded "
+                     "layer splits [gate; up] rows: prepare(w13) without it (or pass the "
+                     "checkpoint-layout weight)")
   if type(w13) is not type(w2):
     raise TypeError(f"shard_moe_weights: w13 and w2 must be the same kind, got "
                     f"{type(w13).__name__} and {type(w2).__name__}")
