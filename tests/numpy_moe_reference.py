@@ -134,15 +134,15 @@ def dequantize_experts(w):
 
 def moe(x, w13, w2, topk_weights, topk_ids, *, activation_kind="swiglu", limit=None,
         alpha=1.702, b13=None, b2=None, expert_map=None, round_dtype=None,
-        gemm1_rounded=False):
+        gemm1_rounded=True):
   """float64 MoE layer: out[t] = sum_j w[t,j] * (act(W13[e] x[t] + b13[e]) W2[e]^T + b2[e]).
 
   ``w13 [E, N13, H]`` and ``w2 [E, H, I]`` are float64 arrays; ``topk_ids`` are global ids,
   mapped through ``expert_map`` (pairs of -1 experts contribute zero). ``round_dtype`` (e.g.
   ml_dtypes.bfloat16) rounds the activation's output and each GEMM2 row (after the top-k
-  weight) at the points the implementation documents, and with ``gemm1_rounded`` GEMM1's
-  output before the activation too (fused_moe with a plain-order prepared gated w13); None
-  keeps everything float64.
+  weight) at the points the implementation documents, and with ``gemm1_rounded`` (default)
+  GEMM1's output before the activation too (False: fused_moe with a w13 prepared with
+  gate_up_pairs, whose GEMM1 applies the activation); None keeps everything float64.
   """
   x = np.asarray(x, np.float64)
   topk_ids = np.asarray(topk_ids)

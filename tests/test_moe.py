@@ -91,12 +91,12 @@ def test_prepared_and_checkpoint_weights_agree(rng, prepared):
     a13, a2 = nf.prepare(w13, gate_up_pairs=prepared == "pairs"), nf.prepare(w2)
   out = _fused(x, a13, a2, topk_weights=tw, topk_ids=ti)
   assert ref.rel_l2(out, _ref(x, w13, w2, tw, ti)) <= TOL[jnp.bfloat16]
-  # GEMM1's output is rounded to bf16 before the activation only with a plain-order prepared
-  # w13 (the activation is not fused there).
+  # GEMM1's output is rounded to bf16 before the activation unless w13 has gate/up pairs (the
+  # activation fused into GEMM1).
   rd = ml_dtypes.bfloat16
-  rounded = _ref(x, w13, w2, tw, ti, round_dtype=rd, gemm1_rounded=prepared == "plain")
+  rounded = _ref(x, w13, w2, tw, ti, round_dtype=rd, gemm1_rounded=prepared != "pairs")
   assert ref.rel_l2(out, rounded.astype(rd)) <= 1e-3
-  if prepared == "pairs":  # the primitive's reference lowering and the checkpoint path: same
+  if prepared == "plain":  # the primitive's reference lowering and the checkpoint path: same
     np.testing.assert_array_equal(  # arithmetic
         np.asarray(out), np.asarray(_fused(x, w13, w2, topk_weights=tw, topk_ids=ti)))
 
@@ -374,7 +374,7 @@ def test_primitive_contract_hand_schedule(rng, monkeypatch, loop, dtype):
 def test_reference_loop_path_equals_all_at_once(rng, monkeypatch):
   x, w13, w2 = _layer(rng, 30, 64, 32, 5)
   tw, ti = _distinct_topk(rng, 30, 5, 2)
-  p13, p2 = nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2)
+  p13, p2 = nf.prepare(w13), nf.prepare(w2)
   f = jax.jit(lambda a, b: nf.fused_moe(x, a, b, topk_weights=tw, topk_ids=ti, block_m=8))
   a = f(p13, p2)
   monkeypatch.setattr(moe_ops, "SMALL_ALL_EXPERTS", 0)
@@ -744,8 +744,13 @@ def test_prepare_gate_up_pairs_row_order_and_round_trip(rng):
                                                           ("relu2", None, False)])
 def test_primitive_fused_activation_against_float64(rng, activation, limit, with_bias):
   """The grouped GEMM with the activation in its epilogue (reference lowering here; the same
-  contract as the kernel) against a float64 per-row loop over the [gate; up] checkpoint."""
-  m, h, i, e, k = 19, 128, 48, 5, 2
+  contract as the kernel, which tests/test_moe_gpu.py checks with this function)."""
+  check_fused_activation_primitive(rng, activation, limit, with_bias, 19, 128, 48, 5, 2)
+
+
+def check_fused_activation_primitive(rng, activation, limit, with_bias, m, h, i, e, k):
+  """``nvfp4_moe_gemm(..., activation=)`` against a float64 per-row loop over the [gate; up]
+  checkpoint, on fresh random data."""
   gated = activation != "relu2"
   n = 2 * i if gated else i
   w = random_experts(rng, e, n, h, out_std=3.0 if limit is None else 2 * limit)

@@ -3,10 +3,9 @@
 Two references: the float64 NumPy layer (tests/numpy_moe_reference.py) with the bf16/fp16
 tolerances of tests/test_moe.py, and the same NumPy layer rounding to the activation dtype at
 the points the implementation rounds (activation, each GEMM2 row, result; GEMM1's output too
-where the activation is not fused: a plain-order prepared gated w13): the kernel may differ
-from that one only by float32 accumulation order, so its bound is tight. Gated w13 weights are
-prepared with ``gate_up_pairs=True`` (GEMM1 applies the activation in its epilogue) unless a
-test says otherwise.
+unless the activation is fused: a w13 prepared with ``gate_up_pairs=True``, whose GEMM1
+applies it in its epilogue): the kernel may differ from that one only by float32 accumulation
+order, so its bound is tight.
 """
 
 import jax
@@ -20,7 +19,7 @@ from jax_nvfp4.moe import capacity, choose_block_m
 from jax_nvfp4.ops import moe as moe_ops
 from jax_nvfp4.ops import moe_align
 from tests import numpy_moe_reference as ref
-from tests.test_moe import _distinct_topk, random_experts
+from tests.test_moe import _distinct_topk, check_fused_activation_primitive, random_experts
 
 pytestmark = pytest.mark.gpu
 
@@ -132,6 +131,19 @@ def test_swiglu_clamp_peer_shapes(rng, limit, gs):
   assert np.mean(np.abs(hid[..., i:]) > limit) > 0.1  # the clamp is active
 
 
+@pytest.mark.parametrize("activation, limit, with_bias", [("swiglu", None, True),
+                                                          ("swiglu", 5.0, False),
+                                                          ("gptoss", 7.0, True),
+                                                          ("relu2", None, True)])
+@pytest.mark.parametrize("m, h, i, e, k", [(1, 2048, 768, 16, 8), (3, 4096, 1024, 8, 2),
+                                           (257, 1040, 1008, 6, 3)])
+def test_primitive_fused_activations_on_the_kernel(rng, activation, limit, with_bias, m, h, i,
+                                                   e, k):
+  """GEMM1's epilogue activations through the kernel (k-sliced decode, unsliced, prefill; a
+  partial K unit at H = 1040) against float64, as tests/test_moe.py checks the reference."""
+  check_fused_activation_primitive(rng, activation, limit, with_bias, m, h, i, e, k)
+
+
 # ----------------------------------------------------------------------------- properties
 
 def test_expert_map_partition_and_zero_rows(rng):
@@ -153,8 +165,11 @@ def test_expert_map_partition_and_zero_rows(rng):
   assert ref.rel_l2(total, full) <= 5e-3
 
 
-def test_gptoss_with_biases_and_deepseek_routing(rng):
-  m, h, i, e, k = 300, 2048, 1024, 32, 4
+@pytest.mark.parametrize("m, pairs", [(300, False), (300, True), (1, True)])
+def test_gptoss_with_biases_and_deepseek_routing(rng, m, pairs):
+  """gpt-oss's activation with both biases; with gate/up pairs GEMM1 applies it (the bias
+  reordered with the rows), at prefill and at decode."""
+  h, i, e, k = 2048, 1024, 32, 4
   w13 = random_experts(rng, e, 2 * i, h, out_std=4.0)
   w2 = random_experts(rng, e, h, i, out_std=0.3)
   b13 = rng.standard_normal((e, 2 * i)).astype(np.float32)
@@ -166,10 +181,12 @@ def test_gptoss_with_biases_and_deepseek_routing(rng):
                                      correction_bias=bias)
   out = jax.jit(lambda *a: nf.fused_moe(*a[:3], router_logits=a[3], routing=a[4],
                                         activation="gptoss", limit=7.0, w13_bias=a[5],
-                                        w2_bias=a[6]))(x, w13, w2, logits, cfg, b13, b2)
+                                        w2_bias=a[6]))(
+      x, nf.prepare(w13, gate_up_pairs=True) if pairs else w13, w2, logits, cfg, b13, b2)
   tw, ti = ref.route(logits, k, scoring="sigmoid", n_group=8, topk_group=3,
                      routed_scaling_factor=2.5, correction_bias=bias)
-  _check(x, w13, w2, out, tw, ti, activation_kind="gptoss", limit=7.0, b13=b13, b2=b2)
+  _check(x, w13, w2, out, tw, ti, activation_kind="gptoss", limit=7.0, b13=b13, b2=b2,
+         gemm1_rounded=not pairs)
 
 
 @pytest.mark.parametrize("case", ["empty_experts", "one_expert", "m1", "m_not_multiple"])
@@ -199,7 +216,7 @@ def test_deterministic_eager_jit_prepared_bitwise(rng):
   m, h, i, e, k = 64, 2048, 768, 128, 8
   x, w13, w2 = _layer(rng, m, h, i, e)
   tw, ti = _distinct_topk(rng, m, e, k)
-  p13, p2 = nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2)
+  p13, p2 = nf.prepare(w13), nf.prepare(w2)
   a = np.asarray(_fused(x, p13, p2, topk_weights=tw, topk_ids=ti))
   for _ in range(3):
     np.testing.assert_array_equal(np.asarray(_fused(x, p13, p2, topk_weights=tw, topk_ids=ti)), a)
@@ -276,7 +293,7 @@ def test_k_sliced_decode_gemms(rng, monkeypatch, m, h, i, e, k, dtype, mapped, f
                                                    **kw))
   sliced_fn = layer()
   sliced = np.asarray(poisoned(sliced_fn, x, p13, p2, out_shape=x.shape, dtype=dtype))
-  _check(x, w13, w2, sliced, tw, ti, **kw)
+  _check(x, w13, w2, sliced, tw, ti, gemm1_rounded=False, **kw)
   for _ in range(2):
     np.testing.assert_array_equal(np.asarray(sliced_fn(x, p13, p2)), sliced)
   # fused_moe hints the token count: at M <= 4 the blocks held 1, 2 or 4 x rows. The 8-row
@@ -289,7 +306,7 @@ def test_k_sliced_decode_gemms(rng, monkeypatch, m, h, i, e, k, dtype, mapped, f
     np.testing.assert_array_equal(eight, sliced)
   monkeypatch.setattr(moe_ops, "choose_moe_k_slices", lambda *a, **kw: 1)
   unsliced = np.asarray(poisoned(layer(), x, p13, p2, out_shape=x.shape, dtype=dtype))
-  _check(x, w13, w2, unsliced, tw, ti, **kw)
+  _check(x, w13, w2, unsliced, tw, ti, gemm1_rounded=False, **kw)
 
 
 def _gemms_without_row_hint(mp):
@@ -354,7 +371,7 @@ def test_repeated_expert_ids_at_decode(rng, monkeypatch, ids):
   p13, p2 = nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2)
   layer = jax.jit(lambda *a: nf.fused_moe(*a, topk_weights=tw, topk_ids=ti))  # a fresh trace
   out = poisoned(layer, x, p13, p2, out_shape=x.shape, dtype=x.dtype)
-  _check(x, w13, w2, out, tw, ti)
+  _check(x, w13, w2, out, tw, ti, gemm1_rounded=False)
 
 
 @pytest.mark.parametrize("m, h, i, e, k, dtype, tiles, mapped", [
@@ -377,7 +394,7 @@ def test_prefill_gemms_with_several_n_blocks_per_block(rng, monkeypatch, m, h, i
                                                    **kw))
   monkeypatch.setattr(moe_ops, "choose_moe_prefill_tiles", lambda *a, **kw: tiles)
   several = np.asarray(poisoned(layer(), x, p13, p2, out_shape=x.shape, dtype=dtype))
-  _check(x, w13, w2, several, tw, ti, **kw)
+  _check(x, w13, w2, several, tw, ti, gemm1_rounded=False, **kw)
   monkeypatch.setattr(moe_ops, "choose_moe_prefill_tiles", lambda *a, **kw: 1)
   one = np.asarray(poisoned(layer(), x, p13, p2, out_shape=x.shape, dtype=dtype))
   np.testing.assert_array_equal(several, one)
@@ -385,14 +402,14 @@ def test_prefill_gemms_with_several_n_blocks_per_block(rng, monkeypatch, m, h, i
 
 def test_kernel_matches_xla_reference_at_qwen3_prefill(rng):
   """(E, H, I, k) = (128, 2048, 768, 8) at T = 4096 against the reference lowering run by XLA on
-  the same GPU (same rounding points, float32 products)."""
+  the same GPU (same rounding points, float32 products), the activation fused into GEMM1."""
   m, h, i, e, k = 4096, 2048, 768, 128, 8
   x, w13, w2 = _layer(rng, m, h, i, e)
   logits = jnp.asarray(rng.standard_normal((m, e)), jnp.float32)
-  out = _fused(x, nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2), router_logits=logits,
-               top_k=k)
+  p13, p2 = nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2)
+  out = _fused(x, p13, p2, router_logits=logits, top_k=k)
   want = jax.jit(lambda *a: nf.fused_moe(*a[:3], router_logits=a[3], top_k=k,
-                                         backend="reference"))(x, w13, w2, logits)
+                                         backend="reference"))(x, p13, p2, logits)
   assert ref.rel_l2(out, np.asarray(want, np.float64)) <= TOL_ROUNDED[jnp.bfloat16]
 
 

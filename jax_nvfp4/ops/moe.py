@@ -749,16 +749,16 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
 
   Returns:
     ``[..., H]`` in ``x.dtype``: ``sum_j w_j * (act(x @ W13[e_j].T + b13) @ W2[e_j].T + b2)``,
-    where the activation (float32 math) is applied to GEMM1's float32 result inside GEMM1 and
-    rounded to ``x.dtype``, each GEMM2 row (weight applied in float32) is rounded to
-    ``x.dtype``, and the sum over top-k is float32 before the final cast. One exception: a
-    gated ``w13`` given as a ``PreparedNVFP4Weight`` in plain ``[gate; up]`` order (``prepare(w13)``
-    without ``gate_up_pairs=True``) has GEMM1's output rounded to ``x.dtype`` before a
-    separate activation. The reference path rounds at the same points as the kernel.
+    where GEMM1's output and the activation are rounded to ``x.dtype`` (the activation's math is
+    float32), each GEMM2 row (weight applied in float32) is rounded to ``x.dtype``, and the
+    sum over top-k is float32 before the final cast. With a gated w13 prepared by
+    ``prepare(w13, gate_up_pairs=True)`` GEMM1 applies the activation to its float32 result in
+    its epilogue (one kernel and one rounding less; GEMM1 writes ``[M*k, I]``). The reference
+    path rounds at the same points as the kernel.
 
   Where the kernel runs, unprepared weights are prepared on the fly inside the computation (call
-  ``prepare`` once to avoid that: ``prepare(w13, gate_up_pairs=True)`` for a gated w13, which
-  lets GEMM1 apply the activation); the pure-JAX reference has identical semantics.
+  ``prepare`` once to avoid that, with ``gate_up_pairs=True`` for a gated w13); the pure-JAX
+  reference has identical semantics.
   """
   x = jnp.asarray(x)
   if np.dtype(x.dtype) not in ACTIVATION_DTYPES:
@@ -851,12 +851,12 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
     raise ValueError(f"fused_moe: w13 was prepared with gate_up_pairs=True, which only a gated "
                      f"activation reads, but activation is {activation!r}")
   if lowering == "cuda":
-    if isinstance(w13, NVFP4Weight):
-      w13 = prepare(w13, gate_up_pairs=gated and n13 % 16 == 0)
+    w13 = prepare(w13) if isinstance(w13, NVFP4Weight) else w13
     w2 = prepare(w2) if isinstance(w2, NVFP4Weight) else w2
-  # GEMM1 applies the activation to its float32 result unless w13 is a prepared gated weight
-  # in plain [gate; up] order (its gate and up rows meet only after GEMM1 has written them).
-  fused = not (gated and isinstance(w13, PreparedNVFP4Weight) and not w13.gate_up_pairs)
+  # GEMM1 applies the activation to its float32 result where w13 holds its gate and up rows in
+  # pairs (prepare(w13, gate_up_pairs=True)); in any other layout they meet only after GEMM1
+  # has written them, rounded, and XLA applies the activation.
+  fused = isinstance(w13, PreparedNVFP4Weight) and w13.gate_up_pairs
   # Chosen rather than asked for: the primitive still lowers per platform, so a computation
   # placed on the host of a GPU machine (jax.jit(..., device=cpu)) runs the reference there.
   primitive_backend = "auto" if backend in (None, "auto") and lowering == "cuda" else lowering
@@ -879,7 +879,7 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
   # GEMM clears its output.
   x2 = x.reshape(m, hidden)
   if fused:
-    if w13_bias is not None and getattr(w13, "gate_up_pairs", False):
+    if w13_bias is not None:
       w13_bias = interleave_gate_up(w13_bias, 1, n13 // 16)
     a = gemm(x2, w13, gather_div=k, bias=w13_bias, zero_unwritten=False,
              activation=activation, limit=limit, alpha=alpha)              # [M*k, I]
