@@ -155,15 +155,6 @@ __device__ __forceinline__ int slot_row(const GemmParams &p, int slot) {
   }
 }
 
-// KS > 1 (k-slices inside the block, nvfp4_tile.cuh) is launched with splits = 1 only: the
-// block's warps already cover the whole K range, and the cross-block reductions are compiled out.
-// XR < 8 * MT (x rows held, nvfp4_tile.cuh TileConfig; k-sliced m_tile 1 only) is launched for
-// dense tiles of at most XR rows (launch_typed checks), and for MoE tiles of any content: a
-// grouped-GEMM block runs its tile in passes of XR slots, one pass per group of slots that holds
-// a row. At decode with T tokens an expert's tile holds at most T rows (top-k experts of a token
-// are distinct; the alignment puts an expert's rows first in its tile), so the launch picks XR
-// from T and one pass runs; a tile with more rows (repeated expert ids in a caller's top-k) costs
-// more passes, never a lost row.
 // Resident blocks per SM each instantiation is compiled for (its register cap). The unsliced
 // m_tile-1 block is small enough for three: left at two, ptxas took 96-116 registers once the
 // epilogue grew the fused activations (80 before), and the grouped GEMM's decode launches lost
@@ -173,6 +164,15 @@ constexpr int min_blocks_per_sm() {
   return MT == 8 ? JAX_NVFP4_MT8_BLOCKS : MT == 1 && KS == 1 ? 3 : 2;
 }
 
+// KS > 1 (k-slices inside the block, nvfp4_tile.cuh) is launched with splits = 1 only: the
+// block's warps already cover the whole K range, and the cross-block reductions are compiled out.
+// XR < 8 * MT (x rows held, nvfp4_tile.cuh TileConfig; k-sliced m_tile 1 only) is launched for
+// dense tiles of at most XR rows (launch_typed checks), and for MoE tiles of any content: a
+// grouped-GEMM block runs its tile in passes of XR slots, one pass per group of slots that holds
+// a row. At decode with T tokens an expert's tile holds at most T rows (top-k experts of a token
+// are distinct; the alignment puts an expert's rows first in its tile), so the launch picks XR
+// from T and one pass runs; a tile with more rows (repeated expert ids in a caller's top-k) costs
+// more passes, never a lost row.
 template <typename T, int MT, bool kMoe, int KS = 1, int XR = 8 * MT>
 __global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<MT, KS>())) nvfp4_kernel(const GemmParams p) {
   constexpr bool kShortMoe = kMoe && XR < 8 * MT;

@@ -476,15 +476,18 @@ def test_fused_moe_bad_inputs_raise(rng):
       fn()
 
 
-def test_cuda_lowering_emits_the_ffi_call(rng, monkeypatch):
+@pytest.mark.parametrize("pairs", [False, True])
+def test_cuda_lowering_emits_the_ffi_call(rng, monkeypatch, pairs):
   """The CUDA lowering (exported for the cuda platform, no GPU needed): operands in contract
-  order, attributes typed as the handler binds them, the workspace result only internal."""
+  order, attributes typed as the handler binds them, the workspace result only internal; with
+  a gate_up_pairs w13, GEMM 1 carries the activation and writes [rows, I]."""
   # The lowering rule asks at lowering time whether the kernel is built (here it is not).
   targets = (moe_ops.CUDA_TARGET, moe_align.CUDA_TARGET, moe_route.CUDA_TARGET)
   monkeypatch.setattr(nf._ffi, "REGISTERED", nf._ffi.REGISTERED | set(targets))
-  p13 = nf.prepare(random_experts(rng, 4, 64, 128))
+  p13 = nf.prepare(random_experts(rng, 4, 64, 128), gate_up_pairs=pairs)
   p2 = nf.prepare(random_experts(rng, 4, 128, 32))
-  f = jax.jit(lambda x, l: nf.fused_moe(x, p13, p2, router_logits=l, top_k=2))
+  f = jax.jit(lambda x, l: nf.fused_moe(x, p13, p2, router_logits=l, top_k=2,
+                                        activation="gptoss", limit=7.0))
   exp = jax.export.export(f, platforms=["cuda"], disabled_checks=[
       jax.export.DisabledSafetyCheck.custom_call(t) for t in targets])(
           jax.ShapeDtypeStruct((3, 128), jnp.bfloat16), jax.ShapeDtypeStruct((3, 4), jnp.float32))
@@ -507,7 +510,10 @@ def test_cuda_lowering_emits_the_ffi_call(rng, monkeypatch):
   assert "gather_div = 1 : i64" in gemm2 and "mul_topk_weight = true" in gemm2
   assert ("(tensor<3x128xbf16>, tensor<4x4x2x32x4xui32>, tensor<4x4x2x64xui8>, tensor<4xf32>, "
           "tensor<40xi32>, tensor<5xi32>, tensor<1xi32>, tensor<0xf32>, tensor<0xf32>) -> "
-          "(tensor<6x64xbf16>, tensor<256xui8>)") in gemm1
+          f"(tensor<6x{32 if pairs else 64}xbf16>, tensor<256xui8>)") in gemm1
+  assert f"activation = {2 if pairs else 0} : i64" in gemm1 and "activation = 0 : i64" in gemm2
+  if pairs:
+    assert "act_limit = 7.000000e+00 : f32" in gemm1 and "act_alpha = 1.702" in gemm1
   assert "tensor<6xf32>, tensor<0xf32>) -> (tensor<6x128xbf16>" in gemm2
 
 
