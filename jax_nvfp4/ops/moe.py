@@ -94,6 +94,8 @@ LOWERINGS = ("auto", "cuda", "reference")
 #: (csrc/nvfp4_kernel.cuh kAct*).
 ACTIVATION_CODES = {"none": 0, "swiglu": 1, "gptoss": 2, "relu2": 3}
 PRIMITIVE_ACTIVATIONS = tuple(ACTIVATION_CODES)
+#: The primitive's gated activations: they read gate/up row pairs and halve the columns.
+GATED_ACTIVATIONS = ("swiglu", "gptoss")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -126,7 +128,7 @@ def _check_gemm(x, qweight, qscales, global_scale, sorted_ids, block_expert, num
     _fail(f"activation must be one of {PRIMITIVE_ACTIVATIONS}, got {activation!r}")
   if not isinstance(limit, float) or not isinstance(alpha, float):
     _fail(f"limit and alpha must be floats, got {limit!r}, {alpha!r}", TypeError)
-  if activation in ("swiglu", "gptoss"):
+  if activation in GATED_ACTIVATIONS:
     if n % 16:
       _fail(f"a gated activation ({activation!r}) reads gate/up pairs of 8 rows per 16-row "
             f"tile: n must be a multiple of 16, got n = {n}")
@@ -190,7 +192,7 @@ def _abstract_eval(x, qweight, qscales, global_scale, sorted_ids, block_expert, 
 
 
 def _out_columns(params) -> int:
-  gated = params.get("activation", "none") in ("swiglu", "gptoss")
+  gated = params.get("activation", "none") in GATED_ACTIVATIONS
   return params["n"] // 2 if gated else params["n"]
 
 
@@ -228,7 +230,7 @@ def grouped_gemm_reference(x, unit_weight, num_experts, global_scale, sorted_ids
   nb = p // block_m
   r = x.shape[0]
   dtype = x.dtype
-  gated = activation in ("swiglu", "gptoss")
+  gated = activation in GATED_ACTIVATIONS
   n_out = n // 2 if gated else n
   out = jnp.full((num_rows_out, n_out), 0.0 if zero_unwritten else jnp.nan, jnp.float32)
   if nb == 0 or num_rows_out == 0 or r == 0:
@@ -577,10 +579,11 @@ def nvfp4_moe_gemm(x: jax.Array, w: PreparedNVFP4Weight, alignment: Alignment, *
                      f"{backend!r}")
   if backend == "cuda" and CUDA_TARGET not in _ffi.REGISTERED:
     raise ValueError(_kernel_missing())
-  if activation in ("swiglu", "gptoss") and not w.gate_up_pairs:
+  gated = activation in GATED_ACTIVATIONS
+  if gated and not w.gate_up_pairs:
     raise ValueError(f"nvfp4_moe_gemm: the fused {activation!r} reads gate/up row pairs: "
                      "prepare w13 with prepare(w13, gate_up_pairs=True)")
-  if activation not in ("swiglu", "gptoss") and w.gate_up_pairs:
+  if not gated and w.gate_up_pairs:
     raise ValueError("nvfp4_moe_gemm: w is in gate_up_pairs row order, which only a fused "
                      f"gated activation reads (got activation={activation!r})")
   if activation == "gptoss" and limit is None:
