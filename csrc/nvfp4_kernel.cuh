@@ -696,10 +696,8 @@ cudaError_t launch(const GemmParams &p, bool bf16, int mt, int token_tiles, cuda
       case 1: return launch_short<kMoe, 1>(p, bf16, token_tiles, stream);
       case 2: return launch_short<kMoe, 2>(p, bf16, token_tiles, stream);
       case 4: return launch_short<kMoe, 4>(p, bf16, token_tiles, stream);
-      default: break;  // 5-8 rows: the 8-row tile below
+      default: return launch_short<kMoe, 8>(p, bf16, token_tiles, stream);  // the 8-row tile
     }
-    return bf16 ? launch_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices>(p, token_tiles, stream)
-                : launch_typed<__half, 1, kMoe, kDecodeKSlices>(p, token_tiles, stream);
   }
   if constexpr (!kMoe) {  // m_tile 2 k-slices: dense only (the grouped GEMM's rule never asks)
     if (k_slices == kDecodeKSlices && mt == 2)
@@ -763,10 +761,8 @@ int blocks_per_sm(int mt, bool bf16, int k_slices = 1, int rows = 0) {
       case 1: return short_blocks_per_sm<kMoe, 1>(bf16);
       case 2: return short_blocks_per_sm<kMoe, 2>(bf16);
       case 4: return short_blocks_per_sm<kMoe, 4>(bf16);
-      default: break;
+      default: return short_blocks_per_sm<kMoe, 8>(bf16);  // the 8-row tile
     }
-    return bf16 ? blocks_per_sm_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices>()
-                : blocks_per_sm_typed<__half, 1, kMoe, kDecodeKSlices>();
   }
   if constexpr (!kMoe) {
     if (k_slices == kDecodeKSlices && mt == 2)
