@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_nvfp4.format import NVFP4Weight
+from jax_nvfp4.prepare import TILE_N, interleave_gate_up
 
 ACTIVATIONS = ("swiglu", "gptoss", "relu2")
 GATED = {"swiglu": True, "gptoss": True, "relu2": False}
@@ -64,10 +65,9 @@ def gate_up_halves(h: jax.Array, intermediate_size: int, pairs: bool = False):
   ``pairs`` (a w13 prepared with ``gate_up_pairs``) the first and second 8 of every 16
   columns."""
   i = intermediate_size
-  if not pairs:
-    return h[..., :i], h[..., i:2 * i]
-  tiles = h[..., :2 * i].reshape(*h.shape[:-1], i // 8, 2, 8)
-  return tiles[..., 0, :].reshape(*h.shape[:-1], i), tiles[..., 1, :].reshape(*h.shape[:-1], i)
+  if pairs:  # back to [gate; up]: prepare() wrote the pairs with this permutation
+    h = interleave_gate_up(h[..., :2 * i], h.ndim - 1, 2 * i // TILE_N, inverse=True)
+  return h[..., :i], h[..., i:2 * i]
 
 
 def apply_activation(h: jax.Array, activation: str, *, intermediate_size: int | None = None,

@@ -213,11 +213,11 @@ def grouped_gemm_reference(x, unit_weight, num_experts, global_scale, sorted_ids
                            num_padded, topk_weights, bias, *, n, k, gather_div, num_rows_out,
                            block_m, mul_topk_weight, has_bias, zero_unwritten=True,
                            all_unit_weights=None, activation="none", limit=math.inf,
-                           alpha=GPTOSS_ALPHA, gate_up_pairs=True):
+                           alpha=GPTOSS_ALPHA):
   """Pure-JAX implementation of the contract for any weight storage.
 
-  ``activation``, ``limit``, ``alpha``: the contract's fused activation; ``gate_up_pairs=False``
-  reads a gated weight's rows as ``[gate; up]`` halves instead (the checkpoint layout).
+  ``activation``, ``limit``, ``alpha``: the contract's fused activation (a gated one reads the
+  weight's rows in ``gate_up_pairs`` order).
 
   With ``zero_unwritten=False`` the rows no block writes are NaN: "unspecified" made loud, so
   that a caller reading them (fused_moe must not) fails its tests on every platform.
@@ -252,7 +252,7 @@ def grouped_gemm_reference(x, unit_weight, num_experts, global_scale, sorted_ids
     if activation != "none":
       acc = apply_activation(acc, activation, intermediate_size=n_out if gated else n,
                              limit=limit if math.isfinite(limit) else None, alpha=alpha,
-                             dtype=jnp.float32, gate_up_pairs=gate_up_pairs)
+                             dtype=jnp.float32, gate_up_pairs=True)
     safe = jnp.clip(sids, 0, max(num_rows_out - 1, 0))
     if mul_topk_weight:
       acc = acc * topk_weights[safe][..., None]
@@ -601,11 +601,10 @@ def nvfp4_moe_gemm(x: jax.Array, w: PreparedNVFP4Weight, alignment: Alignment, *
 
 
 def _checkpoint_moe_gemm(x, w: NVFP4Weight, alignment: Alignment, *, gather_div, num_rows_out,
-                         topk_weights=None, bias=None, zero_unwritten=True, activation="none",
-                         limit=None, alpha=GPTOSS_ALPHA):
-  """The same contract as ``nvfp4_moe_gemm`` for a checkpoint-layout stacked weight, in pure
-  JAX (CPU path: no prepare/unprepare round trip); a gated activation reads ``[gate; up]``
-  halves."""
+                         topk_weights=None, bias=None, zero_unwritten=True):
+  """The same contract as ``nvfp4_moe_gemm`` (no fused activation: fused_moe fuses it only for
+  a ``gate_up_pairs`` prepared w13) for a checkpoint-layout stacked weight, in pure JAX (CPU
+  path: no prepare/unprepare round trip)."""
   e, n, k = w.shape
   tw = _empty_f32() if topk_weights is None else topk_weights.astype(jnp.float32)
   b = _empty_f32() if bias is None else bias.astype(jnp.float32)
@@ -615,9 +614,7 @@ def _checkpoint_moe_gemm(x, w: NVFP4Weight, alignment: Alignment, *, gather_div,
       alignment.block_expert, alignment.num_padded, tw, b, n=n, k=k, gather_div=gather_div,
       num_rows_out=num_rows_out, block_m=alignment.block_m,
       mul_topk_weight=topk_weights is not None, has_bias=bias is not None,
-      zero_unwritten=zero_unwritten, all_unit_weights=lambda: _unit(w), activation=activation,
-      limit=math.inf if limit is None else float(limit), alpha=float(alpha),
-      gate_up_pairs=False)
+      zero_unwritten=zero_unwritten, all_unit_weights=lambda: _unit(w))
 
 
 def _kernel_wanted() -> bool:
