@@ -3,8 +3,9 @@
 #   bash benchmarks/device_run.sh build         the extension for sm_90a (pip, no network)
 #   bash benchmarks/device_run.sh test FILES..  pytest on the given GPU test files
 #   bash benchmarks/device_run.sh bench ARGS..  benchmarks/bench_dense.py ARGS
-#   bash benchmarks/device_run.sh memcheck      memcheck_{dense,moe}.cu under compute-sanitizer
-#                                               (no JAX; needs no build step)
+#   bash benchmarks/device_run.sh memcheck      memcheck_{dense,moe,route}.cu under
+#                                               compute-sanitizer memcheck (route: racecheck
+#                                               too; no JAX; needs no build step)
 # Steps can be chained: device_run.sh build && device_run.sh test tests/test_dense_gpu.py
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -26,11 +27,13 @@ case "$step" in
   bench)
     python3 benchmarks/bench_dense.py "$@" 2>&1 | tee "$out/bench_$(date +%s).log" ;;
   memcheck)
-    for what in dense moe; do
+    for what in dense moe route; do
       nvcc -std=c++17 -O3 -arch=sm_90a --expt-relaxed-constexpr -diag-suppress=940,2473,177 \
         -I csrc "benchmarks/memcheck_$what.cu" -o "/tmp/memcheck_$what" || exit 1
       compute-sanitizer --tool memcheck "/tmp/memcheck_$what" > "$out/memcheck_$what.txt" 2>&1
       echo "[device_run] memcheck_$what: exit $?; $(tail -2 "$out/memcheck_$what.txt" | tr '\n' ' ')"
-    done ;;
+    done
+    compute-sanitizer --tool racecheck /tmp/memcheck_route > "$out/racecheck_route.txt" 2>&1
+    echo "[device_run] racecheck_route: exit $?; $(tail -2 "$out/racecheck_route.txt" | tr '\n' ' ')" ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac

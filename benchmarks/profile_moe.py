@@ -23,7 +23,8 @@ unsplit GEMM, decode included: NOTES_moe.md v16), ``ks_tiles8`` / ``ks_tiles16``
 rule's ``MOE_K_SLICES_MAX_TOKEN_TILES`` at 8 / 16, not 4) and ``split6`` (``MIN_CHUNKS_PER_SPLIT``
 6, not 48: the short-K decode GEMMs split K; NOTES_moe.md v17) and ``unfused`` (w13 in plain
 ``[gate; up]`` order: GEMM1 writes both halves and XLA applies the activation, the layer before
-v17). Large T works too (``--tokens 1024,4096``).
+v17) and ``route_general`` (``JAX_NVFP4_ROUTE_SMALL=0``: decode batches in the general routing
+kernel, not the decode one; NOTES_moe.md v18). Large T works too (``--tokens 1024,4096``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import collections
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import statistics
 import tempfile
@@ -101,6 +103,20 @@ def patched(name: str, value, module=moe_ops):
     setattr(module, name, saved)
 
 
+@contextlib.contextmanager
+def environment(name: str, value: str):
+  """The handlers read ``os.environ[name]`` as ``value`` (they read it at each call)."""
+  saved = os.environ.get(name)
+  os.environ[name] = value
+  try:
+    yield
+  finally:
+    if saved is None:
+      del os.environ[name]
+    else:
+      os.environ[name] = saved
+
+
 def rule_returning(name: str, value, module=moe_ops):
   """``module.<name>`` returns ``value``: ``unsliced`` sets ``ops.moe.choose_moe_k_slices`` to
   1, ``one_tile`` ``ops.moe.choose_moe_prefill_tiles`` to 1, ``xla_routing``
@@ -140,7 +156,8 @@ def main():
                        "tiles4 (2 / 4 N blocks per block in every unsliced unsplit GEMM), "
                        "ks_tiles8 / ks_tiles16 (the k-sliced rule's token-tile limit raised "
                        "from 4), split6 (split K down to 6 k64 chunks per split, not 48), "
-                       "unfused (w13 in plain order: the activation as an XLA kernel)")
+                       "unfused (w13 in plain order: the activation as an XLA kernel), "
+                       "route_general (the general routing kernel at decode too)")
   args = ap.parse_args()
   rows = []
   key = jax.random.key(1)
@@ -162,7 +179,8 @@ def main():
                 "ks_tiles8": lambda: patched("MOE_K_SLICES_MAX_TOKEN_TILES", 8),
                 "ks_tiles16": lambda: patched("MOE_K_SLICES_MAX_TOKEN_TILES", 16),
                 "split6": lambda: patched("MIN_CHUNKS_PER_SPLIT", 6),
-                "unfused": contextlib.nullcontext}
+                "unfused": contextlib.nullcontext,
+                "route_general": lambda: environment("JAX_NVFP4_ROUTE_SMALL", "0")}
     variants = {name: (many(bench_moe.nvfp4_layer(routing)), contexts[name])
                 for name in args.variants.split(",")}
     for t in (int(v) for v in args.tokens.split(",")):

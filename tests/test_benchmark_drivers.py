@@ -1,5 +1,5 @@
 """The standalone CUDA programs in benchmarks/ (kernel_lab.cu, memcheck_dense.cu,
-memcheck_moe.cu, placement_probe.cu) include the library's kernel headers directly, so a change
+memcheck_moe.cu, memcheck_route.cu, placement_probe.cu) include the library's kernel headers directly, so a change
 to csrc/ can break them without breaking the extension. They are compiled here to PTX for sm_80
 (front end and host code, no ptxas: seconds) wherever nvcc is on the PATH, CI's CPU machine
 included; skipped otherwise."""
@@ -12,7 +12,8 @@ import subprocess
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DRIVERS = ["kernel_lab.cu", "memcheck_dense.cu", "memcheck_moe.cu", "placement_probe.cu"]
+DRIVERS = ["kernel_lab.cu", "memcheck_dense.cu", "memcheck_moe.cu", "memcheck_route.cu",
+           "placement_probe.cu"]
 
 
 @pytest.mark.parametrize("driver", DRIVERS)

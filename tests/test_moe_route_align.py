@@ -274,3 +274,64 @@ def test_handler_rejects_more_pairs_than_one_block(rng):
                              block_m=np.int64(8)))
   with pytest.raises(Exception, match="more than one block's 1024"):
     jax.block_until_ready(call(jnp.zeros((m, e), jnp.float32)))
+
+
+def _assert_same_bits(got, want):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_decode_kernel_matches_the_general_kernel(rng, name, monkeypatch):
+  """Up to 32 pairs and 256 experts the handler runs the decode kernel (keys in registers, one
+  warp aligns); JAX_NVFP4_ROUTE_SMALL=0 sends the same call to the general kernel. Both give the
+  same bits (the same arithmetic in the same order), and the ids and alignment equal the XLA
+  reference's, across the 32-pair boundary and with bf16 logits."""
+  e, cfg = _config(rng, name)
+  k = cfg.top_k
+  for m in sorted({1, 2, 32 // k, 32 // k + 1}):
+    for dtype in (jnp.float32, jnp.bfloat16):
+      logits = jnp.asarray(rng.standard_normal((m, e)) * 3, dtype)
+      decode = _run(logits, cfg)
+      monkeypatch.setenv("JAX_NVFP4_ROUTE_SMALL", "0")
+      general = _run(logits, cfg)
+      monkeypatch.delenv("JAX_NVFP4_ROUTE_SMALL")
+      _assert_same_bits(decode, general)
+      _check(logits, cfg, decode)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("e", [1, 31, 33, 64, 65, 200, 256, 257])
+def test_decode_kernel_expert_counts(rng, e, monkeypatch):
+  """Every register width of the decode kernel (1, 2, 4, 8 keys per lane) at its edges, and
+  the first count past it (257 runs the general kernel): the reference's ids, both kernels'
+  bits, and the ties of a constant row (the lowest ids)."""
+  cfg = nf.RoutingConfig(top_k=min(4, e), renormalize=e % 2 == 0)
+  for logits in (jnp.asarray(rng.standard_normal((3, e)).astype(np.float32)),
+                 jnp.zeros((1, e), jnp.float32)):
+    decode = _run(logits, cfg)
+    monkeypatch.setenv("JAX_NVFP4_ROUTE_SMALL", "0")
+    general = _run(logits, cfg)
+    monkeypatch.delenv("JAX_NVFP4_ROUTE_SMALL")
+    _assert_same_bits(decode, general)
+    _check(logits, cfg, decode)
+  np.testing.assert_array_equal(np.asarray(decode[1]), [np.arange(min(4, e))])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m", [8, 16, 32, 64])
+@pytest.mark.parametrize("m", [1, 4])
+def test_decode_kernel_expert_map(rng, block_m, m, monkeypatch):
+  """The decode kernel's alignment under an expert map with -1 entries (a block's expert is
+  the mapped id, -1 blocks stay in the schedule) and every block_m, against the general kernel
+  and the reference; m = 4 is 32 pairs, the decode kernel's most."""
+  e, cfg = _config(rng, "deepseek")
+  emap = np.where(np.arange(e) % 3 == 0, -1, np.arange(e) // 2).astype(np.int32)
+  logits = jnp.asarray(rng.standard_normal((m, e)).astype(np.float32))
+  decode = _run(logits, cfg, block_m, jnp.asarray(emap))
+  monkeypatch.setenv("JAX_NVFP4_ROUTE_SMALL", "0")
+  general = _run(logits, cfg, block_m, jnp.asarray(emap))
+  monkeypatch.delenv("JAX_NVFP4_ROUTE_SMALL")
+  _assert_same_bits(decode, general)
+  _check(logits, cfg, decode, emap)

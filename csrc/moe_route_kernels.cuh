@@ -1,0 +1,588 @@
+// The fused MoE routing + token alignment for small batches (the kernels of the XLA FFI target
+// jax_nvfp4_moe_route_align_cuda, nvfp4_moe_route.cu): router logits -> top-k weights and ids
+// -> the grouped GEMM's schedule, in one launch of one block. The CUDA twin of
+// jax_nvfp4/ops/moe_route.py's reference (moe.routing.route, then moe.align.align_reference on
+// the ids it chose).
+//
+// Why: at decode a layer's routing is 4-8 XLA kernels (softmax, top-k lowered to a sort, the
+// renormalisation's reduce and divide, the group-limited selection's masks) and the alignment
+// one more, each ~1-8 us of GPU time for a few KB of work: 14 of the Qwen3-like layer's 31 us and
+// 22 of the DeepSeek-like layer's 101 us at one token (NOTES_moe.md v11, H200).
+//
+// Inputs: logits [M, E] (f32, bf16 or f16), correction_bias [E] or [0] (f32), expert_map [E] or
+// [0] (int32). Outputs: topk_weights [M, k] f32, topk_ids [M, k] int32, and the alignment's
+// sorted_ids [P], block_expert [P / block_m], num_padded [1] (nvfp4_moe_align.cu states them).
+//
+// Two kernels. Up to 32 pairs and 256 experts (decode), moe_route_align_small_kernel (its
+// comment below). Otherwise one block; warp w routes tokens w, w + warps, ...; per token, in
+// the warp:
+//   1. score = softmax over the E logits (max, exp, sum, divide) or sigmoid; the selection
+//      score choice = score + correction bias is kept as an order-preserving uint32 key, so that
+//      a warp max of the keys and a warp min of the indices holding it (two REDUX) pick
+//      (highest choice, lowest index): the tie rule of lax.top_k, which the reference uses. Both
+//      rows live in shared memory ([warps][2][E]).
+//   2. n_group > 1: lane g owns group g (n_group <= 32); its score is the sum of its two largest
+//      choices or its largest; topk_group rounds of the warp max pick the groups; the experts of
+//      the others get key 1, below every real score (the reference's -inf; only a choice of
+//      -inf or NaN inside a chosen group could then order differently).
+//   3. top_k rounds of that selection over the lanes' best keys (k <= 32); the winner's key
+//      becomes 0 (taken) and only its lane rescans; lane j keeps the j-th id, so ids come out
+//      best first, as lax.top_k gives them.
+// Code size matters more than instruction count here: a single-block launch after the GEMMs
+// fetches its instructions from HBM, so loops stay rolled (NOTES_moe.md v12).
+//   4. lane j < k reads score[id_j]; renormalise by the warp's sum (max with 1e-20) and scale.
+// The ids also go to shared memory; after a barrier the whole block aligns them with the
+// alignment kernel's steps (moe_align_block.cuh) over the same shared memory, so no id makes a
+// round trip through global memory and nothing waits on a second launch.
+// Floating-point results match the XLA reference to rounding (the sums run in another order);
+// ids match exactly except where two experts' selection scores lie within that rounding.
+
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <string>
+
+#include "moe_align_block.cuh"
+
+namespace jax_nvfp4 {
+namespace moe_route {
+
+constexpr int kRouteMaxPairs = 1024;   // mirrored by ops/moe_route.py ROUTE_MAX_PAIRS
+constexpr int kRouteMaxExperts = 1024;
+constexpr int kRouteMaxTopK = 32;      // one lane per selected id
+constexpr int kRouteMaxGroups = 32;    // one lane per group
+constexpr int kRouteMaxWarps = 32;
+constexpr int kLoadBatch = 8;          // logits per lane in flight at once (all 256 of DeepSeek's)
+
+struct RouteParams {
+  const void *logits;
+  const float *bias;        // [E] or null
+  const int *expert_map;    // [E] or null
+  float *weights;           // [M, k]
+  int *ids;                 // [M, k]
+  int *sorted_ids, *block_expert, *num_padded;
+  int tokens, experts, top_k;
+  bool sigmoid, renormalize, group_max;
+  int n_group, topk_group;
+  float scaling;
+  int block_m, slots;
+};
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+// Monotone map float -> uint32 (negative values reversed): a > b as floats <=> key(a) > key(b).
+__device__ __forceinline__ unsigned order_key(float f) {
+  const unsigned bits = __float_as_uint(f);
+  return bits & 0x80000000u ? ~bits : bits | 0x80000000u;
+}
+
+__device__ __forceinline__ float key_value(unsigned key) {
+  return __uint_as_float(key & 0x80000000u ? key & 0x7fffffffu : ~key);
+}
+
+// The warp's (highest key, lowest index among equal keys) over the lanes' (key, index): one
+// max and one min reduction (REDUX, sm_80+) instead of five 64-bit shuffle steps. A lane with
+// no candidate passes key 0 and index -1 (never the lowest: it compares as 0xffffffff).
+__device__ __forceinline__ int warp_argmax(unsigned key, int index) {
+  const unsigned top = __reduce_max_sync(0xffffffffu, key);
+  return int(__reduce_min_sync(0xffffffffu, key == top ? unsigned(index) : 0xffffffffu));
+}
+
+// This lane's best (key, index) among its experts e = lane + 32 j: ascending e and a strict >
+// keep the lowest index of equal keys; taken experts (key 0) are never a candidate. The keys
+// are read kLoadBatch at a time, all loads before the compares: the winner's lane rescans
+// after every selection round, and one shared-memory load after another made each rescan a
+// chain of E / 32 load latencies.
+__device__ __forceinline__ void lane_best(const unsigned *key, int experts, unsigned &best_key,
+                                          int &best_index) {
+  best_key = 0u;
+  best_index = -1;
+#pragma unroll 1
+  for (int base = threadIdx.x % 32; base < experts; base += 32 * kLoadBatch) {
+    unsigned k[kLoadBatch];
+#pragma unroll
+    for (int j = 0; j < kLoadBatch; ++j) k[j] = base + 32 * j < experts ? key[base + 32 * j] : 0u;
+#pragma unroll
+    for (int j = 0; j < kLoadBatch; ++j) {
+      if (k[j] > best_key) {
+        best_key = k[j];
+        best_index = base + 32 * j;
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) v += __shfl_xor_sync(0xffffffffu, v, d);
+  return v;
+}
+
+__device__ __forceinline__ float warp_fmax(float v) {
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, d));
+  return v;
+}
+
+// Steps 1-4 for token t; writes its weights and ids to global memory and ids_s.
+template <typename T>
+__device__ __forceinline__ void route_token(const RouteParams &p, int t, float *score,
+                                            unsigned *key, int *ids_s) {
+  const int lane = threadIdx.x % 32, experts = p.experts;
+  const T *row = static_cast<const T *>(p.logits) + size_t(t) * experts;
+
+  // 1. Scores and selection keys. A lane's logits (and bias) are loaded kLoadBatch at a time,
+  //    all of a batch issued before any is used: loaded, computed and stored to shared memory
+  //    one expert after another, each load waited for the one before it (the compiler kept
+  //    them behind the previous expert's shared-memory stores), one global round trip per
+  //    expert a lane owns (8 for 256 experts; NOTES_moe.md v16).
+  const bool has_bias = p.bias != nullptr;
+  float logit[kLoadBatch], bias[kLoadBatch];
+  auto load_batch = [&](int base) {
+#pragma unroll
+    for (int j = 0; j < kLoadBatch; ++j) {
+      const int e = base + lane + 32 * j;
+      logit[j] = e < experts ? to_float(row[e]) : 0.0f;
+      bias[j] = has_bias && e < experts ? p.bias[e] : 0.0f;
+    }
+  };
+  if (p.sigmoid) {
+#pragma unroll 1
+    for (int base = 0; base < experts; base += 32 * kLoadBatch) {
+      load_batch(base);
+#pragma unroll
+      for (int j = 0; j < kLoadBatch; ++j) {
+        const int e = base + lane + 32 * j;
+        if (e >= experts) continue;
+        const float s = 1.0f / (1.0f + expf(-logit[j]));
+        score[e] = s;
+        key[e] = order_key(has_bias ? s + bias[j] : s);
+      }
+    }
+  } else {
+    float mx = -INFINITY;
+#pragma unroll 1
+    for (int base = 0; base < experts; base += 32 * kLoadBatch) {
+      load_batch(base);
+#pragma unroll
+      for (int j = 0; j < kLoadBatch; ++j) {
+        const int e = base + lane + 32 * j;
+        if (e >= experts) continue;
+        score[e] = logit[j];
+        key[e] = __float_as_uint(bias[j]);  // the bias, parked until the keys are made
+        mx = fmaxf(mx, logit[j]);
+      }
+    }
+    mx = warp_fmax(mx);
+    float sum = 0.0f;
+#pragma unroll 1
+    for (int e = lane; e < experts; e += 32) {
+      score[e] = expf(score[e] - mx);
+      sum += score[e];
+    }
+    sum = warp_sum(sum);
+#pragma unroll 1
+    for (int e = lane; e < experts; e += 32) {
+      score[e] = score[e] / sum;
+      key[e] = order_key(has_bias ? score[e] + __uint_as_float(key[e]) : score[e]);
+    }
+  }
+  __syncwarp();
+
+  // 2. Group-limited selection.
+  if (p.n_group > 1) {
+    const int per_group = experts / p.n_group;
+    unsigned group_key = 0u;
+    if (lane < p.n_group) {
+      unsigned first = 0u, second = 0u;
+#pragma unroll 4
+      for (int e = lane * per_group; e < (lane + 1) * per_group; ++e) {
+        const unsigned k = key[e];
+        if (k > first) {
+          second = first;
+          first = k;
+        } else if (k > second) {
+          second = k;
+        }
+      }
+      const float group = p.group_max || per_group == 1 ? key_value(first)
+                                                         : key_value(first) + key_value(second);
+      group_key = order_key(group);
+    }
+    unsigned chosen = 0u;
+    bool taken = lane >= p.n_group;
+#pragma unroll 1
+    for (int r = 0; r < p.topk_group; ++r) {
+      const int g = warp_argmax(taken ? 0u : group_key, taken ? -1 : lane);
+      chosen |= 1u << g;
+      taken = taken || lane == g;
+    }
+    __syncwarp();   // the group scans above read keys other lanes now overwrite
+#pragma unroll 1
+    for (int e = lane; e < experts; e += 32)
+      if (!((chosen >> (e / per_group)) & 1u)) key[e] = 1u;
+    __syncwarp();
+  }
+
+  // 3. Top-k. Lane l owns the keys of e = l + 32 j, so only the winner's lane rescans.
+  unsigned best_key;
+  int best_index;
+  lane_best(key, experts, best_key, best_index);
+  int my_id = 0;
+#pragma unroll 1
+  for (int r = 0; r < p.top_k; ++r) {
+    const int id = warp_argmax(best_key, best_index);
+    if (lane == r) my_id = id;
+    if (lane == id % 32) {
+      key[id] = 0u;
+      lane_best(key, experts, best_key, best_index);
+    }
+  }
+
+  // 4. Weights.
+  const bool selected = lane < p.top_k;
+  float w = selected ? score[my_id] : 0.0f;
+  if (p.renormalize) w = w / fmaxf(warp_sum(w), 1e-20f);
+  if (p.scaling != 1.0f) w = w * p.scaling;
+  if (selected) {
+    const int pair = t * p.top_k + lane;
+    p.weights[pair] = w;
+    p.ids[pair] = my_id;
+    ids_s[pair] = my_id;
+  }
+  __syncwarp();   // the next token reuses score and key
+}
+
+// Expert-map entries per thread: E <= 1024 over at least 128 threads.
+constexpr int kMapPerThread = kRouteMaxExperts / 128;
+
+template <typename T>
+__global__ void __launch_bounds__(kRouteMaxWarps * 32, 1)
+    moe_route_align_kernel(const RouteParams p) {
+  extern __shared__ int smem[];
+  const int pairs = p.tokens * p.top_k;
+  int *ids_s = smem;
+  int *map_s = smem + (pairs + 3) / 4 * 4;
+  int *work = map_s + (p.experts + 3) / 4 * 4;   // routing rows, then the alignment's tables
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  // The expert map is read now, in flight while the warps route; the alignment reads it from
+  // shared memory instead of making a third global round trip after the second.
+  int mapped[kMapPerThread];
+#pragma unroll
+  for (int i = 0; i < kMapPerThread; ++i) {
+    const int e = threadIdx.x + i * blockDim.x;
+    mapped[i] = p.expert_map != nullptr && e < p.experts ? p.expert_map[e] : 0;
+  }
+  float *score = reinterpret_cast<float *>(work) + size_t(warp) * 2 * p.experts;
+  unsigned *key = reinterpret_cast<unsigned *>(score + p.experts);
+#pragma unroll 1
+  for (int t = warp; t < p.tokens; t += warps) route_token<T>(p, t, score, key, ids_s);
+#pragma unroll
+  for (int i = 0; i < kMapPerThread; ++i) {
+    const int e = threadIdx.x + i * blockDim.x;
+    if (e < p.experts) map_s[e] = mapped[i];
+  }
+  __syncthreads();
+  moe_align::align_place<1>(ids_s, pairs, p.expert_map != nullptr ? map_s : nullptr, p.experts,
+                         p.block_m, p.slots, nullptr, p.sorted_ids, p.block_expert,
+                         p.num_padded, work);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The decode path: at most kSmallMaxPairs (token, k) pairs and kSmallMaxExperts experts.
+//
+// Why a second kernel: at one token the kernel above spent most of its 4.5-9.6 us in a chain of
+// dependent steps, each waiting on the one before: a shared-memory round trip per selection
+// round's rescan, five block barriers of the alignment around one warp's serial work, and the
+// alignment's [warps][E] tables, scans and cursors for 8 pairs (NOTES_moe.md v12, v16, v18).
+// Here warp t routes token t with its keys in registers (lane l owns experts l + 32 j, j < PER),
+// so a selection round is two REDUX and PER compares with no memory access; then warp 0 aligns
+// the <= 32 pairs with one lane per pair: a match over the lanes groups equal experts, a shuffle
+// loop over the lanes gives each expert's first slot (the padded runs of lower experts), and
+// every output slot is written exactly once. One barrier in all, none for a single token.
+// Same arithmetic in the same order as route_token: ids, weights and the alignment are bitwise
+// those of the kernel above (tests/test_moe_route_align.py compares both with the reference).
+constexpr int kSmallMaxPairs = 32;      // one lane per pair in the alignment
+constexpr int kSmallMaxExperts = 256;   // PER <= 8 keys per lane in registers
+
+// The warp's token t: weights and ids to global memory, the ids to ids_s. `group_keys`: this
+// warp's [E] row of shared memory for the group scans (n_group > 1 only).
+template <typename T, int PER>
+__device__ __forceinline__ void route_token_registers(const RouteParams &p, int t,
+                                                      unsigned *group_keys, int *ids_s) {
+  const int lane = threadIdx.x % 32, experts = p.experts;
+  const T *row = static_cast<const T *>(p.logits) + size_t(t) * experts;
+  const bool has_bias = p.bias != nullptr;
+  float score[PER];
+  unsigned key[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int e = lane + 32 * j;
+    score[j] = e < experts ? to_float(row[e]) : 0.0f;
+    key[j] = has_bias && e < experts ? __float_as_uint(p.bias[e]) : 0u;   // the bias, parked
+  }
+
+  // 1. Scores and selection keys (route_token's operations, per lane in ascending expert order).
+  if (p.sigmoid) {
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const float s = 1.0f / (1.0f + expf(-score[j]));
+      const float choice = has_bias ? s + __uint_as_float(key[j]) : s;
+      score[j] = s;
+      key[j] = lane + 32 * j < experts ? order_key(choice) : 0u;
+    }
+  } else {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < PER; ++j)
+      if (lane + 32 * j < experts) mx = fmaxf(mx, score[j]);
+    mx = warp_fmax(mx);
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      if (lane + 32 * j < experts) {
+        score[j] = expf(score[j] - mx);
+        sum += score[j];
+      }
+    }
+    sum = warp_sum(sum);
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      score[j] = score[j] / sum;
+      const float choice = has_bias ? score[j] + __uint_as_float(key[j]) : score[j];
+      key[j] = lane + 32 * j < experts ? order_key(choice) : 0u;
+    }
+  }
+
+  // 2. Group-limited selection: lane g scans group g's keys from shared memory (a group's
+  //    experts are spread over the lanes' registers).
+  if (p.n_group > 1) {
+    const int per_group = experts / p.n_group;
+#pragma unroll
+    for (int j = 0; j < PER; ++j)
+      if (lane + 32 * j < experts) group_keys[lane + 32 * j] = key[j];
+    __syncwarp();
+    unsigned group_key = 0u;
+    if (lane < p.n_group) {
+      unsigned first = 0u, second = 0u;
+      auto take = [&](unsigned k) {
+        if (k > first) {
+          second = first;
+          first = k;
+        } else if (k > second) {
+          second = k;
+        }
+      };
+      const unsigned *g = group_keys + lane * per_group;
+      if (per_group % 4 == 0) {   // 16-byte aligned: E = n_group * per_group is a multiple of 4
+#pragma unroll 4
+        for (int i = 0; i < per_group; i += 4) {
+          const uint4 q = *reinterpret_cast<const uint4 *>(g + i);
+          take(q.x);
+          take(q.y);
+          take(q.z);
+          take(q.w);
+        }
+      } else {
+#pragma unroll 1
+        for (int i = 0; i < per_group; ++i) take(g[i]);
+      }
+      const float group = p.group_max || per_group == 1 ? key_value(first)
+                                                         : key_value(first) + key_value(second);
+      group_key = order_key(group);
+    }
+    unsigned chosen = 0u;
+    bool taken = lane >= p.n_group;
+#pragma unroll 1
+    for (int r = 0; r < p.topk_group; ++r) {
+      const int g = warp_argmax(taken ? 0u : group_key, taken ? -1 : lane);
+      chosen |= 1u << g;
+      taken = taken || lane == g;
+    }
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int e = lane + 32 * j;
+      if (e < experts && !((chosen >> (e / per_group)) & 1u)) key[j] = 1u;
+    }
+  }
+
+  // 3. Top-k: every lane keeps its best (key, lowest index); the winner's key becomes 0.
+  auto lane_best = [&](unsigned &best_key, int &best_index) {
+    best_key = 0u;
+    best_index = -1;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      if (key[j] > best_key) {
+        best_key = key[j];
+        best_index = lane + 32 * j;
+      }
+    }
+  };
+  unsigned best_key;
+  int best_index;
+  lane_best(best_key, best_index);
+  int my_id = 0;
+#pragma unroll 1
+  for (int r = 0; r < p.top_k; ++r) {
+    const int id = warp_argmax(best_key, best_index);
+    if (lane == r) my_id = id;
+    if (lane == id % 32) {
+#pragma unroll
+      for (int j = 0; j < PER; ++j)
+        if (j == id / 32) key[j] = 0u;
+      lane_best(best_key, best_index);
+    }
+  }
+
+  // 4. Weights: lane r fetches score[id_r] from the lane that owns it.
+  const bool selected = lane < p.top_k;
+  float w = 0.0f;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const float s = __shfl_sync(0xffffffffu, score[j], my_id % 32);
+    if (j == my_id / 32) w = s;
+  }
+  w = selected ? w : 0.0f;
+  if (p.renormalize) w = w / fmaxf(warp_sum(w), 1e-20f);
+  if (p.scaling != 1.0f) w = w * p.scaling;
+  if (selected) {
+    const int pair = t * p.top_k + lane;
+    p.weights[pair] = w;
+    p.ids[pair] = my_id;
+    ids_s[pair] = my_id;
+  }
+}
+
+// The alignment of <= 32 pairs by one warp, lane = pair: the same outputs as align_place.
+__device__ __forceinline__ void align_pairs_warp(const RouteParams &p, const int *ids_s,
+                                                 const int *map_s) {
+  const int lane = threadIdx.x % 32, experts = p.experts, block_m = p.block_m;
+  const int pairs = p.tokens * p.top_k, sentinel = pairs;
+  const int e = lane < pairs ? ids_s[lane] : experts;   // E: no pair
+  const unsigned peers = __match_any_sync(0xffffffffu, e);
+  const unsigned below = peers & ((1u << lane) - 1u);
+  const int count = __popc(peers);
+  const bool leader = below == 0u && e < experts;
+  const int padded = leader ? (count + block_m - 1) / block_m * block_m : 0;
+  // The first slot of expert e: the padded runs of the lower experts, one per leader lane.
+  int start = 0;
+#pragma unroll
+  for (int q = 0; q < 32; ++q) {
+    const int eq = __shfl_sync(0xffffffffu, e, q), pq = __shfl_sync(0xffffffffu, padded, q);
+    start += eq < e ? pq : 0;
+  }
+  const int used = __reduce_add_sync(0xffffffffu, padded);
+  if (e < experts) p.sorted_ids[start + __popc(below)] = lane;
+  if (leader) {
+#pragma unroll 1
+    for (int s = start + count; s < start + padded; ++s) p.sorted_ids[s] = sentinel;
+    const int mapped = map_s != nullptr ? map_s[e] : e;
+#pragma unroll 1
+    for (int b = start / block_m; b < (start + padded) / block_m; ++b) p.block_expert[b] = mapped;
+  }
+#pragma unroll 1
+  for (int s = used + lane; s < p.slots; s += 32) p.sorted_ids[s] = sentinel;
+#pragma unroll 1
+  for (int b = used / block_m + lane; b < p.slots / block_m; b += 32) p.block_expert[b] = -1;
+  if (lane == 0) *p.num_padded = used;
+}
+
+// One block of `tokens` warps. Dynamic shared memory: [warps][E] keys when n_group > 1.
+template <typename T, int PER>
+__global__ void __launch_bounds__(kSmallMaxPairs * 32, 1)
+    moe_route_align_small_kernel(const RouteParams p) {
+  extern __shared__ unsigned group_rows[];
+  __shared__ int ids_s[kSmallMaxPairs];
+  __shared__ int map_s[kSmallMaxExperts];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Warp 0 reads the expert map now, in flight while it routes.
+  int mapped[PER];
+  const bool has_map = p.expert_map != nullptr;
+  if (warp == 0 && has_map) {
+#pragma unroll
+    for (int j = 0; j < PER; ++j)
+      mapped[j] = lane + 32 * j < p.experts ? p.expert_map[lane + 32 * j] : 0;
+  }
+  route_token_registers<T, PER>(p, warp, group_rows + size_t(warp) * p.experts, ids_s);
+  if (warp == 0 && has_map) {
+#pragma unroll
+    for (int j = 0; j < PER; ++j)
+      if (lane + 32 * j < p.experts) map_s[lane + 32 * j] = mapped[j];
+  }
+  if (p.tokens > 1) {
+    __syncthreads();
+  } else {
+    __syncwarp();
+  }
+  if (warp == 0) align_pairs_warp(p, ids_s, has_map ? map_s : nullptr);
+}
+
+template <typename T>
+const void *small_kernel(int experts) {
+  if (experts <= 32) return reinterpret_cast<const void *>(moe_route_align_small_kernel<T, 1>);
+  if (experts <= 64) return reinterpret_cast<const void *>(moe_route_align_small_kernel<T, 2>);
+  if (experts <= 128) return reinterpret_cast<const void *>(moe_route_align_small_kernel<T, 4>);
+  return reinterpret_cast<const void *>(moe_route_align_small_kernel<T, 8>);
+}
+
+// ids[pairs], map[E], then the routing rows ([warps][2][E]) or the alignment's tables.
+inline size_t route_smem_ints(int pairs, int experts, int warps) {
+  return size_t(pairs + 3) / 4 * 4 + size_t(experts + 3) / 4 * 4 +
+         std::max(size_t(2) * warps * experts, moe_align::align_smem_ints(experts, warps));
+}
+
+enum class LogitType { kF32, kBF16, kF16 };
+
+// One launch: grid 1, `threads` threads, `smem` bytes of dynamic shared memory.
+struct RouteLaunch {
+  const void *kernel;
+  int threads;
+  size_t smem;
+  bool decode;   // moe_route_align_small_kernel
+};
+
+template <typename T>
+const void *general_kernel() {
+  return reinterpret_cast<const void *>(moe_route_align_kernel<T>);
+}
+
+// The launch for p (its tokens, experts, top_k and n_group set): the decode kernel where it
+// applies and `allow_decode`, else the general kernel with a warp per token up to 32, at least
+// the alignment's warp per 32 pairs, and no more than `smem_optin` bytes of shared memory hold.
+// "" or why it cannot run.
+inline std::string plan_route_launch(const RouteParams &p, LogitType type, bool allow_decode,
+                                     int smem_optin, RouteLaunch &launch) {
+  const int pairs = p.tokens * p.top_k, e = p.experts;
+  if (p.tokens >= 1 && pairs <= kSmallMaxPairs && e <= kSmallMaxExperts && allow_decode) {
+    launch.kernel = type == LogitType::kF32    ? small_kernel<float>(e)
+                    : type == LogitType::kBF16 ? small_kernel<__nv_bfloat16>(e)
+                                               : small_kernel<__half>(e);
+    launch.threads = p.tokens * 32;
+    launch.smem = p.n_group > 1 ? size_t(p.tokens) * size_t(e) * sizeof(unsigned) : 0;  // <= 32 KB
+    launch.decode = true;
+    return "";
+  }
+  int warps = std::clamp(std::max((pairs + 31) / 32, p.tokens), 4, kRouteMaxWarps);
+  while (warps > 4 && route_smem_ints(pairs, e, warps) * sizeof(int) > size_t(smem_optin))
+    --warps;
+  launch.smem = route_smem_ints(pairs, e, warps) * sizeof(int);
+  launch.threads = warps * 32;
+  launch.decode = false;
+  launch.kernel = type == LogitType::kF32    ? general_kernel<float>()
+                  : type == LogitType::kBF16 ? general_kernel<__nv_bfloat16>()
+                                             : general_kernel<__half>();
+  // 4 warps (kMapPerThread) fit every SM80+ GPU up to 1024 experts.
+  if (launch.smem > size_t(smem_optin))
+    return std::to_string(e) + " experts need " + std::to_string(launch.smem) +
+           " bytes of shared memory, more than this GPU's " + std::to_string(smem_optin);
+  return "";
+}
+
+}  // namespace moe_route
+}  // namespace jax_nvfp4
