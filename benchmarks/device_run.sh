@@ -15,6 +15,9 @@ step=$1; shift
 case "$step" in
   build)
     start=$(date +%s)
+    # The sources arrive with this checkout's mtimes, which can be older than objects left in
+    # build/ by an earlier call on the same machine: ninja would then keep those objects.
+    touch csrc/*
     # CMAKE_CUDA_FLAGS reset: a lab define (ab_decode_stages.sh) stays in the CMake cache of
     # build/ otherwise, and this build would silently keep it.
     JAX_NVFP4_CUDA_ARCHS=90a python3 -m pip install -q --no-build-isolation --no-deps -e . \
