@@ -5,10 +5,10 @@
 // (NOTES_dense.md v15), so the launches are made here, with exactly sized buffers poisoned
 // before each call. Cases: the decode kernel at each register width (1, 2, 4, 8 keys per lane),
 // softmax and sigmoid scoring, group-limited top-k (sum of two and max), a correction bias, an
-// expert map with -1 entries, every block_m, f32 / bf16 / f16 logits, 1 to 32 pairs; and the
-// general kernel on batches past the decode kernel's range. Every decode launch is compared bit
-// for bit with the general kernel on the same input (moe_route_kernels.cuh says they do the
-// same arithmetic in the same order). Exit status 1 on any disagreement or CUDA error.
+// expert map with -1 entries, every block_m, f32 / bf16 / f16 logits, 1 to 128 pairs and 32
+// tokens; and the general kernel on batches past the decode kernel's range. Every decode
+// launch is compared bit for bit with the general kernel on the same input
+// (moe_route_kernels.cuh says they do the same arithmetic in the same order). Exit status 1 on any disagreement or CUDA error.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -55,7 +55,11 @@ const Case kCases[] = {
     {3, 64, 6, true, false, true, true, false, 16, 3, 32, 1.f, F32, "group max, 2 keys/lane"},
     {5, 40, 3, true, true, false, false, true, 1, 1, 8, 0.5f, F32, "E = 40, sigmoid, map"},
     {2, 1, 1, false, false, false, false, false, 1, 1, 8, 1.f, F32, "one expert"},
-    {9, 256, 8, true, true, true, false, true, 8, 4, 8, 2.5f, BF16, "general: 72 pairs"},
+    {9, 256, 8, true, true, true, false, true, 8, 4, 8, 2.5f, BF16, "DeepSeek-like, 72 pairs"},
+    {16, 128, 8, false, true, false, false, true, 1, 1, 8, 1.f, F32, "128 pairs, expert map"},
+    {32, 8, 2, false, true, false, false, false, 1, 1, 8, 1.f, BF16, "32 tokens, 64 pairs"},
+    {17, 128, 8, false, true, false, false, false, 1, 1, 16, 1.f, F32, "general: 136 pairs"},
+    {33, 8, 2, false, true, false, false, false, 1, 1, 8, 1.f, F32, "general: 33 tokens"},
     {128, 256, 8, true, true, true, false, false, 8, 4, 16, 2.5f, F32, "general: 1024 pairs"},
     {2, 300, 4, false, true, false, false, false, 1, 1, 8, 1.f, F32, "general: E = 300"},
 };

@@ -13,9 +13,9 @@
 // [0] (int32). Outputs: topk_weights [M, k] f32, topk_ids [M, k] int32, and the alignment's
 // sorted_ids [P], block_expert [P / block_m], num_padded [1] (nvfp4_moe_align.cu states them).
 //
-// Two kernels. Up to 32 pairs and 256 experts (decode), moe_route_align_small_kernel (its
-// comment below). Otherwise one block; warp w routes tokens w, w + warps, ...; per token, in
-// the warp:
+// Two kernels. Up to 32 tokens, 128 pairs and 256 experts (decode),
+// moe_route_align_small_kernel (its comment below). Otherwise one block; warp w routes tokens
+// w, w + warps, ...; per token, in the warp:
 //   1. score = softmax over the E logits (max, exp, sum, divide) or sigmoid; the selection
 //      score choice = score + correction bias is kept as an order-preserving uint32 key, so that
 //      a warp max of the keys and a warp min of the indices holding it (two REDUX) pick
@@ -295,7 +295,8 @@ __global__ void __launch_bounds__(kRouteMaxWarps * 32, 1)
 }
 
 // ---------------------------------------------------------------------------------------------
-// The decode path: at most kSmallMaxPairs (token, k) pairs and kSmallMaxExperts experts.
+// The decode path: at most kSmallMaxTokens tokens, kSmallMaxPairs (token, k) pairs and
+// kSmallMaxExperts experts.
 //
 // Why a second kernel: at one token the kernel above spent most of its 4.5-9.6 us in a chain of
 // dependent steps, each waiting on the one before: a shared-memory round trip per selection
@@ -303,12 +304,13 @@ __global__ void __launch_bounds__(kRouteMaxWarps * 32, 1)
 // alignment's [warps][E] tables, scans and cursors for 8 pairs (NOTES_moe.md v12, v16, v18).
 // Here warp t routes token t with its keys in registers (lane l owns experts l + 32 j, j < PER),
 // so a selection round is two REDUX and PER compares with no memory access; then warp 0 aligns
-// the <= 32 pairs with one lane per pair: a match over the lanes groups equal experts, a shuffle
-// loop over the lanes gives each expert's first slot (the padded runs of lower experts), and
-// every output slot is written exactly once. One barrier in all, none for a single token.
+// the <= 128 pairs in chunks of 32, one lane per pair (align_pairs_warp), with no block-wide
+// tables. One barrier in all, none for a single token.
 // Same arithmetic in the same order as route_token: ids, weights and the alignment are bitwise
 // those of the kernel above (tests/test_moe_route_align.py compares both with the reference).
-constexpr int kSmallMaxPairs = 32;      // one lane per pair in the alignment
+constexpr int kSmallMaxTokens = 32;     // one warp per token
+constexpr int kSmallMaxPairs = 128;     // the alignment warp's chunks of 32 pairs
+constexpr int kSmallChunks = kSmallMaxPairs / 32;
 constexpr int kSmallMaxExperts = 256;   // PER <= 8 keys per lane in registers
 
 // The warp's token t: weights and ids to global memory, the ids to ids_s. `group_keys`: this
@@ -459,47 +461,94 @@ __device__ __forceinline__ void route_token_registers(const RouteParams &p, int 
   }
 }
 
-// The alignment of <= 32 pairs by one warp, lane = pair: the same outputs as align_place.
+// The alignment of <= kSmallMaxPairs pairs by one warp (the same outputs as align_place), in
+// chunks of 32 pairs, lane = pair:
+//   1. per chunk, __match_any_sync groups equal experts; each group's lowest lane adds the
+//      group's size to count_s[e] and hands the old count to its group: a pair's place among
+//      its expert's pairs is the count before its chunk + the lower lanes of its group;
+//   2. lane l owns experts [l * PER, (l + 1) * PER): one warp scan of their padded counts gives
+//      each expert's first slot (start_s) and num_padded; the owner writes its experts'
+//      padding slots and block experts, and the lanes share the tail past num_padded;
+//   3. each pair goes to start_s[e] + its place.
+// Every output slot is written once.
+template <int PER>
 __device__ __forceinline__ void align_pairs_warp(const RouteParams &p, const int *ids_s,
-                                                 const int *map_s) {
+                                                 const int *map_s, int *count_s, int *start_s) {
   const int lane = threadIdx.x % 32, experts = p.experts, block_m = p.block_m;
   const int pairs = p.tokens * p.top_k, sentinel = pairs;
-  const int e = lane < pairs ? ids_s[lane] : experts;   // E: no pair
-  const unsigned peers = __match_any_sync(0xffffffffu, e);
-  const unsigned below = peers & ((1u << lane) - 1u);
-  const int count = __popc(peers);
-  const bool leader = below == 0u && e < experts;
-  const int padded = leader ? (count + block_m - 1) / block_m * block_m : 0;
-  // The first slot of expert e: the padded runs of the lower experts, one per leader lane.
-  int start = 0;
+  const unsigned lanes_below = (1u << lane) - 1u;
 #pragma unroll
-  for (int q = 0; q < 32; ++q) {
-    const int eq = __shfl_sync(0xffffffffu, e, q), pq = __shfl_sync(0xffffffffu, padded, q);
-    start += eq < e ? pq : 0;
+  for (int j = 0; j < PER; ++j)
+    if (lane * PER + j < experts) count_s[lane * PER + j] = 0;
+  __syncwarp();
+
+  // 1.
+  int expert[kSmallChunks], place[kSmallChunks];
+#pragma unroll
+  for (int c = 0; c < kSmallChunks; ++c) {
+    const int pair = c * 32 + lane;
+    expert[c] = pair < pairs ? ids_s[pair] : experts;   // E: no pair
+    place[c] = 0;
+    if (c * 32 >= pairs) continue;   // warp-uniform
+    const unsigned peers = __match_any_sync(0xffffffffu, expert[c]);
+    const unsigned below = peers & lanes_below;
+    int before = 0;
+    if (below == 0u && expert[c] < experts) {
+      before = count_s[expert[c]];
+      count_s[expert[c]] = before + __popc(peers);
+    }
+    place[c] = __shfl_sync(0xffffffffu, before, __ffs(peers) - 1) + __popc(below);
+    __syncwarp();
   }
-  const int used = __reduce_add_sync(0xffffffffu, padded);
-  if (e < experts) p.sorted_ids[start + __popc(below)] = lane;
-  if (leader) {
+
+  // 2.
+  int count[PER], run = 0;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    count[j] = lane * PER + j < experts ? count_s[lane * PER + j] : 0;
+    run += (count[j] + block_m - 1) / block_m * block_m;
+  }
+  int incl = run;
+#pragma unroll
+  for (int d = 1; d < 32; d *= 2) {
+    const int v = __shfl_up_sync(0xffffffffu, incl, d);
+    if (lane >= d) incl += v;
+  }
+  const int used = __shfl_sync(0xffffffffu, incl, 31);
+  int at = incl - run;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int e = lane * PER + j;
+    if (e >= experts) break;
+    const int padded = (count[j] + block_m - 1) / block_m * block_m;
+    start_s[e] = at;
 #pragma unroll 1
-    for (int s = start + count; s < start + padded; ++s) p.sorted_ids[s] = sentinel;
+    for (int s = at + count[j]; s < at + padded; ++s) p.sorted_ids[s] = sentinel;
     const int mapped = map_s != nullptr ? map_s[e] : e;
 #pragma unroll 1
-    for (int b = start / block_m; b < (start + padded) / block_m; ++b) p.block_expert[b] = mapped;
+    for (int b = at / block_m; b < (at + padded) / block_m; ++b) p.block_expert[b] = mapped;
+    at += padded;
   }
 #pragma unroll 1
   for (int s = used + lane; s < p.slots; s += 32) p.sorted_ids[s] = sentinel;
 #pragma unroll 1
   for (int b = used / block_m + lane; b < p.slots / block_m; b += 32) p.block_expert[b] = -1;
   if (lane == 0) *p.num_padded = used;
+  __syncwarp();
+
+  // 3.
+#pragma unroll
+  for (int c = 0; c < kSmallChunks; ++c)
+    if (expert[c] < experts) p.sorted_ids[start_s[expert[c]] + place[c]] = c * 32 + lane;
 }
 
 // One block of `tokens` warps. Dynamic shared memory: [warps][E] keys when n_group > 1.
 template <typename T, int PER>
-__global__ void __launch_bounds__(kSmallMaxPairs * 32, 1)
+__global__ void __launch_bounds__(kSmallMaxTokens * 32, 1)
     moe_route_align_small_kernel(const RouteParams p) {
   extern __shared__ unsigned group_rows[];
   __shared__ int ids_s[kSmallMaxPairs];
-  __shared__ int map_s[kSmallMaxExperts];
+  __shared__ int map_s[kSmallMaxExperts], count_s[kSmallMaxExperts], start_s[kSmallMaxExperts];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   // Warp 0 reads the expert map now, in flight while it routes.
   int mapped[PER];
@@ -520,7 +569,7 @@ __global__ void __launch_bounds__(kSmallMaxPairs * 32, 1)
   } else {
     __syncwarp();
   }
-  if (warp == 0) align_pairs_warp(p, ids_s, has_map ? map_s : nullptr);
+  if (warp == 0) align_pairs_warp<PER>(p, ids_s, has_map ? map_s : nullptr, count_s, start_s);
 }
 
 template <typename T>
@@ -559,12 +608,14 @@ const void *general_kernel() {
 inline std::string plan_route_launch(const RouteParams &p, LogitType type, bool allow_decode,
                                      int smem_optin, RouteLaunch &launch) {
   const int pairs = p.tokens * p.top_k, e = p.experts;
-  if (p.tokens >= 1 && pairs <= kSmallMaxPairs && e <= kSmallMaxExperts && allow_decode) {
+  if (p.tokens >= 1 && p.tokens <= kSmallMaxTokens && pairs <= kSmallMaxPairs &&
+      e <= kSmallMaxExperts && allow_decode) {
     launch.kernel = type == LogitType::kF32    ? small_kernel<float>(e)
                     : type == LogitType::kBF16 ? small_kernel<__nv_bfloat16>(e)
                                                : small_kernel<__half>(e);
     launch.threads = p.tokens * 32;
-    launch.smem = p.n_group > 1 ? size_t(p.tokens) * size_t(e) * sizeof(unsigned) : 0;  // <= 32 KB
+    // <= 32 KB
+    launch.smem = p.n_group > 1 ? size_t(p.tokens) * size_t(e) * sizeof(unsigned) : 0;
     launch.decode = true;
     return "";
   }

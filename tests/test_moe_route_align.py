@@ -284,13 +284,15 @@ def _assert_same_bits(got, want):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_decode_kernel_matches_the_general_kernel(rng, name, monkeypatch):
-  """Up to 32 pairs and 256 experts the handler runs the decode kernel (keys in registers, one
-  warp aligns); JAX_NVFP4_ROUTE_SMALL=0 sends the same call to the general kernel. Both give the
-  same bits (the same arithmetic in the same order), and the ids and alignment equal the XLA
-  reference's, across the 32-pair boundary and with bf16 logits."""
+  """Up to 32 tokens, 128 pairs and 256 experts the handler runs the decode kernel (keys in
+  registers, one warp aligns); JAX_NVFP4_ROUTE_SMALL=0 sends the same call to the general
+  kernel. Both give the same bits (the same arithmetic in the same order), and the ids and
+  alignment equal the XLA reference's, at and past the decode kernel's last batch, with bf16
+  logits."""
   e, cfg = _config(rng, name)
   k = cfg.top_k
-  for m in sorted({1, 2, 32 // k, 32 // k + 1}):
+  last = min(32, 128 // k)   # the decode kernel's most tokens at this top_k
+  for m in sorted({1, 2, 32 // k, last, last + 1}):
     for dtype in (jnp.float32, jnp.bfloat16):
       logits = jnp.asarray(rng.standard_normal((m, e)) * 3, dtype)
       decode = _run(logits, cfg)
@@ -321,11 +323,12 @@ def test_decode_kernel_expert_counts(rng, e, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_m", [8, 16, 32, 64])
-@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("m", [1, 4, 16])
 def test_decode_kernel_expert_map(rng, block_m, m, monkeypatch):
   """The decode kernel's alignment under an expert map with -1 entries (a block's expert is
   the mapped id, -1 blocks stay in the schedule) and every block_m, against the general kernel
-  and the reference; m = 4 is 32 pairs, the decode kernel's most."""
+  and the reference; m = 4 and 16 fill one and four of the alignment's 32-pair chunks (16 is
+  the decode kernel's most at top-8)."""
   e, cfg = _config(rng, "deepseek")
   emap = np.where(np.arange(e) % 3 == 0, -1, np.arange(e) // 2).astype(np.int32)
   logits = jnp.asarray(rng.standard_normal((m, e)).astype(np.float32))
