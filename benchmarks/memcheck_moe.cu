@@ -38,6 +38,7 @@ const Case kCases[] = {
     {20, 1024, 256, 4, 2, false, 32, 2, 1, 1, 0, true, false, "block_m 32, 2 splits (cluster)"},
     {130, 192, 192, 4, 2, false, 64, 1, 1, 1, 0, false, false, "block_m 64"},
     {300, 512, 800, 6, 2, false, 64, 1, 1, 3, 0, false, false, "block_m 64, 3 N blocks per block"},
+    {16, 512, 800, 12, 2, false, 8, 1, 1, 2, 0, false, false, "block_m 8, 2 N blocks per block"},
     {16, 176, 256, 5, 2, true, 16, 2, 1, 1, 0, false, false, "second GEMM, 2 splits (tickets)"},
     {1, 176, 2048, 5, 2, true, 8, 1, 8, 1, 1, false, false, "second GEMM, k-sliced 1-row"},
 };

@@ -24,7 +24,8 @@ rule's ``MOE_K_SLICES_MAX_TOKEN_TILES`` at 8 / 16, not 4) and ``split6`` (``MIN_
 6, not 48: the short-K decode GEMMs split K; NOTES_moe.md v17) and ``unfused`` (w13 in plain
 ``[gate; up]`` order: GEMM1 writes both halves and XLA applies the activation, the layer before
 v17) and ``route_general`` (``JAX_NVFP4_ROUTE_SMALL=0``: decode batches in the general routing
-kernel, not the decode one; NOTES_moe.md v18). Large T works too (``--tokens 1024,4096``).
+kernel, not the decode one; NOTES_moe.md v18) and ``decode_tiles1`` (one N block per block at
+block_m 8: the rule before v18's decode tiles). Large T works too (``--tokens 1024,4096``).
 """
 
 from __future__ import annotations
@@ -131,6 +132,14 @@ def unsplit_tiles_per_block(tiles: int):
                  lambda num_slots, n, k, block_m, splits, bf16=True: tiles if splits == 1 else 1)
 
 
+def decode_one_tile():
+  """One N block per block at block_m 8 (the rule before NOTES_moe.md v18's decode tiles)."""
+  saved = moe_ops.choose_moe_prefill_tiles
+  return patched("choose_moe_prefill_tiles",
+                 lambda num_slots, n, k, block_m, splits, bf16=True:
+                 1 if block_m == 8 else saved(num_slots, n, k, block_m, splits, bf16))
+
+
 def gemms_without_row_hint():
   """fused_moe's grouped GEMMs get ``expert_rows=0``: the 8-row decode block."""
   saved = moe_ops.nvfp4_moe_gemm
@@ -157,7 +166,8 @@ def main():
                        "ks_tiles8 / ks_tiles16 (the k-sliced rule's token-tile limit raised "
                        "from 4), split6 (split K down to 6 k64 chunks per split, not 48), "
                        "unfused (w13 in plain order: the activation as an XLA kernel), "
-                       "route_general (the general routing kernel at decode too)")
+                       "route_general (the general routing kernel at decode too), "
+                       "decode_tiles1 (one N block per block at block_m 8)")
   args = ap.parse_args()
   rows = []
   key = jax.random.key(1)
@@ -180,7 +190,8 @@ def main():
                 "ks_tiles16": lambda: patched("MOE_K_SLICES_MAX_TOKEN_TILES", 16),
                 "split6": lambda: patched("MIN_CHUNKS_PER_SPLIT", 6),
                 "unfused": contextlib.nullcontext,
-                "route_general": lambda: environment("JAX_NVFP4_ROUTE_SMALL", "0")}
+                "route_general": lambda: environment("JAX_NVFP4_ROUTE_SMALL", "0"),
+                "decode_tiles1": decode_one_tile}
     variants = {name: (many(bench_moe.nvfp4_layer(routing)), contexts[name])
                 for name in args.variants.split(",")}
     for t in (int(v) for v in args.tokens.split(",")):

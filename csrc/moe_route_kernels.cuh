@@ -304,8 +304,8 @@ __global__ void __launch_bounds__(kRouteMaxWarps * 32, 1)
 // alignment's [warps][E] tables, scans and cursors for 8 pairs (NOTES_moe.md v12, v16, v18).
 // Here warp t routes token t with its keys in registers (lane l owns experts l + 32 j, j < PER),
 // so a selection round is two REDUX and PER compares with no memory access; then warp 0 aligns
-// the <= 128 pairs in chunks of 32, one lane per pair (align_pairs_warp), with no block-wide
-// tables. One barrier in all, none for a single token.
+// the <= 128 pairs, one lane per pair, in chunks of 32 (align_chunks_warp) or, up to 32 pairs,
+// in one (align_pair_lanes_warp), with no block-wide tables. One barrier in all, none for a single token.
 // Same arithmetic in the same order as route_token: ids, weights and the alignment are bitwise
 // those of the kernel above (tests/test_moe_route_align.py compares both with the reference).
 constexpr int kSmallMaxTokens = 32;     // one warp per token
@@ -461,6 +461,43 @@ __device__ __forceinline__ void route_token_registers(const RouteParams &p, int 
   }
 }
 
+// The alignment of <= 32 pairs by one warp, lane = pair: the same outputs as align_place.
+// Why a second version beside align_chunks_warp: at one token this one (no shared-memory
+// counts, one shuffle loop) made the DeepSeek-like routing kernel 6.0 us, the chunked one
+// 7.9 (NOTES_moe.md v18).
+__device__ __forceinline__ void align_pair_lanes_warp(const RouteParams &p, const int *ids_s,
+                                                 const int *map_s) {
+  const int lane = threadIdx.x % 32, experts = p.experts, block_m = p.block_m;
+  const int pairs = p.tokens * p.top_k, sentinel = pairs;
+  const int e = lane < pairs ? ids_s[lane] : experts;   // E: no pair
+  const unsigned peers = __match_any_sync(0xffffffffu, e);
+  const unsigned below = peers & ((1u << lane) - 1u);
+  const int count = __popc(peers);
+  const bool leader = below == 0u && e < experts;
+  const int padded = leader ? (count + block_m - 1) / block_m * block_m : 0;
+  // The first slot of expert e: the padded runs of the lower experts, one per leader lane.
+  int start = 0;
+#pragma unroll
+  for (int q = 0; q < 32; ++q) {
+    const int eq = __shfl_sync(0xffffffffu, e, q), pq = __shfl_sync(0xffffffffu, padded, q);
+    start += eq < e ? pq : 0;
+  }
+  const int used = __reduce_add_sync(0xffffffffu, padded);
+  if (e < experts) p.sorted_ids[start + __popc(below)] = lane;
+  if (leader) {
+#pragma unroll 1
+    for (int s = start + count; s < start + padded; ++s) p.sorted_ids[s] = sentinel;
+    const int mapped = map_s != nullptr ? map_s[e] : e;
+#pragma unroll 1
+    for (int b = start / block_m; b < (start + padded) / block_m; ++b) p.block_expert[b] = mapped;
+  }
+#pragma unroll 1
+  for (int s = used + lane; s < p.slots; s += 32) p.sorted_ids[s] = sentinel;
+#pragma unroll 1
+  for (int b = used / block_m + lane; b < p.slots / block_m; b += 32) p.block_expert[b] = -1;
+  if (lane == 0) *p.num_padded = used;
+}
+
 // The alignment of <= kSmallMaxPairs pairs by one warp (the same outputs as align_place), in
 // chunks of 32 pairs, lane = pair:
 //   1. per chunk, __match_any_sync groups equal experts; each group's lowest lane adds the
@@ -472,7 +509,7 @@ __device__ __forceinline__ void route_token_registers(const RouteParams &p, int 
 //   3. each pair goes to start_s[e] + its place.
 // Every output slot is written once.
 template <int PER>
-__device__ __forceinline__ void align_pairs_warp(const RouteParams &p, const int *ids_s,
+__device__ __forceinline__ void align_chunks_warp(const RouteParams &p, const int *ids_s,
                                                  const int *map_s, int *count_s, int *start_s) {
   const int lane = threadIdx.x % 32, experts = p.experts, block_m = p.block_m;
   const int pairs = p.tokens * p.top_k, sentinel = pairs;
@@ -543,7 +580,8 @@ __device__ __forceinline__ void align_pairs_warp(const RouteParams &p, const int
 }
 
 // One block of `tokens` warps. Dynamic shared memory: [warps][E] keys when n_group > 1.
-template <typename T, int PER>
+// kChunked: more than 32 pairs (align_chunks_warp), else align_pair_lanes_warp.
+template <typename T, int PER, bool kChunked>
 __global__ void __launch_bounds__(kSmallMaxTokens * 32, 1)
     moe_route_align_small_kernel(const RouteParams p) {
   extern __shared__ unsigned group_rows[];
@@ -569,15 +607,29 @@ __global__ void __launch_bounds__(kSmallMaxTokens * 32, 1)
   } else {
     __syncwarp();
   }
-  if (warp == 0) align_pairs_warp<PER>(p, ids_s, has_map ? map_s : nullptr, count_s, start_s);
+  if (warp == 0) {
+    if (kChunked) {
+      align_chunks_warp<PER>(p, ids_s, has_map ? map_s : nullptr, count_s, start_s);
+    } else {
+      align_pair_lanes_warp(p, ids_s, has_map ? map_s : nullptr);
+    }
+  }
+}
+
+template <typename T, bool kChunked>
+const void *small_kernel(int experts) {
+  if (experts <= 32)
+    return reinterpret_cast<const void *>(moe_route_align_small_kernel<T, 1, kChunked>);
+  if (experts <= 64)
+    return reinterpret_cast<const void *>(moe_route_align_small_kernel<T, 2, kChunked>);
+  if (experts <= 128)
+    return reinterpret_cast<const void *>(moe_route_align_small_kernel<T, 4, kChunked>);
+  return reinterpret_cast<const void *>(moe_route_align_small_kernel<T, 8, kChunked>);
 }
 
 template <typename T>
-const void *small_kernel(int experts) {
-  if (experts <= 32) return reinterpret_cast<const void *>(moe_route_align_small_kernel<T, 1>);
-  if (experts <= 64) return reinterpret_cast<const void *>(moe_route_align_small_kernel<T, 2>);
-  if (experts <= 128) return reinterpret_cast<const void *>(moe_route_align_small_kernel<T, 4>);
-  return reinterpret_cast<const void *>(moe_route_align_small_kernel<T, 8>);
+const void *small_kernel(int experts, int pairs) {
+  return pairs > 32 ? small_kernel<T, true>(experts) : small_kernel<T, false>(experts);
 }
 
 // ids[pairs], map[E], then the routing rows ([warps][2][E]) or the alignment's tables.
@@ -610,9 +662,9 @@ inline std::string plan_route_launch(const RouteParams &p, LogitType type, bool 
   const int pairs = p.tokens * p.top_k, e = p.experts;
   if (p.tokens >= 1 && p.tokens <= kSmallMaxTokens && pairs <= kSmallMaxPairs &&
       e <= kSmallMaxExperts && allow_decode) {
-    launch.kernel = type == LogitType::kF32    ? small_kernel<float>(e)
-                    : type == LogitType::kBF16 ? small_kernel<__nv_bfloat16>(e)
-                                               : small_kernel<__half>(e);
+    launch.kernel = type == LogitType::kF32    ? small_kernel<float>(e, pairs)
+                    : type == LogitType::kBF16 ? small_kernel<__nv_bfloat16>(e, pairs)
+                                               : small_kernel<__half>(e, pairs);
     launch.threads = p.tokens * 32;
     // <= 32 KB
     launch.smem = p.n_group > 1 ? size_t(p.tokens) * size_t(e) * sizeof(unsigned) : 0;

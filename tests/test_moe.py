@@ -572,20 +572,35 @@ def _capacity_slots(tokens, top_k, experts, block_m=64):
     (_capacity_slots(4096, 8, 128), 2048, 768, 32, 1, 1),    # block_m 32
     (_capacity_slots(4096, 8, 128), 2048, 768, 64, 2, 1),    # K split across blocks
     (64, 100, 768, 64, 1, 1),                                # one N block
+    # Decode (block_m 8), 3 blocks per SM in this test's figures: 2 N blocks where K has at
+    # most 8 units and 2 waves remain.
+    (_capacity_slots(16, 8, 128, 8), 2048, 768, 8, 1, 2),    # Qwen3-like GEMM 2, T = 16
+    (_capacity_slots(16, 8, 128, 8), 1536, 2048, 8, 1, 1),   # its GEMM 1: 6 x 128 < 2 waves
+    (_capacity_slots(16, 8, 256, 8), 7168, 2048, 8, 1, 2),   # DeepSeek-like GEMM 2
+    (_capacity_slots(16, 8, 256, 8), 4096, 7168, 8, 1, 1),   # its GEMM 1: 28 units
+    (_capacity_slots(4, 2, 8, 8), 28672, 4096, 8, 1, 1),     # Mixtral-like GEMM 1: 16 units
+    (_capacity_slots(1, 8, 128, 8), 2048, 768, 8, 1, 1),     # T = 1: under a wave
+    (_capacity_slots(16, 8, 128, 8), 2048, 768, 8, 2, 1),    # K split across blocks
 ])
 def test_prefill_tiles_per_block(monkeypatch, slots, n, k, block_m, splits, want):
-  """Several N blocks per block at block_m 64 only where K is short, the block runs at most
-  MOE_PREFILL_MAX_UNITS units and the grid keeps MOE_PREFILL_MIN_WAVES waves."""
+  """Several N blocks per block at block_m 64 where K is short, the block runs at most
+  MOE_PREFILL_MAX_UNITS units and the grid keeps MOE_PREFILL_MIN_WAVES waves; at block_m 8
+  two where K has at most MOE_DECODE_TILES_MAX_UNITS units and MOE_DECODE_TILES_MIN_WAVES
+  waves remain; never with split K or at block_m 16 / 32."""
+  per_sm = 3 if block_m == 8 else 2
   monkeypatch.setattr(moe_ops._ffi, "sm_count", lambda: 132)           # an H100's SMs
-  monkeypatch.setattr(moe_ops._ffi, "moe_blocks_per_sm", lambda mt, bf16: 2)
+  monkeypatch.setattr(moe_ops._ffi, "moe_blocks_per_sm", lambda mt, bf16: per_sm)
   got = moe_ops.choose_moe_prefill_tiles(slots, n, k, block_m, splits)
   assert got == want
   n_blocks = -(-(-(-n // 16)) // 8)
   units = -(-(-(-k // 64)) // 4)
   assert 1 <= got <= n_blocks
-  if got > 1:
+  if got > 1 and block_m == 64:
     assert units * got <= moe_ops.MOE_PREFILL_MAX_UNITS
     assert -(-n_blocks // got) * (slots // block_m) >= moe_ops.MOE_PREFILL_MIN_WAVES * 132 * 2
+  if got > 1 and block_m == 8:
+    assert got == 2 and units <= moe_ops.MOE_DECODE_TILES_MAX_UNITS
+    assert -(-n_blocks // 2) * (slots // 8) >= moe_ops.MOE_DECODE_TILES_MIN_WAVES * 132 * 3
 
 
 @pytest.mark.parametrize("limit", [0, 1, 2, 16])

@@ -374,22 +374,24 @@ def test_repeated_expert_ids_at_decode(rng, monkeypatch, ids):
   _check(x, w13, w2, out, tw, ti, gemm1_rounded=False)
 
 
-@pytest.mark.parametrize("m, h, i, e, k, dtype, tiles, mapped", [
-    (300, 512, 400, 6, 2, jnp.bfloat16, 2, False),   # N = 800 / 512: 7 / 4 N blocks; K 7 / 8 chunks
-    (300, 512, 400, 6, 2, jnp.float16, 3, False),    # a ragged last block of N blocks
-    (257, 1040, 1008, 4, 3, jnp.bfloat16, 4, True),  # K = 1040 / 1008 (partial units), mapped
+@pytest.mark.parametrize("m, h, i, e, k, dtype, tiles, mapped, block_m", [
+    (300, 512, 400, 6, 2, jnp.bfloat16, 2, False, 64),   # N = 800 / 512: 7 / 4 N blocks
+    (300, 512, 400, 6, 2, jnp.float16, 3, False, 64),    # a ragged last block of N blocks
+    (257, 1040, 1008, 4, 3, jnp.bfloat16, 4, True, 64),  # K = 1040 / 1008 (partial units)
+    (16, 512, 400, 32, 4, jnp.bfloat16, 2, False, 8),    # decode tiles (block_m 8)
+    (5, 1040, 1008, 16, 3, jnp.float16, 2, True, 8),     # decode, partial units, mapped
 ])
-def test_prefill_gemms_with_several_n_blocks_per_block(rng, monkeypatch, m, h, i, e, k, dtype,
-                                                      tiles, mapped):
-  """At block_m 64 a block can run several N blocks of its token tile through one pipeline
-  (the default where K is short and the grid keeps 4 waves; forced here on small shapes).
-  Against the float64 layer with poisoned outputs, and bitwise equal to one N block per
-  block (the same fp32 sums in the same order)."""
+def test_gemms_with_several_n_blocks_per_block(rng, monkeypatch, m, h, i, e, k, dtype, tiles,
+                                               mapped, block_m):
+  """At block_m 64 (prefill) and 8 (decode) a block can run several N blocks of its token tile
+  through one pipeline (the default where K is short and the grid keeps enough waves; forced
+  here on small shapes). Against the float64 layer with poisoned outputs, and bitwise equal to
+  one N block per block (the same fp32 sums in the same order)."""
   x, w13, w2 = _layer(rng, m, h, i, e, dtype=dtype)
   tw, ti = _distinct_topk(rng, m, e, k)
   w13, w2, kw = _even_experts_local(w13, w2, e) if mapped else (w13, w2, {})
   p13, p2 = nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2)
-  assert choose_block_m(m, k, e) == 64
+  assert choose_block_m(m, k, e) == block_m
   layer = lambda: jax.jit(lambda *a: nf.fused_moe(*a, topk_weights=tw, topk_ids=ti,  # noqa: E731
                                                    **kw))
   monkeypatch.setattr(moe_ops, "choose_moe_prefill_tiles", lambda *a, **kw: tiles)

@@ -415,20 +415,38 @@ MOE_PREFILL_MAX_UNITS = 32
 MOE_PREFILL_MIN_WAVES = 4
 
 
+#: Decode (block_m 8, unsliced, K not split): 2 N blocks per block where K is at most this
+#: many units ...
+MOE_DECODE_TILES_MAX_UNITS = 8
+#: ... and the grid keeps at least this many waves of resident blocks with them.
+MOE_DECODE_TILES_MIN_WAVES = 2
+
+
 def choose_moe_prefill_tiles(num_slots: int, n: int, k: int, block_m: int, splits: int,
                              bf16: bool = True) -> int:
-  """N blocks (of 128 rows) per block of an unsliced, unsplit launch at block_m 64: 4 or 2
-  where K is short, so that a block's start and pipeline fill are paid once for several N
-  blocks of its token tile, else 1. Measured per GEMM on an H100 at T = 4096
+  """N blocks (of 128 rows) per block of an unsliced, unsplit launch, so that a block's start
+  and pipeline fill are paid once for several N blocks of its token tile where K is short.
+
+  block_m 64 (prefill): 4 or 2 while the block runs at most ``MOE_PREFILL_MAX_UNITS`` units and
+  the grid keeps ``MOE_PREFILL_MIN_WAVES`` waves. Measured per GEMM on an H100 at T = 4096
   (NOTES_moe.md v8): Qwen3-like GEMM 2 (K = 768, 3 units) 573 -> 529 us with 4, DeepSeek-like
   GEMM 2 (K = 2048) 3726 -> 3523, Mixtral-like GEMM 1 (K = 4096) 5421 -> 5267 with 2; a loss
-  where the grid fell under a wave (Mixtral-like GEMM 2 at T = 1024: 696 -> 965 us with 4)."""
-  if block_m != 64 or splits != 1:
+  where the grid fell under a wave (Mixtral-like GEMM 2 at T = 1024: 696 -> 965 us with 4).
+  block_m 8 (decode): 2 where K is at most ``MOE_DECODE_TILES_MAX_UNITS`` units and the grid
+  keeps ``MOE_DECODE_TILES_MIN_WAVES`` waves (H200, NOTES_moe.md v18: at T = 16 the Qwen3-like
+  GEMM 2, K = 768, 29.0 -> 27.5 us, the DeepSeek-like one, K = 2048, 239.2 -> 233.3; losses with
+  long K (Mixtral-like GEMM 1 at T = 4, 16 units: 96.8 -> 106.0) and under a few waves). Else 1.
+  """
+  if splits != 1 or block_m not in (8, 64):
     return 1
   n_blocks = -(-(-(-n // 16)) // _WARPS_PER_BLOCK)
   tiles = max(1, num_slots // block_m)
   units = -(-(-(-k // 64)) // _CHUNKS_PER_UNIT)
   resident = (_ffi.sm_count() or 132) * (_ffi.moe_blocks_per_sm(block_m // 8, bf16) or 1)
+  if block_m == 8:
+    fits = (2 <= n_blocks and units <= MOE_DECODE_TILES_MAX_UNITS
+            and -(-n_blocks // 2) * tiles >= MOE_DECODE_TILES_MIN_WAVES * resident)
+    return 2 if fits else 1
   for t in (4, 2):
     if (t <= n_blocks and units * t <= MOE_PREFILL_MAX_UNITS
         and -(-n_blocks // t) * tiles >= MOE_PREFILL_MIN_WAVES * resident):
