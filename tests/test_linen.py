@@ -221,8 +221,11 @@ def test_moe_reference_backend_never_reaches_the_kernel(rng, monkeypatch):
   lower = lambda f: jax.jit(f).trace(x).lower(lowering_platforms=("cuda",)).as_text()
   assert moe_ops.CUDA_TARGET not in lower(lambda a: layer.apply(v, a))
   y = jax.jit(layer.apply)(v, x)
+  # A gated kernel-layout init stores w13 in gate_up_pairs order, with its record.
+  assert v["nvfp4"]["w13_gate_up_pairs"].shape == (8, 0)
   w13, w2 = (nf.PreparedNVFP4Weight(v["nvfp4"][f"{p}_qweight"], v["nvfp4"][f"{p}_qscales"],
-                                    v["nvfp4"][f"{p}_global_scale"], n=n, k=k)
+                                    v["nvfp4"][f"{p}_global_scale"], n=n, k=k,
+                                    gate_up_pairs=f"{p}_gate_up_pairs" in v["nvfp4"])
              for p, n, k in (("w13", 2 * i, h), ("w2", h, i)))
   want = np_moe(bf16(x), bf16(v["params"]["router"]), dequant64(w13), dequant64(w2), 2,
                 "swiglu")
@@ -232,3 +235,149 @@ def test_moe_reference_backend_never_reaches_the_kernel(rng, monkeypatch):
         a, w13, w2, router_logits=jnp.einsum("mh,eh->me", a, v["params"]["router"],
                                              preferred_element_type=jnp.float32), top_k=2)
     assert lower(control).count(moe_ops.CUDA_TARGET) == 2
+
+
+# ----------------------------------------------------------------------------- gate_up_pairs
+#
+# Tolerances as tests/test_nnx.py's gate_up_pairs tests: the pairs order skips the bf16
+# rounding of GEMM 1's output, so it differs from [gate; up] by one-ulp flips of some outputs
+# (measured 2.6e-3 to 4.8e-3 rel-L2, bound 2^-7); both stay within the layers' 1e-2 of float64.
+
+
+def _records(variables) -> dict:
+  """The w13 row-order records of a variables dict, name -> shape."""
+  unbox = lambda a: a.unbox(apply_constraint=False) if isinstance(a, nn.Partitioned) else a
+  return {k: tuple(unbox(a).shape) for k, a in variables["nvfp4"].items()
+          if k.startswith("w13_gate_up")}
+
+
+def _stored_w13(variables, n, k):
+  """The stored w13, its row order read from the record as the layer reads it."""
+  s = variables["nvfp4"]
+  return nf.PreparedNVFP4Weight(s["w13_qweight"], s["w13_qscales"], s["w13_global_scale"], n=n,
+                                k=k, gate_up_pairs="w13_gate_up_pairs" in s)
+
+
+def test_moe_init_stores_gate_up_pairs_where_safe(rng):
+  from jax.sharding import AbstractMesh, AxisType
+  e, h, i, k = 4, 64, 32, 2
+  x = jnp.asarray(randn(rng, 12, h), jnp.bfloat16)
+  key = jax.random.key(3)
+  pairs_layer = L.NVFP4MoE(i, e, top_k=k, prepare=True)
+  plain_layer = L.NVFP4MoE(i, e, top_k=k, prepare=True, fuse_activation=False)
+  vp, vq = pairs_layer.init(key, x), plain_layer.init(key, x)
+  assert _records(vp) == {"w13_gate_up_pairs": (8, 0)} and _records(vq) == {}
+  # The same draw, stored in pairs order: the canonical weight bitwise once unprepared.
+  wp, wq = _stored_w13(vp, 2 * i, h), _stored_w13(vq, 2 * i, h)
+  assert wp.gate_up_pairs and not wq.gate_up_pairs
+  for a, b in zip(jax.tree.leaves(nf.unprepare(wp)), jax.tree.leaves(nf.unprepare(wq))):
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+  np.testing.assert_array_equal(np.asarray(wp.qweight), np.asarray(
+      nf.prepare(nf.unprepare(wq), gate_up_pairs=True).qweight))
+  yp, yq = jax.jit(pairs_layer.apply)(vp, x), jax.jit(plain_layer.apply)(vq, x)
+  assert rel_l2(yp, yq) < 2**-7
+  w2 = nf.PreparedNVFP4Weight(vp["nvfp4"]["w2_qweight"], vp["nvfp4"]["w2_qscales"],
+                              vp["nvfp4"]["w2_global_scale"], n=h, k=i)
+  want = np_moe(bf16(x), bf16(vp["params"]["router"]), dequant64(wp), dequant64(w2), k,
+                "swiglu")
+  assert rel_l2(yp, want) < 1e-2 and rel_l2(yq, want) < 1e-2
+  # [gate; up] (no record) where the order is not safe: the checkpoint layout, relu2, a tensor
+  # axis of size > 1 (its per-shard record instead), an expert axis.
+  assert _records(L.NVFP4MoE(i, e, top_k=k).init(key, x)) == {}
+  assert _records(L.NVFP4MoE(i, e, top_k=k, prepare=True, activation="relu2").init(key, x)) == {}
+  mesh = AbstractMesh((2, 4), ("expert", "model"), axis_types=(AxisType.Auto,) * 2)
+  with jax.sharding.use_abstract_mesh(mesh):
+    tp4 = jax.eval_shape(L.NVFP4MoE(256, 8, top_k=k, prepare=True, tensor_axis="model").init,
+                         key, x)
+    assert _records(tp4) == {"w13_gate_up_shards": (4, 0)}
+    ep = jax.eval_shape(L.NVFP4MoE(64, e, top_k=k, prepare=True, expert_axis="expert").init,
+                        key, x)
+    assert _records(ep) == {}
+    # State in pairs order under a layer that runs sharded: refused (sharded_fused_moe would
+    # read the rows as [gate; up]).
+    v64 = L.NVFP4MoE(64, e, top_k=k, prepare=True).init(key, x)
+    with pytest.raises(ValueError, match="gate_up_pairs order, which the sharded layer"):
+      jax.eval_shape(L.NVFP4MoE(64, e, top_k=k, expert_axis="expert").apply, v64, x)
+  with pytest.raises(ValueError, match="fuse_activation=True .*checkpoint layout"):
+    L.NVFP4MoE(i, e, top_k=k, fuse_activation=True).init(key, x)
+  with pytest.raises(ValueError, match="fuse_activation=True .*'relu2' is not gated"):
+    L.NVFP4MoE(i, e, top_k=k, prepare=True, activation="relu2", fuse_activation=True).init(
+        key, x)
+
+
+def test_moe_variables_gate_up_pairs_gptoss_bias_and_old_state(rng):
+  e, h, i, k = 4, 64, 32, 2
+  router = randn(rng, e, h, scale=0.3)
+  w13, w2 = randn(rng, e, 2 * i, h, scale=0.15), randn(rng, e, h, i, scale=0.2)
+  b13, b2 = randn(rng, e, 2 * i, scale=0.1), randn(rng, e, h, scale=0.1)
+  x = jnp.asarray(randn(rng, 12, h), jnp.bfloat16)
+  act = dict(activation="gptoss", limit=0.7)
+  layer = L.NVFP4MoE(i, e, top_k=k, use_expert_bias=True, **act)
+  # What moe_variables built before the pairs order existed (and still builds by default).
+  old = L.moe_variables(router, w13, w2, w13_bias=b13, w2_bias=b2, prepare=True)
+  new = L.moe_variables(router, w13, w2, w13_bias=b13, w2_bias=b2, prepare=True,
+                        gate_up_pairs=True)
+  assert _records(old) == {} and _records(new) == {"w13_gate_up_pairs": (8, 0)}
+  np.testing.assert_array_equal(np.asarray(new["params"]["w13_bias"]), b13)  # [gate; up]
+  y_old, y_new = jax.jit(layer.apply)(old, x), jax.jit(layer.apply)(new, x)
+  # Each is the NNX layer of the same order, bitwise (the same fused_moe call).
+  nnx_call = nnx.jit(lambda m, a: m(a))
+  for y, fuse in ((y_old, False), (y_new, None)):
+    twin = NNXMoE.from_dense(router, w13, w2, w13_bias=b13, w2_bias=b2, top_k=k, prepare=True,
+                             fuse_activation=fuse, **act)
+    assert twin.gate_up_pairs == (fuse is None)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(nnx_call(twin, x)))
+  want = np_moe(bf16(x), bf16(router), dequant64(_stored_w13(new, 2 * i, h)),
+                dequant64(nf.quantize(jnp.asarray(w2))), k, "gptoss", limit=0.7, b13=b13, b2=b2)
+  assert rel_l2(y_new, want) < 1e-2 and rel_l2(y_old, want) < 1e-2
+  assert rel_l2(y_new, y_old) < 2**-7
+  # An explicit fuse_activation must be the stored order.
+  np.testing.assert_array_equal(np.asarray(layer.clone(fuse_activation=True).apply(new, x)),
+                                np.asarray(y_new))
+  with pytest.raises(ValueError, match=r"fuse_activation=True, but the stored w13 is in "
+                                       r"\[gate; up\] order \(no record"):
+    layer.clone(fuse_activation=True).apply(old, x)
+  with pytest.raises(ValueError, match="fuse_activation=False, but the stored w13 is in "
+                                       "gate_up_pairs order"):
+    layer.clone(fuse_activation=False).apply(new, x)
+  # moe_variables puts a w13 given in pairs order back in [gate; up] unless asked, exactly.
+  q13 = nf.quantize(jnp.asarray(w13))
+  given = L.moe_variables(router, nf.prepare(q13, gate_up_pairs=True), w2, prepare=True)
+  assert _records(given) == {}
+  np.testing.assert_array_equal(np.asarray(given["nvfp4"]["w13_qweight"]),
+                                np.asarray(nf.prepare(q13).qweight))
+
+
+def test_moe_gate_up_pairs_record_mismatches_raise(rng):
+  e, h, i, k = 4, 64, 32, 2
+  router, w13, w2 = randn(rng, e, h), randn(rng, e, 2 * i, h), randn(rng, e, h, i)
+  x = jnp.asarray(randn(rng, 5, h), jnp.bfloat16)
+  layer = L.NVFP4MoE(i, e, top_k=k)
+  record = jnp.zeros((8, 0), jnp.uint8)
+  with_store = lambda v, **extra: {"params": v["params"], "nvfp4": {**v["nvfp4"], **extra}}
+  pairs = L.moe_variables(router, w13, w2, prepare=True, gate_up_pairs=True)
+  ckpt = L.moe_variables(router, w13, w2)
+  cases = [
+      # A pairs record beside a checkpoint-layout w13 (whose rows are always [gate; up]).
+      (layer, with_store(ckpt, w13_gate_up_pairs=record), "beside a checkpoint-layout"),
+      (layer, with_store(pairs, w13_gate_up_pairs=jnp.zeros((4, 0), jnp.uint8)),
+       r"must be an empty array of shape \(8, 0\)"),
+      (layer, with_store(pairs, w13_gate_up_shards=jnp.zeros((2, 0), jnp.uint8)),
+       "holds both 'w13_gate_up_pairs' and 'w13_gate_up_shards'"),
+      (layer, with_store(pairs, w2_gate_up_pairs=record), "w2 has no gate and up rows"),
+      (L.NVFP4MoE(i, e, top_k=k, activation="relu2"),
+       with_store(L.moe_variables(router, w13[:, :i], w2, prepare=True),
+                  w13_gate_up_pairs=record), "only a gated activation reads"),
+  ]
+  for module, variables, msg in cases:
+    with pytest.raises(ValueError, match=msg):
+      module.apply(variables, x)
+  with pytest.raises(ValueError, match="only a gated MoE's w13"):
+    L.NVFP4Dense(2 * i, use_bias=False).apply(
+        {"nvfp4": L.weight_variables(nf.prepare(nf.quantize(jnp.asarray(w13[0])),
+                                                gate_up_pairs=True))}, x)
+  for rows, kw, msg in ((w13, dict(), "prepare=False"),
+                        (w13, dict(prepare=True, gate_up_shards=2), "gate_up_shards = 2"),
+                        (w13[:, :i], dict(prepare=True), r"not the \[gate; up\] = 2I = 64")):
+    with pytest.raises(ValueError, match="gate_up_pairs=True cannot be used: .*" + msg):
+      L.moe_variables(router, rows, w2, gate_up_pairs=True, **kw)

@@ -19,6 +19,8 @@ from flax import nnx
 import jax_nvfp4 as nf
 from jax_nvfp4 import backend as backend_lib
 from jax_nvfp4.nn import MoEBuffer, NVFP4Linear, NVFP4MoE, NVFP4Variable
+from jax_nvfp4.nn.nnx import LayoutRecord
+from tests import numpy_moe_reference as moe_ref
 from tests import numpy_reference as npr
 
 # NVFP4 on Gaussian weights: the E2M1 grid with a per-16 scale mapping each block's amax to 6
@@ -436,7 +438,8 @@ def test_moe_constructors_agree_and_transforms(rng):
   w13, w2 = nf.quantize(jnp.asarray(randn(rng, e, 2 * i, h))), nf.quantize(
       jnp.asarray(randn(rng, e, h, i)))
   a = NVFP4MoE.from_nvfp4(router, w13, w2, top_k=2)
-  b = NVFP4MoE.from_nvfp4(router, w13, w2, top_k=2, prepare=True)
+  # [gate; up] order: the rounding points of a (the gate_up_pairs order is tested below).
+  b = NVFP4MoE.from_nvfp4(router, w13, w2, top_k=2, prepare=True, fuse_activation=False)
   assert b.prepared and set(nnx.state(b, NVFP4Variable)) == {
       "w13_qweight", "w13_qscales", "w13_global_scale", "w2_qweight", "w2_qscales",
       "w2_global_scale"}
@@ -529,6 +532,198 @@ def test_moe_bad_arguments(rng):
   layer = NVFP4MoE.from_dense(router, w13, w2, top_k=2)
   with pytest.raises(ValueError, match=r"\[\.\.\., 32\]"):
     layer(jnp.ones((2, 16), jnp.bfloat16))
+
+
+# ----------------------------------------------------------------------------- gate_up_pairs
+#
+# A gated layer that keeps its weights in the kernel layout stores w13's rows in gate_up_pairs
+# order, so that GEMM 1 applies the activation (fused_moe). On the CPU the reference lowering
+# rounds at the kernel's points, so the order is visible in the numbers: tests/
+# numpy_moe_reference.py's float64 layer with bf16 roundings at those points
+# (gemm1_rounded=False for pairs: GEMM 1's output is not rounded before the activation).
+
+PAIRS_CASES = [("swiglu", None, False), ("swiglu", 0.6, False), ("gptoss", 0.7, True)]
+
+
+def _pairs_layers(rng, activation, limit, bias, e=4, h=64, i=32):
+  """(pairs layer, the same layer in [gate; up] order, the float weights, the constructor's
+  keywords but prepare) from the same experts."""
+  router = randn(rng, e, h, scale=0.3)
+  w13, w2 = randn(rng, e, 2 * i, h, scale=0.15), randn(rng, e, h, i, scale=0.2)
+  b13 = randn(rng, e, 2 * i, scale=0.1) if bias else None
+  b2 = randn(rng, e, h, scale=0.1) if bias else None
+  kw = dict(w13_bias=b13, w2_bias=b2, top_k=2, activation=activation, limit=limit)
+  pairs = NVFP4MoE.from_dense(router, w13, w2, prepare=True, **kw)
+  plain = NVFP4MoE.from_dense(router, w13, w2, prepare=True, fuse_activation=False, **kw)
+  return pairs, plain, (router, w13, w2), kw
+
+
+def _rounded_reference(layer, x, activation, limit, b13, b2, gemm1_rounded):
+  """float64 layer (tests/numpy_moe_reference.py) on the layer's dequantized experts; with
+  bf16 roundings at fused_moe's points, or exact (``gemm1_rounded=None``)."""
+  x64 = bf16(x)
+  logits = x64 @ bf16(layer.router.get_value()).T  # the router runs in bf16
+  tw, ti = moe_ref.route(logits, layer.top_k)
+  kw = dict(activation_kind=activation, limit=limit, b13=b13, b2=b2)
+  if gemm1_rounded is not None:
+    kw.update(round_dtype=ml_dtypes.bfloat16, gemm1_rounded=gemm1_rounded)
+  out = moe_ref.moe(x64, dequant64(layer.w13), dequant64(layer.w2), tw, ti, **kw)
+  return bf16(out) if gemm1_rounded is not None else out
+
+
+@pytest.mark.parametrize("activation,limit,bias", PAIRS_CASES,
+                         ids=[f"{a}-{l}-{b}" for a, l, b in PAIRS_CASES])
+def test_moe_gate_up_pairs_matches_plain_order_and_reference(rng, activation, limit, bias):
+  pairs, plain, weights, kw = _pairs_layers(rng, activation, limit, bias)
+  w13, b13, b2 = weights[1], kw["w13_bias"], kw["w2_bias"]
+  assert pairs.gate_up_pairs and not plain.gate_up_pairs
+  # Stored in pairs order (the flag on the stored pytree, and the record in the state), which
+  # is the canonical weight bitwise once unprepared; the w13 property gives [gate; up].
+  stored = pairs._weight("w13")
+  assert isinstance(stored, nf.PreparedNVFP4Weight) and stored.gate_up_pairs
+  q13 = nf.quantize(jnp.asarray(w13))
+  back = nf.unprepare(stored)
+  np.testing.assert_array_equal(np.asarray(back.packed), np.asarray(q13.packed))
+  np.testing.assert_array_equal(np.asarray(back.scales).view(np.uint8),
+                                np.asarray(q13.scales).view(np.uint8))
+  np.testing.assert_array_equal(np.asarray(back.global_scale), np.asarray(q13.global_scale))
+  assert not np.array_equal(np.asarray(stored.qweight), np.asarray(nf.prepare(q13).qweight))
+  assert isinstance(pairs.w13_gate_up_pairs, LayoutRecord)
+  assert pairs.w13_gate_up_pairs.get_value().shape == (8,) and plain.w13_gate_up_pairs is None
+  assert "w13_gate_up_pairs" not in nnx.state(plain)  # [gate; up]: the state of before
+  for a, b in zip(jax.tree.leaves(pairs.w13), jax.tree.leaves(plain.w13)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not pairs.w13.gate_up_pairs
+  if bias:  # stored as given: fused_moe reorders the bias of a pairs w13 itself
+    np.testing.assert_array_equal(np.asarray(pairs.w13_bias.get_value()), b13)
+
+  x = jnp.asarray(randn(rng, 24, 64), jnp.bfloat16)
+  y_pairs, y_plain = call(pairs, x), call(plain, x)
+  # Each order against the float64 layer rounded to bf16 at its own points: what can be left
+  # is float32 accumulation flipping the odd bf16 rounding (measured 0 on the CPU; bound
+  # test_moe_gpu.py's 1.5e-3, as on a GPU these tests run the kernel). The other order's
+  # points are 2.6e-3 to 4.8e-3 off (as the two orders are from each other), so this checks
+  # that the activation really moved into GEMM 1.
+  assert rel_l2(y_pairs, _rounded_reference(pairs, x, activation, limit, b13, b2, False)) < 1.5e-3
+  assert rel_l2(y_plain, _rounded_reference(plain, x, activation, limit, b13, b2, True)) < 1.5e-3
+  # Against each other: the pairs order skips the bf16 rounding of GEMM 1's output (2^-9
+  # relative at most), which the later bf16 roundings (activation, expert rows, output) turn
+  # into one-ulp flips of some outputs: measured 2.6e-3 to 4.8e-3, bound 2^-7.
+  assert rel_l2(y_pairs, y_plain) < 2**-7
+  # Both against exact float64 math, within the layer tests' 1e-2 (measured 2.8e-3 to 3.1e-3
+  # for pairs, 2.9e-3 to 4.1e-3 for [gate; up]: one bf16 rounding less).
+  exact = _rounded_reference(pairs, x, activation, limit, b13, b2, None)
+  assert rel_l2(y_pairs, exact) < 1e-2 and rel_l2(y_plain, exact) < 1e-2
+  # [gate; up] order in the kernel layout is today's layer: the checkpoint layout's numbers.
+  ckpt = NVFP4MoE.from_dense(*weights, prepare=False, **kw)
+  np.testing.assert_array_equal(np.asarray(call(ckpt, x)), np.asarray(y_plain))
+
+
+def test_moe_gate_up_pairs_only_where_safe(rng):
+  e, h, i = 4, 64, 32
+  router, w13, w2 = randn(rng, e, h), randn(rng, e, 2 * i, h), randn(rng, e, h, i)
+  relu13 = w13[:, :i]
+  # The automatic rule: kernel layout, gated, I % 8 == 0, no expert axis, no tensor split.
+  assert NVFP4MoE.from_dense(router, w13, w2, top_k=2, prepare=True).gate_up_pairs
+  for layer in (NVFP4MoE.from_dense(router, w13, w2, top_k=2),  # checkpoint layout
+                NVFP4MoE.from_dense(router, relu13, w2, top_k=2, prepare=True,
+                                    activation="relu2"),
+                NVFP4MoE.from_dense(router, w13, w2, top_k=2, prepare=True,
+                                    fuse_activation=False)):
+    assert not layer.gate_up_pairs and layer.w13_gate_up_pairs is None
+    assert not getattr(layer._weight("w13"), "gate_up_pairs", False)
+  # A given pairs w13 is stored in the order the layer uses, exactly.
+  q13 = nf.quantize(jnp.asarray(w13))
+  given = nf.prepare(q13, gate_up_pairs=True)
+  for prepare, fuse in ((True, False), (False, None), (True, None)):
+    layer = NVFP4MoE.from_nvfp4(router, given, nf.quantize(jnp.asarray(w2)), top_k=2,
+                                prepare=prepare, fuse_activation=fuse)
+    assert layer.gate_up_pairs == (prepare and fuse is None)
+    want = nf.prepare(q13) if prepare else q13
+    for a, b in zip(jax.tree.leaves(layer.w13), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+  # fuse_activation=True where the order cannot be used names the reason.
+  with pytest.raises(ValueError, match="fuse_activation=True .*checkpoint layout"):
+    NVFP4MoE.from_dense(router, w13, w2, top_k=2, fuse_activation=True)
+  with pytest.raises(ValueError, match="fuse_activation=True .*'relu2' is not gated"):
+    NVFP4MoE.from_dense(router, relu13, w2, top_k=2, prepare=True, activation="relu2",
+                        fuse_activation=True)
+  with pytest.raises(ValueError, match="fuse_activation must be None, True or False"):
+    NVFP4MoE.from_dense(router, w13, w2, top_k=2, fuse_activation="yes")
+  # I % 8: the layers take I % 16 == 0 only, so the rule's own check is the one to test.
+  with pytest.raises(ValueError, match="I = 20 is not a multiple of 8"):
+    _common.resolve_fuse_activation(True, prepared=True, activation="swiglu",
+                                    intermediate_size=20, expert_axis=None, gate_up_shards=1,
+                                    who="t")
+  assert not _common.resolve_fuse_activation(None, prepared=True, activation="swiglu",
+                                             intermediate_size=20, expert_axis=None,
+                                             gate_up_shards=1, who="t")
+
+
+def test_moe_gate_up_pairs_and_mesh_axes(rng):
+  """A tensor axis of size > 1 keeps the per-shard order (no pairs); one of size 1 splits
+  nothing (pairs, and the layer runs); an expert axis keeps [gate; up] (sharded_fused_moe
+  rebuilds each device's w13 without the pairs flag)."""
+  from jax.sharding import AbstractMesh, AxisType
+  h, i, e = 64, 256, 8
+  make = lambda **kw: NVFP4MoE(h, i, e, top_k=2, rngs=nnx.Rngs(0), prepare=True, **kw)
+  with jax.sharding.use_abstract_mesh(AbstractMesh((2, 4), ("expert", "model"),
+                                                   axis_types=(AxisType.Auto,) * 2)):
+    tp4 = nnx.eval_shape(lambda: make(tensor_axis="model"))
+    assert tp4.gate_up_shards == 4 and not tp4.gate_up_pairs and tp4.w13_gate_up_pairs is None
+    with pytest.raises(ValueError, match="tensor axis of size 4"):
+      nnx.eval_shape(lambda: make(tensor_axis="model", fuse_activation=True))
+    ep = nnx.eval_shape(lambda: make(expert_axis="expert"))
+    assert ep.gate_up_shards == 1 and not ep.gate_up_pairs and ep.w13_gate_up_pairs is None
+    with pytest.raises(ValueError, match="expert_axis is set"):
+      nnx.eval_shape(lambda: make(expert_axis="expert", fuse_activation=True))
+  mesh1 = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))
+  x = jnp.asarray(randn(rng, 3, h), jnp.bfloat16)
+  with jax.set_mesh(mesh1):
+    tp1 = make(tensor_axis="model")
+    assert tp1.gate_up_shards == 1 and tp1.gate_up_pairs
+    y = call(tp1, x)
+  plain = make(fuse_activation=False)
+  assert rel_l2(y, call(plain, x)) < 2**-7  # the same experts (same rngs)
+
+
+def test_moe_gate_up_pairs_state_round_trips_and_mismatches(rng, tmp_path):
+  pairs, plain, _, _ = _pairs_layers(rng, "swiglu", None, False)
+  x = jnp.asarray(randn(rng, 5, 64), jnp.bfloat16)
+  y_pairs, y_plain = np.asarray(call(pairs, x)), np.asarray(call(plain, x))
+  g_pairs, s_pairs = nnx.split(pairs)
+  g_plain, s_plain = nnx.split(plain)
+  np.testing.assert_array_equal(np.asarray(call(nnx.merge(g_pairs, s_pairs), x)), y_pairs)
+  np.testing.assert_array_equal(np.asarray(call(nnx.merge(g_plain, s_plain), x)), y_plain)
+  # State of the [gate; up] order is what the layer stored before the pairs order existed
+  # (no record, the same arrays), and loads into a fuse_activation=False layer.
+  assert set(s_plain) == {"router", "w13_qweight", "w13_qscales", "w13_global_scale",
+                          "w2_qweight", "w2_qscales", "w2_global_scale"}
+  # The other order's state is refused (the record is one leaf more or less), not misread.
+  with pytest.raises(ValueError):
+    nnx.merge(g_pairs, s_plain)
+  with pytest.raises(ValueError):
+    nnx.merge(g_plain, s_pairs)
+  with pytest.raises(ValueError):
+    nnx.update(nnx.merge(g_plain, s_plain), s_pairs)
+  # A record that disagrees with the layer's order is caught at call time.
+  tampered = nnx.merge(g_plain, s_plain)
+  tampered.w13_gate_up_pairs = LayoutRecord(jnp.zeros((8,), jnp.uint8))
+  with pytest.raises(ValueError, match="layout record w13_gate_up_pairs is of shape"):
+    tampered(x)
+  # Through orbax (the record is not empty, which orbax refuses to save): a round trip, and the
+  # other order refused.
+  ocp = pytest.importorskip("orbax.checkpoint")
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "pairs", s_pairs)
+  ckpt.save(tmp_path / "plain", s_plain)
+  ckpt.wait_until_finished()
+  restored = ckpt.restore(tmp_path / "pairs", nnx.state(nnx.eval_shape(lambda: pairs)))
+  np.testing.assert_array_equal(np.asarray(call(nnx.merge(g_pairs, restored), x)), y_pairs)
+  with pytest.raises(ValueError):
+    ckpt.restore(tmp_path / "plain", nnx.state(nnx.eval_shape(lambda: pairs)))
+  with pytest.raises(ValueError):
+    ckpt.restore(tmp_path / "pairs", nnx.state(nnx.eval_shape(lambda: plain)))
 
 
 # ----------------------------------------------------------------------------- GPU

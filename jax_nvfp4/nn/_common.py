@@ -11,7 +11,7 @@ import numpy as np
 from jax_nvfp4 import backend as backend_lib
 from jax_nvfp4.format import BLOCK_SIZE, NVFP4Weight, dequantize
 from jax_nvfp4.ops import dense
-from jax_nvfp4.prepare import PreparedNVFP4Weight, prepare, unprepare
+from jax_nvfp4.prepare import GATE_UP_PAIR_ROWS, PreparedNVFP4Weight, prepare, unprepare
 from jax_nvfp4.reference import reference_matmul
 
 COMPUTE_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
@@ -84,11 +84,61 @@ def resolve_prepare(prepare_arg, choice: backend_lib.BackendChoice, who: str) ->
   raise ValueError(f"{who}: prepare must be 'auto', True or False, got {prepare_arg!r}")
 
 
-def to_layout(w, prepared: bool):
-  """Converts a 2-D ``NVFP4Weight``/``PreparedNVFP4Weight`` to the wanted layout (exact)."""
+def to_layout(w, prepared: bool, gate_up_pairs: bool = False):
+  """Converts an ``NVFP4Weight``/``PreparedNVFP4Weight`` to the wanted layout (exact): the
+  kernel layout or not and, for a gated MoE w13, its rows in ``gate_up_pairs`` order (kernel
+  layout only) or ``[gate; up]``."""
+  if isinstance(w, PreparedNVFP4Weight) and w.gate_up_pairs != gate_up_pairs:
+    w = unprepare(w)  # the other row order: back through [gate; up]
+  if gate_up_pairs:
+    return w if isinstance(w, PreparedNVFP4Weight) else prepare(w, gate_up_pairs=True)
   if prepared:
     return w if isinstance(w, PreparedNVFP4Weight) else prepare(w)
   return unprepare(w) if isinstance(w, PreparedNVFP4Weight) else w
+
+
+def gate_up_pairs_blockers(*, prepared: bool, activation: str, intermediate_size: int,
+                           expert_axis, gate_up_shards: int) -> list[str]:
+  """Why an MoE layer's w13 cannot be stored in ``gate_up_pairs`` order (empty: it can)."""
+  from jax_nvfp4.moe.activations import is_gated
+  reasons = []
+  if not prepared:
+    reasons.append("the weights are kept in the checkpoint layout (prepare resolved to False), "
+                   "and the pairs order is one of the kernel layout")
+  if not is_gated(activation):
+    reasons.append(f"activation {activation!r} is not gated")
+  if intermediate_size % GATE_UP_PAIR_ROWS:
+    reasons.append(f"I = {intermediate_size} is not a multiple of {GATE_UP_PAIR_ROWS}")
+  if gate_up_shards > 1:
+    reasons.append(f"w13's rows are split over a tensor axis of size {gate_up_shards} "
+                   "(per-shard [gate_t; up_t] order)")
+  if expert_axis is not None:
+    # sharded_fused_moe rebuilds each device's w13 from its arrays without the pairs flag.
+    reasons.append("expert_axis is set: the sharded layer reads w13 in [gate; up] order")
+  return reasons
+
+
+def check_fuse_activation(fuse_activation, who: str) -> None:
+  if fuse_activation is not None and not isinstance(fuse_activation, bool):
+    raise ValueError(f"{who}: fuse_activation must be None, True or False, got "
+                     f"{fuse_activation!r}")
+
+
+def resolve_fuse_activation(fuse_activation, *, prepared: bool, activation: str,
+                            intermediate_size: int, expert_axis, gate_up_shards: int,
+                            who: str) -> bool:
+  """Whether an MoE layer stores w13 in ``gate_up_pairs`` order, so that ``fused_moe`` applies
+  the activation in GEMM 1's epilogue. None: exactly where that order is safe
+  (``gate_up_pairs_blockers``); False: never; True: there, else a ``ValueError`` with the
+  reasons."""
+  check_fuse_activation(fuse_activation, who)
+  reasons = gate_up_pairs_blockers(prepared=prepared, activation=activation,
+                                   intermediate_size=intermediate_size, expert_axis=expert_axis,
+                                   gate_up_shards=gate_up_shards)
+  if fuse_activation and reasons:
+    raise ValueError(f"{who}: fuse_activation=True needs w13 stored in gate_up_pairs order, "
+                     f"which this layer cannot use: {'; '.join(reasons)}")
+  return fuse_activation is not False and not reasons
 
 
 def weight_arrays(w) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -97,10 +147,11 @@ def weight_arrays(w) -> tuple[jax.Array, jax.Array, jax.Array]:
   return w.packed, w.scales, w.global_scale
 
 
-def weight_from_arrays(arrays, *, prepared: bool, n: int, k: int, dtype):
+def weight_from_arrays(arrays, *, prepared: bool, n: int, k: int, dtype,
+                       gate_up_pairs: bool = False):
   a, b, gs = arrays
   if prepared:
-    return PreparedNVFP4Weight(a, b, gs, n=n, k=k, dtype=dtype)
+    return PreparedNVFP4Weight(a, b, gs, n=n, k=k, dtype=dtype, gate_up_pairs=gate_up_pairs)
   return NVFP4Weight(a, b, gs, dtype=dtype)
 
 

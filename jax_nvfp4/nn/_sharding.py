@@ -118,7 +118,8 @@ def sharded_moe_weights(w13, w2, b13, b2, *, expert_axis, tensor_axis, gated: bo
                         gate_up_shards: int, who: str):
   """A ``ShardedMoEWeights`` over the mesh in context for a layer's stored weights, or None
   when the layer runs on one device (no axes, no mesh, or axes of total size 1). ``ValueError``
-  when the mesh's tensor axis size is not the one w13's rows were stored for."""
+  when the mesh's tensor axis size is not the one w13's rows were stored for, or when w13 is in
+  ``gate_up_pairs`` order (which the sharded layer cannot read)."""
   mesh = context_mesh()
   if (expert_axis is None and tensor_axis is None) or mesh is None:
     return None
@@ -128,6 +129,12 @@ def sharded_moe_weights(w13, w2, b13, b2, *, expert_axis, tensor_axis, gated: bo
     raise ValueError(f"{who}: {e}") from None
   if ep * tp == 1:
     return None
+  if getattr(w13, "gate_up_pairs", False):
+    # sharded_fused_moe rebuilds each device's w13 from its arrays, without the pairs flag.
+    raise ValueError(f"{who}: w13 is stored in gate_up_pairs order, which the sharded layer "
+                     f"(expert_axis {expert_axis!r}, tensor_axis {tensor_axis!r} of total size "
+                     f"{ep * tp} in the mesh in context) cannot read; store it in [gate; up] "
+                     "order (fuse_activation=False)")
   if gated and tp != gate_up_shards:
     raise ValueError(f"{who}: w13's rows are stored for a tensor axis of size {gate_up_shards} "
                      f"(per-shard [gate_t; up_t] order), but {tensor_axis!r} has size {tp} in "

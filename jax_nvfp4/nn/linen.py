@@ -12,7 +12,12 @@ the weight's logical ``[N, K]`` apart from a slightly smaller one. ``shape`` rec
 empty uint8 array of shape ``(*logical_shape, 0)`` (no bytes; the shape is static, so it
 survives ``jax.jit``, unboxing and any checkpointer). Apply compares it with the module's
 ``[features, in]`` (``ValueError`` on a mismatch, or when a kernel-layout weight lacks it).
-``weight_variables`` builds a weight's variables, record included.
+A gated MoE w13 in ``gate_up_pairs`` row order (``prepare(w13, gate_up_pairs=True)``, which
+lets GEMM 1 apply the activation) has a second record, ``gate_up_pairs``: an empty uint8 array
+of shape ``(8, 0)`` (8 rows per half of a gate/up pair). The arrays of both row orders look
+alike, so the record is what apply reads the order from; without it the rows are ``[gate;
+up]``, the layout of state written before this record existed. ``weight_variables`` builds a
+weight's variables, records included.
 
 Init and apply::
 
@@ -42,13 +47,15 @@ from flax import linen as nn
 from jax_nvfp4.format import NVFP4Weight, quantize
 from jax_nvfp4.nn import _common, _sharding
 from jax_nvfp4.parallel import moe as parallel_moe
-from jax_nvfp4.prepare import PreparedNVFP4Weight
+from jax_nvfp4.prepare import GATE_UP_PAIR_ROWS, PreparedNVFP4Weight
 
 COLLECTION = "nvfp4"
 #: Name (after the prefix) of the kernel layout's logical-shape record (module docstring).
 SHAPE_FIELD = "shape"
 #: Name of the MoE record of w13's per-shard row order (``NVFP4MoE``'s docstring).
 GATE_UP_FIELD = "w13_gate_up_shards"
+#: Name (after the prefix) of the record of a kernel-layout weight in ``gate_up_pairs`` row order.
+PAIRS_FIELD = "gate_up_pairs"
 default_kernel_init = nn.initializers.lecun_normal()
 
 
@@ -56,17 +63,22 @@ def weight_variables(w: NVFP4Weight | PreparedNVFP4Weight, *, prepare: bool | No
                      prefix: str = "") -> dict[str, jax.Array]:
   """The arrays a Linen layer stores for weight ``w`` in its NVFP4 collection, named
   ``prefix + field``: ``packed``/``scales``/``global_scale``, or ``qweight``/``qscales``/
-  ``global_scale``/``shape`` (the logical-shape record) for the kernel layout. ``prepare``: the
-  layout wanted (True/False, converted exactly), or None to keep ``w``'s."""
+  ``global_scale``/``shape`` (the logical-shape record) for the kernel layout, plus the record
+  ``gate_up_pairs`` when ``w`` is a ``PreparedNVFP4Weight`` in that row order (kept as it is in
+  the kernel layout). ``prepare``: the layout wanted (True/False, converted exactly), or None to
+  keep ``w``'s."""
   if not isinstance(w, (NVFP4Weight, PreparedNVFP4Weight)):
     raise TypeError(f"weight_variables: w must be an NVFP4Weight or PreparedNVFP4Weight, got "
                     f"{type(w).__name__}")
   prepared = isinstance(w, PreparedNVFP4Weight) if prepare is None else bool(prepare)
-  w = _common.to_layout(w, prepared)
+  pairs = prepared and getattr(w, "gate_up_pairs", False)
+  w = _common.to_layout(w, prepared, pairs)
   fields = _common.PREPARED_FIELDS if prepared else _common.CHECKPOINT_FIELDS
   out = {prefix + f: a for f, a in zip(fields, _common.weight_arrays(w))}
   if prepared:
     out[prefix + SHAPE_FIELD] = jnp.zeros((*w.shape, 0), jnp.uint8)
+  if pairs:
+    out[prefix + PAIRS_FIELD] = jnp.zeros((GATE_UP_PAIR_ROWS, 0), jnp.uint8)
   return out
 
 
@@ -84,6 +96,23 @@ def _stored_shape(module: nn.Module, collection: str, prefix: str, who: str):
     raise ValueError(f"{who}: {name!r} must be an empty array of shape (*logical_shape, 0), "
                      f"got shape {getattr(record, 'shape', None)}")
   return tuple(int(d) for d in record.shape[:-1])
+
+
+def _stored_pairs(module: nn.Module, collection: str, prefix: str, prepared: bool,
+                  who: str) -> bool:
+  """Whether the stored weight's rows are in ``gate_up_pairs`` order (its record is there)."""
+  name = prefix + PAIRS_FIELD
+  if not module.has_variable(collection, name):
+    return False
+  record = _get(module, collection, name)
+  if getattr(record, "shape", None) != (GATE_UP_PAIR_ROWS, 0):
+    raise ValueError(f"{who}: {name!r} must be an empty array of shape ({GATE_UP_PAIR_ROWS}, 0) "
+                     f"(the gate_up_pairs record), got shape {getattr(record, 'shape', None)}")
+  if not prepared:
+    raise ValueError(f"{who}: the {collection!r} collection holds the gate_up_pairs record "
+                     f"{name!r} beside a checkpoint-layout {prefix}weight ({prefix}packed), "
+                     "whose rows are always [gate; up]: the record belongs to other state")
+  return True
 
 
 def _boxed(value, spec):
@@ -112,7 +141,8 @@ def _weight_vars(module: nn.Module, collection: str, make_weight: Callable[[], A
   elif module.has_variable(collection, prefix + "packed"):
     stored_prepared = False
   elif module.is_initializing() or module.is_mutable_collection(collection):
-    w = _common.to_layout(make_weight(), prepared)
+    w = make_weight()  # its row order (gate_up_pairs or not) is the one to store
+    w = _common.to_layout(w, prepared, prepared and getattr(w, "gate_up_pairs", False))
     fields = _common.PREPARED_FIELDS if prepared else _common.CHECKPOINT_FIELDS
     field_specs = dict(zip(fields, specs or (None,) * 3))
     for name, a in weight_variables(w, prefix=prefix).items():
@@ -131,8 +161,15 @@ def _weight_vars(module: nn.Module, collection: str, make_weight: Callable[[], A
   if tuple(logical) != tuple(shape):
     raise ValueError(f"{who}: the stored {prefix}weight has logical shape {tuple(logical)}, "
                      f"expected {tuple(shape)}")
+  pairs = _stored_pairs(module, collection, prefix, stored_prepared, who)
   return _common.weight_from_arrays(arrays, prepared=stored_prepared, n=shape[-2], k=shape[-1],
-                                    dtype=jnp.bfloat16)
+                                    dtype=jnp.bfloat16, gate_up_pairs=pairs)
+
+
+def _refuse_pairs(w, prefix: str, who: str, why: str) -> None:
+  if getattr(w, "gate_up_pairs", False):
+    raise ValueError(f"{who}: the stored {prefix}weight has the gate_up_pairs record "
+                     f"{prefix + PAIRS_FIELD!r}, but {why}")
 
 
 class NVFP4Dense(nn.Module):
@@ -196,6 +233,7 @@ class NVFP4Dense(nn.Module):
       bias_sharding = (tuple(self.kernel_sharding)[0],)
     w = _weight_vars(self, self.collection, make_weight, shape=(n, k), prepared=prepared,
                      who=who, specs=_common.sharding_specs(self.kernel_sharding, prepared, who))
+    _refuse_pairs(w, "", who, "only a gated MoE's w13 has that row order")
     _sharding.check_dense_sharding(self.kernel_sharding, bias_sharding if self.use_bias else None,
                                  n, k, isinstance(w, PreparedNVFP4Weight), who)
     bias = None
@@ -239,6 +277,16 @@ class NVFP4MoE(nn.Module):
   the input at init. ``moe_variables`` builds the variables from dense or NVFP4 experts.
   Inference only (the grouped GEMM has no gradient rule).
 
+  Fused activation (``fuse_activation``): where it is safe, init stores w13 in the kernel layout
+  with its rows in ``gate_up_pairs`` order (8 gate rows then the matching 8 up rows per 16-row
+  tile, ``prepare(w13, gate_up_pairs=True)``) and the record ``w13_gate_up_pairs`` (an empty
+  array of shape ``(8, 0)``, module docstring), so that ``fused_moe`` applies the activation in
+  GEMM 1's epilogue on a GPU. Apply reads the row order from the record: state without it
+  (written before it existed, or by ``moe_variables`` without ``gate_up_pairs``) is ``[gate;
+  up]``; a record beside a checkpoint-layout w13, beside ``w13_gate_up_shards``, or with a
+  non-gated activation is a ``ValueError``. ``w13_bias`` stays ``[gate; up]`` (``fused_moe``
+  reorders it).
+
   Sharding (``expert_axis`` / ``tensor_axis``, as NNX ``NVFP4MoE``'s and
   ``jax_nvfp4.parallel.moe_state_specs``): init boxes every array in ``nn.Partitioned`` (E over
   the expert axis, w13's N and w2's K over the tensor axis, router and correction bias
@@ -262,6 +310,14 @@ class NVFP4MoE(nn.Module):
     ``fused_moe``: "reference" runs the pure-JAX path on a GPU too).
     expert_axis, tensor_axis: mesh-axis names (or tuples) for expert / tensor parallelism (see
       above); not combinable with ``expert_map``.
+    fuse_activation: whether init stores w13 in ``gate_up_pairs`` order (see above). None
+      (default): exactly where it is safe: the kernel layout (``prepare`` resolved to True), a
+      gated activation, I a multiple of 8, no ``expert_axis`` and no tensor-parallel split of
+      w13 (no ``tensor_axis``, or one of size 1 in the mesh at init); ``[gate; up]`` elsewhere,
+      and at apply whichever order the record says. False: ``[gate; up]`` at init (the layout
+      from before the fused activation), and a ``ValueError`` at apply if the stored w13 is in
+      pairs order. True: the pairs order at init (``ValueError`` naming why where it cannot
+      be), and a ``ValueError`` at apply if the stored w13 is not.
   """
 
   intermediate_size: int
@@ -284,6 +340,7 @@ class NVFP4MoE(nn.Module):
   collection: str = COLLECTION
   expert_axis: Any = None
   tensor_axis: Any = None
+  fuse_activation: bool | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -323,11 +380,16 @@ class NVFP4MoE(nn.Module):
                        "experts: give one (the axes compute each device's expert map)")
     stored_layout = (True if self.has_variable(self.collection, "w13_qweight") else
                      False if self.has_variable(self.collection, "w13_packed") else None)
-    specs, gate_up_shards = None, 1
+    specs, gate_up_shards, pairs = None, 1, False
+    _common.check_fuse_activation(self.fuse_activation, who)
     if stored_layout is None:  # init: the split is checked and w13's row order decided
       specs, gate_up_shards = _sharding.moe_sharding(
           self.expert_axis, self.tensor_axis, num_experts=e, intermediate_size=i,
           prepared=prepared, gated=gated, who=who)
+      pairs = _common.resolve_fuse_activation(
+          self.fuse_activation, prepared=prepared, activation=self.activation,
+          intermediate_size=i, expert_axis=self.expert_axis, gate_up_shards=gate_up_shards,
+          who=who)
     else:
       if sharded and _sharding.context_mesh() is not None:  # apply: the split is checked
         _sharding.moe_sharding(self.expert_axis, self.tensor_axis, num_experts=e,
@@ -338,7 +400,8 @@ class NVFP4MoE(nn.Module):
 
     def make_w13():
       w = quantize(self.expert_init(self.make_rng("params"), (e, n13, h), jnp.float32))
-      return parallel_moe.gate_up_per_shard(_common.to_layout(w, prepared), gate_up_shards)[0]
+      w = _common.to_layout(w, prepared, pairs)
+      return parallel_moe.gate_up_per_shard(w, gate_up_shards)[0]
 
     router = self.param("router", _with_partitioning(self.router_init, spec("router")),
                         (e_global, h), self.router_dtype)
@@ -352,6 +415,9 @@ class NVFP4MoE(nn.Module):
                                                         jnp.float32)),
                       shape=(e, h, i), prepared=prepared, who=who, prefix="w2_",
                       specs=spec("w2"))
+    _check_w13_order(w13, activation=self.activation, gate_up_shards=gate_up_shards,
+                     fuse_activation=self.fuse_activation, who=who)
+    _refuse_pairs(w2, "w2_", who, "w2 has no gate and up rows")
     b13 = b2 = None
     if self.use_expert_bias:
       zeros = nn.initializers.zeros_init()
@@ -377,6 +443,7 @@ class NVFP4MoE(nn.Module):
                                           gate_up_shards=gate_up_shards, who=who)
     if weights is not None:
       return parallel_moe.sharded_fused_moe(xc, weights, **kw).astype(out)
+    # A pairs w13 goes as it is with the bias in [gate; up] order: fused_moe reorders the bias.
     w13, b13 = parallel_moe.gate_up_canonical(w13, gate_up_shards, b13)
     y = moe_ops.fused_moe(
         xc, w13, w2, w13_bias=b13, w2_bias=b2, **kw,
@@ -384,9 +451,45 @@ class NVFP4MoE(nn.Module):
     return y.astype(out)
 
 
+def _check_w13_order(w13, *, activation: str, gate_up_shards: int, fuse_activation,
+                     who: str) -> None:
+  """The stored w13's row order (its records) against the layer."""
+  from jax_nvfp4.moe.activations import is_gated
+  pairs = getattr(w13, "gate_up_pairs", False)
+  record = "w13_" + PAIRS_FIELD
+  if pairs and not is_gated(activation):
+    raise ValueError(f"{who}: w13 is stored in gate_up_pairs order (record {record!r}), which "
+                     f"only a gated activation reads, but activation is {activation!r}")
+  if pairs and gate_up_shards > 1:
+    raise ValueError(f"{who}: the collection holds both {record!r} and {GATE_UP_FIELD!r}: w13's "
+                     "rows have one order, gate_up_pairs or per tensor shard, not both")
+  if fuse_activation is not None and fuse_activation != pairs:
+    order = f"gate_up_pairs order (record {record!r})" if pairs else (
+        f"[gate; up] order (no record {record!r})")
+    raise ValueError(f"{who}: fuse_activation={fuse_activation}, but the stored w13 is in "
+                     f"{order}: build the variables in the order asked (init, or "
+                     f"moe_variables(..., gate_up_pairs={fuse_activation})), or leave "
+                     "fuse_activation=None to run the stored order")
+
+
+def _check_pairs_request(prepare: bool, n13: int, inter: int, gate_up_shards: int) -> None:
+  reasons = []
+  if not prepare:
+    reasons.append("prepare=False (the pairs order is one of the kernel layout)")
+  if n13 != 2 * inter:
+    reasons.append(f"w13 has {n13} rows, not the [gate; up] = 2I = {2 * inter} of a gated layer")
+  if inter % GATE_UP_PAIR_ROWS:
+    reasons.append(f"I = {inter} is not a multiple of {GATE_UP_PAIR_ROWS}")
+  if gate_up_shards > 1:
+    reasons.append(f"gate_up_shards = {gate_up_shards} (w13's rows are stored per tensor shard)")
+  if reasons:
+    raise ValueError(f"moe_variables: gate_up_pairs=True cannot be used: {'; '.join(reasons)}")
+
+
 def moe_variables(router_weight, w13, w2, *, w13_bias=None, w2_bias=None, correction_bias=None,
                   prepare: bool = False, router_dtype: Any = jnp.bfloat16,
-                  collection: str = COLLECTION, gate_up_shards: int = 1) -> dict:
+                  collection: str = COLLECTION, gate_up_shards: int = 1,
+                  gate_up_pairs: bool = False) -> dict:
   """Variables for the Linen ``NVFP4MoE`` from checkpoint tensors.
 
   ``w13`` ``[E, N13, H]`` and ``w2`` ``[E, H, I]`` are float arrays (quantized here, one global
@@ -397,16 +500,27 @@ def moe_variables(router_weight, w13, w2, *, w13_bias=None, w2_bias=None, correc
   ``gate_up_shards``: for a gated layer with a ``tensor_axis`` of size tp > 1, tp: w13's rows
   ``[gate; up]`` (and w13_bias) are stored in per-shard order with their record, as that
   layer's init does (``jax_nvfp4.parallel.gate_up_per_shard``); 1 keeps ``[gate; up]``.
+  ``gate_up_pairs``: store w13 with its rows in ``gate_up_pairs`` order and that record, as
+  the init of a layer that fuses the activation does (``NVFP4MoE``'s ``fuse_activation``); it
+  needs ``prepare=True``, a gated w13 (``N13 = 2I``), I a multiple of 8 and
+  ``gate_up_shards = 1`` (``ValueError`` otherwise). w13_bias stays ``[gate; up]``. False (the
+  default): ``[gate; up]`` rows, also for a w13 given in pairs order (reordered, exactly).
   """
   params = {"router": jnp.asarray(router_weight).astype(router_dtype)}
   store = {}
+  weights = {}
   for name, w in (("w13", w13), ("w2", w2)):
     if not isinstance(w, (NVFP4Weight, PreparedNVFP4Weight)):
       w = jnp.asarray(w)
       if w.ndim != 3:
         raise ValueError(f"moe_variables: {name} must be [E, N, K], got shape {w.shape}")
       w = quantize(w)
-    w = _common.to_layout(w, bool(prepare))
+    weights[name] = w
+  if gate_up_pairs:
+    _check_pairs_request(bool(prepare), weights["w13"].shape[-2], weights["w2"].shape[-1],
+                         int(gate_up_shards))
+  for name, w in weights.items():
+    w = _common.to_layout(w, bool(prepare), name == "w13" and bool(gate_up_pairs))
     if name == "w13" and gate_up_shards > 1:
       w, w13_bias = parallel_moe.gate_up_per_shard(w, int(gate_up_shards), w13_bias)
       store[GATE_UP_FIELD] = jnp.zeros((int(gate_up_shards), 0), jnp.uint8)

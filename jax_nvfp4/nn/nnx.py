@@ -38,7 +38,7 @@ from flax import nnx
 from jax_nvfp4.format import NVFP4Weight, quantize
 from jax_nvfp4.nn import _common, _sharding
 from jax_nvfp4.parallel import moe as parallel_moe
-from jax_nvfp4.prepare import PreparedNVFP4Weight
+from jax_nvfp4.prepare import GATE_UP_PAIR_ROWS, PreparedNVFP4Weight
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
@@ -234,6 +234,17 @@ class MoEBuffer(nnx.Variable):
   """A non-trainable float buffer of an MoE layer (the routing score-correction bias)."""
 
 
+class LayoutRecord(nnx.Variable):
+  """A non-trainable record of how an MoE layer stores its arrays: ``w13_gate_up_pairs``, zeros
+  uint8 ``[8]`` (the rows per half of a gate/up pair), present iff w13's rows are in
+  ``gate_up_pairs`` order. The shape is the record: static under jit, and not empty, which
+  orbax refuses to save."""
+
+
+def _pairs_record() -> jax.Array:
+  return jnp.zeros((GATE_UP_PAIR_ROWS,), jnp.uint8)
+
+
 class NVFP4MoE(nnx.Module):
   """A mixture-of-experts block with NVFP4 experts, through ``jax_nvfp4.ops.moe.fused_moe``.
 
@@ -250,6 +261,18 @@ class NVFP4MoE(nnx.Module):
   ``w13_<field>`` / ``w2_<field>`` (fields as in ``NVFP4Linear``): w13 ``[E, N13, H]`` with
   ``N13 = 2I`` rows ``[gate; up]`` for gated activations or ``I`` for ``relu2``; w2 ``[E, H, I]``.
   ``expert_map`` (global id -> local id or -1, for expert parallelism) is static config.
+
+  Fused activation. Where it is safe (``fuse_activation`` below) a gated layer stores w13 in the
+  kernel layout with its rows in ``gate_up_pairs`` order (``jax_nvfp4.prepare(w13,
+  gate_up_pairs=True)``: 8 gate rows then the matching 8 up rows per 16-row tile), so that
+  ``fused_moe`` applies the activation in GEMM 1's epilogue on a GPU (one kernel and one bf16
+  rounding of GEMM 1's output less). The static attribute ``gate_up_pairs`` says which order
+  the layer was built with, and the state holds the record ``w13_gate_up_pairs``
+  (``LayoutRecord``) exactly when it is the pairs order: ``nnx.merge`` and an orbax restore of
+  state written in the other order fail on that leaf instead of reading the rows in the wrong
+  order. ``nnx.update`` only overwrites, so update a layer with state of its own order: state
+  written before this layout existed (no record) is ``[gate; up]``, build its layer with
+  ``fuse_activation=False``. The w13 bias stays ``[gate; up]`` (``fused_moe`` reorders it).
 
   Args:
     hidden_size, intermediate_size, num_experts: H, I and the local expert count E.
@@ -281,6 +304,20 @@ class NVFP4MoE(nnx.Module):
       ``jax_nvfp4.parallel.sharded_fused_moe`` (each device its own experts / I slice, one
       psum; tokens replicated); elsewhere it runs ``fused_moe`` on the whole weights. Not
       combinable with ``expert_map`` (the axes compute it per device).
+    fuse_activation: whether w13 is stored in ``gate_up_pairs`` order, so that GEMM 1 applies
+      the activation (see "Fused activation" above). None (default): exactly where it is safe:
+      the weights are kept in the kernel layout (``prepare`` resolved to True), the activation
+      is gated, I is a multiple of 8, no ``expert_axis`` and no tensor-parallel split of w13
+      (no ``tensor_axis``, or one of size 1); ``[gate; up]`` order everywhere else. False: always
+      ``[gate; up]`` (the layout before the fused activation existed, e.g. to restore state
+      written in it). True: the pairs order, or a ``ValueError`` naming why it cannot be used.
+
+  Attributes:
+    w13, w2: the stacked weight pytrees (``w13`` rows ``[gate; up]`` whatever the stored order).
+    prepared: whether the weights are in the kernel layout.
+    gate_up_pairs: whether w13 is stored in ``gate_up_pairs`` order (static).
+    gate_up_shards: the tensor-axis size w13's rows are stored for (1: not split).
+    backend: the ``BackendChoice`` made at construction.
   """
 
   def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, *,
@@ -290,7 +327,7 @@ class NVFP4MoE(nnx.Module):
                expert_init=None, rngs: nnx.Rngs | None = None,
                prepare: bool | str = "auto", backend: str = "auto",
                activation_format: str | None = None, expert_axis=None, tensor_axis=None,
-               _weights=None):
+               fuse_activation: bool | None = None, _weights=None):
     from jax_nvfp4.moe import activations as acts
     from jax_nvfp4.moe.routing import RoutingConfig
     who = "NVFP4MoE"
@@ -333,6 +370,10 @@ class NVFP4MoE(nnx.Module):
         expert_axis, tensor_axis, num_experts=self.num_experts,
         intermediate_size=self.intermediate_size, prepared=self.prepared,
         gated=acts.is_gated(activation), who=who)
+    self.gate_up_pairs = _common.resolve_fuse_activation(
+        fuse_activation, prepared=self.prepared, activation=activation,
+        intermediate_size=self.intermediate_size, expert_axis=expert_axis,
+        gate_up_shards=self.gate_up_shards, who=who)
     spec = lambda name: None if specs is None else specs[name]
 
     correction = None
@@ -387,7 +428,7 @@ class NVFP4MoE(nnx.Module):
                             else "") + f", got {tuple(w.shape)}")
       if isinstance(w, NVFP4Weight):
         w.validate()
-      weights[name] = _common.to_layout(w, self.prepared)
+      weights[name] = _common.to_layout(w, self.prepared, name == "w13" and self.gate_up_pairs)
     biases = {}
     for name, b, shape in (("w13_bias", b13, (self.num_experts, n13)),
                            ("w2_bias", b2, (self.num_experts, self.hidden_size))):
@@ -408,6 +449,9 @@ class NVFP4MoE(nnx.Module):
     for name, b in biases.items():
       setattr(self, name, nnx.data(None) if b is None
               else _sharding.variable(nnx.Param, b, spec(name)))
+    self.w13_gate_up_pairs = (
+        _sharding.variable(LayoutRecord, _pairs_record(), None if specs is None else (None,))
+        if self.gate_up_pairs else nnx.data(None))
 
   # --------------------------------------------------------------------------- constructors
 
@@ -431,7 +475,8 @@ class NVFP4MoE(nnx.Module):
   def from_nvfp4(cls, router_weight, w13, w2, *, w13_bias=None, w2_bias=None,
                  **kwargs) -> "NVFP4MoE":
     """Wraps already-quantized stacked experts (``NVFP4Weight`` or ``PreparedNVFP4Weight``
-    ``[E, N13, H]`` and ``[E, H, I]``, e.g. from a checkpoint loader)."""
+    ``[E, N13, H]`` and ``[E, H, I]``, e.g. from a checkpoint loader). A w13 prepared with
+    ``gate_up_pairs`` is taken too: it is stored in the row order the layer uses (exact)."""
     from jax_nvfp4.moe import activations as acts
     if not isinstance(w2, (NVFP4Weight, PreparedNVFP4Weight)) or len(w2.shape) != 3:
       raise TypeError("NVFP4MoE.from_nvfp4: w2 must be a stacked NVFP4Weight or "
@@ -448,13 +493,29 @@ class NVFP4MoE(nnx.Module):
   # --------------------------------------------------------------------------- use
 
   def _weight(self, name: str):
-    """The stored weight (w13's rows in per-shard order when ``gate_up_shards > 1``)."""
+    """The stored weight (w13's rows in per-shard order when ``gate_up_shards > 1``, in
+    ``gate_up_pairs`` order when ``gate_up_pairs``)."""
     fields = _common.PREPARED_FIELDS if self.prepared else _common.CHECKPOINT_FIELDS
     arrays = tuple(getattr(self, f"{name}_{f}").get_value() for f in fields)
     n, k = ((self.n13, self.hidden_size) if name == "w13"
             else (self.hidden_size, self.intermediate_size))
     return _common.weight_from_arrays(arrays, prepared=self.prepared, n=n, k=k,
-                                      dtype=getattr(self, f"{name}_dtype"))
+                                      dtype=getattr(self, f"{name}_dtype"),
+                                      gate_up_pairs=name == "w13" and self.gate_up_pairs)
+
+  def _check_layout_record(self) -> None:
+    """The record must say the row order the layer was built with (it is state: replaced
+    variables could carry another one)."""
+    record = self.w13_gate_up_pairs
+    found = None if record is None else tuple(record.get_value().shape)
+    want = (GATE_UP_PAIR_ROWS,) if self.gate_up_pairs else None
+    if found != want:
+      raise ValueError(
+          f"NVFP4MoE: the layout record w13_gate_up_pairs is "
+          f"{'absent' if found is None else f'of shape {found}'}, but this layer was built with "
+          f"w13 in {'gate_up_pairs' if self.gate_up_pairs else '[gate; up]'} order (expected "
+          f"{'a record of shape ' + str(want) if want else 'none'}): its state comes from a "
+          "layer of the other order; build the layer with the same fuse_activation")
 
   def _bias(self, name: str):
     b = getattr(self, name)
@@ -462,8 +523,11 @@ class NVFP4MoE(nnx.Module):
 
   @property
   def w13(self):
-    """The stacked gate/up weight pytree ``[E, N13, H]``, rows ``[gate; up]``."""
-    return parallel_moe.gate_up_canonical(self._weight("w13"), self.gate_up_shards)[0]
+    """The stacked gate/up weight pytree ``[E, N13, H]``, rows ``[gate; up]``: in the layout
+    of ``prepared``, never in per-shard or ``gate_up_pairs`` order (a pairs-stored w13 is
+    repacked, exactly: the weight a layer with ``fuse_activation=False`` stores)."""
+    w = parallel_moe.gate_up_canonical(self._weight("w13"), self.gate_up_shards)[0]
+    return _common.to_layout(w, self.prepared)
 
   @property
   def w2(self):
@@ -490,6 +554,7 @@ class NVFP4MoE(nnx.Module):
     if x.ndim < 1 or x.shape[-1] != self.hidden_size:
       raise ValueError(f"NVFP4MoE: input must be [..., {self.hidden_size}], got {x.shape}")
     compute, out = _common.activation_dtypes(x, self.dtype, "NVFP4MoE")
+    self._check_layout_record()
     xc = x.astype(compute)
     routing = self.routing
     if self.correction_bias is not None:
@@ -505,6 +570,7 @@ class NVFP4MoE(nnx.Module):
         who="NVFP4MoE")
     if sharded is not None:
       return parallel_moe.sharded_fused_moe(xc, sharded, **kw).astype(out)
+    # A pairs w13 goes as it is with the bias in [gate; up] order: fused_moe reorders the bias.
     w13, bias13 = parallel_moe.gate_up_canonical(w13, self.gate_up_shards, bias13)
     y = moe_ops.fused_moe(
         xc, w13, w2, w13_bias=bias13, w2_bias=bias2, **kw,
