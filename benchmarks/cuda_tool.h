@@ -1,5 +1,5 @@
 // Helpers of the standalone CUDA programs in benchmarks/ (kernel_lab.cu, memcheck_dense.cu,
-// memcheck_moe.cu): not part of the library.
+// memcheck_moe.cu, memcheck_route.cu): not part of the library.
 #pragma once
 
 #include <algorithm>

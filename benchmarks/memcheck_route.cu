@@ -9,30 +9,14 @@
 // tokens; and the general kernel on batches past the decode kernel's range. Every decode
 // launch is compared bit for bit with the general kernel on the same input
 // (moe_route_kernels.cuh says they do the same arithmetic in the same order). Exit status 1 on any disagreement or CUDA error.
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <vector>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
+#include "cuda_tool.h"
 #include "moe_route_kernels.cuh"
-
-#define CHECK(x)                                                                              \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
 
 namespace {
 
 using namespace jax_nvfp4::moe_route;
+using memcheck::device_copy;
+using memcheck::next;
 
 struct Case {
   int tokens, experts, top_k;
@@ -63,19 +47,6 @@ const Case kCases[] = {
     {128, 256, 8, true, true, true, false, false, 8, 4, 16, 2.5f, F32, "general: 1024 pairs"},
     {2, 300, 4, false, true, false, false, false, 1, 1, 8, 1.f, F32, "general: E = 300"},
 };
-
-inline uint32_t next(uint64_t &s) {  // xorshift64*
-  s ^= s >> 12; s ^= s << 25; s ^= s >> 27;
-  return static_cast<uint32_t>((s * 0x2545F4914F6CDD1Dull) >> 32);
-}
-
-template <typename T>
-T *device_copy(const std::vector<T> &h) {
-  T *d = nullptr;
-  CHECK(cudaMalloc(&d, h.size() * sizeof(T)));
-  CHECK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
-}
 
 // Logits with few mantissa bits (exact in every type) and some repeated values (ties).
 std::vector<uint8_t> random_logits(size_t n, LogitType type, uint64_t &seed) {

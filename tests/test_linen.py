@@ -155,12 +155,18 @@ def test_dense_dtypes_and_errors(rng):
     L.quantize_dense_variables({"w": jnp.ones((32, 8))})
 
 
-def test_moe_matches_nnx_and_reference(rng):
+def _moe_case(rng):
+  """(E, H, I, top_k), router, w13, w2, their biases and 12 tokens of a small MoE layer."""
   e, h, i, k = 4, 64, 32, 2
   router = randn(rng, e, h, scale=0.3)
   w13, w2 = randn(rng, e, 2 * i, h, scale=0.15), randn(rng, e, h, i, scale=0.2)
   b13, b2 = randn(rng, e, 2 * i, scale=0.1), randn(rng, e, h, scale=0.1)
   x = jnp.asarray(randn(rng, 12, h), jnp.bfloat16)
+  return e, h, i, k, router, w13, w2, b13, b2, x
+
+
+def test_moe_matches_nnx_and_reference(rng):
+  e, h, i, k, router, w13, w2, b13, b2, x = _moe_case(rng)
   layer = L.NVFP4MoE(i, e, top_k=k, use_expert_bias=True)
   v = L.moe_variables(router, w13, w2, w13_bias=b13, w2_bias=b2)
   assert set(v["params"]) == {"router", "w13_bias", "w2_bias"}
@@ -306,11 +312,7 @@ def test_moe_init_stores_gate_up_pairs_where_safe(rng):
 
 
 def test_moe_variables_gate_up_pairs_gptoss_bias_and_old_state(rng):
-  e, h, i, k = 4, 64, 32, 2
-  router = randn(rng, e, h, scale=0.3)
-  w13, w2 = randn(rng, e, 2 * i, h, scale=0.15), randn(rng, e, h, i, scale=0.2)
-  b13, b2 = randn(rng, e, 2 * i, scale=0.1), randn(rng, e, h, scale=0.1)
-  x = jnp.asarray(randn(rng, 12, h), jnp.bfloat16)
+  e, h, i, k, router, w13, w2, b13, b2, x = _moe_case(rng)
   act = dict(activation="gptoss", limit=0.7)
   layer = L.NVFP4MoE(i, e, top_k=k, use_expert_bias=True, **act)
   # What moe_variables built before the pairs order existed (and still builds by default).

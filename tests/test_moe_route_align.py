@@ -276,9 +276,16 @@ def test_handler_rejects_more_pairs_than_one_block(rng):
     jax.block_until_ready(call(jnp.zeros((m, e), jnp.float32)))
 
 
-def _assert_same_bits(got, want):
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+def _decode_equals_general(monkeypatch, logits, cfg, *args):
+  """The call through the decode kernel (the default where it applies) and through the
+  general one (JAX_NVFP4_ROUTE_SMALL=0): the same bits in every output. Returns the first."""
+  decode = _run(logits, cfg, *args)
+  monkeypatch.setenv("JAX_NVFP4_ROUTE_SMALL", "0")
+  general = _run(logits, cfg, *args)
+  monkeypatch.delenv("JAX_NVFP4_ROUTE_SMALL")
+  for a, b in zip(jax.tree.leaves(decode), jax.tree.leaves(general)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  return decode
 
 
 @pytest.mark.gpu
@@ -295,12 +302,7 @@ def test_decode_kernel_matches_the_general_kernel(rng, name, monkeypatch):
   for m in sorted({1, 2, 32 // k, last, last + 1}):
     for dtype in (jnp.float32, jnp.bfloat16):
       logits = jnp.asarray(rng.standard_normal((m, e)) * 3, dtype)
-      decode = _run(logits, cfg)
-      monkeypatch.setenv("JAX_NVFP4_ROUTE_SMALL", "0")
-      general = _run(logits, cfg)
-      monkeypatch.delenv("JAX_NVFP4_ROUTE_SMALL")
-      _assert_same_bits(decode, general)
-      _check(logits, cfg, decode)
+      _check(logits, cfg, _decode_equals_general(monkeypatch, logits, cfg))
 
 
 @pytest.mark.gpu
@@ -312,11 +314,7 @@ def test_decode_kernel_expert_counts(rng, e, monkeypatch):
   cfg = nf.RoutingConfig(top_k=min(4, e), renormalize=e % 2 == 0)
   for logits in (jnp.asarray(rng.standard_normal((3, e)).astype(np.float32)),
                  jnp.zeros((1, e), jnp.float32)):
-    decode = _run(logits, cfg)
-    monkeypatch.setenv("JAX_NVFP4_ROUTE_SMALL", "0")
-    general = _run(logits, cfg)
-    monkeypatch.delenv("JAX_NVFP4_ROUTE_SMALL")
-    _assert_same_bits(decode, general)
+    decode = _decode_equals_general(monkeypatch, logits, cfg)
     _check(logits, cfg, decode)
   np.testing.assert_array_equal(np.asarray(decode[1]), [np.arange(min(4, e))])
 
@@ -332,9 +330,5 @@ def test_decode_kernel_expert_map(rng, block_m, m, monkeypatch):
   e, cfg = _config(rng, "deepseek")
   emap = np.where(np.arange(e) % 3 == 0, -1, np.arange(e) // 2).astype(np.int32)
   logits = jnp.asarray(rng.standard_normal((m, e)).astype(np.float32))
-  decode = _run(logits, cfg, block_m, jnp.asarray(emap))
-  monkeypatch.setenv("JAX_NVFP4_ROUTE_SMALL", "0")
-  general = _run(logits, cfg, block_m, jnp.asarray(emap))
-  monkeypatch.delenv("JAX_NVFP4_ROUTE_SMALL")
-  _assert_same_bits(decode, general)
+  decode = _decode_equals_general(monkeypatch, logits, cfg, block_m, jnp.asarray(emap))
   _check(logits, cfg, decode, emap)
