@@ -436,8 +436,16 @@ __device__ __forceinline__ void route_token_registers(const RouteParams &p, int 
     if (lane == r) my_id = id;
     if (lane == id % 32) {
 #pragma unroll
-      for (int j = 0; j < PER; ++j)
+      for (int j = 0; j < PER; ++j) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+        // For `j == id / 32` ptxas for sm_80 made one store at a computed index, which put
+        // key[] in local memory; compared by expert it stays in registers. (sm_90 keeps the
+        // form its GPU runs measured and tested, NOTES_moe.md v18; both clear the same key.)
+        if (lane + 32 * j == id) key[j] = 0u;
+#else
         if (j == id / 32) key[j] = 0u;
+#endif
+      }
       lane_best(best_key, best_index);
     }
   }

@@ -55,6 +55,9 @@ def worker():
   gated = {"checkpoint": (random_experts(rng, E, 2 * I, H, out_std=2.0),
                           random_experts(rng, E, H, I))}
   gated["prepared"] = tuple(nf.prepare(w) for w in gated["checkpoint"])
+  # w13 in gate_up_pairs order: GEMM 1 applies the activation; split over tensor shards as is.
+  gated["pairs"] = (nf.prepare(gated["checkpoint"][0], gate_up_pairs=True),
+                    gated["prepared"][1])
   relu_w13 = random_experts(rng, E, I, H, out_std=2.0)
   b13 = rng.standard_normal((E, 2 * I)).astype(np.float32)
   b2 = rng.standard_normal((E, H)).astype(np.float32)
@@ -93,7 +96,7 @@ def worker():
              bitwise=bool(np.array_equal(out, single_out)))
     if hlo is not None:
       weight_shapes = set()
-      for w in gated["checkpoint"] + gated["prepared"] + (relu_w13,):
+      for w in gated["checkpoint"] + gated["prepared"] + gated["pairs"] + (relu_w13,):
         for a in jax.tree.leaves(w):
           weight_shapes.add(f"{a.dtype.name}[{','.join(map(str, a.shape))}]".replace(
               "uint8", "u8").replace("uint32", "u32").replace("float8_e4m3fn", "f8e4m3fn").replace(
@@ -162,6 +165,20 @@ def worker():
                                         w2_bias=4 * b2, **kw), np.float64)
   results["gptoss_biases"]["rel_l2_if_w2_bias_added_per_shard"] = ref.rel_l2(b_per_shard,
                                                                              ref_b[0])
+  # The same with w13 in gate_up_pairs order: the bias is reordered per shard, the rows not.
+  w13q = gated["pairs"][0]
+  sw_q = pmoe.shard_moe_weights(w13q, w2p, mesh, expert_axis="expert", tensor_axis="tensor",
+                                activation="gptoss", w13_bias=b13, w2_bias=b2)
+  q_single = np.asarray(nf.fused_moe(x, w13q, w2p, topk_weights=tw.astype(np.float32),
+                                     topk_ids=ti.astype(np.int32), w13_bias=b13, w2_bias=b2,
+                                     **kw), np.float64)
+  results["gptoss_biases_pairs"] = record(f(x, sw_q), q_single, ref_b,
+                                          f.lower(x, sw_q).compile().as_text())
+  results["gptoss_biases_pairs"]["pairs_flag_kept"] = bool(sw_q.w13.gate_up_pairs)
+  # Negative control: the pairs w13 reordered as a [gate; up] one would be (pairs of pairs).
+  sw_wrong = dataclasses.replace(sw_q, w13=jax.device_put(
+      pmoe.gate_up_per_shard(w13q, 4)[0], jax.tree.map(lambda a: a.sharding, sw_q.w13)))
+  results["pairs_reordered_as_plain"] = record(f(x, sw_wrong), q_single, ref_b)
   # Negative control: tensor parallel without the [gate_t; up_t] reordering.
   raw = dataclasses.replace(sw, w13=jax.device_put(w13, jax.tree.map(
       lambda a: a.sharding, sw.w13)))
@@ -184,8 +201,9 @@ def multidevice():
   return _multidevice.run_worker("tests.test_sharding_moe", "worker")
 
 
-SHARDED_CASES = [f"{s}/{l}/ep_tp" for s in MESHES for l in ("checkpoint", "prepared")] + [
-    "tokens_on_expert_axis", "tokens_on_both_axes", "ep_x_dp", "relu2", "gptoss_biases"]
+SHARDED_CASES = [f"{s}/{l}/ep_tp" for s in MESHES for l in ("checkpoint", "prepared", "pairs")
+                 ] + ["tokens_on_expert_axis", "tokens_on_both_axes", "ep_x_dp", "relu2",
+                      "gptoss_biases", "gptoss_biases_pairs"]
 
 
 @pytest.mark.parametrize("case", SHARDED_CASES)
@@ -196,7 +214,7 @@ def test_sharded_layer_matches_one_device(multidevice, case):
   assert r["err_over_bound"] <= 1.0, r
 
 
-@pytest.mark.parametrize("layout", ["checkpoint", "prepared"])
+@pytest.mark.parametrize("layout", ["checkpoint", "prepared", "pairs"])
 def test_pure_expert_parallel_is_bitwise(multidevice, layout):
   # With top_k = 2 a device's partial is 0, one GEMM2 row (already bf16, so exact) or the same
   # two-row sum the single device rounds; the float32 psum adds exact zeros: same bits.
@@ -206,6 +224,15 @@ def test_pure_expert_parallel_is_bitwise(multidevice, layout):
 def test_negative_control_unreordered_gate_up_is_caught(multidevice):
   r = multidevice["results"]["unreordered_w13"]
   assert r["rel_l2"] > 0.1 and r["err_over_bound"] > 1.0, r
+
+
+def test_gate_up_pairs_split_as_is_and_keep_their_flag(multidevice):
+  """A gate_up_pairs w13 is split over the tensor shards without reordering and each device
+  still fuses the activation; reordering it as a [gate; up] weight is caught."""
+  r = multidevice["results"]
+  assert r["gptoss_biases_pairs"]["pairs_flag_kept"], r["gptoss_biases_pairs"]
+  wrong = r["pairs_reordered_as_plain"]
+  assert wrong["rel_l2"] > 0.1 and wrong["err_over_bound"] > 1.0, wrong
 
 
 def test_w2_bias_matters_and_is_added_once(multidevice):
@@ -259,6 +286,9 @@ def test_shard_moe_weights_rejects_bad_splits(rng):
     pmoe.shard_moe_weights(w13, w2, mesh, expert_axis="tensor", tensor_axis="tensor")
   with pytest.raises(TypeError, match="same kind"):
     pmoe.shard_moe_weights(w13, nf.prepare(w2), mesh)
+  relu_pairs = nf.prepare(random_experts(rng, 4, 128, 64), gate_up_pairs=True)
+  with pytest.raises(ValueError, match="gate_up_pairs=True, which only a gated activation"):
+    pmoe.shard_moe_weights(relu_pairs, nf.prepare(w2), mesh, activation="relu2")
 
 
 @pytest.mark.parametrize("tp", [2, 4])

@@ -113,7 +113,8 @@ def gate_up_pairs_blockers(*, prepared: bool, activation: str, intermediate_size
     reasons.append(f"w13's rows are split over a tensor axis of size {gate_up_shards} "
                    "(per-shard [gate_t; up_t] order)")
   if expert_axis is not None:
-    # sharded_fused_moe rebuilds each device's w13 from its arrays without the pairs flag.
+    # The layers' sharded state is [gate; up] (or per tensor shard) only; wiring pairs there
+    # (which shard_moe_weights accepts) is left for later.
     reasons.append("expert_axis is set: the sharded layer reads w13 in [gate; up] order")
   return reasons
 

@@ -130,7 +130,8 @@ def sharded_moe_weights(w13, w2, b13, b2, *, expert_axis, tensor_axis, gated: bo
   if ep * tp == 1:
     return None
   if getattr(w13, "gate_up_pairs", False):
-    # sharded_fused_moe rebuilds each device's w13 from its arrays, without the pairs flag.
+    # The layers build sharded state in [gate; up] or per-shard order only (their records say
+    # so); sharded_fused_moe itself takes a pairs w13, which the layers do not store yet.
     raise ValueError(f"{who}: w13 is stored in gate_up_pairs order, which the sharded layer "
                      f"(expert_axis {expert_axis!r}, tensor_axis {tensor_axis!r} of total size "
                      f"{ep * tp} in the mesh in context) cannot read; store it in [gate; up] "

@@ -11,7 +11,10 @@
   rows; a plain contiguous split of ``[gate; up]`` would pair gate rows with gate rows) and the
   same I columns of w2. The activation is elementwise in I, so each device computes its slice of
   it and a partial down projection; the partials are summed. ``shard_moe_weights`` reorders w13
-  (and its bias) once, so that the contiguous split along N is exactly that.
+  (and its bias) once, so that the contiguous split along N is exactly that. A w13 prepared with
+  ``gate_up_pairs=True`` needs no reordering (each 16-row tile holds 8 gate rows and the
+  matching 8 up rows, so any split into whole tiles keeps the pairs together), only its bias
+  is reordered, and each device's GEMM 1 then applies the activation in its epilogue.
 * Both at once on a 2-D mesh, plus optional token sharding (``token_axis``): tokens split over
   an axis that also splits experts/I are all-gathered inside the layer and the result is
   reduce-scattered back; over any other axis they are plain data parallelism.
@@ -186,7 +189,7 @@ def _with_arrays(w, arrays, n, k):
   a, b, gs = arrays
   if isinstance(w, NVFP4Weight):
     return NVFP4Weight(a, b, gs, dtype=w.dtype)
-  return PreparedNVFP4Weight(a, b, gs, n=n, k=k, dtype=w.dtype)
+  return PreparedNVFP4Weight(a, b, gs, n=n, k=k, dtype=w.dtype, gate_up_pairs=w.gate_up_pairs)
 
 
 def _weight_shardings(w, mesh, ea, n_axis, k_axis):
@@ -201,7 +204,8 @@ def shard_moe_weights(w13, w2, mesh: Mesh, *, expert_axis=None, tensor_axis=None
 
   Args:
     w13: ``[E, N13, H]`` with rows ``[gate; up]`` (``N13 = 2I``) for gated activations or ``I``
-      rows for ``relu2``; ``NVFP4Weight`` or stacked ``PreparedNVFP4Weight``.
+      rows for ``relu2``; ``NVFP4Weight`` or stacked ``PreparedNVFP4Weight`` (gated: also one
+      prepared with ``gate_up_pairs=True``, whose activation then runs in GEMM 1).
     w2: ``[E, H, I]``, same kind.
     mesh: the device mesh.
     expert_axis: mesh axis name (or tuple of names) splitting E, or None.
@@ -215,10 +219,7 @@ def shard_moe_weights(w13, w2, mesh: Mesh, *, expert_axis=None, tensor_axis=None
   """
   e, n13, h = _stacked(w13, "w13")
   e2, h2, inter = _stacked(w2, "w2")
-  if isinstance(w13, PreparedNVFP4Weight) and w13.gate_up_pairs:
-    raise ValueError("shard_moe_weights: w13 was prepared with gate_up_pairs=True; the sharded "
-                     "layer splits [gate; up] rows: prepare(w13) without it (or pass the "
-                     "checkpoint-layout weight)")
+  pairs = isinstance(w13, PreparedNVFP4Weight) and w13.gate_up_pairs
   if type(w13) is not type(w2):
     raise TypeError(f"shard_moe_weights: w13 and w2 must be the same kind, got "
                     f"{type(w13).__name__} and {type(w2).__name__}")
@@ -242,8 +243,17 @@ def shard_moe_weights(w13, w2, mesh: Mesh, *, expert_axis=None, tensor_axis=None
     if w2_bias.shape != (e, h):
       raise ValueError(f"shard_moe_weights: w2_bias must be [E, H] = {(e, h)}, got "
                        f"{w2_bias.shape}")
-  if gated:
+  if pairs and not gated:
+    raise ValueError(f"shard_moe_weights: w13 was prepared with gate_up_pairs=True, which only "
+                     f"a gated activation reads, but activation is {activation!r}")
+  if gated and not pairs:
     w13, w13_bias = gate_up_per_shard(w13, tp, w13_bias)
+  elif gated and w13_bias is not None and tp > 1:
+    # A gate_up_pairs w13 needs no reordering: 16-row tile j holds gate rows 8j..8j+7 and the
+    # matching up rows, so a contiguous split into whole tiles gives every tensor shard its
+    # own gate rows and their up rows, already in pairs order. fused_moe on each device reads
+    # the bias as that shard's [gate_t; up_t] and pairs it itself.
+    w13_bias = _gate_up_per_shard(w13_bias, 1, tp)
   e_, t_ = _entry(ea), _entry(ta)
   put = lambda v, s: None if v is None else jax.device_put(v, s)
   return ShardedMoEWeights(
