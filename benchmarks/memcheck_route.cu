@@ -8,7 +8,8 @@
 // expert map with -1 entries, every block_m, f32 / bf16 / f16 logits, 1 to 128 pairs and 32
 // tokens; and the general kernel on batches past the decode kernel's range. Every decode
 // launch is compared bit for bit with the general kernel on the same input
-// (moe_route_kernels.cuh says they do the same arithmetic in the same order). Exit status 1 on any disagreement or CUDA error.
+// (moe_route_kernels.cuh says they do the same arithmetic in the same order). Exit status 1 on
+// any disagreement or CUDA error.
 #include "cuda_tool.h"
 #include "moe_route_kernels.cuh"
 
@@ -67,11 +68,6 @@ std::vector<uint8_t> random_logits(size_t n, LogitType type, uint64_t &seed) {
   return raw;
 }
 
-int capacity(int pairs, int experts, int block_m) {
-  const int bound = pairs + std::min(experts, pairs) * (block_m - 1);
-  return (bound + block_m - 1) / block_m * block_m;
-}
-
 struct Outputs {
   std::vector<uint32_t> weights;   // the float bits
   std::vector<int> ids, sorted_ids, block_expert, num_padded;
@@ -96,7 +92,8 @@ T *poisoned(size_t n, cudaStream_t stream) {
 // One launch of plan_route_launch's choice; `decode` false forces the general kernel.
 Outputs run(const Case &c, const void *logits, const float *bias, const int *map, bool decode,
             bool &used_decode, cudaStream_t stream) {
-  const int pairs = c.tokens * c.top_k, slots = capacity(pairs, c.experts, c.block_m);
+  const int pairs = c.tokens * c.top_k;
+  const int slots = int(jax_nvfp4::moe_align::align_capacity(pairs, c.experts, c.block_m));
   RouteParams p{};
   p.logits = logits;
   p.bias = bias;

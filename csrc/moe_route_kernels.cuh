@@ -305,7 +305,8 @@ __global__ void __launch_bounds__(kRouteMaxWarps * 32, 1)
 // Here warp t routes token t with its keys in registers (lane l owns experts l + 32 j, j < PER),
 // so a selection round is two REDUX and PER compares with no memory access; then warp 0 aligns
 // the <= 128 pairs, one lane per pair, in chunks of 32 (align_chunks_warp) or, up to 32 pairs,
-// in one (align_pair_lanes_warp), with no block-wide tables. One barrier in all, none for a single token.
+// in one (align_pair_lanes_warp), with no block-wide tables. One barrier in all, none for a
+// single token.
 // Same arithmetic in the same order as route_token: ids, weights and the alignment are bitwise
 // those of the kernel above (tests/test_moe_route_align.py compares both with the reference).
 constexpr int kSmallMaxTokens = 32;     // one warp per token
