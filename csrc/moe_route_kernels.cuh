@@ -130,6 +130,38 @@ __device__ __forceinline__ float warp_fmax(float v) {
   return v;
 }
 
+// Keeps the two largest keys seen (first >= second); ties keep the earlier.
+__device__ __forceinline__ void take_top2(unsigned k, unsigned &first, unsigned &second) {
+  if (k > first) {
+    second = first;
+    first = k;
+  } else if (k > second) {
+    second = k;
+  }
+}
+
+// Step 2's choice of groups from each lane's group key (lane g < n_group owns group g): a
+// bit mask of the topk_group best groups, ties to the lower group.
+__device__ __forceinline__ unsigned choose_groups(const RouteParams &p, unsigned first,
+                                                  unsigned second, int per_group) {
+  const int lane = threadIdx.x % 32;
+  unsigned group_key = 0u;
+  if (lane < p.n_group) {
+    const float group = p.group_max || per_group == 1 ? key_value(first)
+                                                       : key_value(first) + key_value(second);
+    group_key = order_key(group);
+  }
+  unsigned chosen = 0u;
+  bool taken = lane >= p.n_group;
+#pragma unroll 1
+  for (int r = 0; r < p.topk_group; ++r) {
+    const int g = warp_argmax(taken ? 0u : group_key, taken ? -1 : lane);
+    chosen |= 1u << g;
+    taken = taken || lane == g;
+  }
+  return chosen;
+}
+
 // Steps 1-4 for token t; writes its weights and ids to global memory and ids_s.
 template <typename T>
 __device__ __forceinline__ void route_token(const RouteParams &p, int t, float *score,
@@ -198,31 +230,13 @@ __device__ __forceinline__ void route_token(const RouteParams &p, int t, float *
   // 2. Group-limited selection.
   if (p.n_group > 1) {
     const int per_group = experts / p.n_group;
-    unsigned group_key = 0u;
+    unsigned first = 0u, second = 0u;
     if (lane < p.n_group) {
-      unsigned first = 0u, second = 0u;
 #pragma unroll 4
-      for (int e = lane * per_group; e < (lane + 1) * per_group; ++e) {
-        const unsigned k = key[e];
-        if (k > first) {
-          second = first;
-          first = k;
-        } else if (k > second) {
-          second = k;
-        }
-      }
-      const float group = p.group_max || per_group == 1 ? key_value(first)
-                                                         : key_value(first) + key_value(second);
-      group_key = order_key(group);
+      for (int e = lane * per_group; e < (lane + 1) * per_group; ++e)
+        take_top2(key[e], first, second);
     }
-    unsigned chosen = 0u;
-    bool taken = lane >= p.n_group;
-#pragma unroll 1
-    for (int r = 0; r < p.topk_group; ++r) {
-      const int g = warp_argmax(taken ? 0u : group_key, taken ? -1 : lane);
-      chosen |= 1u << g;
-      taken = taken || lane == g;
-    }
+    const unsigned chosen = choose_groups(p, first, second, per_group);
     __syncwarp();   // the group scans above read keys other lanes now overwrite
 #pragma unroll 1
     for (int e = lane; e < experts; e += 32)
@@ -371,43 +385,24 @@ __device__ __forceinline__ void route_token_registers(const RouteParams &p, int 
     for (int j = 0; j < PER; ++j)
       if (lane + 32 * j < experts) group_keys[lane + 32 * j] = key[j];
     __syncwarp();
-    unsigned group_key = 0u;
+    unsigned first = 0u, second = 0u;
     if (lane < p.n_group) {
-      unsigned first = 0u, second = 0u;
-      auto take = [&](unsigned k) {
-        if (k > first) {
-          second = first;
-          first = k;
-        } else if (k > second) {
-          second = k;
-        }
-      };
       const unsigned *g = group_keys + lane * per_group;
       if (per_group % 4 == 0) {   // 16-byte aligned: E = n_group * per_group is a multiple of 4
 #pragma unroll 4
         for (int i = 0; i < per_group; i += 4) {
           const uint4 q = *reinterpret_cast<const uint4 *>(g + i);
-          take(q.x);
-          take(q.y);
-          take(q.z);
-          take(q.w);
+          take_top2(q.x, first, second);
+          take_top2(q.y, first, second);
+          take_top2(q.z, first, second);
+          take_top2(q.w, first, second);
         }
       } else {
 #pragma unroll 1
-        for (int i = 0; i < per_group; ++i) take(g[i]);
+        for (int i = 0; i < per_group; ++i) take_top2(g[i], first, second);
       }
-      const float group = p.group_max || per_group == 1 ? key_value(first)
-                                                         : key_value(first) + key_value(second);
-      group_key = order_key(group);
     }
-    unsigned chosen = 0u;
-    bool taken = lane >= p.n_group;
-#pragma unroll 1
-    for (int r = 0; r < p.topk_group; ++r) {
-      const int g = warp_argmax(taken ? 0u : group_key, taken ? -1 : lane);
-      chosen |= 1u << g;
-      taken = taken || lane == g;
-    }
+    const unsigned chosen = choose_groups(p, first, second, per_group);
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
       const int e = lane + 32 * j;
