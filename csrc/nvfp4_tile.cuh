@@ -699,16 +699,34 @@ __device__ __forceinline__ void tile_mainloop(
         }
         __syncthreads();
         if (slice == 0) {
-#pragma unroll 1
-          for (int s2 = 0; s2 < KS - 1; ++s2)
+          if constexpr (MT == 1) {
+            // All KS - 1 loads go out before the first add: one shared-memory latency per
+            // tile, not KS - 1 in a row on slice 0's path while the other warps wait at the
+            // next barrier (-3 to -12 % at M = 1 where a tile's K is 2048-8192, NOTES_dense.md
+            // v20; at m_tile 2 it measured no gain). The adds keep slice order, so the sums are
+            // bitwise those of the loop below.
+            float4 v[KS - 1];
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-              const float4 v = handoff[s2][sub][mt][lane];
-              acc[mt][0] += v.x;
-              acc[mt][1] += v.y;
-              acc[mt][2] += v.z;
-              acc[mt][3] += v.w;
+            for (int s2 = 0; s2 < KS - 1; ++s2) v[s2] = handoff[s2][sub][0][lane];
+#pragma unroll
+            for (int s2 = 0; s2 < KS - 1; ++s2) {
+              acc[0][0] += v[s2].x;
+              acc[0][1] += v[s2].y;
+              acc[0][2] += v[s2].z;
+              acc[0][3] += v[s2].w;
             }
+          } else {
+#pragma unroll 1
+            for (int s2 = 0; s2 < KS - 1; ++s2)
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt) {
+                const float4 v = handoff[s2][sub][mt][lane];
+                acc[mt][0] += v.x;
+                acc[mt][1] += v.y;
+                acc[mt][2] += v.z;
+                acc[mt][3] += v.w;
+              }
+          }
         }
         __syncthreads();  // the buffer is free for the next tile
       }
