@@ -287,23 +287,25 @@ def test_moe_init_stores_gate_up_pairs_where_safe(rng):
   want = np_moe(bf16(x), bf16(vp["params"]["router"]), dequant64(wp), dequant64(w2), k,
                 "swiglu")
   assert rel_l2(yp, want) < 1e-2 and rel_l2(yq, want) < 1e-2
-  # [gate; up] (no record) where the order is not safe: the checkpoint layout, relu2, a tensor
-  # axis of size > 1 (its per-shard record instead), an expert axis.
+  # [gate; up] (no record) where the order is not correct: the checkpoint layout, relu2.
   assert _records(L.NVFP4MoE(i, e, top_k=k).init(key, x)) == {}
   assert _records(L.NVFP4MoE(i, e, top_k=k, prepare=True, activation="relu2").init(key, x)) == {}
+  # With mesh axes: pairs (an expert axis; a tensor split into whole pair tiles, which keeps
+  # its per-shard record for the bias), or per-shard [gate_t; up_t] with fuse_activation=False.
+  # Numbers on 8 devices: tests/test_sharding_layers.py.
   mesh = AbstractMesh((2, 4), ("expert", "model"), axis_types=(AxisType.Auto,) * 2)
   with jax.sharding.use_abstract_mesh(mesh):
-    tp4 = jax.eval_shape(L.NVFP4MoE(256, 8, top_k=k, prepare=True, tensor_axis="model").init,
-                         key, x)
-    assert _records(tp4) == {"w13_gate_up_shards": (4, 0)}
-    ep = jax.eval_shape(L.NVFP4MoE(64, e, top_k=k, prepare=True, expert_axis="expert").init,
-                        key, x)
-    assert _records(ep) == {}
-    # State in pairs order under a layer that runs sharded: refused (sharded_fused_moe would
-    # read the rows as [gate; up]).
+    init = lambda **kw: jax.eval_shape(L.NVFP4MoE(256, 8, top_k=k, prepare=True, **kw).init,
+                                       key, x)
+    pairs, shards = {"w13_gate_up_pairs": (8, 0)}, {"w13_gate_up_shards": (4, 0)}
+    assert _records(init(tensor_axis="model")) == {**pairs, **shards}
+    assert _records(init(expert_axis="expert", tensor_axis="model")) == {**pairs, **shards}
+    assert _records(init(expert_axis="expert")) == pairs
+    assert _records(init(tensor_axis="model", fuse_activation=False)) == shards
+    # State in pairs order under a layer that runs sharded on experts: read as pairs.
     v64 = L.NVFP4MoE(64, e, top_k=k, prepare=True).init(key, x)
-    with pytest.raises(ValueError, match="gate_up_pairs order, which the sharded layer"):
-      jax.eval_shape(L.NVFP4MoE(64, e, top_k=k, expert_axis="expert").apply, v64, x)
+    out = jax.eval_shape(L.NVFP4MoE(64, e, top_k=k, expert_axis="expert").apply, v64, x)
+    assert out.shape == x.shape
   with pytest.raises(ValueError, match="fuse_activation=True .*checkpoint layout"):
     L.NVFP4MoE(i, e, top_k=k, fuse_activation=True).init(key, x)
   with pytest.raises(ValueError, match="fuse_activation=True .*'relu2' is not gated"):
@@ -364,8 +366,10 @@ def test_moe_gate_up_pairs_record_mismatches_raise(rng):
       (layer, with_store(ckpt, w13_gate_up_pairs=record), "beside a checkpoint-layout"),
       (layer, with_store(pairs, w13_gate_up_pairs=jnp.zeros((4, 0), jnp.uint8)),
        r"must be an empty array of shape \(8, 0\)"),
-      (layer, with_store(pairs, w13_gate_up_shards=jnp.zeros((2, 0), jnp.uint8)),
-       "holds both 'w13_gate_up_pairs' and 'w13_gate_up_shards'"),
+      # Pairs rows per shard need whole 16-row tiles per shard: I = 32 holds 4, not 8.
+      (layer, with_store(pairs, w13_gate_up_shards=jnp.zeros((8, 0), jnp.uint8)),
+       r"stored in gate_up_pairs order .* for 8 tensor shard\(s\) .*I = 32 is not a multiple "
+       "of 64"),
       (layer, with_store(pairs, w2_gate_up_pairs=record), "w2 has no gate and up rows"),
       (L.NVFP4MoE(i, e, top_k=k, activation="relu2"),
        with_store(L.moe_variables(router, w13[:, :i], w2, prepare=True),
@@ -379,7 +383,31 @@ def test_moe_gate_up_pairs_record_mismatches_raise(rng):
         {"nvfp4": L.weight_variables(nf.prepare(nf.quantize(jnp.asarray(w13[0])),
                                                 gate_up_pairs=True))}, x)
   for rows, kw, msg in ((w13, dict(), "prepare=False"),
-                        (w13, dict(prepare=True, gate_up_shards=2), "gate_up_shards = 2"),
+                        (w13, dict(prepare=True, gate_up_shards=8),
+                         "tensor axis of size 8 and I = 32 is not a multiple of 64"),
                         (w13[:, :i], dict(prepare=True), r"not the \[gate; up\] = 2I = 64")):
     with pytest.raises(ValueError, match="gate_up_pairs=True cannot be used: .*" + msg):
       L.moe_variables(router, rows, w2, gate_up_pairs=True, **kw)
+
+
+def test_moe_variables_gate_up_pairs_per_tensor_shard(rng):
+  """moe_variables(gate_up_pairs=True, gate_up_shards=tp): the pairs rows as for one device,
+  the bias per shard, both records; without a mesh the layer puts the bias back and runs the
+  one-device pairs call (same bits)."""
+  e, h, i, k, router, w13, w2, b13, b2, x = _moe_case(rng)
+  layer = L.NVFP4MoE(i, e, top_k=k, use_expert_bias=True, activation="gptoss", limit=0.7)
+  one = L.moe_variables(router, w13, w2, w13_bias=b13, w2_bias=b2, prepare=True,
+                        gate_up_pairs=True)
+  y_one = np.asarray(jax.jit(layer.apply)(one, x))
+  for tp in (2, 4):  # I = 32: 4 pair tiles, whole on 2 or 4 shards
+    split = L.moe_variables(router, w13, w2, w13_bias=b13, w2_bias=b2, prepare=True,
+                            gate_up_pairs=True, gate_up_shards=tp)
+    assert _records(split) == {"w13_gate_up_pairs": (8, 0), "w13_gate_up_shards": (tp, 0)}
+    for name in ("w13_qweight", "w13_qscales", "w13_global_scale"):
+      np.testing.assert_array_equal(np.asarray(split["nvfp4"][name]),
+                                    np.asarray(one["nvfp4"][name]))
+    step = i // tp  # [gate_0; up_0; ...], written out here
+    per_shard = np.concatenate([b13[:, s:s + step] for t in range(tp)
+                                for s in (t * step, i + t * step)], axis=-1)
+    np.testing.assert_array_equal(np.asarray(split["params"]["w13_bias"]), per_shard)
+    np.testing.assert_array_equal(np.asarray(jax.jit(layer.apply)(split, x)), y_one)

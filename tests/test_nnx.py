@@ -623,7 +623,7 @@ def test_moe_gate_up_pairs_only_where_safe(rng):
   e, h, i = 4, 64, 32
   router, w13, w2 = randn(rng, e, h), randn(rng, e, 2 * i, h), randn(rng, e, h, i)
   relu13 = w13[:, :i]
-  # The automatic rule: kernel layout, gated, I % 8 == 0, no expert axis, no tensor split.
+  # The automatic rule: kernel layout, gated, I % 8 == 0 (I % 8 tp under a tensor split).
   assert NVFP4MoE.from_dense(router, w13, w2, top_k=2, prepare=True).gate_up_pairs
   for layer in (NVFP4MoE.from_dense(router, w13, w2, top_k=2),  # checkpoint layout
                 NVFP4MoE.from_dense(router, relu13, w2, top_k=2, prepare=True,
@@ -650,41 +650,48 @@ def test_moe_gate_up_pairs_only_where_safe(rng):
                         fuse_activation=True)
   with pytest.raises(ValueError, match="fuse_activation must be None, True or False"):
     NVFP4MoE.from_dense(router, w13, w2, top_k=2, fuse_activation="yes")
-  # I % 8: the layers take I % 16 == 0 only, so the rule's own check is the one to test.
+  # I % 8, and I/tp % 8 under a tensor split: the layers take I % 16 == 0 only, and split the
+  # kernel layout into I/tp multiples of 64, so the rule's own checks are the ones to test.
+  resolve = lambda fuse, i, tp: _common.resolve_fuse_activation(
+      fuse, prepared=True, activation="swiglu", intermediate_size=i, gate_up_shards=tp, who="t")
   with pytest.raises(ValueError, match="I = 20 is not a multiple of 8"):
-    _common.resolve_fuse_activation(True, prepared=True, activation="swiglu",
-                                    intermediate_size=20, expert_axis=None, gate_up_shards=1,
-                                    who="t")
-  assert not _common.resolve_fuse_activation(None, prepared=True, activation="swiglu",
-                                             intermediate_size=20, expert_axis=None,
-                                             gate_up_shards=1, who="t")
+    resolve(True, 20, 1)
+  assert not resolve(None, 20, 1)
+  assert resolve(None, 64, 8) and resolve(True, 64, 8)  # 8 rows per shard: one pair tile each
+  with pytest.raises(ValueError, match="tensor axis of size 16 and I = 64 is not a multiple of "
+                                       "128: a shard would hold part of a 16-row gate/up tile"):
+    resolve(True, 64, 16)
+  assert not resolve(None, 64, 16)
 
 
 def test_moe_gate_up_pairs_and_mesh_axes(rng):
-  """A tensor axis of size > 1 keeps the per-shard order (no pairs); one of size 1 splits
-  nothing (pairs, and the layer runs); an expert axis keeps [gate; up] (sharded_fused_moe
-  rebuilds each device's w13 without the pairs flag)."""
+  """An expert axis and a tensor split into whole pair tiles keep the pairs order (the rows
+  are stored as on one device; with a tensor split of size > 1 only the bias is per shard);
+  fuse_activation=False keeps the per-shard [gate_t; up_t] order. Numbers on 8 devices:
+  tests/test_sharding_layers.py."""
   from jax.sharding import AbstractMesh, AxisType
   h, i, e = 64, 256, 8
   make = lambda **kw: NVFP4MoE(h, i, e, top_k=2, rngs=nnx.Rngs(0), prepare=True, **kw)
   with jax.sharding.use_abstract_mesh(AbstractMesh((2, 4), ("expert", "model"),
                                                    axis_types=(AxisType.Auto,) * 2)):
-    tp4 = nnx.eval_shape(lambda: make(tensor_axis="model"))
-    assert tp4.gate_up_shards == 4 and not tp4.gate_up_pairs and tp4.w13_gate_up_pairs is None
-    with pytest.raises(ValueError, match="tensor axis of size 4"):
-      nnx.eval_shape(lambda: make(tensor_axis="model", fuse_activation=True))
-    ep = nnx.eval_shape(lambda: make(expert_axis="expert"))
-    assert ep.gate_up_shards == 1 and not ep.gate_up_pairs and ep.w13_gate_up_pairs is None
-    with pytest.raises(ValueError, match="expert_axis is set"):
-      nnx.eval_shape(lambda: make(expert_axis="expert", fuse_activation=True))
+    for axes, tp in ((dict(tensor_axis="model"), 4), (dict(expert_axis="expert"), 1),
+                     (dict(expert_axis="expert", tensor_axis="model"), 4)):
+      for fuse in (None, True):
+        layer = nnx.eval_shape(lambda: make(fuse_activation=fuse, **axes))
+        assert layer.gate_up_shards == tp and layer.gate_up_pairs, axes
+        assert layer.w13_gate_up_pairs.get_value().shape == (8,), axes
+      plain = nnx.eval_shape(lambda: make(fuse_activation=False, **axes))
+      assert plain.gate_up_shards == tp and not plain.gate_up_pairs, axes
+      assert plain.w13_gate_up_pairs is None, axes
   mesh1 = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))
   x = jnp.asarray(randn(rng, 3, h), jnp.bfloat16)
   with jax.set_mesh(mesh1):
     tp1 = make(tensor_axis="model")
     assert tp1.gate_up_shards == 1 and tp1.gate_up_pairs
     y = call(tp1, x)
-  plain = make(fuse_activation=False)
-  assert rel_l2(y, call(plain, x)) < 2**-7  # the same experts (same rngs)
+  # A mesh of size 1 splits nothing: the unsharded pairs layer's bits (same rngs, same rows).
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(call(make(), x)))
+  assert rel_l2(y, call(make(fuse_activation=False), x)) < 2**-7
 
 
 def test_moe_gate_up_pairs_state_round_trips_and_mismatches(rng, tmp_path):

@@ -175,9 +175,10 @@ def worker():
   results["gptoss_biases_pairs"] = record(f(x, sw_q), q_single, ref_b,
                                           f.lower(x, sw_q).compile().as_text())
   results["gptoss_biases_pairs"]["pairs_flag_kept"] = bool(sw_q.w13.gate_up_pairs)
-  # Negative control: the pairs w13 reordered as a [gate; up] one would be (pairs of pairs).
+  # Negative control: the pairs w13's rows reordered as a [gate; up] one's would be (pairs of
+  # pairs; gate_up_per_shard itself leaves a pairs w13 as it is).
   sw_wrong = dataclasses.replace(sw_q, w13=jax.device_put(
-      pmoe.gate_up_per_shard(w13q, 4)[0], jax.tree.map(lambda a: a.sharding, sw_q.w13)))
+      pmoe._permute_w13(w13q, 4), jax.tree.map(lambda a: a.sharding, sw_q.w13)))
   results["pairs_reordered_as_plain"] = record(f(x, sw_wrong), q_single, ref_b)
   # Negative control: tensor parallel without the [gate_t; up_t] reordering.
   raw = dataclasses.replace(sw, w13=jax.device_put(w13, jax.tree.map(

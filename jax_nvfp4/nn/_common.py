@@ -97,9 +97,27 @@ def to_layout(w, prepared: bool, gate_up_pairs: bool = False):
   return unprepare(w) if isinstance(w, PreparedNVFP4Weight) else w
 
 
+def gate_up_pairs_row_blockers(intermediate_size: int, gate_up_shards: int) -> list[str]:
+  """Why w13's ``2I`` rows, split over ``gate_up_shards`` tensor shards, cannot be stored in
+  ``gate_up_pairs`` order (empty: they can). Each 16-row tile holds 8 gate rows and the
+  matching 8 up rows, so I must be a multiple of 8, and each shard must hold whole tiles
+  (I/tp a multiple of 8; a split tile would part gate rows from their up rows)."""
+  if intermediate_size % GATE_UP_PAIR_ROWS:
+    return [f"I = {intermediate_size} is not a multiple of {GATE_UP_PAIR_ROWS}"]
+  if intermediate_size % (GATE_UP_PAIR_ROWS * gate_up_shards):
+    return [f"w13's rows are split over a tensor axis of size {gate_up_shards} and I = "
+            f"{intermediate_size} is not a multiple of {GATE_UP_PAIR_ROWS * gate_up_shards}: "
+            "a shard would hold part of a 16-row gate/up tile"]
+  return []
+
+
 def gate_up_pairs_blockers(*, prepared: bool, activation: str, intermediate_size: int,
-                           expert_axis, gate_up_shards: int) -> list[str]:
-  """Why an MoE layer's w13 cannot be stored in ``gate_up_pairs`` order (empty: it can)."""
+                           gate_up_shards: int) -> list[str]:
+  """Why an MoE layer's w13 cannot be stored in ``gate_up_pairs`` order (empty: it can).
+
+  An expert axis never blocks it (experts are split, rows are not), nor does a tensor split
+  into whole 16-row tiles: shard t's tiles are then exactly its gate rows and their up rows in
+  pairs order, and only the w13 bias is stored per shard (``parallel.gate_up_per_shard``)."""
   from jax_nvfp4.moe.activations import is_gated
   reasons = []
   if not prepared:
@@ -107,16 +125,7 @@ def gate_up_pairs_blockers(*, prepared: bool, activation: str, intermediate_size
                    "and the pairs order is one of the kernel layout")
   if not is_gated(activation):
     reasons.append(f"activation {activation!r} is not gated")
-  if intermediate_size % GATE_UP_PAIR_ROWS:
-    reasons.append(f"I = {intermediate_size} is not a multiple of {GATE_UP_PAIR_ROWS}")
-  if gate_up_shards > 1:
-    reasons.append(f"w13's rows are split over a tensor axis of size {gate_up_shards} "
-                   "(per-shard [gate_t; up_t] order)")
-  if expert_axis is not None:
-    # The layers' sharded state is [gate; up] (or per tensor shard) only; wiring pairs there
-    # (which shard_moe_weights accepts) is left for later.
-    reasons.append("expert_axis is set: the sharded layer reads w13 in [gate; up] order")
-  return reasons
+  return reasons + gate_up_pairs_row_blockers(intermediate_size, gate_up_shards)
 
 
 def check_fuse_activation(fuse_activation, who: str) -> None:
@@ -126,15 +135,14 @@ def check_fuse_activation(fuse_activation, who: str) -> None:
 
 
 def resolve_fuse_activation(fuse_activation, *, prepared: bool, activation: str,
-                            intermediate_size: int, expert_axis, gate_up_shards: int,
-                            who: str) -> bool:
+                            intermediate_size: int, gate_up_shards: int, who: str) -> bool:
   """Whether an MoE layer stores w13 in ``gate_up_pairs`` order, so that ``fused_moe`` applies
-  the activation in GEMM 1's epilogue. None: exactly where that order is safe
+  the activation in GEMM 1's epilogue. None: exactly where that order is correct
   (``gate_up_pairs_blockers``); False: never; True: there, else a ``ValueError`` with the
   reasons."""
   check_fuse_activation(fuse_activation, who)
   reasons = gate_up_pairs_blockers(prepared=prepared, activation=activation,
-                                   intermediate_size=intermediate_size, expert_axis=expert_axis,
+                                   intermediate_size=intermediate_size,
                                    gate_up_shards=gate_up_shards)
   if fuse_activation and reasons:
     raise ValueError(f"{who}: fuse_activation=True needs w13 stored in gate_up_pairs order, "

@@ -89,8 +89,9 @@ def moe_sharding(expert_axis, tensor_axis, *, num_experts: int, intermediate_siz
                  prepared: bool, gated: bool, who: str):
   """Sharding of an MoE layer created with ``expert_axis`` / ``tensor_axis``: returns
   ``(specs, gate_up_shards)``, ``specs`` from ``jax_nvfp4.parallel.moe_state_specs`` (None when
-  neither axis is given) and ``gate_up_shards`` the tensor-axis size ``tp`` that w13's rows are
-  stored for (``[gate_0; up_0; ...]``, see ``parallel.gate_up_per_shard``; 1 = ``[gate; up]``).
+  neither axis is given) and ``gate_up_shards`` the tensor-axis size ``tp`` that w13's rows and
+  bias are stored for (``[gate_0; up_0; ...]``, see ``parallel.gate_up_per_shard``; 1 = ``[gate;
+  up]``; a ``gate_up_pairs`` w13 is that order already, only its bias is reordered).
 
   With a mesh in context the split is checked (``parallel.check_moe_split``). A gated layer with
   a ``tensor_axis`` needs that mesh (its size decides the stored row order).
@@ -118,8 +119,10 @@ def sharded_moe_weights(w13, w2, b13, b2, *, expert_axis, tensor_axis, gated: bo
                         gate_up_shards: int, who: str):
   """A ``ShardedMoEWeights`` over the mesh in context for a layer's stored weights, or None
   when the layer runs on one device (no axes, no mesh, or axes of total size 1). ``ValueError``
-  when the mesh's tensor axis size is not the one w13's rows were stored for, or when w13 is in
-  ``gate_up_pairs`` order (which the sharded layer cannot read)."""
+  when the mesh's tensor axis size is not the one w13's rows and bias were stored for. A w13 in
+  ``gate_up_pairs`` order goes as it is (its flag kept): each tensor shard's whole tiles are its
+  own gate/up pairs, and the stored bias is already per shard (``parallel.gate_up_per_shard``),
+  so every device fuses the activation into its GEMM 1."""
   mesh = context_mesh()
   if (expert_axis is None and tensor_axis is None) or mesh is None:
     return None
@@ -129,17 +132,12 @@ def sharded_moe_weights(w13, w2, b13, b2, *, expert_axis, tensor_axis, gated: bo
     raise ValueError(f"{who}: {e}") from None
   if ep * tp == 1:
     return None
-  if getattr(w13, "gate_up_pairs", False):
-    # The layers build sharded state in [gate; up] or per-shard order only (their records say
-    # so); sharded_fused_moe itself takes a pairs w13, which the layers do not store yet.
-    raise ValueError(f"{who}: w13 is stored in gate_up_pairs order, which the sharded layer "
-                     f"(expert_axis {expert_axis!r}, tensor_axis {tensor_axis!r} of total size "
-                     f"{ep * tp} in the mesh in context) cannot read; store it in [gate; up] "
-                     "order (fuse_activation=False)")
   if gated and tp != gate_up_shards:
-    raise ValueError(f"{who}: w13's rows are stored for a tensor axis of size {gate_up_shards} "
-                     f"(per-shard [gate_t; up_t] order), but {tensor_axis!r} has size {tp} in "
-                     "the mesh in context; create the layer under this mesh")
+    raise ValueError(f"{who}: w13 and its bias are stored for a tensor axis of size "
+                     f"{gate_up_shards} (per-shard [gate_t; up_t] order; the rows of a "
+                     f"gate_up_pairs w13 keep their own order, its bias does not), but "
+                     f"{tensor_axis!r} has size {tp} in the mesh in context; create the layer "
+                     "under this mesh")
   axes = lambda e: () if e is None else tuple(e) if isinstance(e, (tuple, list)) else (e,)
   return parallel_moe.ShardedMoEWeights(w13, w2, b13, b2, mesh=mesh,
                                         expert_axis=axes(expert_axis),

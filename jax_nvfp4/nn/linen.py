@@ -283,9 +283,11 @@ class NVFP4MoE(nn.Module):
   array of shape ``(8, 0)``, module docstring), so that ``fused_moe`` applies the activation in
   GEMM 1's epilogue on a GPU. Apply reads the row order from the record: state without it
   (written before it existed, or by ``moe_variables`` without ``gate_up_pairs``) is ``[gate;
-  up]``; a record beside a checkpoint-layout w13, beside ``w13_gate_up_shards``, or with a
-  non-gated activation is a ``ValueError``. ``w13_bias`` stays ``[gate; up]`` (``fused_moe``
-  reorders it).
+  up]``; a record beside a checkpoint-layout w13 or with a non-gated activation is a
+  ``ValueError``. ``w13_bias`` stays ``[gate; up]`` (``fused_moe`` reorders it), or per tensor
+  shard beside ``w13_gate_up_shards`` (below): the pairs order needs no per-shard reordering of
+  the rows (each shard's whole 16-row tiles are its own gate/up pairs), so with both records
+  w13 is in pairs order and its bias per shard.
 
   Sharding (``expert_axis`` / ``tensor_axis``, as NNX ``NVFP4MoE``'s and
   ``jax_nvfp4.parallel.moe_state_specs``): init boxes every array in ``nn.Partitioned`` (E over
@@ -311,13 +313,14 @@ class NVFP4MoE(nn.Module):
     expert_axis, tensor_axis: mesh-axis names (or tuples) for expert / tensor parallelism (see
       above); not combinable with ``expert_map``.
     fuse_activation: whether init stores w13 in ``gate_up_pairs`` order (see above). None
-      (default): exactly where it is safe: the kernel layout (``prepare`` resolved to True), a
-      gated activation, I a multiple of 8, no ``expert_axis`` and no tensor-parallel split of
-      w13 (no ``tensor_axis``, or one of size 1 in the mesh at init); ``[gate; up]`` elsewhere,
-      and at apply whichever order the record says. False: ``[gate; up]`` at init (the layout
-      from before the fused activation), and a ``ValueError`` at apply if the stored w13 is in
-      pairs order. True: the pairs order at init (``ValueError`` naming why where it cannot
-      be), and a ``ValueError`` at apply if the stored w13 is not.
+      (default): exactly where it is correct: the kernel layout (``prepare`` resolved to True),
+      a gated activation, and I a multiple of 8, or of 8 tp under a tensor split of size tp in
+      the mesh at init (whole 16-row gate/up tiles per shard, which the kernel layout's split,
+      I/tp a multiple of 64, always gives); an ``expert_axis`` does not matter. ``[gate; up]``
+      elsewhere, and at apply whichever order the record says. False: ``[gate; up]`` at init
+      (the layout from before the fused activation), and a ``ValueError`` at apply if the
+      stored w13 is in pairs order. True: the pairs order at init (``ValueError`` naming why
+      where it cannot be), and a ``ValueError`` at apply if the stored w13 is not.
   """
 
   intermediate_size: int
@@ -388,8 +391,7 @@ class NVFP4MoE(nn.Module):
           prepared=prepared, gated=gated, who=who)
       pairs = _common.resolve_fuse_activation(
           self.fuse_activation, prepared=prepared, activation=self.activation,
-          intermediate_size=i, expert_axis=self.expert_axis, gate_up_shards=gate_up_shards,
-          who=who)
+          intermediate_size=i, gate_up_shards=gate_up_shards, who=who)
     else:
       if sharded and _sharding.context_mesh() is not None:  # apply: the split is checked
         _sharding.moe_sharding(self.expert_axis, self.tensor_axis, num_experts=e,
@@ -401,7 +403,7 @@ class NVFP4MoE(nn.Module):
     def make_w13():
       w = quantize(self.expert_init(self.make_rng("params"), (e, n13, h), jnp.float32))
       w = _common.to_layout(w, prepared, pairs)
-      return parallel_moe.gate_up_per_shard(w, gate_up_shards)[0]
+      return parallel_moe.gate_up_per_shard(w, gate_up_shards)[0]  # pairs: as it is
 
     router = self.param("router", _with_partitioning(self.router_init, spec("router")),
                         (e_global, h), self.router_dtype)
@@ -415,8 +417,9 @@ class NVFP4MoE(nn.Module):
                                                         jnp.float32)),
                       shape=(e, h, i), prepared=prepared, who=who, prefix="w2_",
                       specs=spec("w2"))
-    _check_w13_order(w13, activation=self.activation, gate_up_shards=gate_up_shards,
-                     fuse_activation=self.fuse_activation, who=who)
+    _check_w13_order(w13, activation=self.activation, intermediate_size=i,
+                     gate_up_shards=gate_up_shards, fuse_activation=self.fuse_activation,
+                     who=who)
     _refuse_pairs(w2, "w2_", who, "w2 has no gate and up rows")
     b13 = b2 = None
     if self.use_expert_bias:
@@ -451,18 +454,22 @@ class NVFP4MoE(nn.Module):
     return y.astype(out)
 
 
-def _check_w13_order(w13, *, activation: str, gate_up_shards: int, fuse_activation,
-                     who: str) -> None:
-  """The stored w13's row order (its records) against the layer."""
+def _check_w13_order(w13, *, activation: str, intermediate_size: int, gate_up_shards: int,
+                     fuse_activation, who: str) -> None:
+  """The stored w13's row order (its records) against the layer. Both records together are a
+  pairs w13 (in its own order on every tensor shard) with its bias per tensor shard."""
   from jax_nvfp4.moe.activations import is_gated
   pairs = getattr(w13, "gate_up_pairs", False)
   record = "w13_" + PAIRS_FIELD
   if pairs and not is_gated(activation):
     raise ValueError(f"{who}: w13 is stored in gate_up_pairs order (record {record!r}), which "
                      f"only a gated activation reads, but activation is {activation!r}")
-  if pairs and gate_up_shards > 1:
-    raise ValueError(f"{who}: the collection holds both {record!r} and {GATE_UP_FIELD!r}: w13's "
-                     "rows have one order, gate_up_pairs or per tensor shard, not both")
+  if pairs:
+    split = _common.gate_up_pairs_row_blockers(intermediate_size, gate_up_shards)
+    if split:
+      raise ValueError(f"{who}: w13 is stored in gate_up_pairs order (record {record!r}) for "
+                       f"{gate_up_shards} tensor shard(s) (record {GATE_UP_FIELD!r}), which it "
+                       f"cannot be: {'; '.join(split)}")
   if fuse_activation is not None and fuse_activation != pairs:
     order = f"gate_up_pairs order (record {record!r})" if pairs else (
         f"[gate; up] order (no record {record!r})")
@@ -478,10 +485,7 @@ def _check_pairs_request(prepare: bool, n13: int, inter: int, gate_up_shards: in
     reasons.append("prepare=False (the pairs order is one of the kernel layout)")
   if n13 != 2 * inter:
     reasons.append(f"w13 has {n13} rows, not the [gate; up] = 2I = {2 * inter} of a gated layer")
-  if inter % GATE_UP_PAIR_ROWS:
-    reasons.append(f"I = {inter} is not a multiple of {GATE_UP_PAIR_ROWS}")
-  if gate_up_shards > 1:
-    reasons.append(f"gate_up_shards = {gate_up_shards} (w13's rows are stored per tensor shard)")
+  reasons += _common.gate_up_pairs_row_blockers(inter, gate_up_shards)
   if reasons:
     raise ValueError(f"moe_variables: gate_up_pairs=True cannot be used: {'; '.join(reasons)}")
 
@@ -502,9 +506,11 @@ def moe_variables(router_weight, w13, w2, *, w13_bias=None, w2_bias=None, correc
   layer's init does (``jax_nvfp4.parallel.gate_up_per_shard``); 1 keeps ``[gate; up]``.
   ``gate_up_pairs``: store w13 with its rows in ``gate_up_pairs`` order and that record, as
   the init of a layer that fuses the activation does (``NVFP4MoE``'s ``fuse_activation``); it
-  needs ``prepare=True``, a gated w13 (``N13 = 2I``), I a multiple of 8 and
-  ``gate_up_shards = 1`` (``ValueError`` otherwise). w13_bias stays ``[gate; up]``. False (the
-  default): ``[gate; up]`` rows, also for a w13 given in pairs order (reordered, exactly).
+  needs ``prepare=True``, a gated w13 (``N13 = 2I``) and I a multiple of 8 x gate_up_shards
+  (whole 16-row gate/up tiles per tensor shard; ``ValueError`` otherwise). The pairs rows are
+  stored as they are for any ``gate_up_shards``; w13_bias stays ``[gate; up]``, or is stored
+  per shard when ``gate_up_shards > 1``. False (the default): ``[gate; up]`` rows, also for a
+  w13 given in pairs order (reordered, exactly).
   """
   params = {"router": jnp.asarray(router_weight).astype(router_dtype)}
   store = {}

@@ -272,7 +272,10 @@ class NVFP4MoE(nnx.Module):
   state written in the other order fail on that leaf instead of reading the rows in the wrong
   order. ``nnx.update`` only overwrites, so update a layer with state of its own order: state
   written before this layout existed (no record) is ``[gate; up]``, build its layer with
-  ``fuse_activation=False``. The w13 bias stays ``[gate; up]`` (``fused_moe`` reorders it).
+  ``fuse_activation=False``. The w13 bias stays ``[gate; up]`` (``fused_moe`` reorders it), or
+  per tensor shard under a tensor split (below). The pairs order also holds with
+  ``expert_axis`` / ``tensor_axis``: each tensor shard's whole 16-row tiles are its own gate
+  rows and their up rows, so the rows need no per-shard reordering and every device fuses.
 
   Args:
     hidden_size, intermediate_size, num_experts: H, I and the local expert count E.
@@ -299,24 +302,27 @@ class NVFP4MoE(nnx.Module):
       split is checked (``ValueError``: E a multiple of the expert axis size, I/tp a multiple
       of 16, or 64 in the kernel layout). A gated layer with a tensor axis of size tp > 1
       stores w13's rows (and w13_bias) in the per-shard order ``[gate_0; up_0; ...]``
-      (``gate_up_shards = tp``; the ``w13`` property still returns ``[gate; up]``). Called
+      (``gate_up_shards = tp``; the ``w13`` property still returns ``[gate; up]``); a w13 in
+      ``gate_up_pairs`` order is in that order already, so only its bias is reordered. Called
       under a mesh with these axes (of total size > 1), the layer runs
       ``jax_nvfp4.parallel.sharded_fused_moe`` (each device its own experts / I slice, one
       psum; tokens replicated); elsewhere it runs ``fused_moe`` on the whole weights. Not
       combinable with ``expert_map`` (the axes compute it per device).
     fuse_activation: whether w13 is stored in ``gate_up_pairs`` order, so that GEMM 1 applies
-      the activation (see "Fused activation" above). None (default): exactly where it is safe:
-      the weights are kept in the kernel layout (``prepare`` resolved to True), the activation
-      is gated, I is a multiple of 8, no ``expert_axis`` and no tensor-parallel split of w13
-      (no ``tensor_axis``, or one of size 1); ``[gate; up]`` order everywhere else. False: always
-      ``[gate; up]`` (the layout before the fused activation existed, e.g. to restore state
-      written in it). True: the pairs order, or a ``ValueError`` naming why it cannot be used.
+      the activation (see "Fused activation" above). None (default): exactly where it is
+      correct: the weights are kept in the kernel layout (``prepare`` resolved to True), the
+      activation is gated, and I is a multiple of 8, or of 8 tp under a tensor split of size
+      tp (whole 16-row gate/up tiles per shard, which the kernel layout's split, I/tp a
+      multiple of 64, always gives); an ``expert_axis`` does not matter. ``[gate; up]`` order
+      everywhere else. False: always ``[gate; up]`` (the layout before the fused activation
+      existed, e.g. to restore state written in it). True: the pairs order, or a
+      ``ValueError`` naming why it cannot be used.
 
   Attributes:
     w13, w2: the stacked weight pytrees (``w13`` rows ``[gate; up]`` whatever the stored order).
     prepared: whether the weights are in the kernel layout.
     gate_up_pairs: whether w13 is stored in ``gate_up_pairs`` order (static).
-    gate_up_shards: the tensor-axis size w13's rows are stored for (1: not split).
+    gate_up_shards: the tensor-axis size w13's rows and bias are stored for (1: not split).
     backend: the ``BackendChoice`` made at construction.
   """
 
@@ -372,8 +378,7 @@ class NVFP4MoE(nnx.Module):
         gated=acts.is_gated(activation), who=who)
     self.gate_up_pairs = _common.resolve_fuse_activation(
         fuse_activation, prepared=self.prepared, activation=activation,
-        intermediate_size=self.intermediate_size, expert_axis=expert_axis,
-        gate_up_shards=self.gate_up_shards, who=who)
+        intermediate_size=self.intermediate_size, gate_up_shards=self.gate_up_shards, who=who)
     spec = lambda name: None if specs is None else specs[name]
 
     correction = None
@@ -438,7 +443,8 @@ class NVFP4MoE(nnx.Module):
           raise ValueError(f"{who}: {name} must be float {shape}, got {b.dtype} {b.shape}")
         b = b.astype(jnp.float32)
       biases[name] = b
-    # Tensor parallel, gated: w13's rows (and bias) in per-shard order (parallel/moe.py).
+    # Tensor parallel, gated: w13's rows (and bias) in per-shard order (parallel/moe.py); the
+    # rows of a gate_up_pairs w13 are that order already, only its bias moves.
     weights["w13"], biases["w13_bias"] = parallel_moe.gate_up_per_shard(
         weights["w13"], self.gate_up_shards, biases["w13_bias"])
     fields = _common.PREPARED_FIELDS if self.prepared else _common.CHECKPOINT_FIELDS

@@ -43,7 +43,8 @@ from jax_nvfp4.format import BLOCK_SIZE, NVFP4Weight
 from jax_nvfp4.moe.activations import GPTOSS_ALPHA, is_gated
 from jax_nvfp4.parallel._axes import (axes as _axes, check_disjoint_axes, entry as _entry,
                                       size as _size)
-from jax_nvfp4.prepare import CHUNK_K, TILE_N, PreparedNVFP4Weight, interleave_gate_up
+from jax_nvfp4.prepare import (CHUNK_K, GATE_UP_PAIR_ROWS, TILE_N, PreparedNVFP4Weight,
+                               interleave_gate_up)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -55,9 +56,11 @@ class ShardedMoEWeights:
 
   Attributes:
     w13: stacked ``[E, N13, H]`` (``NVFP4Weight`` or ``PreparedNVFP4Weight``); with a tensor
-      axis and a gated activation its rows are in the per-shard ``[gate_t; up_t]`` order.
+      axis and a gated activation its rows are in the per-shard ``[gate_t; up_t]`` order (in
+      ``gate_up_pairs`` order they stay so: each shard's whole tiles are its own pairs).
     w2: stacked ``[E, H, I]``.
-    w13_bias, w2_bias: float32 ``[E, N13]`` (same row order as w13) / ``[E, H]``, or None.
+    w13_bias, w2_bias: float32 ``[E, N13]`` (per-shard ``[gate_t; up_t]`` order with a tensor
+      axis, also beside a ``gate_up_pairs`` w13) / ``[E, H]``, or None.
     mesh, expert_axis, tensor_axis, gated: static; how the arrays are laid out.
   """
 
@@ -107,21 +110,52 @@ def _permute_w13(w13, tp: int, inverse: bool = False):
   return dataclasses.replace(w13, qweight=f(w13.qweight, 1, tp), qscales=f(w13.qscales, 1, tp))
 
 
+def _is_pairs(w13) -> bool:
+  return isinstance(w13, PreparedNVFP4Weight) and w13.gate_up_pairs
+
+
+def _check_pairs_split(w13, tp: int) -> None:
+  """A ``gate_up_pairs`` w13 splits over ``tp`` tensor shards only into whole 16-row tiles
+  (I/tp a multiple of 8): a tile split between two shards would part gate rows from their up
+  rows."""
+  inter = w13.n // 2
+  if inter % (GATE_UP_PAIR_ROWS * tp):
+    raise ValueError(f"gate/up reordering: a w13 in gate_up_pairs order with I = {inter} does "
+                     f"not split over {tp} tensor shards into whole 16-row gate/up tiles: I must "
+                     f"be a multiple of {GATE_UP_PAIR_ROWS * tp} (I/tp a multiple of "
+                     f"{GATE_UP_PAIR_ROWS})")
+
+
 def gate_up_per_shard(w13, tp: int, w13_bias=None):
   """Reorders the rows ``[gate; up]`` of a stacked w13 (and of its ``[E, N13]`` bias, if given)
   into ``[gate_0; up_0; ...; gate_{tp-1}; up_{tp-1}]``, so that a contiguous split of N over
   ``tp`` tensor shards gives shard ``t`` its own gate rows and the matching up rows (what
   ``shard_moe_weights`` does; the layers do it once, at creation). Exact. Returns
-  ``(w13, w13_bias)``."""
+  ``(w13, w13_bias)``.
+
+  A w13 prepared with ``gate_up_pairs=True`` is returned as it is: its 16-row tile j holds gate
+  rows 8j..8j+7 and the matching up rows, so a contiguous split into whole tiles already gives
+  every shard its own pairs, in pairs order (``ValueError`` unless I/tp is a multiple of 8).
+  Only its bias is reordered (``fused_moe`` on each shard pairs that shard's bias itself)."""
+  if tp == 1:
+    return w13, w13_bias
   bias = None if w13_bias is None else _gate_up_per_shard(jnp.asarray(w13_bias), 1, tp)
-  return (w13 if tp == 1 else _permute_w13(w13, tp)), (w13_bias if tp == 1 else bias)
+  if _is_pairs(w13):
+    _check_pairs_split(w13, tp)
+    return w13, bias
+  return _permute_w13(w13, tp), bias
 
 
 def gate_up_canonical(w13, tp: int, w13_bias=None):
-  """Inverse of ``gate_up_per_shard``. Returns ``(w13, w13_bias)`` in ``[gate; up]`` order."""
+  """Inverse of ``gate_up_per_shard``. Returns ``(w13, w13_bias)``: the bias in ``[gate; up]``
+  order, w13 too unless it is in ``gate_up_pairs`` order (returned as it is)."""
+  if tp == 1:
+    return w13, w13_bias
   bias = None if w13_bias is None else _gate_up_canonical(jnp.asarray(w13_bias), 1, tp)
-  return (w13 if tp == 1 else _permute_w13(w13, tp, inverse=True)), (w13_bias if tp == 1
-                                                                      else bias)
+  if _is_pairs(w13):
+    _check_pairs_split(w13, tp)
+    return w13, bias
+  return _permute_w13(w13, tp, inverse=True), bias
 
 
 def _spec_entries(prepared: bool, ea, n_axis, k_axis):
@@ -246,14 +280,8 @@ def shard_moe_weights(w13, w2, mesh: Mesh, *, expert_axis=None, tensor_axis=None
   if pairs and not gated:
     raise ValueError(f"shard_moe_weights: w13 was prepared with gate_up_pairs=True, which only "
                      f"a gated activation reads, but activation is {activation!r}")
-  if gated and not pairs:
+  if gated:  # a gate_up_pairs w13 stays as it is (whole tiles per shard); its bias moves
     w13, w13_bias = gate_up_per_shard(w13, tp, w13_bias)
-  elif gated and w13_bias is not None and tp > 1:
-    # A gate_up_pairs w13 needs no reordering: 16-row tile j holds gate rows 8j..8j+7 and the
-    # matching up rows, so a contiguous split into whole tiles gives every tensor shard its
-    # own gate rows and their up rows, already in pairs order. fused_moe on each device reads
-    # the bias as that shard's [gate_t; up_t] and pairs it itself.
-    w13_bias = _gate_up_per_shard(w13_bias, 1, tp)
   e_, t_ = _entry(ea), _entry(ta)
   put = lambda v, s: None if v is None else jax.device_put(v, s)
   return ShardedMoEWeights(
