@@ -43,8 +43,9 @@ def checkpoint_layout_by_default(request, monkeypatch):
   if "gpu" in request.keywords:
     return
   original = _common.resolve_prepare
-  monkeypatch.setattr(_common, "resolve_prepare",
-                      lambda arg, choice, who: False if arg == "auto" else original(arg, choice, who))
+  monkeypatch.setattr(
+      _common, "resolve_prepare",
+      lambda arg, choice, who: False if arg == "auto" else original(arg, choice, who))
 
 
 

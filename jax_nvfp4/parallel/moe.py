@@ -43,7 +43,7 @@ from jax_nvfp4.format import BLOCK_SIZE, NVFP4Weight
 from jax_nvfp4.moe.activations import GPTOSS_ALPHA, is_gated
 from jax_nvfp4.parallel._axes import (axes as _axes, check_disjoint_axes, entry as _entry,
                                       size as _size)
-from jax_nvfp4.prepare import (CHUNK_K, GATE_UP_PAIR_ROWS, TILE_N, PreparedNVFP4Weight,
+from jax_nvfp4.prepare import (CHUNK_K, GATE_UP_PAIR_ROWS, PreparedNVFP4Weight,
                                interleave_gate_up)
 
 
