@@ -184,33 +184,31 @@ __device__ __forceinline__ void route_token(const RouteParams &p, int t, float *
       bias[j] = has_bias && e < experts ? p.bias[e] : 0.0f;
     }
   };
-  if (p.sigmoid) {
+  // Every expert of this lane, a batch of loads at a time: use(e, logit, bias).
+  auto for_each_expert = [&](auto &&use) {
 #pragma unroll 1
     for (int base = 0; base < experts; base += 32 * kLoadBatch) {
       load_batch(base);
 #pragma unroll
       for (int j = 0; j < kLoadBatch; ++j) {
         const int e = base + lane + 32 * j;
-        if (e >= experts) continue;
-        const float s = 1.0f / (1.0f + expf(-logit[j]));
-        score[e] = s;
-        key[e] = order_key(has_bias ? s + bias[j] : s);
+        if (e < experts) use(e, logit[j], bias[j]);
       }
     }
+  };
+  if (p.sigmoid) {
+    for_each_expert([&](int e, float lg, float b) {
+      const float s = 1.0f / (1.0f + expf(-lg));
+      score[e] = s;
+      key[e] = order_key(has_bias ? s + b : s);
+    });
   } else {
     float mx = -INFINITY;
-#pragma unroll 1
-    for (int base = 0; base < experts; base += 32 * kLoadBatch) {
-      load_batch(base);
-#pragma unroll
-      for (int j = 0; j < kLoadBatch; ++j) {
-        const int e = base + lane + 32 * j;
-        if (e >= experts) continue;
-        score[e] = logit[j];
-        key[e] = __float_as_uint(bias[j]);  // the bias, parked until the keys are made
-        mx = fmaxf(mx, logit[j]);
-      }
-    }
+    for_each_expert([&](int e, float lg, float b) {
+      score[e] = lg;
+      key[e] = __float_as_uint(b);  // the bias, parked until the keys are made
+      mx = fmaxf(mx, lg);
+    });
     mx = warp_fmax(mx);
     float sum = 0.0f;
 #pragma unroll 1
