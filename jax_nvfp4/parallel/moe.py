@@ -137,25 +137,25 @@ def gate_up_per_shard(w13, tp: int, w13_bias=None):
   rows 8j..8j+7 and the matching up rows, so a contiguous split into whole tiles already gives
   every shard its own pairs, in pairs order (``ValueError`` unless I/tp is a multiple of 8).
   Only its bias is reordered (``fused_moe`` on each shard pairs that shard's bias itself)."""
-  if tp == 1:
-    return w13, w13_bias
-  bias = None if w13_bias is None else _gate_up_per_shard(jnp.asarray(w13_bias), 1, tp)
-  if _is_pairs(w13):
-    _check_pairs_split(w13, tp)
-    return w13, bias
-  return _permute_w13(w13, tp), bias
+  return _reorder_gate_up(w13, tp, w13_bias, inverse=False)
 
 
 def gate_up_canonical(w13, tp: int, w13_bias=None):
   """Inverse of ``gate_up_per_shard``. Returns ``(w13, w13_bias)``: the bias in ``[gate; up]``
   order, w13 too unless it is in ``gate_up_pairs`` order (returned as it is)."""
+  return _reorder_gate_up(w13, tp, w13_bias, inverse=True)
+
+
+def _reorder_gate_up(w13, tp: int, w13_bias, *, inverse: bool):
+  """``gate_up_per_shard`` (or with ``inverse``, ``gate_up_canonical``)."""
   if tp == 1:
     return w13, w13_bias
-  bias = None if w13_bias is None else _gate_up_canonical(jnp.asarray(w13_bias), 1, tp)
+  reorder = _gate_up_canonical if inverse else _gate_up_per_shard
+  bias = None if w13_bias is None else reorder(jnp.asarray(w13_bias), 1, tp)
   if _is_pairs(w13):
     _check_pairs_split(w13, tp)
     return w13, bias
-  return _permute_w13(w13, tp, inverse=True), bias
+  return _permute_w13(w13, tp, inverse=inverse), bias
 
 
 def _spec_entries(prepared: bool, ea, n_axis, k_axis):
