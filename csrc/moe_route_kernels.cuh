@@ -162,6 +162,22 @@ __device__ __forceinline__ unsigned choose_groups(const RouteParams &p, unsigned
   return chosen;
 }
 
+// Step 4's end, shared by both kernels: lane k < top_k holds token t's k-th expert `id` and its
+// score `w` (0 on the other lanes), renormalised over the k lanes and scaled here, and writes
+// them to global memory and ids_s.
+__device__ __forceinline__ void store_token_choice(const RouteParams &p, int t, int lane, int id,
+                                                   float w, int *ids_s) {
+  const bool selected = lane < p.top_k;
+  if (p.renormalize) w = w / fmaxf(warp_sum(w), 1e-20f);
+  if (p.scaling != 1.0f) w = w * p.scaling;
+  if (selected) {
+    const int pair = t * p.top_k + lane;
+    p.weights[pair] = w;
+    p.ids[pair] = id;
+    ids_s[pair] = id;
+  }
+}
+
 // Steps 1-4 for token t; writes its weights and ids to global memory and ids_s.
 template <typename T>
 __device__ __forceinline__ void route_token(const RouteParams &p, int t, float *score,
@@ -258,16 +274,7 @@ __device__ __forceinline__ void route_token(const RouteParams &p, int t, float *
   }
 
   // 4. Weights.
-  const bool selected = lane < p.top_k;
-  float w = selected ? score[my_id] : 0.0f;
-  if (p.renormalize) w = w / fmaxf(warp_sum(w), 1e-20f);
-  if (p.scaling != 1.0f) w = w * p.scaling;
-  if (selected) {
-    const int pair = t * p.top_k + lane;
-    p.weights[pair] = w;
-    p.ids[pair] = my_id;
-    ids_s[pair] = my_id;
-  }
+  store_token_choice(p, t, lane, my_id, lane < p.top_k ? score[my_id] : 0.0f, ids_s);
   __syncwarp();   // the next token reuses score and key
 }
 
@@ -445,22 +452,13 @@ __device__ __forceinline__ void route_token_registers(const RouteParams &p, int 
   }
 
   // 4. Weights: lane r fetches score[id_r] from the lane that owns it.
-  const bool selected = lane < p.top_k;
   float w = 0.0f;
 #pragma unroll
   for (int j = 0; j < PER; ++j) {
     const float s = __shfl_sync(0xffffffffu, score[j], my_id % 32);
     if (j == my_id / 32) w = s;
   }
-  w = selected ? w : 0.0f;
-  if (p.renormalize) w = w / fmaxf(warp_sum(w), 1e-20f);
-  if (p.scaling != 1.0f) w = w * p.scaling;
-  if (selected) {
-    const int pair = t * p.top_k + lane;
-    p.weights[pair] = w;
-    p.ids[pair] = my_id;
-    ids_s[pair] = my_id;
-  }
+  store_token_choice(p, t, lane, my_id, lane < p.top_k ? w : 0.0f, ids_s);
 }
 
 // The alignment of <= 32 pairs by one warp, lane = pair: the same outputs as align_place.
