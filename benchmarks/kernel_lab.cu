@@ -4,6 +4,10 @@
 // and times several at once) and for ncu:
 //   nvcc -std=c++17 -O3 -arch=sm_90a -I csrc benchmarks/kernel_lab.cu -o lab &&
 //   ./lab K N M [splits [k_slices [tiles_per_block]]]
+// k_slices 4 (m_tile 1): 4 k-slices of 2 N tiles; tiles_per_block 0 picks one wave of blocks,
+// spread evenly, as ops/dense.py choose_tiles_per_block does.
+// LAB_CHECK=1: after timing, the launch's output is compared with the plain launch's (no
+// k-slices, default splits) on the same data; rel-L2 above 1e-2 exits 1.
 // Weights and scales are random bytes in COPIES rotating buffers (more than L2 holds); each
 // timed call is the kernel (plus the ticket memset where the splits do not reduce in a
 // cluster), as in the FFI handler. Prints the median
@@ -15,11 +19,11 @@
 
 #include "cuda_tool.h"
 
-__global__ void fill_random(uint32_t *p, size_t n, uint32_t seed) {
+__global__ void fill_random(uint32_t *p, size_t n, uint32_t seed, uint32_t mask = ~0u) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
     uint32_t h = uint32_t(i) * 2654435761u ^ seed;
     h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
-    p[i] = h;
+    p[i] = h & mask;
   }
 }
 
@@ -54,12 +58,11 @@ __global__ void read_only(const uint4 *__restrict__ a, size_t na, const uint4 *_
 }
 
 // The short x tile the launch picks at M <= 4 (nvfp4_kernel.cuh short_tile_rows).
-template <int XR>
+template <int KS, int XR>
 void print_short_tile() {
   using namespace jax_nvfp4;
-  std::printf("[%d-row block: %d stages, %d blocks/SM] ", XR,
-              TileConfig<1, kDecodeKSlices, XR>::kStages,
-              blocks_per_sm_typed<__nv_bfloat16, 1, false, kDecodeKSlices, XR>());
+  std::printf("[%d-row block: %d stages, %d blocks/SM] ", XR, TileConfig<1, KS, XR>::kStages,
+              blocks_per_sm_typed<__nv_bfloat16, 1, false, KS, XR>());
 }
 
 int main(int argc, char **argv) {
@@ -81,7 +84,13 @@ int main(int argc, char **argv) {
   int splits = argc > 4 ? std::atoi(argv[4])
                         : std::max(1, std::min({sms * bps / (n_blocks * token_tiles), units, 64}));
   const int k_slices = argc > 5 ? std::atoi(argv[5]) : 1;  // 8: warps split K (splits must be 1)
-  const int tiles_per_block = argc > 6 ? std::atoi(argv[6]) : 1;  // > 1: splits must be 1
+  int tiles_per_block = argc > 6 ? std::atoi(argv[6]) : 1;  // > 1: splits must be 1
+  const int slice_bps = k_slices > 1 ? blocks_per_sm<false>(mt, true, k_slices, m) : bps;
+  if (tiles_per_block == 0) {  // one wave, spread evenly
+    const int tiles = (n16 + kWarps / k_slices - 1) / (kWarps / k_slices);
+    const int per_wave = std::max(1, std::min(tiles, sms * std::max(1, slice_bps)));
+    tiles_per_block = (tiles + per_wave - 1) / per_wave;
+  }
   const int copies = 16, trials = 9;
   const size_t sbytes = size_t(n16) * k64 * 64;
   std::vector<void *> w(copies), s(copies);
@@ -89,7 +98,9 @@ int main(int argc, char **argv) {
     CHECK(cudaMalloc(&w[c], size_t(n16) * k64 * 32 * 16));
     CHECK(cudaMalloc(&s[c], sbytes));
     fill_random<<<1024, 256>>>(static_cast<uint32_t *>(w[c]), size_t(n16) * k64 * 32 * 4, 17 + c);
-    fill_random<<<256, 256>>>(static_cast<uint32_t *>(s[c]), sbytes / 4, 91 + c);
+    // Scale bytes below 0x80 (exponent <= 15 of bias 10): prepared E4M3 scales stay below 0x98,
+    // and larger random bytes widen to inf/NaN, which LAB_CHECK could not compare.
+    fill_random<<<256, 256>>>(static_cast<uint32_t *>(s[c]), sbytes / 4, 91 + c, 0x7F7F7F7Fu);
   }
   __nv_bfloat16 *x, *out;
   float *gs;
@@ -145,16 +156,54 @@ int main(int argc, char **argv) {
     t.push_back(ms * 1e3f / copies);
   }
   std::sort(t.begin(), t.end());
-  const int xr = k_slices == kDecodeKSlices && token_tiles == 1 ? short_tile_rows(m) : 0;
-  if (xr == 1) print_short_tile<1>();
-  if (xr == 2) print_short_tile<2>();
-  if (xr == 4) print_short_tile<4>();
+  const bool sliced = mt == 1 && (k_slices == kDecodeKSlices || k_slices == kPairKSlices);
+  const int xr = sliced && token_tiles == 1 ? short_tile_rows(m) : 0;
+  if (k_slices == kDecodeKSlices) {
+    if (xr == 1) print_short_tile<kDecodeKSlices, 1>();
+    if (xr == 2) print_short_tile<kDecodeKSlices, 2>();
+    if (xr == 4) print_short_tile<kDecodeKSlices, 4>();
+  } else if (k_slices == kPairKSlices) {
+    if (xr == 1) print_short_tile<kPairKSlices, 1>();
+    if (xr == 2) print_short_tile<kPairKSlices, 2>();
+    if (xr == 4) print_short_tile<kPairKSlices, 4>();
+  }
   const double bytes = double(n) * k / 2 + double(n) * k / 16;
   if (read_only_mode) std::printf("[bare read of the weight bytes] ");
   std::printf("K=%d N=%d M=%d chunks/stage=%d stages=%d splits=%d k_slices=%d tiles/block=%d%s "
               "blocks/SM=%d: %.1f us (%.0f GB/s, %.0f TFLOP/s)\n",
               k, n, m, kChunksPerStage, TileConfig<1>::kStages, splits, k_slices, tiles_per_block,
-              p.cluster ? " (cluster)" : "", bps, t[trials / 2],
+              p.cluster ? " (cluster)" : "", slice_bps, t[trials / 2],
               bytes / t[trials / 2] * 1e-3, 2.0 * m * n * k / t[trials / 2] * 1e-6);
+  if (std::getenv("LAB_CHECK") && !read_only_mode) {
+    // The plain launch (no k-slices, the default splits, tickets through the workspace) on
+    // copy 0, against this launch's output on copy 0.
+    call(0);
+    CHECK(cudaStreamSynchronize(stream));
+    std::vector<__nv_bfloat16> got(size_t(m) * n), want(size_t(m) * n);
+    CHECK(cudaMemcpy(got.data(), out, got.size() * 2, cudaMemcpyDeviceToHost));
+    const int plain_splits = std::max(1, std::min({sms * bps / (n_blocks * token_tiles), units, 64}));
+    void *ws2;
+    CHECK(cudaMalloc(&ws2, tickets + size_t(plain_splits) * m * n * 4));
+    GemmParams q = p;
+    q.splits = plain_splits; q.tiles_per_block = 1; q.cluster = false;
+    q.tickets = static_cast<int *>(ws2);
+    q.partials = reinterpret_cast<float *>(static_cast<char *>(ws2) + tickets);
+    q.qweight = static_cast<const uint4 *>(w[0]);
+    q.qscales = static_cast<const uint4 *>(s[0]);
+    CHECK(cudaMemsetAsync(out, 0xFF, size_t(m) * n * 2, stream));  // poisoned (NaN)
+    if (plain_splits > 1) CHECK(cudaMemsetAsync(q.tickets, 0, tickets, stream));
+    CHECK(launch<false>(q, true, mt, token_tiles, stream, 1));
+    CHECK(cudaStreamSynchronize(stream));
+    CHECK(cudaMemcpy(want.data(), out, want.size() * 2, cudaMemcpyDeviceToHost));
+    double num = 0, den = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      const double a = __bfloat162float(got[i]), b = __bfloat162float(want[i]);
+      num += (a - b) * (a - b);
+      den += b * b;
+    }
+    const double rel = std::sqrt(num / std::max(den, 1e-30));
+    std::printf("  check vs the plain launch (%d splits): rel-L2 %.2e\n", plain_splits, rel);
+    if (!(rel <= 1e-2)) return 1;
+  }
   return 0;
 }

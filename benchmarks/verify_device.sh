@@ -12,10 +12,12 @@ shards=${1:-5}; limit=${2:-520}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-# FILES (default tests/) and MARK (default gpu; empty: every test of FILES) narrow the run, e.g.
+# FILES (default tests/), MARK (default gpu; empty: every test of FILES) and KEXPR (a pytest -k
+# expression) narrow the run, e.g.
 #   FILES="tests/test_moe_gpu.py tests/test_nnx.py" MARK= bash benchmarks/verify_device.sh 6 300
 mark=${MARK-gpu}
-python3 -m pytest --co -q -p no:cacheprovider ${mark:+-m "$mark"} ${FILES:-tests/} 2>/dev/null \
+python3 -m pytest --co -q -p no:cacheprovider ${mark:+-m "$mark"} ${KEXPR:+-k "$KEXPR"} \
+  ${FILES:-tests/} 2>/dev/null \
   | grep "::" > /tmp/gpu_ids
 echo "[verify] $(wc -l < /tmp/gpu_ids) GPU tests in $shards shards"
 run_ids='import sys, pytest; sys.exit(pytest.main(["-q", "-ra", "-p", "no:cacheprovider"] + open(sys.argv[1]).read().splitlines()))'

@@ -42,18 +42,22 @@ inline ffi::Error allow_dynamic_smem(const void *kernel, size_t smem, const char
 }
 
 // The launch-shape attributes both GEMM handlers take, checked against each other and the K
-// range; "" when consistent. `k_sliced_tile` names where k-slices exist (the dense kernel: m_tile
-// 1 or 2, the grouped one: block_m 8) and `k_sliced` whether this launch is there.
+// range; "" when consistent. `k_sliced_tile` names where k-slices exist (the dense kernel: 8
+// slices at m_tile 1 or 2, 4 at m_tile 1; the grouped one: both at block_m 8), `k_sliced`
+// whether this launch is there and `pair_sliced` whether it may take 4 slices.
 inline std::string launch_problem(int64_t splits, bool cluster, int64_t k_slices,
                                   int64_t tiles_per_block, int64_t k64, bool k_sliced,
-                                  const char *k_sliced_tile) {
+                                  bool pair_sliced, const char *k_sliced_tile) {
   if (splits < 1 || splits > (k64 + kChunksPerStage - 1) / kChunksPerStage)
     return "splits out of range (at most one per pipeline unit of " +
            std::to_string(kChunksPerStage) + " k64 chunks)";
-  if (k_slices != 1 && k_slices != kDecodeKSlices)
-    return "k_slices must be 1 or " + std::to_string(kDecodeKSlices);
+  if (k_slices != 1 && k_slices != kDecodeKSlices && k_slices != kPairKSlices)
+    return "k_slices must be 1, " + std::to_string(kPairKSlices) + " or " +
+           std::to_string(kDecodeKSlices);
   if (k_slices != 1 && (!k_sliced || splits != 1 || cluster))
     return std::string("k_slices > 1 needs ") + k_sliced_tile + ", splits 1 and no cluster";
+  if (k_slices == kPairKSlices && !pair_sliced)
+    return "k_slices " + std::to_string(kPairKSlices) + " needs m_tile 1";
   if (tiles_per_block < 1 || tiles_per_block > 65535 ||
       (tiles_per_block > 1 && (splits != 1 || cluster)))
     return "tiles_per_block must be in [1, 65535], and 1 when K is split across blocks";

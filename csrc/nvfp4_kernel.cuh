@@ -660,9 +660,13 @@ cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stre
 }
 
 // k_slices = kDecodeKSlices exists at m_tile 1 (decode) for the dense and the grouped kernel,
-// and at m_tile 2 for the dense one: one N tile at a time per block, K split over its 8 warps
-// (ops/dense.py choose_k_slices and ops/moe.py choose_moe_k_slices say when).
+// and at m_tile 2 for the dense one: one N tile at a time per block, K split over its 8 warps.
+// k_slices = kPairKSlices (m_tile 1 only): 4 slices of 2 N tiles, a unit of half the K, so one
+// hand-off and epilogue per 2 N tiles; it wins where it gives a block no more N tiles than the
+// 8-slice block (NOTES_dense.md v21). ops/dense.py choose_k_slices and ops/moe.py
+// choose_moe_k_slices say when.
 constexpr int kDecodeKSlices = 8;
+constexpr int kPairKSlices = 4;
 
 // Decode with 1, 2 or 3-4 tokens runs the k-sliced block whose x tile holds 1, 2 or 4 rows, a
 // deeper ring in the same shared memory (JAX_NVFP4_SINGLE_ROW=0 at compile time: the 8-row tile,
@@ -680,24 +684,32 @@ inline int short_tile_rows(int rows) {
          : rows <= 4                       ? 4
                                            : 0;
 }
-template <bool kMoe, int XR>
+template <bool kMoe, int KS, int XR>
 cudaError_t launch_short(const GemmParams &p, bool bf16, int token_tiles, cudaStream_t stream) {
-  return bf16 ? launch_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices, XR>(p, token_tiles, stream)
-              : launch_typed<__half, 1, kMoe, kDecodeKSlices, XR>(p, token_tiles, stream);
+  return bf16 ? launch_typed<__nv_bfloat16, 1, kMoe, KS, XR>(p, token_tiles, stream)
+              : launch_typed<__half, 1, kMoe, KS, XR>(p, token_tiles, stream);
+}
+// The k-sliced m_tile-1 block of KS slices with the x tile `rows` picks.
+template <bool kMoe, int KS>
+cudaError_t launch_sliced(const GemmParams &p, bool bf16, int token_tiles, cudaStream_t stream,
+                          int rows) {
+  switch (short_tile_rows(rows)) {
+    case 1: return launch_short<kMoe, KS, 1>(p, bf16, token_tiles, stream);
+    case 2: return launch_short<kMoe, KS, 2>(p, bf16, token_tiles, stream);
+    case 4: return launch_short<kMoe, KS, 4>(p, bf16, token_tiles, stream);
+    default: return launch_short<kMoe, KS, 8>(p, bf16, token_tiles, stream);  // the 8-row tile
+  }
 }
 // expert_rows: the grouped GEMM's hint (most rows one expert's tile is expected to hold; 0:
 // none); the dense launch takes its rows from p.rows_out.
 template <bool kMoe>
 cudaError_t launch(const GemmParams &p, bool bf16, int mt, int token_tiles, cudaStream_t stream,
                    int k_slices = 1, int expert_rows = 0) {
-  if (k_slices == kDecodeKSlices && mt == 1) {
+  if (mt == 1 && (k_slices == kDecodeKSlices || k_slices == kPairKSlices)) {
     const int rows = kMoe ? expert_rows : token_tiles == 1 ? p.rows_out : 0;
-    switch (short_tile_rows(rows)) {
-      case 1: return launch_short<kMoe, 1>(p, bf16, token_tiles, stream);
-      case 2: return launch_short<kMoe, 2>(p, bf16, token_tiles, stream);
-      case 4: return launch_short<kMoe, 4>(p, bf16, token_tiles, stream);
-      default: return launch_short<kMoe, 8>(p, bf16, token_tiles, stream);  // the 8-row tile
-    }
+    return k_slices == kDecodeKSlices
+               ? launch_sliced<kMoe, kDecodeKSlices>(p, bf16, token_tiles, stream, rows)
+               : launch_sliced<kMoe, kPairKSlices>(p, bf16, token_tiles, stream, rows);
   }
   if constexpr (!kMoe) {  // m_tile 2 k-slices: dense only (the grouped GEMM's rule never asks)
     if (k_slices == kDecodeKSlices && mt == 2)
@@ -744,10 +756,20 @@ int blocks_per_sm_typed() {
   return blocks;
 }
 
-template <bool kMoe, int XR>
+template <bool kMoe, int KS, int XR>
 int short_blocks_per_sm(bool bf16) {
-  return bf16 ? blocks_per_sm_typed<__nv_bfloat16, 1, kMoe, kDecodeKSlices, XR>()
-              : blocks_per_sm_typed<__half, 1, kMoe, kDecodeKSlices, XR>();
+  return bf16 ? blocks_per_sm_typed<__nv_bfloat16, 1, kMoe, KS, XR>()
+              : blocks_per_sm_typed<__half, 1, kMoe, KS, XR>();
+}
+
+template <bool kMoe, int KS>
+int sliced_blocks_per_sm(bool bf16, int rows) {
+  switch (short_tile_rows(rows)) {
+    case 1: return short_blocks_per_sm<kMoe, KS, 1>(bf16);
+    case 2: return short_blocks_per_sm<kMoe, KS, 2>(bf16);
+    case 4: return short_blocks_per_sm<kMoe, KS, 4>(bf16);
+    default: return short_blocks_per_sm<kMoe, KS, 8>(bf16);  // the 8-row tile
+  }
 }
 
 // Resident blocks per SM of a launch (0 when it cannot launch here, e.g. the k-sliced
@@ -756,14 +778,10 @@ int short_blocks_per_sm(bool bf16) {
 // 0: the 8-row tile), whose ring and so occupancy differ.
 template <bool kMoe>
 int blocks_per_sm(int mt, bool bf16, int k_slices = 1, int rows = 0) {
-  if (k_slices == kDecodeKSlices && mt == 1) {
-    switch (short_tile_rows(rows)) {
-      case 1: return short_blocks_per_sm<kMoe, 1>(bf16);
-      case 2: return short_blocks_per_sm<kMoe, 2>(bf16);
-      case 4: return short_blocks_per_sm<kMoe, 4>(bf16);
-      default: return short_blocks_per_sm<kMoe, 8>(bf16);  // the 8-row tile
-    }
-  }
+  if (mt == 1 && k_slices == kDecodeKSlices)
+    return sliced_blocks_per_sm<kMoe, kDecodeKSlices>(bf16, rows);
+  if (mt == 1 && k_slices == kPairKSlices)
+    return sliced_blocks_per_sm<kMoe, kPairKSlices>(bf16, rows);
   if constexpr (!kMoe) {
     if (k_slices == kDecodeKSlices && mt == 2)
       return bf16 ? blocks_per_sm_typed<__nv_bfloat16, 2, kMoe, kDecodeKSlices>()

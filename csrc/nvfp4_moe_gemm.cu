@@ -88,7 +88,7 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
     return invalid(gated ? "out must be [num_rows_out, N / 2] (gated activation)"
                          : "out must be [num_rows_out, N]");
   if (auto why = launch_problem(splits, cluster, k_slices, tiles_per_block, k64, block_m == 8,
-                                "block_m 8");
+                                block_m == 8, "block_m 8");
       !why.empty())
     return invalid(why);
   if (auto why = weight_size_problem(n16, k64); !why.empty()) return invalid(why);

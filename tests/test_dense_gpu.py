@@ -193,7 +193,9 @@ def test_cluster_request_beyond_the_device_is_a_clear_error(rng):
 @pytest.mark.parametrize("bad, message", [
     (dict(), None),                                           # consistent: runs
     (dict(splits=5), "splits out of range"),                  # K = 1024: 4 pipeline units
-    (dict(k_slices=4), "k_slices must be 1 or 8"),
+    (dict(k_slices=4), None),                                 # 4 slices at m_tile 1: runs
+    (dict(k_slices=3), "k_slices must be 1, 4 or 8"),
+    (dict(k_slices=4, m_tile=2), "k_slices 4 needs m_tile 1"),
     (dict(k_slices=8, m_tile=4), "k_slices > 1 needs m_tile 1 or 2"),
     (dict(k_slices=8, splits=2), "k_slices > 1 needs m_tile 1 or 2, splits 1"),
     (dict(splits=2, tiles_per_block=2), "tiles_per_block must be in"),
@@ -255,26 +257,32 @@ def test_dependent_chain_reads_each_input_complete(rng):
       inp = out
 
 
-@pytest.mark.parametrize("m, n, k, tiles_per_block", [
+_K_SLICED_LAUNCHES = [
     (1, 4096, 14336, 1), (7, 1000, 4160, 1), (3, 2056, 1088, 1), (1, 136, 16384, 1),
     (5, 520, 80, 1), (8, 24, 2064, 1),
-    (1, 4096, 4096, 4), (2, 1000, 4160, 3), (6, 520, 80, 5), (1, 8200, 2048, 7),
-    (16, 4096, 14336, 1), (9, 1000, 4160, 1), (13, 520, 80, 3), (16, 2056, 1088, 2)])
+    (1, 4096, 4096, 4), (2, 1000, 4160, 3), (6, 520, 80, 5), (1, 8200, 2048, 7)]
+
+
+@pytest.mark.parametrize("m, n, k, tiles_per_block, k_slices", [
+    *[(*launch, 8) for launch in _K_SLICED_LAUNCHES],
+    (16, 4096, 14336, 1, 8), (9, 1000, 4160, 1, 8), (13, 520, 80, 3, 8), (16, 2056, 1088, 2, 8),
+    *[(*launch, 4) for launch in _K_SLICED_LAUNCHES],
+    (1, 1032, 1088, 2, 4)])  # 65 N tiles: the last block's pair has one tile
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_k_sliced_launch_matches_reference(rng, m, n, k, tiles_per_block, dtype):
-  """The launch whose 8 warps split K inside the block (one N tile at a time, tiles_per_block
-  of them in a row, the last block short when they do not divide the N tiles), at m_tile 1
-  (M <= 8) and 2 (M <= 16, slices of 2 chunks), against float64: N not a multiple of the tile,
-  K ranges that leave slices empty (K = 80: 2 of 8 slices have a chunk) or end mid-unit, with
-  bias; bitwise repeatable."""
+def test_k_sliced_launch_matches_reference(rng, m, n, k, tiles_per_block, k_slices, dtype):
+  """The launch whose 8 warps split K inside the block (8 slices of one N tile at a time, or
+  4 slices of a pair of N tiles; tiles_per_block of them in a row, the last block short when
+  they do not divide the N tiles), at m_tile 1 (M <= 8) and 2 (M <= 16, 8 slices of 2 chunks),
+  against float64: N not a multiple of the tile (an odd N-tile count leaves a pair half
+  empty), K ranges that leave slices empty (K = 80: 2 of 8 slices have a chunk) or end
+  mid-unit, with bias; bitwise repeatable."""
   w = random_weight(rng, n, k)
   p = nf.prepare(w)
   x = jnp.asarray(rng.standard_normal((m, k)), dtype)
   bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
   f = jax.jit(lambda xx, q, s, g, bb: dense.nvfp4_gemm_p.bind(
       xx, q, s, g, bb, n=p.n, k=p.k, has_bias=True, splits=1, m_tile=1 if m <= 8 else 2,
-      cluster=False,
-      k_slices=dense.DECODE_K_SLICES, tiles_per_block=tiles_per_block)[0])
+      cluster=False, k_slices=k_slices, tiles_per_block=tiles_per_block)[0])
   args = (x, p.qweight, p.qscales, p.global_scale, bias)
   got = np.asarray(poisoned_call(f, *args, out_shape=(m, n), dtype=dtype), np.float64)
   assert np.isfinite(got).all(), "unwritten (NaN-poisoned) outputs"
@@ -287,19 +295,22 @@ def test_k_sliced_launch_matches_reference(rng, m, n, k, tiles_per_block, dtype)
 @pytest.mark.parametrize("n, k, tiles_per_block", [
     (4096, 14336, 4), (1000, 4160, 3), (520, 80, 1), (136, 16384, 1), (8200, 2048, 7),
     (24, 2064, 2)])
+@pytest.mark.parametrize("k_slices", [8, 4])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_short_token_blocks_match_the_eight_row_tile_bitwise(rng, n, k, tiles_per_block, dtype):
+def test_short_token_blocks_match_the_eight_row_tile_bitwise(rng, n, k, tiles_per_block,
+                                                             k_slices, dtype):
   """M = 1, 2, 3-4 run k-sliced blocks whose x tile holds 1, 2, 4 rows (the other MMA rows read
-  a zero row; a deeper ring); M = 8 the 8-row tile. The first M rows of both are the same sums
-  in the same order: bitwise equal, and within 5e-3 of float64 (N not a multiple of the tile,
-  K = 80 leaving slices empty, K ending mid-unit, ragged last block, bias)."""
+  a zero row; a deeper ring); M = 8 the 8-row tile; with 8 slices and with 4. The first M rows
+  of both are the same sums in the same order: bitwise equal, and within 5e-3 of float64 (N not
+  a multiple of the tile, K = 80 leaving slices empty, K ending mid-unit, ragged last block,
+  bias)."""
   w = random_weight(rng, n, k)
   p = nf.prepare(w)
   x8 = jnp.asarray(rng.standard_normal((8, k)), dtype)
   bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
   f = jax.jit(lambda xx, q, s, g, bb: dense.nvfp4_gemm_p.bind(
       xx, q, s, g, bb, n=p.n, k=p.k, has_bias=True, splits=1, m_tile=1, cluster=False,
-      k_slices=dense.DECODE_K_SLICES, tiles_per_block=tiles_per_block)[0])
+      k_slices=k_slices, tiles_per_block=tiles_per_block)[0])
   eight = np.asarray(f(x8, p.qweight, p.qscales, p.global_scale, bias), np.float64)
   ref = (np.asarray(x8, np.float64) @ npref.dequantize(w.packed, w.scales, w.global_scale).T
          + np.asarray(bias, np.float64))
@@ -313,7 +324,7 @@ def test_short_token_blocks_match_the_eight_row_tile_bitwise(rng, n, k, tiles_pe
 
 @pytest.mark.parametrize("m, n, k", [(1, 4096, 14336), (1, 14336, 4096), (16, 4096, 14336)])
 def test_default_decode_launch_uses_k_slices_without_workspace(m, n, k):
-  assert dense.choose_k_slices(m, n, k) == dense.DECODE_K_SLICES
+  assert dense.choose_k_slices(m, n, k) in (dense.PAIR_K_SLICES, dense.DECODE_K_SLICES)
   x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
   p = jax.eval_shape(nf.prepare, jax.eval_shape(lambda: nf.quantize(jnp.zeros((n, k)))))
   compiled = jax.jit(nf.nvfp4_matmul).lower(x, p).compile()

@@ -99,11 +99,12 @@ def test_bad_inputs_raise_clear_errors(rng):
 # ----------------------------------------------------------------------------- launch choice
 
 @pytest.mark.parametrize("m, n, k, kslice_blocks, cluster_limit, want", [
-    (1, 4096, 14336, 2, 16, 8),    # would be 8 ticket splits (a memset per call)
-    (1, 14336, 4096, 2, 16, 8),    # would be a 2-block cluster
-    (1, 28672, 8192, 2, 16, 8),    # would be unsplit, 224 blocks: a ragged second wave
-    (8, 4096, 4096, 2, 16, 8),     # still m_tile 1
-    (1, 4096, 4096, 1, 16, 8),     # one k-sliced block per SM (an A100's shared memory)
+    (1, 4096, 14336, 2, 16, 4),    # would be 8 ticket splits (a memset per call); 128 pairs
+    (1, 14336, 4096, 2, 16, 4),    # would be a 2-block cluster; 4 tiles or 2 pairs per block
+    (1, 28672, 8192, 2, 16, 8),    # would be unsplit, 224 blocks: a ragged second wave;
+                                   # 7 tiles, or 4 pairs (8 tiles) per block
+    (8, 4096, 4096, 2, 16, 4),     # still m_tile 1
+    (1, 4096, 4096, 1, 16, 4),     # one k-sliced block per SM (an A100's shared memory)
     (1, 4096, 4096, 0, 16, 1),     # a k-sliced block does not fit an SM (an L4's)
     (1, 256, 4096, 2, 16, 1),      # 16 N tiles: too few blocks without the cross-block split
     (1, 4096, 1024, 2, 16, 1),     # K shorter than one k-sliced unit (2048 at m_tile 1)
@@ -121,7 +122,7 @@ def test_k_slices_at_decode(monkeypatch, m, n, k, kslice_blocks, cluster_limit, 
   monkeypatch.setattr(dense, "_blocks_per_sm", lambda m_tile: 4)
   monkeypatch.setattr(dense, "_cluster_limit", lambda m_tile: cluster_limit)
   monkeypatch.setattr(dense, "k_sliced_blocks_per_sm",
-                      lambda moe=False, m_tile=1, rows=0: kslice_blocks)
+                      lambda moe=False, m_tile=1, rows=0, k_slices=8: kslice_blocks)
   assert dense.choose_k_slices(m, n, k) == want
   if want > 1 and m > 8:  # what it replaces at m_tile 2: splits reduced through tickets
     splits, m_tile = dense.choose_launch(m, n, k)
@@ -140,7 +141,7 @@ def test_k_sliced_tiles_per_block_make_one_wave(monkeypatch, n, blocks_per_sm, w
   from jax_nvfp4.ops import dense
   monkeypatch.setattr(dense, "_sm_count", lambda: 132)
   monkeypatch.setattr(dense, "k_sliced_blocks_per_sm",
-                      lambda moe=False, m_tile=1, rows=0: blocks_per_sm)
+                      lambda moe=False, m_tile=1, rows=0, k_slices=8: blocks_per_sm)
   tpb = dense.choose_tiles_per_block(n, dense.DECODE_K_SLICES)
   assert tpb == want
   blocks = -(-(-(-n // 16)) // tpb)
@@ -148,22 +149,50 @@ def test_k_sliced_tiles_per_block_make_one_wave(monkeypatch, n, blocks_per_sm, w
   assert dense.choose_tiles_per_block(n, 1) == 1
 
 
-@pytest.mark.parametrize("m, want", [(1, 4), (2, 8), (8, 8)])
+@pytest.mark.parametrize("n, want_pairs_per_block, want", [
+    (14336, 2, 4),   # 448 pairs: 224 blocks; 8 slices: 4 tiles per block as well
+    (28672, 4, 8),   # 896 pairs: 4 per block (8 tiles) against 8 slices' 7 tiles
+    (57344, 7, 4),   # 1792 pairs: 7 per block, as 8 slices' 14 tiles
+    (4096, 1, 4),    # 128 pairs (one block per two SMs) against 256 one-tile blocks
+    (2048, 1, 8),    # 64 pairs: fewer blocks than half the SMs
+    (4112, 1, 4),    # 257 N tiles: 129 pairs, the last one a single tile
+])
+def test_four_slices_where_they_keep_the_tiles_per_block(monkeypatch, n, want_pairs_per_block,
+                                                         want):
+  """4 slices of 2 N tiles (the tile of tiles_per_block is then a pair) where a block gets no
+  more N tiles than with 8 slices, or where every 8-slice block has one tile and the pairs
+  still give at least one block per two SMs. 132 SMs, 2 blocks each (hand-computed)."""
+  from jax_nvfp4.ops import dense
+  monkeypatch.setattr(dense, "_sm_count", lambda: 132)
+  monkeypatch.setattr(dense, "k_sliced_blocks_per_sm",
+                      lambda moe=False, m_tile=1, rows=0, k_slices=8: 2)
+  assert dense.choose_tiles_per_block(n, dense.PAIR_K_SLICES) == want_pairs_per_block
+  assert dense.choose_slice_count(n) == want
+  assert dense.choose_k_slices(1, n, 4096) == (want if -(-n // 16) >= 132 else 1)
+  # Without room for a 4-slice block (its own occupancy query), 8 slices.
+  monkeypatch.setattr(dense, "k_sliced_blocks_per_sm",
+                      lambda moe=False, m_tile=1, rows=0, k_slices=8: 0 if k_slices == 4 else 2)
+  assert dense.choose_slice_count(n) == dense.DECODE_K_SLICES
+
+
+@pytest.mark.parametrize("m, want", [(1, (4, 2)), (2, (4, 4)), (8, (4, 4))])
 def test_k_sliced_wave_counts_the_launched_tiles_occupancy(rng, monkeypatch, m, want):
   """The wave that sizes tiles_per_block is that of the block the launch runs: at M = 1 the
-  1-row tile (here 4 resident per SM), at M = 2 the 2-row one, at M = 8 the 8-row one (2)."""
+  1-row tile (here 4 resident per SM), at M = 2 the 2-row one, at M = 8 the 8-row one (2).
+  64 N tiles: 8 slices would take 64 / 16 = 4 tiles per block at M = 1, 4 slices 32 / 16 = 2
+  pairs (4 tiles as well): 4 slices, 2 pairs per block; at M = 2 and 8, 32 / 8 = 4 pairs."""
   from jax_nvfp4.ops import dense
   occupancy = {1: 4}
   monkeypatch.setattr(dense, "_sm_count", lambda: 4)
   monkeypatch.setattr(dense, "k_sliced_blocks_per_sm",
-                      lambda moe=False, m_tile=1, rows=0: occupancy.get(rows, 2))
+                      lambda moe=False, m_tile=1, rows=0, k_slices=8: occupancy.get(rows, 2))
   n, k = 64 * 16, 2048  # 64 N tiles over waves of 16 (1 row) or 8 blocks
   w = nf.prepare(nf.quantize(jnp.asarray(rng.standard_normal((n, k)), jnp.float32)))
   x = jnp.ones((m, k), jnp.bfloat16)
   eqns = [e for e in jax.make_jaxpr(nf.nvfp4_matmul)(x, w).jaxpr.eqns
           if e.primitive is dense.nvfp4_gemm_p]
-  assert len(eqns) == 1 and eqns[0].params["k_slices"] == dense.DECODE_K_SLICES
-  assert eqns[0].params["tiles_per_block"] == want
+  assert len(eqns) == 1
+  assert (eqns[0].params["k_slices"], eqns[0].params["tiles_per_block"]) == want
 
 
 def test_k_slices_launch_is_validated_at_trace_time(rng):
@@ -172,16 +201,19 @@ def test_k_slices_launch_is_validated_at_trace_time(rng):
   x = jnp.zeros((1, 128), jnp.bfloat16)
   args = (x, w.qweight, w.qscales, w.global_scale, jnp.zeros((1,), jnp.float32))
   base = dict(n=64, k=128, has_bias=False, splits=1, m_tile=1, cluster=False)
-  for bad in (dict(k_slices=4), dict(k_slices=8, splits=2), dict(k_slices=8, m_tile=4),
-              dict(k_slices=8, cluster=True)):
+  for bad in (dict(k_slices=3), dict(k_slices=8, splits=2), dict(k_slices=8, m_tile=4),
+              dict(k_slices=8, cluster=True), dict(k_slices=4, m_tile=2),
+              dict(k_slices=4, splits=2)):
     with pytest.raises(ValueError, match="k_slices"):
       jax.eval_shape(lambda *a, p={**base, **bad}: dense.nvfp4_gemm_p.bind(*a, **p), *args)
   for bad in (dict(tiles_per_block=0), dict(tiles_per_block=2, splits=2),
               dict(tiles_per_block=2, cluster=True, splits=2), dict(tiles_per_block=1 << 16)):
     with pytest.raises(ValueError, match="tiles_per_block"):
       jax.eval_shape(lambda *a, p={**base, **bad}: dense.nvfp4_gemm_p.bind(*a, **p), *args)
-  out, ws = jax.eval_shape(lambda *a: dense.nvfp4_gemm_p.bind(*a, **base, k_slices=8), *args)
-  assert out.shape == (1, 64) and ws.shape == (256,)
+  for k_slices in (8, 4):
+    out, ws = jax.eval_shape(
+        lambda *a, ks=k_slices: dense.nvfp4_gemm_p.bind(*a, **base, k_slices=ks), *args)
+    assert out.shape == (1, 64) and ws.shape == (256,)
 
 
 def test_weights_beyond_the_kernels_32_bit_addressing_are_refused():

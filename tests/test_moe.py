@@ -534,9 +534,11 @@ def test_split_k_choice_and_workspace(monkeypatch):
 
 
 @pytest.mark.parametrize("slots, n, k, block_m, blocks, want", [
-    (16, 28672, 4096, 8, 2, 8),     # Mixtral-like decode, GEMM 1: 2 token tiles
-    (16, 4096, 14336, 8, 2, 8),     # GEMM 2 (K = 7 k-sliced units)
-    (32, 4096, 14336, 8, 1, 8),     # 4 token tiles; one k-sliced block per SM
+    (16, 28672, 4096, 8, 2, 4),     # Mixtral-like decode, GEMM 1: 2 token tiles; 14 N tiles
+                                    # per block with 8 slices, 7 pairs with 4
+    (16, 4096, 14336, 8, 2, 4),     # GEMM 2 (K = 7 k-sliced units): 2 tiles or 1 pair
+    (32, 4096, 14336, 8, 1, 4),     # 4 token tiles; one k-sliced block per SM: 8 or 4 x 2
+    (32, 3584, 4096, 8, 1, 8),      # 224 N tiles over 33 blocks per token tile: 7, or 4 pairs
     (16, 4096, 14336, 8, 0, 1),     # a k-sliced block does not fit an SM (an L4's)
     (16, 4096, 14336, 16, 2, 1),    # block_m 16
     (64, 1536, 2048, 8, 2, 1),      # Qwen3-like decode: 8 token tiles
@@ -546,14 +548,15 @@ def test_split_k_choice_and_workspace(monkeypatch):
 def test_k_slices_at_decode_with_few_token_tiles(monkeypatch, slots, n, k, block_m, blocks,
                                                  want):
   monkeypatch.setattr(moe_ops.dense_ops, "k_sliced_blocks_per_sm",
-                      lambda moe=False, m_tile=1, rows=0: blocks)
+                      lambda moe=False, m_tile=1, rows=0, k_slices=8: blocks)
   monkeypatch.setattr(moe_ops.dense_ops, "_sm_count", lambda: 132)
   assert moe_ops.choose_moe_k_slices(slots, n, k, block_m) == want
   tpb = moe_ops.choose_moe_tiles_per_block(slots, n, block_m, want)
   if want == 1:
     assert tpb == 1
   else:  # every token tile's blocks together make at most one wave
-    assert (slots // block_m) * -(-(-(-n // 16)) // tpb) <= 132 * blocks
+    tiles = -(-(-(-n // 16)) // (8 // want))  # N tiles, or pairs of them with 4 slices
+    assert (slots // block_m) * -(-tiles // tpb) <= 132 * blocks
 
 
 def _capacity_slots(tokens, top_k, experts, block_m=64):

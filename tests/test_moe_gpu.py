@@ -271,24 +271,25 @@ def _even_experts_local(w13, w2, e):
     (3, 6400, 1008, 16, 6, jnp.float16, False, True),    # K = 100 and 16 chunks
     (2, 208, 48, 6, 2, jnp.bfloat16, False, True),       # N = 96 and 208, K = 4 and 1 chunks
     (5, 2048, 768, 24, 4, jnp.bfloat16, True, True)])    # experts not local (-1 blocks)
-def test_k_sliced_decode_gemms(rng, monkeypatch, m, h, i, e, k, dtype, mapped, forced):
-  """At block_m 8 the GEMMs can split K among the 8 warps of each block (one 16-row N tile at
-  a time, several per block, slice sums added in shared memory): the default for few token
-  tiles and K a multiple of 2048, forced here for the shapes the rule leaves unsliced (the
-  kernel takes any). Checked against the float64 layer with poisoned outputs, bitwise
-  repeatable, and the unsliced launch against the same reference."""
+@pytest.mark.parametrize("slices", [8, 4])
+def test_k_sliced_decode_gemms(rng, monkeypatch, m, h, i, e, k, dtype, mapped, forced, slices):
+  """At block_m 8 the GEMMs can split K among the 8 warps of each block (8 slices of one 16-row
+  N tile at a time, or 4 of a pair; several per block, slice sums added in shared memory): the
+  default for few token tiles and K a multiple of 2048 (checked), and here each slice count is
+  forced, also for the shapes the rule leaves unsliced (the kernel takes any). Checked against
+  the float64 layer with poisoned outputs, bitwise repeatable, and the unsliced launch against
+  the same reference."""
   x, w13, w2 = _layer(rng, m, h, i, e, dtype=dtype)
   tw, ti = _distinct_topk(rng, m, e, k)
   w13, w2, kw = _even_experts_local(w13, w2, e) if mapped else (w13, w2, {})
   p13, p2 = nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2)
   assert choose_block_m(m, k, e) == 8
   slots = capacity(m * k, e, 8)
-  want = moe_ops.MOE_K_SLICES
-  if forced:
-    monkeypatch.setattr(moe_ops, "choose_moe_k_slices", lambda *a, **kw: want)
-  else:
-    assert moe_ops.choose_moe_k_slices(slots, 2 * i, h, 8) == want
-    assert moe_ops.choose_moe_k_slices(slots, h, i, 8) == want
+  if not forced:
+    k_sliced = (moe_ops.PAIR_K_SLICES, moe_ops.MOE_K_SLICES)
+    assert moe_ops.choose_moe_k_slices(slots, 2 * i, h, 8, m) in k_sliced
+    assert moe_ops.choose_moe_k_slices(slots, h, i, 8, m) in k_sliced
+  monkeypatch.setattr(moe_ops, "choose_moe_k_slices", lambda *a, **kw: slices)
   layer = lambda: jax.jit(lambda *a: nf.fused_moe(*a, topk_weights=tw, topk_ids=ti,  # noqa: E731
                                                    **kw))
   sliced_fn = layer()
@@ -316,14 +317,16 @@ def _gemms_without_row_hint(mp):
 
 
 @pytest.mark.parametrize("expert_rows", [1, 2, 4])
+@pytest.mark.parametrize("slices", [8, 4])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_short_decode_blocks_take_any_tile_content(rng, monkeypatch, expert_rows, dtype):
-  """With expert_rows = 1, 2 or 4 the k-sliced decode block holds that many x rows and runs its
-  tile in passes of that many slots, one per group that holds a row. A hand schedule the hint
-  does not describe (tiles of 0, 1, 3 and 8 rows, rows after padding slots, sentinels -1 and
-  >= num_rows_out, a -1 tile, a tile past num_padded) through the kernel with poisoned output
-  memory: bitwise equal to the 8-row block, the contract's rows within tolerance, every other
-  row zero."""
+def test_short_decode_blocks_take_any_tile_content(rng, monkeypatch, expert_rows, slices, dtype):
+  """With expert_rows = 1, 2 or 4 the k-sliced decode block (8 or 4 slices) holds that many x rows
+  and runs its tile in passes of that many slots, one per group that holds a row. A hand schedule
+  the hint does not describe (tiles of 0, 1, 3 and 8 rows, rows after padding slots, sentinels -1
+  and >= num_rows_out, a -1 tile, a tile past num_padded) through the kernel with poisoned output
+  memory: bitwise equal to the 8-row block, the contract's rows within tolerance, every other row
+  zero.
+  """
   from tests.test_moe import _contract_numpy
   e, n, k, bm = 3, 300, 1040, 8  # N and K off the tile (K: 16.25 k64 chunks)
   w = random_experts(rng, e, n, k)
@@ -345,7 +348,7 @@ def test_short_decode_blocks_take_any_tile_content(rng, monkeypatch, expert_rows
                     jnp.array([num_padded], jnp.int32), block_m=bm, num_pairs=rows_out)
   written = [0, 7, 3, 5, 6, 8, 9, 10, 11, 12, 13, 14]
   untouched = np.setdiff1d(np.arange(rows_out), written)
-  monkeypatch.setattr(moe_ops, "choose_moe_k_slices", lambda *a, **kw: moe_ops.MOE_K_SLICES)
+  monkeypatch.setattr(moe_ops, "choose_moe_k_slices", lambda *a, **kw: slices)
   gemm = lambda hint: jax.jit(lambda xx: nf.nvfp4_moe_gemm(  # noqa: E731
       xx, p, al, gather_div=gd, num_rows_out=rows_out, topk_weights=tw, bias=bias,
       expert_rows=hint))

@@ -149,25 +149,29 @@ def choose_launch(m: int, n: int, k: int) -> tuple[int, int]:
   return int(max(1, min(splits, units, 64))), mt
 
 
-#: csrc/nvfp4_kernel.cuh kDecodeKSlices: at m_tile 1 the block's 8 warps can split K among
-#: themselves (one N tile of 16 rows per block, partial sums added in shared memory).
+#: csrc/nvfp4_kernel.cuh kDecodeKSlices: at m_tile 1 and 2 the block's 8 warps can split K
+#: among themselves (one N tile of 16 rows per block, partial sums added in shared memory).
 DECODE_K_SLICES = 8
+#: csrc/nvfp4_kernel.cuh kPairKSlices: at m_tile 1 also 4 slices of 2 N tiles (a block's pair
+#: of N tiles shares one hand-off and epilogue).
+PAIR_K_SLICES = 4
 
 
-def k_sliced_unit_k(m_tile: int) -> int:
-  """K covered by one k-sliced unit: 8 slices of 4 k64 chunks at m_tile 1, of 2 at m_tile 2
-  (csrc/nvfp4_tile.cuh kChunksPerSlice: half the x tile, two blocks per SM)."""
-  return DECODE_K_SLICES * (_CHUNKS_PER_UNIT if m_tile == 1 else _CHUNKS_PER_UNIT // 2) * 64
+def k_sliced_unit_k(m_tile: int, k_slices: int = DECODE_K_SLICES) -> int:
+  """K covered by one k-sliced unit: ``k_slices`` slices of 4 k64 chunks at m_tile 1, of 2 at
+  m_tile 2 (csrc/nvfp4_tile.cuh kChunksPerSlice: half the x tile, two blocks per SM)."""
+  return k_slices * (_CHUNKS_PER_UNIT if m_tile == 1 else _CHUNKS_PER_UNIT // 2) * 64
 
 
-#: K is split among the warps only where it fills at least one k-sliced unit: at K = 768 (12
+#: K is split among the warps only where it fills at least one 8-slice unit: at K = 768 (12
 #: of a unit's 32 chunks) the k-sliced MoE GEMM took 1.7x the unsliced one's time
 #: (NOTES_moe.md v7).
 K_SLICES_MIN_K = k_sliced_unit_k(1)
 
 
 @functools.lru_cache(maxsize=None)
-def k_sliced_blocks_per_sm(moe: bool = False, m_tile: int = 1, rows: int = 0) -> int:
+def k_sliced_blocks_per_sm(moe: bool = False, m_tile: int = 1, rows: int = 0,
+                           k_slices: int = DECODE_K_SLICES) -> int:
   """Resident k-sliced blocks per SM (about 100 KB of shared memory at m_tile 1, 90 KB at 2):
   2 on an H100, 1 on an A100, 0 where one does not fit an SM (e.g. an L4: no k-slices there).
   ``rows``: the x rows the launch picks its m_tile-1 tile by (the dense M, the grouped GEMM's
@@ -176,19 +180,21 @@ def k_sliced_blocks_per_sm(moe: bool = False, m_tile: int = 1, rows: int = 0) ->
   if not _ffi.sm_count():
     return 2
   query = _ffi.moe_blocks_per_sm if moe else _ffi.blocks_per_sm
-  return query(m_tile, True, DECODE_K_SLICES, rows if m_tile == 1 else 0)
+  return query(m_tile, True, k_slices, rows if m_tile == 1 else 0)
 
 
 def choose_k_slices(m: int, n: int, k: int) -> int:
-  """1, or ``DECODE_K_SLICES``: the block's 8 warps split K among themselves instead of the grid
-  splitting K across blocks (no workspace, memset, tickets or cluster), and each block streams
-  ``choose_tiles_per_block`` consecutive N tiles of 16 rows, one wave of blocks in all. Needs
-  at least one N tile per SM and K of at least one k-sliced unit (``k_sliced_unit_k``).
+  """1, ``DECODE_K_SLICES`` or ``PAIR_K_SLICES``: the block's 8 warps split K among
+  themselves instead of the grid splitting K across blocks (no workspace, memset, tickets or
+  cluster), and each block streams ``choose_tiles_per_block`` consecutive N tiles of 16 rows,
+  one wave of blocks in all. Needs at least one N tile per SM and K of at least one 8-slice
+  unit (``k_sliced_unit_k``).
 
   * m_tile 1 (M <= 8): always. On an H100 at M = 1 this beat the block-split launches on all
     four benchmark shapes (kernel_lab: 4096x14336 18.4 vs 20.1 us and 8192x28672 53.1 vs
     57.8 for a 2-block cluster, 14336x4096 16.5 vs 22.6 for 8 ticket splits; in the benchmark
-    8192x28672 went from 55.7 us unsplit to 53.4; NOTES_dense.md v8-v9).
+    8192x28672 went from 55.7 us unsplit to 53.4; NOTES_dense.md v8-v9). 8 or 4 slices as
+    ``choose_slice_count`` says.
   * m_tile 2 (M <= 16): where the unsliced launch would reduce its K splits through the
     workspace (tickets and a memset per call): 14336x4096 25.0 vs 30.6 us, 4096x4096 9.3 vs
     19.4; where it runs unsplit or in a cluster, k-slices lost (8192x28672 93 vs 69 us).
@@ -200,22 +206,43 @@ def choose_k_slices(m: int, n: int, k: int) -> int:
     splits, _ = choose_launch(m, n, k)
     if splits <= 1 or use_cluster(splits, mt):
       return 1
-  return DECODE_K_SLICES if k_sliced_blocks_per_sm(m_tile=mt) >= 1 else 1
+  if k_sliced_blocks_per_sm(m_tile=mt) < 1:
+    return 1
+  return DECODE_K_SLICES if mt == 2 else choose_slice_count(n, rows=m)
+
+
+def choose_slice_count(n: int, moe: bool = False, token_tiles: int = 1, rows: int = 0) -> int:
+  """``PAIR_K_SLICES`` or ``DECODE_K_SLICES`` for an m_tile-1 k-sliced launch: 4 slices (one
+  hand-off per pair of N tiles) unless that gives a block more N tiles than 8 slices do (N
+  tiles come in pairs then, so one wave can be less even); where 8 slices give every block
+  one N tile, 4 slices as long as the grid keeps at least one block per two SMs per token tile.
+  Measured in kernel_lab on an H200 at M = 1, 8 -> 4 slices (NOTES_dense.md v21):
+  4096x14336 14.7 -> 14.1 us, 4096x57344 44.0 -> 42.2, 2048x57344 25.2 -> 23.6 (the same
+  tiles per block), 4096x4096 7.1 -> 6.4 and 14336x4096 14.7 -> 14.5 (1 tile -> 1 pair);
+  8192x28672 42.1 -> 46.6 (7 tiles -> 4 pairs: the rule keeps 8 slices)."""
+  if k_sliced_blocks_per_sm(moe, 1, rows, PAIR_K_SLICES) < 1:
+    return DECODE_K_SLICES
+  eight = choose_tiles_per_block(n, DECODE_K_SLICES, moe, token_tiles, rows=rows)
+  four = 2 * choose_tiles_per_block(n, PAIR_K_SLICES, moe, token_tiles, rows=rows)
+  pairs_per_token_tile = -(-(-(-n // 16)) // 2)
+  if four <= eight or (eight == 1 and 2 * pairs_per_token_tile >= _sm_count()):
+    return PAIR_K_SLICES
+  return DECODE_K_SLICES
 
 
 def choose_tiles_per_block(n: int, k_slices: int, moe: bool = False, token_tiles: int = 1,
                            m_tile: int = 1, rows: int = 0) -> int:
-  """N tiles of 16 rows per block of a k-sliced launch (1 otherwise): the fewest that make the
-  grid one wave of resident blocks (``token_tiles`` blocks share each N tile), spread evenly;
-  ``rows`` as ``k_sliced_blocks_per_sm``.
+  """Tiles per block of a k-sliced launch (1 otherwise), each tile ``8 // k_slices`` N tiles of
+  16 rows: the fewest that make the grid one wave of resident blocks (``token_tiles`` blocks
+  share each tile), spread evenly; ``rows`` as ``k_sliced_blocks_per_sm``.
   More than one wave cost up to 25 % on an H100 (8192x28672: 7 tiles per block, 256 blocks,
   53.1 us; 4 tiles, 448 blocks, 60.9 us; NOTES_dense.md v9)."""
   if k_slices == 1:
     return 1
-  n_tiles = -(-n // 16)
-  wave = _sm_count() * max(1, k_sliced_blocks_per_sm(moe, m_tile, rows))
-  per_token_tile = max(1, min(n_tiles, wave // max(1, token_tiles)))  # blocks per token tile
-  return -(-n_tiles // per_token_tile)
+  tiles = -(-(-(-n // 16)) // (_WARPS_PER_BLOCK // k_slices))
+  wave = _sm_count() * max(1, k_sliced_blocks_per_sm(moe, m_tile, rows, k_slices))
+  per_token_tile = max(1, min(tiles, wave // max(1, token_tiles)))  # blocks per token tile
+  return -(-tiles // per_token_tile)
 
 
 def use_cluster(splits: int, m_tile: int) -> bool:
@@ -270,11 +297,13 @@ def _check_prepared(x_aval, qweight_aval, qscales_aval, gs_aval, bias_aval, n, k
 def _gemm_abstract_eval(x, qweight, qscales, global_scale, bias, *, n, k, has_bias, splits,
                         m_tile, cluster, k_slices=1, tiles_per_block=1):
   _check_prepared(x, qweight, qscales, global_scale, bias if has_bias else None, n, k)
-  if k_slices not in (1, DECODE_K_SLICES) or (
-      k_slices != 1 and (m_tile > 2 or splits != 1 or cluster)):
+  if k_slices not in (1, PAIR_K_SLICES, DECODE_K_SLICES) or (
+      k_slices != 1 and (m_tile > 2 or splits != 1 or cluster)) or (
+      k_slices == PAIR_K_SLICES and m_tile != 1):
     raise ValueError(f"nvfp4_gemm: k_slices must be 1, or {DECODE_K_SLICES} with m_tile 1 or "
-                     f"2, splits 1 and no cluster; got k_slices={k_slices}, m_tile={m_tile}, "
-                     f"splits={splits}, cluster={cluster}")
+                     f"2, or {PAIR_K_SLICES} with m_tile 1, and then splits 1 and no cluster; "
+                     f"got k_slices={k_slices}, m_tile={m_tile}, splits={splits}, "
+                     f"cluster={cluster}")
   if not 1 <= tiles_per_block <= 65535 or (tiles_per_block > 1 and (splits != 1 or cluster)):
     raise ValueError(f"nvfp4_gemm: tiles_per_block must be in [1, 65535], and 1 when K is "
                      f"split across blocks; got tiles_per_block={tiles_per_block}, "

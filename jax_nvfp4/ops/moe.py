@@ -372,8 +372,9 @@ def choose_moe_splits(num_slots: int, n: int, k: int, block_m: int, bf16: bool =
                         -(-k64 // _CHUNKS_PER_UNIT), 64)))
 
 
-#: K-slices of the grouped GEMM at block_m 8: the dense kernel's decode value (one kernel).
+#: K-slices of the grouped GEMM at block_m 8: the dense kernel's decode values (one kernel).
 MOE_K_SLICES = DECODE_K_SLICES
+PAIR_K_SLICES = dense_ops.PAIR_K_SLICES
 
 
 #: The k-sliced grid is sized from the static token-tile count (``capacity``), which counts
@@ -382,20 +383,22 @@ MOE_K_SLICES = DECODE_K_SLICES
 MOE_K_SLICES_MAX_TOKEN_TILES = 4
 
 
-def choose_moe_k_slices(num_slots: int, n: int, k: int, block_m: int) -> int:
-  """1, or ``MOE_K_SLICES``: K split among the 8 warps of each block, one 16-row N tile of one
-  token tile at a time, ``choose_moe_tiles_per_block`` N tiles per block. Chosen at block_m 8
-  for at most ``MOE_K_SLICES_MAX_TOKEN_TILES`` token tiles (decode with top_k <= 4: the
-  unsliced grid has few blocks, needs split K or leaves a ragged second wave) and K a whole
-  number of k-sliced units (2048). Measured per GEMM on an H100 (NOTES_moe.md v7): Mixtral-like
-  at T = 1 (2 tiles) 69.7 -> 58.8 and 31.3 -> 29.4 us; a loss at 8 tiles with K = 7168 (3.5
-  units: 54.4 -> 62.3), at K = 768 (6.9 -> 11.8) and at T = 16 (11 to 128 static tiles)."""
+def choose_moe_k_slices(num_slots: int, n: int, k: int, block_m: int,
+                        expert_rows: int = 0) -> int:
+  """1, or ``MOE_K_SLICES`` / ``PAIR_K_SLICES`` (dense ``choose_slice_count``): K split among
+  the 8 warps of each block, one 16-row N tile (or a pair) of one token tile at a time,
+  ``choose_moe_tiles_per_block`` of them per block. Chosen at block_m 8 for at most
+  ``MOE_K_SLICES_MAX_TOKEN_TILES`` token tiles (decode with top_k <= 4: the unsliced grid has
+  few blocks, needs split K or leaves a ragged second wave) and K a whole number of 8-slice
+  units (2048). Measured per GEMM on an H100 (NOTES_moe.md v7): Mixtral-like at T = 1 (2
+  tiles) 69.7 -> 58.8 and 31.3 -> 29.4 us; a loss at 8 tiles with K = 7168 (3.5 units: 54.4 ->
+  62.3), at K = 768 (6.9 -> 11.8) and at T = 16 (11 to 128 static tiles). ``expert_rows``: the
+  launch's hint, which picks the block and so its occupancy."""
   tiles = num_slots // block_m
   if (block_m != 8 or k % K_SLICES_MIN_K != 0 or tiles > MOE_K_SLICES_MAX_TOKEN_TILES
       or dense_ops.k_sliced_blocks_per_sm(moe=True, m_tile=1) < 1):
     return 1
-  del n  # every N: each token tile's N is spread over a wave of blocks
-  return MOE_K_SLICES
+  return dense_ops.choose_slice_count(n, moe=True, token_tiles=max(1, tiles), rows=expert_rows)
 
 
 def choose_moe_tiles_per_block(num_slots: int, n: int, block_m: int, k_slices: int,
@@ -493,7 +496,7 @@ def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, 
   dense_ops.check_kernel_weight_size("nvfp4_moe_gemm", n, k)
   x_aval, slots = ctx.avals_in[0], ctx.avals_in[4].shape[0]
   bf16 = np.dtype(x_aval.dtype) == np.dtype(jnp.bfloat16)
-  k_slices = choose_moe_k_slices(slots, n, k, block_m)
+  k_slices = choose_moe_k_slices(slots, n, k, block_m, expert_rows)
   splits = 1 if k_slices > 1 else choose_moe_splits(slots, n, k, block_m, bf16)
   cluster = use_moe_cluster(splits, block_m, bf16)
   if k_slices > 1:
