@@ -4,8 +4,10 @@
 // and times several at once) and for ncu:
 //   nvcc -std=c++17 -O3 -arch=sm_90a -I csrc benchmarks/kernel_lab.cu -o lab &&
 //   ./lab K N M [splits [k_slices [tiles_per_block]]]
-// k_slices 4 (m_tile 1): 4 k-slices of 2 N tiles; tiles_per_block 0 picks one wave of blocks,
-// spread evenly, as ops/dense.py choose_tiles_per_block does.
+// k_slices 4: 4 k-slices of 2 N tiles (m_tile 1 as the FFI launch; m_tile 2 here only, an
+// experiment); tiles_per_block 0 picks one wave of blocks, spread evenly over the token tiles'
+// blocks, as ops/dense.py choose_tiles_per_block does. LAB_MT=1|2|4|8 overrides the m_tile the
+// launch derives from M (e.g. M = 16 as two m_tile-1 token tiles).
 // LAB_CHECK=1: after timing, the launch's output is compared with the plain launch's (no
 // k-slices, default splits) on the same data; rel-L2 above 1e-2 exits 1.
 // Weights and scales are random bytes in COPIES rotating buffers (more than L2 holds); each
@@ -65,6 +67,22 @@ void print_short_tile() {
               blocks_per_sm_typed<__nv_bfloat16, 1, false, KS, XR>());
 }
 
+// Lab-only: the m_tile-2 block of 4 k-slices (the FFI launch has 8 slices at m_tile 2).
+cudaError_t launch_lab(const jax_nvfp4::GemmParams &p, int mt, int token_tiles,
+                       cudaStream_t stream, int k_slices) {
+  using namespace jax_nvfp4;
+  if (mt == 2 && k_slices == kPairKSlices)
+    return launch_typed<__nv_bfloat16, 2, false, kPairKSlices>(p, token_tiles, stream);
+  return launch<false>(p, true, mt, token_tiles, stream, k_slices);
+}
+
+int lab_blocks_per_sm(int mt, int k_slices, int m) {
+  using namespace jax_nvfp4;
+  if (mt == 2 && k_slices == kPairKSlices)
+    return blocks_per_sm_typed<__nv_bfloat16, 2, false, kPairKSlices>();
+  return blocks_per_sm<false>(mt, true, k_slices, m);
+}
+
 int main(int argc, char **argv) {
   using namespace jax_nvfp4;
   if (argc < 4) {
@@ -72,7 +90,11 @@ int main(int argc, char **argv) {
     return 2;
   }
   const int k = std::atoi(argv[1]), n = std::atoi(argv[2]), m = std::atoi(argv[3]);
-  const int mt = m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8;
+  const int mt = std::getenv("LAB_MT") ? std::atoi(std::getenv("LAB_MT"))
+                 : m <= 8                ? 1
+                 : m <= 16               ? 2
+                 : m <= 32               ? 4
+                                         : 8;
   const int n16 = (n + 15) / 16, k64 = (k + 63) / 64;
   const int units = (k64 + kChunksPerStage - 1) / kChunksPerStage;
   const int n_blocks = (n16 + kWarps - 1) / kWarps;
@@ -85,10 +107,11 @@ int main(int argc, char **argv) {
                         : std::max(1, std::min({sms * bps / (n_blocks * token_tiles), units, 64}));
   const int k_slices = argc > 5 ? std::atoi(argv[5]) : 1;  // 8: warps split K (splits must be 1)
   int tiles_per_block = argc > 6 ? std::atoi(argv[6]) : 1;  // > 1: splits must be 1
-  const int slice_bps = k_slices > 1 ? blocks_per_sm<false>(mt, true, k_slices, m) : bps;
+  const int slice_bps = k_slices > 1 ? lab_blocks_per_sm(mt, k_slices, m) : bps;
   if (tiles_per_block == 0) {  // one wave, spread evenly
     const int tiles = (n16 + kWarps / k_slices - 1) / (kWarps / k_slices);
-    const int per_wave = std::max(1, std::min(tiles, sms * std::max(1, slice_bps)));
+    const int per_token_tile = std::max(1, sms * std::max(1, slice_bps) / token_tiles);
+    const int per_wave = std::max(1, std::min(tiles, per_token_tile));
     tiles_per_block = (tiles + per_wave - 1) / per_wave;
   }
   const int copies = 16, trials = 9;
@@ -138,7 +161,7 @@ int main(int argc, char **argv) {
     p.qweight = static_cast<const uint4 *>(w[c]);
     p.qscales = static_cast<const uint4 *>(s[c]);
     if (splits > 1 && !p.cluster) CHECK(cudaMemsetAsync(p.tickets, 0, tickets, stream));
-    CHECK(launch<false>(p, true, mt, token_tiles, stream, k_slices));
+    CHECK(launch_lab(p, mt, token_tiles, stream, k_slices));
   };
   for (int c = 0; c < copies; ++c) call(c);
   CHECK(cudaDeviceSynchronize());
@@ -169,6 +192,7 @@ int main(int argc, char **argv) {
   }
   const double bytes = double(n) * k / 2 + double(n) * k / 16;
   if (read_only_mode) std::printf("[bare read of the weight bytes] ");
+  std::printf("m_tile %d: ", mt);
   std::printf("K=%d N=%d M=%d chunks/stage=%d stages=%d splits=%d k_slices=%d tiles/block=%d%s "
               "blocks/SM=%d: %.1f us (%.0f GB/s, %.0f TFLOP/s)\n",
               k, n, m, kChunksPerStage, TileConfig<1>::kStages, splits, k_slices, tiles_per_block,

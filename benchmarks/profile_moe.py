@@ -11,21 +11,22 @@ read from the Perfetto trace: ``span`` = last kernel end - first kernel start, d
 durations per layer by kind (our GEMMs, our alignment or routing + alignment kernel, memsets,
 XLA's kernels), ``kernels`` =
 launches per layer, ``by_name_us`` = the same per kernel (XLA's per-copy numbering removed).
-Median of three executions. Variants (``--variants``): ``fused_moe`` (the
-library's layer), ``unsliced`` (the same layer compiled with the grouped GEMM's k-slices off: the
-v6 launch, K split across blocks only; the A/B of NOTES_moe.md v7), ``one_tile`` (one N block
-per block at prefill: the A/B of NOTES_moe.md v8), ``eight_rows`` (no ``expert_rows`` hint: the
-k-sliced decode block holds 8 x rows, not 1-4; NOTES_moe.md v11), ``ksliced`` (k-slices at
-every block_m-8 GEMM, whatever the rule says), ``ksliced_eight_rows`` (both), ``xla_routing``
-(routing by XLA's kernels and the separate alignment kernel, as before the routing kernel:
-NOTES_moe.md v12) and ``tiles2`` / ``tiles4`` (2 / 4 N blocks per block in every unsliced,
-unsplit GEMM, decode included: NOTES_moe.md v16), ``ks_tiles8`` / ``ks_tiles16`` (the k-sliced
-rule's ``MOE_K_SLICES_MAX_TOKEN_TILES`` at 8 / 16, not 4) and ``split6`` (``MIN_CHUNKS_PER_SPLIT``
-6, not 48: the short-K decode GEMMs split K; NOTES_moe.md v17) and ``unfused`` (w13 in plain
-``[gate; up]`` order: GEMM1 writes both halves and XLA applies the activation, the layer before
-v17) and ``route_general`` (``JAX_NVFP4_ROUTE_SMALL=0``: decode batches in the general routing
-kernel, not the decode one; NOTES_moe.md v18) and ``decode_tiles1`` (one N block per block at
-block_m 8: the rule before v18's decode tiles). Large T works too (``--tokens 1024,4096``).
+Median of three executions. Variants (``--variants``): ``fused_moe`` (the library's layer),
+``unsliced`` (the same layer compiled with the grouped GEMM's k-slices off: the v6 launch, K split
+across blocks only; the A/B of NOTES_moe.md v7), ``one_tile`` (one N block per block at prefill:
+the A/B of NOTES_moe.md v8), ``eight_rows`` (no ``expert_rows`` hint: the k-sliced decode block
+holds 8 x rows, not 1-4; NOTES_moe.md v11), ``ksliced`` (k-slices at every block_m-8 GEMM, whatever
+the rule says), ``ksliced_eight_rows`` (both), ``ksliced4`` / ``ksliced4_units`` (4 k-slices at
+every block_m-8 GEMM / where K is a multiple of 1024; NOTES_moe.md v20), ``xla_routing`` (routing
+by XLA's kernels and the separate alignment kernel, as before the routing kernel: NOTES_moe.md v12)
+and ``tiles2`` / ``tiles4`` (2 / 4 N blocks per block in every unsliced, unsplit GEMM, decode
+included: NOTES_moe.md v16), ``ks_tiles8`` / ``ks_tiles16`` (the k-sliced rule's
+``MOE_K_SLICES_MAX_TOKEN_TILES`` at 8 / 16, not 4) and ``split6`` (``MIN_CHUNKS_PER_SPLIT`` 6, not
+48: the short-K decode GEMMs split K; NOTES_moe.md v17) and ``unfused`` (w13 in plain ``[gate;
+up]`` order: GEMM1 writes both halves and XLA applies the activation, the layer before v17) and
+``route_general`` (``JAX_NVFP4_ROUTE_SMALL=0``: decode batches in the general routing kernel, not
+the decode one; NOTES_moe.md v18) and ``decode_tiles1`` (one N block per block at block_m 8: the
+rule before v18's decode tiles). Large T works too (``--tokens 1024,4096``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax_nvfp4.bench import moe as bench_moe
 from jax_nvfp4.bench.common import copy_bandwidth, gpu_events, many
+from jax_nvfp4.ops import dense as dense_ops
 from jax_nvfp4.ops import moe as moe_ops
 from jax_nvfp4.ops import moe_route
 
@@ -153,6 +155,21 @@ def all_ksliced(eight_rows: bool = False):
       yield
 
 
+def four_slices(whole_units: bool):
+  """4 k-slices (pairs of N tiles) at every block_m-8 GEMM, whatever the token-tile count:
+  ``ksliced4``; ``ksliced4_units`` only where K is a whole number of 4-slice units (1024), the
+  rule elsewhere. The question of NOTES_moe.md v20's Next: the 8-slice unit (2048) left K = 7168
+  3.5 units, which the 4-slice unit divides."""
+  saved = moe_ops.choose_moe_k_slices
+  unit = dense_ops.k_sliced_unit_k(1, moe_ops.PAIR_K_SLICES)
+
+  def rule(num_slots, n, k, block_m, expert_rows=0):
+    if block_m == 8 and (not whole_units or k % unit == 0):
+      return moe_ops.PAIR_K_SLICES
+    return saved(num_slots, n, k, block_m, expert_rows)
+  return patched("choose_moe_k_slices", rule)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--tokens", default="1,16")
@@ -161,7 +178,9 @@ def main():
                   help="comma-separated, of: fused_moe (the library's layer), unsliced (no "
                        "k-slices at decode), one_tile (one N block per block at prefill), "
                        "eight_rows (8-row decode blocks), ksliced (k-slices at every block_m-8 "
-                       "GEMM), ksliced_eight_rows, xla_routing (no routing kernel), tiles2 / "
+                       "GEMM), ksliced_eight_rows, ksliced4 / ksliced4_units (4 k-slices at "
+                       "every block_m-8 GEMM / where K is a multiple of 1024), xla_routing "
+                       "(no routing kernel), tiles2 / "
                        "tiles4 (2 / 4 N blocks per block in every unsliced unsplit GEMM), "
                        "ks_tiles8 / ks_tiles16 (the k-sliced rule's token-tile limit raised "
                        "from 4), split6 (split K down to 6 k64 chunks per split, not 48), "
@@ -183,6 +202,8 @@ def main():
                 "eight_rows": gemms_without_row_hint,
                 "ksliced": all_ksliced,
                 "ksliced_eight_rows": lambda: all_ksliced(eight_rows=True),
+                "ksliced4": lambda: four_slices(whole_units=False),
+                "ksliced4_units": lambda: four_slices(whole_units=True),
                 "xla_routing": lambda: rule_returning("fits_one_block", False, moe_route),
                 "tiles2": lambda: unsplit_tiles_per_block(2),
                 "tiles4": lambda: unsplit_tiles_per_block(4),

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The next k-slice questions in one device call (NOTES_dense.md v21, NOTES_moe.md v20 Next).
+# Run on the GPU machine from the repo root; output under $OUT:
+#   bash benchmarks/ab_slices_next.sh
+# 1. M = 16 (kernel_lab, two interleaved rounds, the first checked against the plain launch):
+#    the plain launch (m_tile 2, split K as dense.choose_launch), m_tile 2 with 8 or 4 k-slices
+#    (4: lab-only), and M = 16 as two m_tile-1 token tiles (LAB_MT=1) with 8 or 4 k-slices;
+#    the m_tile-2 k-sliced blocks also with slices of 4 chunks instead of 2
+#    (-DJAX_NVFP4_KSLICE_CHUNKS_MT2=4: one block per SM).
+# 2. The grouped GEMM with 4 k-slices at every decode GEMM, or where K is a whole number of
+#    4-slice units (profile_moe.py variants ksliced4, ksliced4_units) at T = 1, 2, 16.
+set -uo pipefail
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+build_lab() {  # NAME DEFINES...
+  local name=$1; shift
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I csrc --expt-relaxed-constexpr \
+    -diag-suppress=940,2473,177 "$@" benchmarks/kernel_lab.cu -o "/tmp/lab_$name"
+}
+build_lab main &
+build_lab mt2c4 -DJAX_NVFP4_KSLICE_CHUNKS_MT2=4 &
+bash benchmarks/device_run.sh build || exit 1
+wait
+shapes="4096 14336;14336 4096;8192 28672;4096 4096"
+IFS=';' read -ra list <<< "$shapes"
+{
+  for round in 1 2; do
+    echo "== round $round"
+    check=$([ "$round" = 1 ] && echo 1 || echo "")
+    for shape in "${list[@]}"; do
+      LAB_CHECK=$check /tmp/lab_main $shape 16
+      for ks in 8 4; do
+        LAB_CHECK=$check /tmp/lab_main $shape 16 1 $ks 0
+        LAB_CHECK=$check LAB_MT=1 /tmp/lab_main $shape 16 1 $ks 0
+        printf 'chunks4 '; LAB_CHECK=$check /tmp/lab_mt2c4 $shape 16 1 $ks 0
+      done
+    done
+  done
+} > "$out/lab_m16.txt" 2>&1
+grep -v "^  check" "$out/lab_m16.txt" | sed 's/chunks\/stage=4 stages=2 //' | cut -c1-140
+echo "checks: $(grep -c 'rel-L2' "$out/lab_m16.txt"), worst: $(grep -o 'rel-L2 [0-9.e+-]*' "$out/lab_m16.txt" | sort -k2 -g | tail -1)"
+cd benchmarks && timeout 240 python3 profile_moe.py --tokens 1,2,16 \
+  --variants fused_moe,ksliced4,ksliced4_units --out "$out/profile_ksliced4.json" 2>&1 \
+  | grep -E "bandwidth|E=" | tee "$out/profile_ksliced4.txt"
