@@ -215,11 +215,12 @@ def choose_slice_count(n: int, moe: bool = False, token_tiles: int = 1, rows: in
   """``PAIR_K_SLICES`` or ``DECODE_K_SLICES`` for an m_tile-1 k-sliced launch: 4 slices (one
   hand-off per pair of N tiles) unless that gives a block more N tiles than 8 slices do (N
   tiles come in pairs then, so one wave can be less even); where 8 slices give every block
-  one N tile, 4 slices as long as the grid keeps at least one block per two SMs per token tile.
-  Measured in kernel_lab on an H200 at M = 1, 8 -> 4 slices (NOTES_dense.md v21):
-  4096x14336 14.7 -> 14.1 us, 4096x57344 44.0 -> 42.2, 2048x57344 25.2 -> 23.6 (the same
-  tiles per block), 4096x4096 7.1 -> 6.4 and 14336x4096 14.7 -> 14.5 (1 tile -> 1 pair);
-  8192x28672 42.1 -> 46.6 (7 tiles -> 4 pairs: the rule keeps 8 slices)."""
+  one N tile, 4 slices as long as the pairs number at least half the SMs.
+  Measured in kernel_lab on an H200 at M = 1, 8 -> 4 slices (NOTES_dense.md v21,
+  benchmarks/results/ab_four_k_slices_h200_2026-12-04.txt): 4096x14336 14.8 -> 14.4 us,
+  4096x57344 44.3 -> 42.2, 2048x57344 25.1 -> 23.4 (the same tiles per block), 4096x4096
+  7.2 -> 6.5 and 14336x4096 14.7 -> 14.6 (1 tile -> 1 pair); 8192x28672 42.6 -> 47.0
+  (7 tiles -> 4 pairs: the rule keeps 8 slices)."""
   if k_sliced_blocks_per_sm(moe, 1, rows, PAIR_K_SLICES) < 1:
     return DECODE_K_SLICES
   eight = choose_tiles_per_block(n, DECODE_K_SLICES, moe, token_tiles, rows=rows)
