@@ -7,7 +7,11 @@
 #    (4: lab-only), and M = 16 as two m_tile-1 token tiles (LAB_MT=1) with 8 or 4 k-slices;
 #    the m_tile-2 k-sliced blocks also with slices of 4 chunks instead of 2
 #    (-DJAX_NVFP4_KSLICE_CHUNKS_MT2=4: one block per SM).
-# 2. The grouped GEMM with 4 k-slices at every decode GEMM, or where K is a whole number of
+# 2. M = 1: the 4-slice block with slices of 8 chunks instead of 4
+#    (-DJAX_NVFP4_PAIR_KSLICE_CHUNKS=8: a unit as long as the 8-slice block's, half the barriers
+#    and ring bookkeeping per byte; 2 stages of 40-52 KB instead of 3-4 of 20-34 KB at 1-4
+#    rows, one block per SM at 8 rows).
+# 3. The grouped GEMM with 4 k-slices at every decode GEMM, or where K is a whole number of
 #    4-slice units (profile_moe.py variants ksliced4, ksliced4_units) at T = 1, 2, 16.
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -19,6 +23,7 @@ build_lab() {  # NAME DEFINES...
 }
 build_lab main &
 build_lab mt2c4 -DJAX_NVFP4_KSLICE_CHUNKS_MT2=4 &
+build_lab pair8 -DJAX_NVFP4_PAIR_KSLICE_CHUNKS=8 &
 bash benchmarks/device_run.sh build || exit 1
 wait
 shapes="4096 14336;14336 4096;8192 28672;4096 4096"
@@ -39,6 +44,19 @@ IFS=';' read -ra list <<< "$shapes"
 } > "$out/lab_m16.txt" 2>&1
 grep -v "^  check" "$out/lab_m16.txt" | sed 's/chunks\/stage=4 stages=2 //' | cut -c1-140
 echo "checks: $(grep -c 'rel-L2' "$out/lab_m16.txt"), worst: $(grep -o 'rel-L2 [0-9.e+-]*' "$out/lab_m16.txt" | sort -k2 -g | tail -1)"
+{
+  for round in 1 2; do
+    echo "== round $round"
+    check=$([ "$round" = 1 ] && echo 1 || echo "")
+    for shape in "4096 14336 1" "14336 4096 1" "4096 57344 1" "2048 57344 1" "4096 14336 4" "8192 28672 1"; do
+      for lab in main pair8; do
+        printf '%-6s ' $lab; LAB_CHECK=$check /tmp/lab_$lab $shape 1 4 0
+      done
+    done
+  done
+} > "$out/lab_pair8.txt" 2>&1
+grep -v "^  check" "$out/lab_pair8.txt" | sed 's/chunks\/stage=4 stages=2 //' | cut -c1-140
+echo "checks: $(grep -c 'rel-L2' "$out/lab_pair8.txt"), worst: $(grep -o 'rel-L2 [0-9.e+-]*' "$out/lab_pair8.txt" | sort -k2 -g | tail -1)"
 cd benchmarks && timeout 240 python3 profile_moe.py --tokens 1,2,16 \
   --variants fused_moe,ksliced4,ksliced4_units --out "$out/profile_ksliced4.json" 2>&1 \
   | grep -E "bandwidth|E=" | tee "$out/profile_ksliced4.txt"

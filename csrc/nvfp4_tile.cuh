@@ -123,6 +123,11 @@ constexpr int kThreads = kWarps * 32;
 #ifndef JAX_NVFP4_KSLICE_CHUNKS_MT2
 #define JAX_NVFP4_KSLICE_CHUNKS_MT2 2
 #endif
+// The same for the 4-slice block at m_tile 1 (kernel_lab: 8 makes its unit as long as the
+// 8-slice block's, half the barriers per weight byte; ops/dense.py assumes 4).
+#ifndef JAX_NVFP4_PAIR_KSLICE_CHUNKS
+#define JAX_NVFP4_PAIR_KSLICE_CHUNKS 4
+#endif
 // Most stages of a k-sliced block that holds fewer x rows than its tile (M <= 4, TileConfig
 // XR < 8): its stage is 22 / 26 / 34 KB for 1 / 2 / 4 rows instead of 50 KB, so the ring
 // deepens to as many stages (at most this many) as leave two blocks per SM.
@@ -153,8 +158,10 @@ struct TileConfig {
   static constexpr bool kRowsShort = XR < 8 * MT;
   static constexpr int kTilesPerBlock = kWarps / KS;
   // k64 chunks of one warp's slice of a unit, and of the whole unit.
-  static constexpr int kChunksPerSlice =
-      KS == 1 ? kChunksPerStage : MT == 1 ? JAX_NVFP4_KSLICE_CHUNKS : JAX_NVFP4_KSLICE_CHUNKS_MT2;
+  static constexpr int kChunksPerSlice = KS == 1               ? kChunksPerStage
+                                         : MT == 1 && KS == 4 ? JAX_NVFP4_PAIR_KSLICE_CHUNKS
+                                         : MT == 1            ? JAX_NVFP4_KSLICE_CHUNKS
+                                                              : JAX_NVFP4_KSLICE_CHUNKS_MT2;
   static constexpr int kChunksPerUnit = KS * kChunksPerSlice;
   // Deeper rings where a stage is small (decode): more bytes in flight per SM.
   static constexpr int kWBytes = kChunksPerSlice * kWarps * 512;
