@@ -26,37 +26,40 @@ build_lab mt2c4 -DJAX_NVFP4_KSLICE_CHUNKS_MT2=4 &
 build_lab pair8 -DJAX_NVFP4_PAIR_KSLICE_CHUNKS=8 &
 bash benchmarks/device_run.sh build || exit 1
 wait
-shapes="4096 14336;14336 4096;8192 28672;4096 4096"
-IFS=';' read -ra list <<< "$shapes"
-{
+# Runs RUN (a function of the LAB_CHECK value: 1 in round 1, empty in round 2) in two
+# interleaved rounds into $out/NAME.txt, then prints the timings and the worst check.
+two_rounds() {  # NAME RUN
+  local name=$1 run=$2 round
   for round in 1 2; do
     echo "== round $round"
-    check=$([ "$round" = 1 ] && echo 1 || echo "")
-    for shape in "${list[@]}"; do
-      LAB_CHECK=$check /tmp/lab_main $shape 16
-      for ks in 8 4; do
-        LAB_CHECK=$check /tmp/lab_main $shape 16 1 $ks 0
-        LAB_CHECK=$check LAB_MT=1 /tmp/lab_main $shape 16 1 $ks 0
-        printf 'chunks4 '; LAB_CHECK=$check /tmp/lab_mt2c4 $shape 16 1 $ks 0
-      done
+    "$run" "$([ "$round" = 1 ] && echo 1)"
+  done > "$out/$name.txt" 2>&1
+  grep -v "^  check" "$out/$name.txt" | sed 's/chunks\/stage=4 stages=2 //' | cut -c1-140
+  echo "checks: $(grep -c 'rel-L2' "$out/$name.txt"), worst:" \
+       "$(grep -o 'rel-L2 [0-9.e+-]*' "$out/$name.txt" | sort -k2 -g | tail -1)"
+}
+m16_launches() {
+  local check=$1 shape ks
+  for shape in "4096 14336" "14336 4096" "8192 28672" "4096 4096"; do
+    LAB_CHECK=$check /tmp/lab_main $shape 16
+    for ks in 8 4; do
+      LAB_CHECK=$check /tmp/lab_main $shape 16 1 $ks 0
+      LAB_CHECK=$check LAB_MT=1 /tmp/lab_main $shape 16 1 $ks 0
+      printf 'chunks4 '; LAB_CHECK=$check /tmp/lab_mt2c4 $shape 16 1 $ks 0
     done
   done
-} > "$out/lab_m16.txt" 2>&1
-grep -v "^  check" "$out/lab_m16.txt" | sed 's/chunks\/stage=4 stages=2 //' | cut -c1-140
-echo "checks: $(grep -c 'rel-L2' "$out/lab_m16.txt"), worst: $(grep -o 'rel-L2 [0-9.e+-]*' "$out/lab_m16.txt" | sort -k2 -g | tail -1)"
-{
-  for round in 1 2; do
-    echo "== round $round"
-    check=$([ "$round" = 1 ] && echo 1 || echo "")
-    for shape in "4096 14336 1" "14336 4096 1" "4096 57344 1" "2048 57344 1" "4096 14336 4" "8192 28672 1"; do
-      for lab in main pair8; do
-        printf '%-6s ' $lab; LAB_CHECK=$check /tmp/lab_$lab $shape 1 4 0
-      done
+}
+pair8_launches() {
+  local check=$1 shape lab
+  for shape in "4096 14336 1" "14336 4096 1" "4096 57344 1" "2048 57344 1" "4096 14336 4" \
+               "8192 28672 1"; do
+    for lab in main pair8; do
+      printf '%-6s ' $lab; LAB_CHECK=$check /tmp/lab_$lab $shape 1 4 0
     done
   done
-} > "$out/lab_pair8.txt" 2>&1
-grep -v "^  check" "$out/lab_pair8.txt" | sed 's/chunks\/stage=4 stages=2 //' | cut -c1-140
-echo "checks: $(grep -c 'rel-L2' "$out/lab_pair8.txt"), worst: $(grep -o 'rel-L2 [0-9.e+-]*' "$out/lab_pair8.txt" | sort -k2 -g | tail -1)"
+}
+two_rounds lab_m16 m16_launches
+two_rounds lab_pair8 pair8_launches
 cd benchmarks && timeout 240 python3 profile_moe.py --tokens 1,2,16 \
   --variants fused_moe,ksliced4,ksliced4_units --out "$out/profile_ksliced4.json" 2>&1 \
   | grep -E "bandwidth|E=" | tee "$out/profile_ksliced4.txt"

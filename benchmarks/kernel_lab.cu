@@ -59,12 +59,26 @@ __global__ void read_only(const uint4 *__restrict__ a, size_t na, const uint4 *_
   if (acc == 0x9E3779B9u) *sink = acc;
 }
 
-// The short x tile the launch picks at M <= 4 (nvfp4_kernel.cuh short_tile_rows).
+// A switch such as LAB_CHECK: set and neither empty nor "0" (a script can pass LAB_CHECK= to
+// leave it off).
+bool env_flag(const char *name) {
+  const char *v = std::getenv(name);
+  return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
+}
+
+// The short x tile (XR rows) the launch picks at M <= 4 (nvfp4_kernel.cuh short_tile_rows).
 template <int KS, int XR>
 void print_short_tile() {
   using namespace jax_nvfp4;
   std::printf("[%d-row block: %d stages, %d blocks/SM] ", XR, TileConfig<1, KS, XR>::kStages,
               blocks_per_sm_typed<__nv_bfloat16, 1, false, KS, XR>());
+}
+
+template <int KS>
+void print_short_tile(int xr) {
+  if (xr == 1) print_short_tile<KS, 1>();
+  if (xr == 2) print_short_tile<KS, 2>();
+  if (xr == 4) print_short_tile<KS, 4>();
 }
 
 // Lab-only: the m_tile-2 block of 4 k-slices (the FFI launch has 8 slices at m_tile 2).
@@ -103,8 +117,9 @@ int main(int argc, char **argv) {
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   const int bps = blocks_per_sm<false>(mt, true);
   // As jax_nvfp4/ops/dense.py choose_launch.
-  int splits = argc > 4 ? std::atoi(argv[4])
-                        : std::max(1, std::min({sms * bps / (n_blocks * token_tiles), units, 64}));
+  const int default_splits =
+      std::max(1, std::min({sms * bps / (n_blocks * token_tiles), units, 64}));
+  int splits = argc > 4 ? std::atoi(argv[4]) : default_splits;
   const int k_slices = argc > 5 ? std::atoi(argv[5]) : 1;  // 8: warps split K (splits must be 1)
   int tiles_per_block = argc > 6 ? std::atoi(argv[6]) : 1;  // > 1: splits must be 1
   const int slice_bps = k_slices > 1 ? lab_blocks_per_sm(mt, k_slices, m) : bps;
@@ -144,12 +159,12 @@ int main(int argc, char **argv) {
   p.tiles_per_block = tiles_per_block;
   // As the FFI handler: the splits reduce in a cluster where the device has one (LAB_TICKETS=1
   // forces the global-workspace ticket path).
-  p.cluster = splits > 1 && !std::getenv("LAB_TICKETS") && splits <= cluster_limit<false>(mt, true);
+  p.cluster = splits > 1 && !env_flag("LAB_TICKETS") && splits <= cluster_limit<false>(mt, true);
   // A created stream: programmatic dependent launch (JAX_NVFP4_PDL) does not apply on the legacy
   // default stream.
   cudaStream_t stream;
   CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  const bool read_only_mode = std::getenv("LAB_READ_ONLY") != nullptr;
+  const bool read_only_mode = env_flag("LAB_READ_ONLY");
   auto call = [&](int c) {
     if (read_only_mode) {
       read_only<<<sms * 8, 256, 0, stream>>>(static_cast<const uint4 *>(w[c]), size_t(n16) * k64 * 32,
@@ -181,15 +196,8 @@ int main(int argc, char **argv) {
   std::sort(t.begin(), t.end());
   const bool sliced = mt == 1 && (k_slices == kDecodeKSlices || k_slices == kPairKSlices);
   const int xr = sliced && token_tiles == 1 ? short_tile_rows(m) : 0;
-  if (k_slices == kDecodeKSlices) {
-    if (xr == 1) print_short_tile<kDecodeKSlices, 1>();
-    if (xr == 2) print_short_tile<kDecodeKSlices, 2>();
-    if (xr == 4) print_short_tile<kDecodeKSlices, 4>();
-  } else if (k_slices == kPairKSlices) {
-    if (xr == 1) print_short_tile<kPairKSlices, 1>();
-    if (xr == 2) print_short_tile<kPairKSlices, 2>();
-    if (xr == 4) print_short_tile<kPairKSlices, 4>();
-  }
+  if (k_slices == kDecodeKSlices) print_short_tile<kDecodeKSlices>(xr);
+  if (k_slices == kPairKSlices) print_short_tile<kPairKSlices>(xr);
   const double bytes = double(n) * k / 2 + double(n) * k / 16;
   if (read_only_mode) std::printf("[bare read of the weight bytes] ");
   std::printf("m_tile %d: ", mt);
@@ -198,14 +206,14 @@ int main(int argc, char **argv) {
               k, n, m, kChunksPerStage, TileConfig<1>::kStages, splits, k_slices, tiles_per_block,
               p.cluster ? " (cluster)" : "", slice_bps, t[trials / 2],
               bytes / t[trials / 2] * 1e-3, 2.0 * m * n * k / t[trials / 2] * 1e-6);
-  if (std::getenv("LAB_CHECK") && !read_only_mode) {
+  if (env_flag("LAB_CHECK") && !read_only_mode) {
     // The plain launch (no k-slices, the default splits, tickets through the workspace) on
     // copy 0, against this launch's output on copy 0.
     call(0);
     CHECK(cudaStreamSynchronize(stream));
     std::vector<__nv_bfloat16> got(size_t(m) * n), want(size_t(m) * n);
     CHECK(cudaMemcpy(got.data(), out, got.size() * 2, cudaMemcpyDeviceToHost));
-    const int plain_splits = std::max(1, std::min({sms * bps / (n_blocks * token_tiles), units, 64}));
+    const int plain_splits = default_splits;
     void *ws2;
     CHECK(cudaMalloc(&ws2, tickets + size_t(plain_splits) * m * n * 4));
     GemmParams q = p;
@@ -219,6 +227,7 @@ int main(int argc, char **argv) {
     CHECK(launch<false>(q, true, mt, token_tiles, stream, 1));
     CHECK(cudaStreamSynchronize(stream));
     CHECK(cudaMemcpy(want.data(), out, want.size() * 2, cudaMemcpyDeviceToHost));
+    CHECK(cudaFree(ws2));
     double num = 0, den = 0;
     for (size_t i = 0; i < got.size(); ++i) {
       const double a = __bfloat162float(got[i]), b = __bfloat162float(want[i]);

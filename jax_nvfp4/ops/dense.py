@@ -225,8 +225,8 @@ def choose_slice_count(n: int, moe: bool = False, token_tiles: int = 1, rows: in
     return DECODE_K_SLICES
   eight = choose_tiles_per_block(n, DECODE_K_SLICES, moe, token_tiles, rows=rows)
   four = 2 * choose_tiles_per_block(n, PAIR_K_SLICES, moe, token_tiles, rows=rows)
-  pairs_per_token_tile = -(-(-(-n // 16)) // 2)
-  if four <= eight or (eight == 1 and 2 * pairs_per_token_tile >= _sm_count()):
+  pairs = -(-(-(-n // 16)) // 2)
+  if four <= eight or (eight == 1 and 2 * pairs >= _sm_count()):
     return PAIR_K_SLICES
   return DECODE_K_SLICES
 
