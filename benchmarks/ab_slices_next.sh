@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The next k-slice questions in one device call (NOTES_dense.md v21, NOTES_moe.md v20 Next).
+# Ran on 94cea42 (results/ab_slices_next_h200_2026-12-04.txt, NOTES_dense.md v22); since v22
+# the extension's 4-slice short tiles take 8-chunk slices, so `main` below is no longer v21's.
 # Run on the GPU machine from the repo root; output under $OUT:
 #   bash benchmarks/ab_slices_next.sh
 # 1. M = 16 (kernel_lab, two interleaved rounds, the first checked against the plain launch):
@@ -14,30 +16,12 @@
 # 3. The grouped GEMM with 4 k-slices at every decode GEMM, or where K is a whole number of
 #    4-slice units (profile_moe.py variants ksliced4, ksliced4_units) at T = 1, 2, 16.
 set -uo pipefail
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-build_lab() {  # NAME DEFINES...
-  local name=$1; shift
-  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I csrc --expt-relaxed-constexpr \
-    -diag-suppress=940,2473,177 "$@" benchmarks/kernel_lab.cu -o "/tmp/lab_$name"
-}
+source benchmarks/lab_ab.sh
 build_lab main &
 build_lab mt2c4 -DJAX_NVFP4_KSLICE_CHUNKS_MT2=4 &
 build_lab pair8 -DJAX_NVFP4_PAIR_KSLICE_CHUNKS=8 &
 bash benchmarks/device_run.sh build || exit 1
 wait
-# Runs RUN (a function of the LAB_CHECK value: 1 in round 1, empty in round 2) in two
-# interleaved rounds into $out/NAME.txt, then prints the timings and the worst check.
-two_rounds() {  # NAME RUN
-  local name=$1 run=$2 round
-  for round in 1 2; do
-    echo "== round $round"
-    "$run" "$([ "$round" = 1 ] && echo 1)"
-  done > "$out/$name.txt" 2>&1
-  grep -v "^  check" "$out/$name.txt" | sed 's/chunks\/stage=4 stages=2 //' | cut -c1-140
-  echo "checks: $(grep -c 'rel-L2' "$out/$name.txt"), worst:" \
-       "$(grep -o 'rel-L2 [0-9.e+-]*' "$out/$name.txt" | sort -k2 -g | tail -1)"
-}
 m16_launches() {
   local check=$1 shape ks
   for shape in "4096 14336" "14336 4096" "8192 28672" "4096 4096"; do

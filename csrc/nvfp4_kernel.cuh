@@ -661,9 +661,10 @@ cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stre
 
 // k_slices = kDecodeKSlices exists at m_tile 1 (decode) for the dense and the grouped kernel,
 // and at m_tile 2 for the dense one: one N tile at a time per block, K split over its 8 warps.
-// k_slices = kPairKSlices (m_tile 1 only): 4 slices of 2 N tiles, a unit of half the K, so one
-// hand-off and epilogue per 2 N tiles; it wins where it gives a block no more N tiles than the
-// 8-slice block (NOTES_dense.md v21). ops/dense.py choose_k_slices and ops/moe.py
+// k_slices = kPairKSlices (m_tile 1 only): 4 slices of 2 N tiles (a unit of half the K with the
+// 8-row x tile, of the same K with the short ones: TileConfig), so one hand-off and epilogue
+// per 2 N tiles; it wins where it gives a block no more N tiles than the 8-slice block
+// (NOTES_dense.md v21, v22). ops/dense.py choose_k_slices and ops/moe.py
 // choose_moe_k_slices say when.
 constexpr int kDecodeKSlices = 8;
 constexpr int kPairKSlices = 4;

@@ -123,10 +123,17 @@ constexpr int kThreads = kWarps * 32;
 #ifndef JAX_NVFP4_KSLICE_CHUNKS_MT2
 #define JAX_NVFP4_KSLICE_CHUNKS_MT2 2
 #endif
-// The same for the 4-slice block at m_tile 1 (kernel_lab: 8 makes its unit as long as the
-// 8-slice block's, half the barriers per weight byte; ops/dense.py assumes 4).
+// The same for the 4-slice block at m_tile 1: 8 chunks for the short x tiles (1, 2 or 4 rows),
+// a unit as long as the 8-slice block's with half the barriers and ring bookkeeping per weight
+// byte, 2 stages of 40-52 KB at two blocks per SM (kernel_lab on an H200 at M = 1: 14336x4096
+// 14.7 -> 13.2 us, 4096x57344 42.4 -> 39.4, 4096x14336 14.2 -> 13.6; NOTES_dense.md v22);
+// 4 for the 8-row tile, whose 8-chunk stage (68 KB) leaves one block per SM. ops/dense.py
+// k_sliced_unit_k mirrors both.
 #ifndef JAX_NVFP4_PAIR_KSLICE_CHUNKS
 #define JAX_NVFP4_PAIR_KSLICE_CHUNKS 4
+#endif
+#ifndef JAX_NVFP4_PAIR_KSLICE_CHUNKS_SHORT
+#define JAX_NVFP4_PAIR_KSLICE_CHUNKS_SHORT 8
 #endif
 // Most stages of a k-sliced block that holds fewer x rows than its tile (M <= 4, TileConfig
 // XR < 8): its stage is 22 / 26 / 34 KB for 1 / 2 / 4 rows instead of 50 KB, so the ring
@@ -159,6 +166,8 @@ struct TileConfig {
   static constexpr int kTilesPerBlock = kWarps / KS;
   // k64 chunks of one warp's slice of a unit, and of the whole unit.
   static constexpr int kChunksPerSlice = KS == 1               ? kChunksPerStage
+                                         : MT == 1 && KS == 4 && XR < 8
+                                             ? JAX_NVFP4_PAIR_KSLICE_CHUNKS_SHORT
                                          : MT == 1 && KS == 4 ? JAX_NVFP4_PAIR_KSLICE_CHUNKS
                                          : MT == 1            ? JAX_NVFP4_KSLICE_CHUNKS
                                                               : JAX_NVFP4_KSLICE_CHUNKS_MT2;

@@ -297,13 +297,13 @@ def test_k_sliced_launch_matches_reference(rng, m, n, k, tiles_per_block, k_slic
     (24, 2064, 2)])
 @pytest.mark.parametrize("k_slices", [8, 4])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_short_token_blocks_match_the_eight_row_tile_bitwise(rng, n, k, tiles_per_block,
-                                                             k_slices, dtype):
+def test_short_token_blocks_match_bitwise(rng, n, k, tiles_per_block, k_slices, dtype):
   """M = 1, 2, 3-4 run k-sliced blocks whose x tile holds 1, 2, 4 rows (the other MMA rows read
-  a zero row; a deeper ring); M = 8 the 8-row tile; with 8 slices and with 4. The first M rows
-  of both are the same sums in the same order: bitwise equal, and within 5e-3 of float64 (N not
-  a multiple of the tile, K = 80 leaving slices empty, K ending mid-unit, ragged last block,
-  bias)."""
+  a zero row; a deeper ring); M = 8 the 8-row tile; with 8 slices and with 4. Rows that split K
+  the same way make the same sums in the same order: the short tiles' first M rows are bitwise
+  equal to one another, and with 8 slices to the 8-row tile's too (with 4 the short tiles' slices
+  are twice as long: ``k_sliced_unit_k``). Each within 5e-3 of float64 (N not a multiple of
+  the tile, K = 80 leaving slices empty, K ending mid-unit, ragged last block, bias)."""
   w = random_weight(rng, n, k)
   p = nf.prepare(w)
   x8 = jnp.asarray(rng.standard_normal((8, k)), dtype)
@@ -311,14 +311,20 @@ def test_short_token_blocks_match_the_eight_row_tile_bitwise(rng, n, k, tiles_pe
   f = jax.jit(lambda xx, q, s, g, bb: dense.nvfp4_gemm_p.bind(
       xx, q, s, g, bb, n=p.n, k=p.k, has_bias=True, splits=1, m_tile=1, cluster=False,
       k_slices=k_slices, tiles_per_block=tiles_per_block)[0])
-  eight = np.asarray(f(x8, p.qweight, p.qscales, p.global_scale, bias), np.float64)
+  args = (p.qweight, p.qscales, p.global_scale, bias)
   ref = (np.asarray(x8, np.float64) @ npref.dequantize(w.packed, w.scales, w.global_scale).T
          + np.asarray(bias, np.float64))
+  eight = np.asarray(poisoned_call(f, x8, *args, out_shape=(8, n), dtype=dtype), np.float64)
+  assert rel_l2(eight, ref) <= 5e-3
+  same_slices = dense.k_sliced_unit_k(1, k_slices, 1) == dense.k_sliced_unit_k(1, k_slices, 8)
+  assert same_slices == (k_slices == 8)
+  four = np.asarray(f(x8[:4], *args), np.float64)
   for m in (1, 2, 3, 4):
-    got = np.asarray(poisoned_call(f, x8[:m], p.qweight, p.qscales, p.global_scale, bias,
-                                   out_shape=(m, n), dtype=dtype), np.float64)
+    got = np.asarray(poisoned_call(f, x8[:m], *args, out_shape=(m, n), dtype=dtype), np.float64)
     assert np.isfinite(got).all(), f"unwritten (NaN-poisoned) outputs at M = {m}"
-    np.testing.assert_array_equal(got, eight[:m], err_msg=f"M = {m}")
+    np.testing.assert_array_equal(got, four[:m], err_msg=f"M = {m}")
+    if same_slices:
+      np.testing.assert_array_equal(got, eight[:m], err_msg=f"M = {m} vs the 8-row tile")
     assert rel_l2(got, ref[:m]) <= 5e-3
 
 

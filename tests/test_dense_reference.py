@@ -175,6 +175,23 @@ def test_four_slices_where_they_keep_the_tiles_per_block(monkeypatch, n, want_pa
   assert dense.choose_slice_count(n) == dense.DECODE_K_SLICES
 
 
+@pytest.mark.parametrize("m_tile, k_slices, rows, want", [
+    (1, 8, 0, 8 * 4 * 64),   # 8 slices of 4 k64 chunks
+    (1, 8, 1, 8 * 4 * 64),
+    (2, 8, 0, 8 * 2 * 64),   # m_tile 2: slices of 2 chunks
+    (1, 4, 0, 4 * 4 * 64),   # the 8-row tile's pairs: 4 chunks
+    (1, 4, 5, 4 * 4 * 64),   # 5 rows run the 8-row tile
+    (1, 4, 1, 4 * 8 * 64),   # the 1-, 2- and 4-row tiles' pairs: 8 chunks
+    (1, 4, 2, 4 * 8 * 64),
+    (1, 4, 3, 4 * 8 * 64),   # 3 rows run the 4-row tile
+    (1, 4, 4, 4 * 8 * 64),
+])
+def test_k_sliced_unit_k_mirrors_the_kernels_slices(m_tile, k_slices, rows, want):
+  """csrc/nvfp4_tile.cuh kChunksPerSlice, hand-counted."""
+  from jax_nvfp4.ops import dense
+  assert dense.k_sliced_unit_k(m_tile, k_slices, rows) == want
+
+
 @pytest.mark.parametrize("m, want", [(1, (4, 2)), (2, (4, 4)), (8, (4, 4))])
 def test_k_sliced_wave_counts_the_launched_tiles_occupancy(rng, monkeypatch, m, want):
   """The wave that sizes tiles_per_block is that of the block the launch runs: at M = 1 the

@@ -298,22 +298,32 @@ def test_k_sliced_decode_gemms(rng, monkeypatch, m, h, i, e, k, dtype, mapped, f
   for _ in range(2):
     np.testing.assert_array_equal(np.asarray(sliced_fn(x, p13, p2)), sliced)
   # fused_moe hints the token count: at M <= 4 the blocks held 1, 2 or 4 x rows. The 8-row
-  # block (no hint) makes the same sums in the same order. (Above 4 tokens the hint picks the
-  # 8-row block itself, so there is nothing to compare.)
+  # block (no hint) makes the same sums in the same order with 8 slices; the 4-slice block's
+  # short tiles take slices twice as long (dense k_sliced_unit_k), so with 4 slices the 4-row
+  # block is the bitwise twin and the 8-row block is checked against the reference. (Above 4
+  # tokens the hint picks the 8-row block itself, so there is nothing to compare.)
   if m <= 4:
     with monkeypatch.context() as mp:
-      _gemms_without_row_hint(mp)
+      _gemms_with_row_hint(mp, 0)
       eight = np.asarray(poisoned(layer(), x, p13, p2, out_shape=x.shape, dtype=dtype))
-    np.testing.assert_array_equal(eight, sliced)
+    if slices == moe_ops.MOE_K_SLICES:
+      np.testing.assert_array_equal(eight, sliced)
+    else:
+      _check(x, w13, w2, eight, tw, ti, gemm1_rounded=False, **kw)
+      with monkeypatch.context() as mp:
+        _gemms_with_row_hint(mp, 4)
+        four = np.asarray(poisoned(layer(), x, p13, p2, out_shape=x.shape, dtype=dtype))
+      np.testing.assert_array_equal(four, sliced)
   monkeypatch.setattr(moe_ops, "choose_moe_k_slices", lambda *a, **kw: 1)
   unsliced = np.asarray(poisoned(layer(), x, p13, p2, out_shape=x.shape, dtype=dtype))
   _check(x, w13, w2, unsliced, tw, ti, gemm1_rounded=False, **kw)
 
 
-def _gemms_without_row_hint(mp):
-  """fused_moe's grouped GEMMs run without the expert_rows hint (the 8-row decode block)."""
+def _gemms_with_row_hint(mp, rows):
+  """fused_moe's grouped GEMMs run with the expert_rows hint ``rows`` (0: none, the 8-row
+  decode block; 4: the 4-row block)."""
   gemm = moe_ops.nvfp4_moe_gemm
-  mp.setattr(moe_ops, "nvfp4_moe_gemm", lambda *a, **kw: gemm(*a, **{**kw, "expert_rows": 0}))
+  mp.setattr(moe_ops, "nvfp4_moe_gemm", lambda *a, **kw: gemm(*a, **{**kw, "expert_rows": rows}))
 
 
 @pytest.mark.parametrize("expert_rows", [1, 2, 4])
@@ -324,8 +334,9 @@ def test_short_decode_blocks_take_any_tile_content(rng, monkeypatch, expert_rows
   and runs its tile in passes of that many slots, one per group that holds a row. A hand schedule
   the hint does not describe (tiles of 0, 1, 3 and 8 rows, rows after padding slots, sentinels -1
   and >= num_rows_out, a -1 tile, a tile past num_padded) through the kernel with poisoned output
-  memory: bitwise equal to the 8-row block, the contract's rows within tolerance, every other row
-  zero.
+  memory: bitwise equal to the block that splits K the same way (8 slices: the 8-row block; 4
+  slices, whose short tiles take slices twice as long: another short tile), the contract's rows
+  within tolerance (also the 8-row block's), every other row zero.
   """
   from tests.test_moe import _contract_numpy
   e, n, k, bm = 3, 300, 1040, 8  # N and K off the tile (K: 16.25 k64 chunks)
@@ -354,11 +365,14 @@ def test_short_decode_blocks_take_any_tile_content(rng, monkeypatch, expert_rows
       expert_rows=hint))
   short = np.asarray(poisoned(gemm(expert_rows), x, out_shape=(rows_out, n), dtype=dtype))
   eight = np.asarray(poisoned(gemm(0), x, out_shape=(rows_out, n), dtype=dtype))
+  twin = eight if slices == 8 else np.asarray(
+      poisoned(gemm(4 if expert_rows != 4 else 1), x, out_shape=(rows_out, n), dtype=dtype))
   assert np.isfinite(short).all() and not short[untouched].any()
-  np.testing.assert_array_equal(short, eight)
+  np.testing.assert_array_equal(short, twin)
   want = _contract_numpy(x, w, sids, block_expert, num_padded, tw, bias, gather_div=gd,
                          num_rows_out=rows_out, block_m=bm)
   assert ref.rel_l2(short[written], want[written]) <= 4e-3
+  assert not eight[untouched].any() and ref.rel_l2(eight[written], want[written]) <= 4e-3
 
 
 @pytest.mark.parametrize("ids", [[[3, 3]], [[1, 1], [1, 5]], [[2, 2], [2, 2], [2, 2], [2, 6]]])

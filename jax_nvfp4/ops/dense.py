@@ -157,9 +157,13 @@ DECODE_K_SLICES = 8
 PAIR_K_SLICES = 4
 
 
-def k_sliced_unit_k(m_tile: int, k_slices: int = DECODE_K_SLICES) -> int:
-  """K covered by one k-sliced unit: ``k_slices`` slices of 4 k64 chunks at m_tile 1, of 2 at
-  m_tile 2 (csrc/nvfp4_tile.cuh kChunksPerSlice: half the x tile, two blocks per SM)."""
+def k_sliced_unit_k(m_tile: int, k_slices: int = DECODE_K_SLICES, rows: int = 0) -> int:
+  """K covered by one k-sliced unit (csrc/nvfp4_tile.cuh kChunksPerSlice): ``k_slices``
+  slices of 4 k64 chunks at m_tile 1, of 2 at m_tile 2 (half the x tile, two blocks per SM);
+  the 4-slice block's slices of the 1-, 2- and 4-row x tiles (``rows`` 1 to 4, as
+  ``k_sliced_blocks_per_sm``) take 8 chunks, so its unit is as long as the 8-slice one."""
+  if m_tile == 1 and k_slices == PAIR_K_SLICES and 1 <= rows <= 4:
+    return k_slices * 2 * _CHUNKS_PER_UNIT * 64
   return k_slices * (_CHUNKS_PER_UNIT if m_tile == 1 else _CHUNKS_PER_UNIT // 2) * 64
 
 

@@ -1,0 +1,21 @@
+# Helpers of the kernel_lab A/B scripts (ab_slices_next.sh, ab_slice_chunks.sh); source it from
+# the repo root on the GPU machine. Results go under $out (${OUT:-/tmp/out}).
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+build_lab() {  # NAME DEFINES...: kernel_lab for sm_90a with the given -D knobs, as /tmp/lab_NAME
+  local name=$1; shift
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I csrc --expt-relaxed-constexpr \
+    -diag-suppress=940,2473,177 "$@" benchmarks/kernel_lab.cu -o "/tmp/lab_$name"
+}
+# Runs RUN (a function of the LAB_CHECK value: 1 in round 1, empty in round 2) in two
+# interleaved rounds into $out/NAME.txt, then prints the timings and the worst check.
+two_rounds() {  # NAME RUN
+  local name=$1 run=$2 round
+  for round in 1 2; do
+    echo "== round $round"
+    "$run" "$([ "$round" = 1 ] && echo 1)"
+  done > "$out/$name.txt" 2>&1
+  grep -v "^  check" "$out/$name.txt" | sed 's/chunks\/stage=4 stages=2 //' | cut -c1-140
+  echo "checks: $(grep -c 'rel-L2' "$out/$name.txt"), worst:" \
+       "$(grep -o 'rel-L2 [0-9.e+-]*' "$out/$name.txt" | sort -k2 -g | tail -1)"
+}
