@@ -32,6 +32,8 @@ const Launch kLaunches[] = {
     {1, 9000, 2048, 1, 1, 8, 3, false, "k-sliced, 1-row tile, 3 N tiles per block, short last"},
     {2, 4000, 4160, 1, 1, 8, 2, false, "k-sliced, 2-row tile"},
     {3, 9000, 2048, 1, 1, 8, 3, false, "k-sliced, 4-row tile, one row empty"},
+    {1, 4008, 8192, 1, 1, 8, 3, false, "k-sliced, 1-row tile, long slices, odd N"},
+    {2, 1000, 8176, 1, 1, 8, 2, false, "k-sliced, 2-row tile, long slices, K ends mid-chunk"},
     {7, 2200, 1088, 1, 1, 8, 1, false, "k-sliced, 8-row tile, K of 17 chunks"},
     {1, 4008, 4160, 1, 1, 4, 2, false, "4 slices, 1-row tile, 2 pairs per block, odd N tiles"},
     {2, 9000, 2048, 1, 1, 4, 3, false, "4 slices, 2-row tile, short last block"},

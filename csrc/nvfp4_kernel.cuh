@@ -173,11 +173,11 @@ constexpr int min_blocks_per_sm() {
 // are distinct; the alignment puts an expert's rows first in its tile), so the launch picks XR
 // from T and one pass runs; a tile with more rows (repeated expert ids in a caller's top-k) costs
 // more passes, never a lost row.
-template <typename T, int MT, bool kMoe, int KS = 1, int XR = 8 * MT>
+template <typename T, int MT, bool kMoe, int KS = 1, int XR = 8 * MT, int SC = 0>
 __global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<MT, KS>())) nvfp4_kernel(const GemmParams p) {
   constexpr bool kShortMoe = kMoe && XR < 8 * MT;
   using Tr = Half2Traits<T>;
-  using Cfg = TileConfig<MT, KS, XR>;
+  using Cfg = TileConfig<MT, KS, XR, SC>;
   constexpr int NT = Cfg::kTilesPerBlock;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -512,8 +512,9 @@ __global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<MT, KS>())) nvfp4
 
   const int64_t expert_off = static_cast<int64_t>(expert) * p.n16 * p.k64;
   if constexpr (!kShortMoe) {
-    tile_mainloop<T, MT, KS, XR>(p.qweight + expert_off * 32, p.qscales + expert_off * 4, p.n16,
-                                 p.k64, xsrc, p.x, p.k, units_per_tile, u_begin, u_end, epilogue);
+    tile_mainloop<T, MT, KS, XR, SC>(p.qweight + expert_off * 32, p.qscales + expert_off * 4,
+                                     p.n16, p.k64, xsrc, p.x, p.k, units_per_tile, u_begin, u_end,
+                                     epilogue);
   } else {
     // One pass over the block's units per group of XR slots that holds a row (see above).
     __syncthreads();  // tile_rows, written above by threads 0-7, is read by all
@@ -531,9 +532,9 @@ __global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<MT, KS>())) nvfp4
         xsrc[i] = x_row(piece < Cfg::kXPieces ? tile_rows[row_base + piece / Cfg::kXPiecesPerRow]
                                               : -1);
       }
-      tile_mainloop<T, MT, KS, XR>(p.qweight + expert_off * 32, p.qscales + expert_off * 4, p.n16,
-                                   p.k64, xsrc, p.x, p.k, units_per_tile, u_begin, u_end,
-                                   epilogue);
+      tile_mainloop<T, MT, KS, XR, SC>(p.qweight + expert_off * 32, p.qscales + expert_off * 4,
+                                       p.n16, p.k64, xsrc, p.x, p.k, units_per_tile, u_begin,
+                                       u_end, epilogue);
       ran = true;
     }
   }
@@ -544,20 +545,20 @@ inline int64_t ticket_bytes(int64_t token_tiles, int64_t n_blocks) {
 }
 
 // Above 48 KB of dynamic shared memory a kernel must opt in, once per process and device.
-template <typename T, int MT, bool kMoe, int KS = 1, int XR = 8 * MT>
+template <typename T, int MT, bool kMoe, int KS = 1, int XR = 8 * MT, int SC = 0>
 cudaError_t allow_shared_memory() {
   static const cudaError_t once = cudaFuncSetAttribute(
-      nvfp4_kernel<T, MT, kMoe, KS, XR>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      TileConfig<MT, KS, XR>::kSmemBytes);
+      nvfp4_kernel<T, MT, kMoe, KS, XR, SC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      TileConfig<MT, KS, XR, SC>::kSmemBytes);
   return once;
 }
 
 // The SASS version of the code the runtime loaded for this instantiation (90 for sm_90 code),
 // 0 if it cannot say.
-template <typename T, int MT, bool kMoe, int KS, int XR = 8 * MT>
+template <typename T, int MT, bool kMoe, int KS, int XR = 8 * MT, int SC = 0>
 int loaded_binary_version() {
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, nvfp4_kernel<T, MT, kMoe, KS, XR>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, nvfp4_kernel<T, MT, kMoe, KS, XR, SC>) != cudaSuccess) {
     cudaGetLastError();  // not the next launch's error
     return 0;
   }
@@ -612,24 +613,24 @@ int cluster_limit_typed() {
 // (programmatic dependent launch): only where the loaded code is sm_90 or newer, so that it
 // holds the griddepcontrol.wait that makes the overlap safe, and unless JAX_NVFP4_PDL=0 (an
 // escape hatch and the A/B switch of the benchmarks). One answer per process.
-template <typename T, int MT, bool kMoe, int KS, int XR>
+template <typename T, int MT, bool kMoe, int KS, int XR, int SC>
 bool pdl_allowed() {
   static const bool allowed = [] {
     const char *env = std::getenv("JAX_NVFP4_PDL");
     if (env != nullptr && std::string(env) == "0") return false;
-    return loaded_binary_version<T, MT, kMoe, KS, XR>() >= 90;
+    return loaded_binary_version<T, MT, kMoe, KS, XR, SC>() >= 90;
   }();
   return allowed;
 }
 
-template <typename T, int MT, bool kMoe, int KS, int XR = 8 * MT>
+template <typename T, int MT, bool kMoe, int KS, int XR = 8 * MT, int SC = 0>
 cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stream) {
   static_assert(TileConfig<MT>::kSmemBytes >= (kThreads + kMaxClusterSplits) * MT * 16,
                 "the cluster reduction reuses the pipeline ring as its receive buffer");
   if (KS > 1 && p.splits != 1) return cudaErrorInvalidConfiguration;
   if (!kMoe && XR < 8 * MT && (token_tiles != 1 || p.rows_out > XR))
     return cudaErrorInvalidConfiguration;
-  if (cudaError_t e = allow_shared_memory<T, MT, kMoe, KS, XR>(); e != cudaSuccess) return e;
+  if (cudaError_t e = allow_shared_memory<T, MT, kMoe, KS, XR, SC>(); e != cudaSuccess) return e;
   cudaLaunchAttribute at[2];
   unsigned n_at = 0;
   if (KS == 1 && p.cluster && p.splits > 1) {
@@ -640,7 +641,7 @@ cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stre
     at[n_at].val.clusterDim.z = 1;
     ++n_at;
   }
-  if (pdl_allowed<T, MT, kMoe, KS, XR>()) {
+  if (pdl_allowed<T, MT, kMoe, KS, XR, SC>()) {
     at[n_at].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     at[n_at].val.programmaticStreamSerializationAllowed = 1;
     ++n_at;
@@ -652,11 +653,11 @@ cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stre
   const int tiles = (p.n16 + NT - 1) / NT;
   cfg.gridDim = dim3((tiles + p.tiles_per_block - 1) / p.tiles_per_block, p.splits, token_tiles);
   cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = TileConfig<MT, KS, XR>::kSmemBytes;
+  cfg.dynamicSmemBytes = TileConfig<MT, KS, XR, SC>::kSmemBytes;
   cfg.stream = stream;
   cfg.attrs = at;
   cfg.numAttrs = n_at;
-  return cudaLaunchKernelEx(&cfg, nvfp4_kernel<T, MT, kMoe, KS, XR>, p);
+  return cudaLaunchKernelEx(&cfg, nvfp4_kernel<T, MT, kMoe, KS, XR, SC>, p);
 }
 
 // k_slices = kDecodeKSlices exists at m_tile 1 (decode) for the dense and the grouped kernel,
@@ -685,16 +686,33 @@ inline int short_tile_rows(int rows) {
          : rows <= 4                       ? 4
                                            : 0;
 }
-template <bool kMoe, int KS, int XR>
+template <bool kMoe, int KS, int XR, int SC = 0>
 cudaError_t launch_short(const GemmParams &p, bool bf16, int token_tiles, cudaStream_t stream) {
-  return bf16 ? launch_typed<__nv_bfloat16, 1, kMoe, KS, XR>(p, token_tiles, stream)
-              : launch_typed<__half, 1, kMoe, KS, XR>(p, token_tiles, stream);
+  return bf16 ? launch_typed<__nv_bfloat16, 1, kMoe, KS, XR, SC>(p, token_tiles, stream)
+              : launch_typed<__half, 1, kMoe, KS, XR, SC>(p, token_tiles, stream);
+}
+// Whether the dense 8-slice launch of a 1- or 2-row tile takes long slices (kLongSliceChunks,
+// nvfp4_tile.cuh): where K is a whole number of their units. Same occupancy as the 4-chunk
+// block (2 stages of 44 / 52 KB against 4 of 22 / 26 KB), so the launch rule's wave holds.
+// JAX_NVFP4_LONG_SLICES=0 at compile time: never (kernel_lab A/B).
+#ifndef JAX_NVFP4_LONG_SLICES
+#define JAX_NVFP4_LONG_SLICES 1
+#endif
+inline bool long_slices(const GemmParams &p, int xr) {
+  return JAX_NVFP4_LONG_SLICES && (xr == 1 || xr == 2) &&
+         p.k64 % (kDecodeKSlices * kLongSliceChunks) == 0;
 }
 // The k-sliced m_tile-1 block of KS slices with the x tile `rows` picks.
 template <bool kMoe, int KS>
 cudaError_t launch_sliced(const GemmParams &p, bool bf16, int token_tiles, cudaStream_t stream,
                           int rows) {
-  switch (short_tile_rows(rows)) {
+  const int xr = short_tile_rows(rows);
+  if constexpr (!kMoe && KS == kDecodeKSlices) {
+    if (long_slices(p, xr))
+      return xr == 1 ? launch_short<kMoe, KS, 1, kLongSliceChunks>(p, bf16, token_tiles, stream)
+                     : launch_short<kMoe, KS, 2, kLongSliceChunks>(p, bf16, token_tiles, stream);
+  }
+  switch (xr) {
     case 1: return launch_short<kMoe, KS, 1>(p, bf16, token_tiles, stream);
     case 2: return launch_short<kMoe, KS, 2>(p, bf16, token_tiles, stream);
     case 4: return launch_short<kMoe, KS, 4>(p, bf16, token_tiles, stream);

@@ -123,6 +123,18 @@ constexpr int kThreads = kWarps * 32;
 #ifndef JAX_NVFP4_KSLICE_CHUNKS_MT2
 #define JAX_NVFP4_KSLICE_CHUNKS_MT2 2
 #endif
+// The 8-slice block's 1-, 2- and 4-row x tiles, for all K (a lab knob: at 8 chunks, K 2048 lost
+// 25 -> 40 us; the extension instead launches long slices where they win, kLongSliceChunks).
+#ifndef JAX_NVFP4_KSLICE_CHUNKS_SHORT
+#define JAX_NVFP4_KSLICE_CHUNKS_SHORT JAX_NVFP4_KSLICE_CHUNKS
+#endif
+// Long slices (TileConfig's SC): the dense 8-slice block's 1- and 2-row x tiles where K is a
+// whole number of such units (K % 4096 == 0): 8 k64 chunks per slice, half the ring's barriers
+// and bookkeeping per weight byte, at the same two blocks per SM (2 stages of 44 / 52 KB).
+// kernel_lab on an H200: 8192x28672 at M = 1 42.2 -> 40.1 us, M = 2 42.6 -> 40.8; at 4 rows
+// (68 KB stages, one block per SM) 44.5 -> 49.4, and where K leaves slices idle (K 2048) or a
+// half unit (14336) they lose (NOTES_dense.md v23).
+constexpr int kLongSliceChunks = 8;
 // The same for the 4-slice block at m_tile 1: 8 chunks for the short x tiles (1, 2 or 4 rows),
 // a unit as long as the 8-slice block's with half the barriers and ring bookkeeping per weight
 // byte, 2 stages of 40-52 KB at two blocks per SM (kernel_lab on an H200 at M = 1: 14336x4096
@@ -157,7 +169,7 @@ constexpr int kChunksPerStage = JAX_NVFP4_CHUNKS_PER_STAGE;  // k64 chunks per s
 // take one pass per XR slots that hold rows; nvfp4_kernel.cuh). The MMA still reads 8 rows;
 // rows from XR on come from one zero row after the ring, so a stage shrinks to the weights and
 // the real rows, and the ring deepens.
-template <int MT, int KS = 1, int XR = 8 * MT>
+template <int MT, int KS = 1, int XR = 8 * MT, int SC = 0>
 struct TileConfig {
   static_assert(KS == 1 || KS == 2 || KS == 4 || KS == 8, "k-slices must divide the 8 warps");
   static_assert(XR == 8 * MT || (MT == 1 && (XR == 1 || XR == 2 || XR == 4)),
@@ -165,12 +177,16 @@ struct TileConfig {
   static constexpr bool kRowsShort = XR < 8 * MT;
   static constexpr int kTilesPerBlock = kWarps / KS;
   // k64 chunks of one warp's slice of a unit, and of the whole unit.
-  static constexpr int kChunksPerSlice = KS == 1               ? kChunksPerStage
-                                         : MT == 1 && KS == 4 && XR < 8
-                                             ? JAX_NVFP4_PAIR_KSLICE_CHUNKS_SHORT
-                                         : MT == 1 && KS == 4 ? JAX_NVFP4_PAIR_KSLICE_CHUNKS
-                                         : MT == 1            ? JAX_NVFP4_KSLICE_CHUNKS
-                                                              : JAX_NVFP4_KSLICE_CHUNKS_MT2;
+  static_assert(SC == 0 || (MT == 1 && KS == 8 && XR < 8 && SC == kLongSliceChunks),
+                "long slices: the 8-slice block's short x tiles only");
+  static constexpr int kChunksPerSlice =
+      SC > 0                         ? SC
+      : KS == 1                      ? kChunksPerStage
+      : MT == 1 && KS == 4 && XR < 8 ? JAX_NVFP4_PAIR_KSLICE_CHUNKS_SHORT
+      : MT == 1 && KS == 4           ? JAX_NVFP4_PAIR_KSLICE_CHUNKS
+      : MT == 1 && XR < 8            ? JAX_NVFP4_KSLICE_CHUNKS_SHORT
+      : MT == 1                      ? JAX_NVFP4_KSLICE_CHUNKS
+                                     : JAX_NVFP4_KSLICE_CHUNKS_MT2;
   static constexpr int kChunksPerUnit = KS * kChunksPerSlice;
   // Deeper rings where a stage is small (decode): more bytes in flight per SM.
   static constexpr int kWBytes = kChunksPerSlice * kWarps * 512;
@@ -504,12 +520,12 @@ __device__ __forceinline__ void weight_fragment(const ChunkFragments &f, int j, 
 //          (or null for a row that holds no token); piece p = threadIdx.x + i * kThreads covers
 //          row p / kXPiecesPerRow, piece q = p % kXPiecesPerRow
 //   x_any: a global address that rows without a token are addressed from (never read)
-template <typename T, int MT, int KS, int XR, typename Epilogue>
+template <typename T, int MT, int KS, int XR, int SC, typename Epilogue>
 __device__ __forceinline__ void tile_mainloop(
     const uint4 *__restrict__ qweight, const uint4 *__restrict__ qscales, int n16, int k64,
-    const T *const (&xsrc)[TileConfig<MT, KS, XR>::kXPerThread], const void *x_any, int k,
+    const T *const (&xsrc)[TileConfig<MT, KS, XR, SC>::kXPerThread], const void *x_any, int k,
     int units_per_tile, int u_begin, int u_end, Epilogue &&epilogue) {
-  using Cfg = TileConfig<MT, KS, XR>;
+  using Cfg = TileConfig<MT, KS, XR, SC>;
   constexpr int S = Cfg::kStages;
   constexpr int KC = Cfg::kChunksPerSlice;
   constexpr int NT = Cfg::kTilesPerBlock;
@@ -532,14 +548,22 @@ __device__ __forceinline__ void tile_mainloop(
   const uint32_t w_dst = threadIdx.x * 16;
   const uint32_t s_dst = Cfg::kWBytes + warp * (KC * 64) + lane * 16;   // lanes 0 .. 4*KC-1
   // Per x piece of this thread: where it lands in a stage, and where its row reads at the
-  // first unit's column (x_any for a row without a token). All pieces of a thread sit in the
-  // same column q of their rows (kThreads is a multiple of the pieces per row), so one count
-  // of columns left and one bit per piece (copied at all?) finish the description: a unit's
-  // copy is then one compare and one address.
-  static_assert(kThreads % Cfg::kXPiecesPerRow == 0, "a thread's x pieces must share a column");
+  // first unit's column (x_any for a row without a token). Where a row has at most kThreads
+  // pieces, all pieces of a thread sit in the same column q of their rows (kThreads is a
+  // multiple of the pieces per row), so one count of columns left and one bit per piece
+  // (copied at all?) finish the description: a unit's copy is then one compare and one address.
+  // A wider row (a short tile's unit of 64 chunks: 512 pieces) gives a thread pieces in
+  // kWideColumns columns of it, each with its own count.
+  constexpr bool kWideRow = Cfg::kXPiecesPerRow > kThreads;
+  constexpr int kWideColumns = kWideRow ? Cfg::kXPiecesPerRow / kThreads : 1;
+  static_assert(kWideRow ? Cfg::kXPiecesPerRow % kThreads == 0
+                         : kThreads % Cfg::kXPiecesPerRow == 0,
+                "a thread's x pieces must share a column, or a row split evenly over threads");
   static_assert(Cfg::kXPerThread <= 32, "one bit per x piece");
-  const int x_q = threadIdx.x % Cfg::kXPiecesPerRow;
-  const int x_left = k - x_q * 8;
+  const int x_q0 = threadIdx.x % Cfg::kXPiecesPerRow;  // the column of piece 0
+  int x_left[kWideColumns];
+#pragma unroll
+  for (int c = 0; c < kWideColumns; ++c) x_left[c] = k - (x_q0 + c * kThreads) * 8;
   uint32_t x_dst[Cfg::kXPerThread];
   const T *x_src[Cfg::kXPerThread];
   uint32_t x_copy = 0;
@@ -547,6 +571,7 @@ __device__ __forceinline__ void tile_mainloop(
   for (int i = 0; i < Cfg::kXPerThread; ++i) {
     const int piece = threadIdx.x + i * kThreads;
     const int row = piece / Cfg::kXPiecesPerRow;
+    const int x_q = kWideRow ? piece % Cfg::kXPiecesPerRow : x_q0;
     x_dst[i] = Cfg::kWBytes + Cfg::kSBytes + Cfg::x_offset(row, x_q);
     const bool mine = Cfg::kXPieces >= kThreads || piece < Cfg::kXPieces;
     if (mine && xsrc[i] != nullptr) x_copy |= 1u << i;
@@ -595,7 +620,8 @@ __device__ __forceinline__ void tile_mainloop(
     const int col = unit_chunk * 64;
 #pragma unroll
     for (int i = 0; i < Cfg::kXPerThread; ++i) {
-      cp_async16_pred(base + x_dst[i], x_src[i] + col, (x_copy >> i) & 1u, col < x_left);
+      cp_async16_pred(base + x_dst[i], x_src[i] + col, (x_copy >> i) & 1u,
+                      col < x_left[i % kWideColumns]);
     }
     if (++ld_kunit == units_per_tile) {
       ld_kunit = 0;

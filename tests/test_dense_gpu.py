@@ -260,7 +260,8 @@ def test_dependent_chain_reads_each_input_complete(rng):
 _K_SLICED_LAUNCHES = [
     (1, 4096, 14336, 1), (7, 1000, 4160, 1), (3, 2056, 1088, 1), (1, 136, 16384, 1),
     (5, 520, 80, 1), (8, 24, 2064, 1),
-    (1, 4096, 4096, 4), (2, 1000, 4160, 3), (6, 520, 80, 5), (1, 8200, 2048, 7)]
+    (1, 4096, 4096, 4), (2, 1000, 4160, 3), (6, 520, 80, 5), (1, 8200, 2048, 7),
+    (2, 1000, 8176, 3)]  # K 8176: 128 k64 chunks, long slices at 8 with the last one short
 
 
 @pytest.mark.parametrize("m, n, k, tiles_per_block, k_slices", [
@@ -294,16 +295,17 @@ def test_k_sliced_launch_matches_reference(rng, m, n, k, tiles_per_block, k_slic
 
 @pytest.mark.parametrize("n, k, tiles_per_block", [
     (4096, 14336, 4), (1000, 4160, 3), (520, 80, 1), (136, 16384, 1), (8200, 2048, 7),
-    (24, 2064, 2)])
+    (24, 2064, 2), (1000, 8192, 3)])
 @pytest.mark.parametrize("k_slices", [8, 4])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_short_token_blocks_match_bitwise(rng, n, k, tiles_per_block, k_slices, dtype):
   """M = 1, 2, 3-4 run k-sliced blocks whose x tile holds 1, 2, 4 rows (the other MMA rows read
-  a zero row; a deeper ring); M = 8 the 8-row tile; with 8 slices and with 4. Rows that split K
-  the same way make the same sums in the same order: the short tiles' first M rows are bitwise
-  equal to one another, and with 8 slices to the 8-row tile's too (with 4 the short tiles' slices
-  are twice as long: ``k_sliced_unit_k``). Each within 5e-3 of float64 (N not a multiple of
-  the tile, K = 80 leaving slices empty, K ending mid-unit, ragged last block, bias)."""
+  a zero row; a deeper ring or longer slices); M = 8 the 8-row tile; with 8 slices and with 4.
+  Tiles whose slices split K the same way (``k_sliced_unit_k``: the 4-slice short tiles and the
+  8-slice 1- and 2-row tiles at K % 4096 == 0 take longer slices) make the same sums in the
+  same order: their common rows are bitwise equal. Each within 5e-3 of float64 (N not a
+  multiple of the tile, K = 80 leaving slices empty, K ending mid-unit, ragged last block,
+  bias)."""
   w = random_weight(rng, n, k)
   p = nf.prepare(w)
   x8 = jnp.asarray(rng.standard_normal((8, k)), dtype)
@@ -314,18 +316,16 @@ def test_short_token_blocks_match_bitwise(rng, n, k, tiles_per_block, k_slices, 
   args = (p.qweight, p.qscales, p.global_scale, bias)
   ref = (np.asarray(x8, np.float64) @ npref.dequantize(w.packed, w.scales, w.global_scale).T
          + np.asarray(bias, np.float64))
-  eight = np.asarray(poisoned_call(f, x8, *args, out_shape=(8, n), dtype=dtype), np.float64)
-  assert rel_l2(eight, ref) <= 5e-3
-  same_slices = dense.k_sliced_unit_k(1, k_slices, 1) == dense.k_sliced_unit_k(1, k_slices, 8)
-  assert same_slices == (k_slices == 8)
-  four = np.asarray(f(x8[:4], *args), np.float64)
-  for m in (1, 2, 3, 4):
+  outs, units = {}, {}
+  for m in (1, 2, 3, 4, 8):
     got = np.asarray(poisoned_call(f, x8[:m], *args, out_shape=(m, n), dtype=dtype), np.float64)
     assert np.isfinite(got).all(), f"unwritten (NaN-poisoned) outputs at M = {m}"
-    np.testing.assert_array_equal(got, four[:m], err_msg=f"M = {m}")
-    if same_slices:
-      np.testing.assert_array_equal(got, eight[:m], err_msg=f"M = {m} vs the 8-row tile")
-    assert rel_l2(got, ref[:m]) <= 5e-3
+    assert rel_l2(got, ref[:m]) <= 5e-3, f"M = {m}"
+    outs[m], units[m] = got, dense.k_sliced_unit_k(1, k_slices, m, p.k)
+  pairs = [(a, b) for a in outs for b in outs if a < b and units[a] == units[b]]
+  assert (1, 2) in pairs and (3, 4) in pairs  # every case compares something
+  for a, b in pairs:
+    np.testing.assert_array_equal(outs[a], outs[b][:a], err_msg=f"M = {a} vs M = {b}")
 
 
 @pytest.mark.parametrize("m, n, k", [(1, 4096, 14336), (1, 14336, 4096), (16, 4096, 14336)])

@@ -175,21 +175,28 @@ def test_four_slices_where_they_keep_the_tiles_per_block(monkeypatch, n, want_pa
   assert dense.choose_slice_count(n) == dense.DECODE_K_SLICES
 
 
-@pytest.mark.parametrize("m_tile, k_slices, rows, want", [
-    (1, 8, 0, 8 * 4 * 64),   # 8 slices of 4 k64 chunks
-    (1, 8, 1, 8 * 4 * 64),
-    (2, 8, 0, 8 * 2 * 64),   # m_tile 2: slices of 2 chunks
-    (1, 4, 0, 4 * 4 * 64),   # the 8-row tile's pairs: 4 chunks
-    (1, 4, 5, 4 * 4 * 64),   # 5 rows run the 8-row tile
-    (1, 4, 1, 4 * 8 * 64),   # the 1-, 2- and 4-row tiles' pairs: 8 chunks
-    (1, 4, 2, 4 * 8 * 64),
-    (1, 4, 3, 4 * 8 * 64),   # 3 rows run the 4-row tile
-    (1, 4, 4, 4 * 8 * 64),
+@pytest.mark.parametrize("m_tile, k_slices, rows, k, moe, want", [
+    (1, 8, 0, 0, False, 8 * 4 * 64),       # 8 slices of 4 k64 chunks
+    (1, 8, 1, 0, False, 8 * 4 * 64),       # K unknown: the 4-chunk slices
+    (1, 8, 1, 8192, False, 8 * 8 * 64),    # 1 row, K two long units: long slices
+    (1, 8, 2, 4096, False, 8 * 8 * 64),
+    (1, 8, 2, 14336, False, 8 * 4 * 64),   # 3.5 long units: 4-chunk slices
+    (1, 8, 1, 8176, False, 8 * 8 * 64),    # 128 k64 chunks (the last one short): long
+    (1, 8, 4, 8192, False, 8 * 4 * 64),    # the 4-row tile: 4-chunk slices
+    (1, 8, 0, 8192, False, 8 * 4 * 64),    # the 8-row tile
+    (1, 8, 1, 8192, True, 8 * 4 * 64),     # the grouped GEMM: 4-chunk slices
+    (2, 8, 0, 0, False, 8 * 2 * 64),       # m_tile 2: slices of 2 chunks
+    (1, 4, 0, 0, False, 4 * 4 * 64),       # the 8-row tile's pairs: 4 chunks
+    (1, 4, 5, 0, False, 4 * 4 * 64),       # 5 rows run the 8-row tile
+    (1, 4, 1, 0, False, 4 * 8 * 64),       # the 1-, 2- and 4-row tiles' pairs: 8 chunks
+    (1, 4, 2, 0, True, 4 * 8 * 64),
+    (1, 4, 3, 2048, False, 4 * 8 * 64),    # 3 rows run the 4-row tile
+    (1, 4, 4, 0, False, 4 * 8 * 64),
 ])
-def test_k_sliced_unit_k_mirrors_the_kernels_slices(m_tile, k_slices, rows, want):
-  """csrc/nvfp4_tile.cuh kChunksPerSlice, hand-counted."""
+def test_k_sliced_unit_k_mirrors_the_kernels_slices(m_tile, k_slices, rows, k, moe, want):
+  """csrc/nvfp4_tile.cuh kChunksPerSlice and nvfp4_kernel.cuh long_slices, hand-counted."""
   from jax_nvfp4.ops import dense
-  assert dense.k_sliced_unit_k(m_tile, k_slices, rows) == want
+  assert dense.k_sliced_unit_k(m_tile, k_slices, rows, k, moe) == want
 
 
 @pytest.mark.parametrize("m, want", [(1, (4, 2)), (2, (4, 4)), (8, (4, 4))])

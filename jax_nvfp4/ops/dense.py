@@ -157,13 +157,25 @@ DECODE_K_SLICES = 8
 PAIR_K_SLICES = 4
 
 
-def k_sliced_unit_k(m_tile: int, k_slices: int = DECODE_K_SLICES, rows: int = 0) -> int:
+#: csrc/nvfp4_tile.cuh kLongSliceChunks: the k64 chunks of a long k-slice.
+LONG_SLICE_CHUNKS = 8
+
+
+def k_sliced_unit_k(m_tile: int, k_slices: int = DECODE_K_SLICES, rows: int = 0,
+                    k: int = 0, moe: bool = False) -> int:
   """K covered by one k-sliced unit (csrc/nvfp4_tile.cuh kChunksPerSlice): ``k_slices``
-  slices of 4 k64 chunks at m_tile 1, of 2 at m_tile 2 (half the x tile, two blocks per SM);
-  the 4-slice block's slices of the 1-, 2- and 4-row x tiles (``rows`` 1 to 4, as
-  ``k_sliced_blocks_per_sm``) take 8 chunks, so its unit is as long as the 8-slice one."""
-  if m_tile == 1 and k_slices == PAIR_K_SLICES and 1 <= rows <= 4:
-    return k_slices * 2 * _CHUNKS_PER_UNIT * 64
+  slices of 4 k64 chunks at m_tile 1, of 2 at m_tile 2 (half the x tile, two blocks per SM).
+  The launch picks longer slices by its x tile (``rows`` 1 to 4, as ``k_sliced_blocks_per_sm``)
+  and K (``k``; 0: unknown): the 4-slice block's 1-, 2- and 4-row tiles take 8 chunks (its unit
+  as long as the 8-slice one), and so does the dense 8-slice block's 1- and 2-row tiles where
+  K is a whole number of such units (csrc/nvfp4_kernel.cuh long_slices)."""
+  short = m_tile == 1 and 1 <= rows <= 4
+  if short and k_slices == PAIR_K_SLICES:
+    return k_slices * LONG_SLICE_CHUNKS * 64
+  long_chunks = k_slices * LONG_SLICE_CHUNKS
+  if (short and k_slices == DECODE_K_SLICES and rows <= 2 and not moe and k > 0
+      and -(-k // 64) % long_chunks == 0):  # the kernel counts K in k64 chunks
+    return long_chunks * 64
   return k_slices * (_CHUNKS_PER_UNIT if m_tile == 1 else _CHUNKS_PER_UNIT // 2) * 64
 
 
@@ -224,7 +236,8 @@ def choose_slice_count(n: int, moe: bool = False, token_tiles: int = 1, rows: in
   benchmarks/results/ab_four_k_slices_h200_2026-12-04.txt): 4096x14336 14.8 -> 14.4 us,
   4096x57344 44.3 -> 42.2, 2048x57344 25.1 -> 23.4 (the same tiles per block), 4096x4096
   7.2 -> 6.5 and 14336x4096 14.7 -> 14.6 (1 tile -> 1 pair); 8192x28672 42.6 -> 47.0
-  (7 tiles -> 4 pairs: the rule keeps 8 slices)."""
+  (7 tiles -> 4 pairs: the rule keeps 8 slices). The slices' length is the launch's own choice
+  (``k_sliced_unit_k``), with the same occupancy either way."""
   if k_sliced_blocks_per_sm(moe, 1, rows, PAIR_K_SLICES) < 1:
     return DECODE_K_SLICES
   eight = choose_tiles_per_block(n, DECODE_K_SLICES, moe, token_tiles, rows=rows)
