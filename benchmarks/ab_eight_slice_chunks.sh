@@ -9,10 +9,7 @@
 # same in both builds) for reference. Ran: results/ab_eight_slice_chunks_h200_2026-12-04.txt.
 set -uo pipefail
 source benchmarks/lab_ab.sh
-build_lab c4 -DJAX_NVFP4_LONG_SLICES=0 &
-build_lab c8 -DJAX_NVFP4_KSLICE_CHUNKS_SHORT=8 &
-wait
-[ -x /tmp/lab_c4 ] && [ -x /tmp/lab_c8 ] || exit 1
+build_labs "c4 -DJAX_NVFP4_LONG_SLICES=0" "c8 -DJAX_NVFP4_KSLICE_CHUNKS_SHORT=8" || exit 1
 launches() {
   local check=$1 shape lab
   for shape in "8192 28672 1" "8192 28672 2" "8192 28672 4" "4096 14336 1" "14336 4096 1" \

@@ -5,9 +5,9 @@
 # round checks each launch against the plain launch (LAB_CHECK).
 # Run on the GPU machine from the repo root:  bash benchmarks/ab_four_k_slices.sh > OUT.txt
 set -uo pipefail
+source benchmarks/lab_ab.sh
 # LAB_PREBUILT=1: /tmp/lab_ks is already built from this tree.
-[ -n "${LAB_PREBUILT:-}" ] || nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I csrc \
-  --expt-relaxed-constexpr -diag-suppress=940,2473,177 benchmarks/kernel_lab.cu -o /tmp/lab_ks || exit 1
+[ -n "${LAB_PREBUILT:-}" ] || build_lab ks || exit 1
 shapes="4096 14336 1;14336 4096 1;8192 28672 1;4096 4096 1;4096 57344 1;2048 57344 1;4096 14336 2;4096 14336 4;8192 28672 4"
 IFS=';' read -ra list <<< "$shapes"
 for round in 1 2; do

@@ -9,10 +9,7 @@
 # one block per SM at 8 chunks; the extension keeps 4).
 set -uo pipefail
 source benchmarks/lab_ab.sh
-build_lab c4 -DJAX_NVFP4_PAIR_KSLICE_CHUNKS_SHORT=4 &
-build_lab c8 -DJAX_NVFP4_PAIR_KSLICE_CHUNKS=8 &
-wait
-[ -x /tmp/lab_c4 ] && [ -x /tmp/lab_c8 ] || exit 1
+build_labs "c4 -DJAX_NVFP4_PAIR_KSLICE_CHUNKS_SHORT=4" "c8 -DJAX_NVFP4_PAIR_KSLICE_CHUNKS=8" || exit 1
 launches() {
   local check=$1 shape lab
   for shape in "4096 14336 1" "14336 4096 1" "8192 28672 1" "4096 4096 1" "4096 57344 1" \

@@ -17,11 +17,10 @@
 #    4-slice units (profile_moe.py variants ksliced4, ksliced4_units) at T = 1, 2, 16.
 set -uo pipefail
 source benchmarks/lab_ab.sh
-build_lab main &
-build_lab mt2c4 -DJAX_NVFP4_KSLICE_CHUNKS_MT2=4 &
-build_lab pair8 -DJAX_NVFP4_PAIR_KSLICE_CHUNKS=8 &
+build_labs main "mt2c4 -DJAX_NVFP4_KSLICE_CHUNKS_MT2=4" "pair8 -DJAX_NVFP4_PAIR_KSLICE_CHUNKS=8" &
+labs=$!
 bash benchmarks/device_run.sh build || exit 1
-wait
+wait $labs || exit 1
 m16_launches() {
   local check=$1 shape ks
   for shape in "4096 14336" "14336 4096" "8192 28672" "4096 4096"; do

@@ -1,11 +1,22 @@
-# Helpers of the kernel_lab A/B scripts (ab_slices_next.sh, ab_slice_chunks.sh); source it from
-# the repo root on the GPU machine. Results go under $out (${OUT:-/tmp/out}).
+# Helpers of the kernel_lab A/B scripts (benchmarks/ab_*.sh); source it from the repo root on
+# the GPU machine. Results go under $out (${OUT:-/tmp/out}).
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 build_lab() {  # NAME DEFINES...: kernel_lab for sm_90a with the given -D knobs, as /tmp/lab_NAME
   local name=$1; shift
   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I csrc --expt-relaxed-constexpr \
     -diag-suppress=940,2473,177 "$@" benchmarks/kernel_lab.cu -o "/tmp/lab_$name"
+}
+# Builds several labs side by side, each spec "NAME DEFINES..." as build_lab takes it; fails if
+# any build failed (a lab left in /tmp by an earlier call does not count).
+build_labs() {  # SPEC...
+  local spec pids=() status=0 pid
+  for spec in "$@"; do
+    build_lab $spec &  # unquoted: NAME and each define are separate words
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  return $status
 }
 # Runs RUN (a function of the LAB_CHECK value: 1 in round 1, empty in round 2) in two
 # interleaved rounds into $out/NAME.txt, then prints the timings and the worst check.

@@ -169,13 +169,13 @@ def k_sliced_unit_k(m_tile: int, k_slices: int = DECODE_K_SLICES, rows: int = 0,
   and K (``k``; 0: unknown): the 4-slice block's 1-, 2- and 4-row tiles take 8 chunks (its unit
   as long as the 8-slice one), and so does the dense 8-slice block's 1- and 2-row tiles where
   K is a whole number of such units (csrc/nvfp4_kernel.cuh long_slices)."""
-  short = m_tile == 1 and 1 <= rows <= 4
-  if short and k_slices == PAIR_K_SLICES:
-    return k_slices * LONG_SLICE_CHUNKS * 64
   long_chunks = k_slices * LONG_SLICE_CHUNKS
-  if (short and k_slices == DECODE_K_SLICES and rows <= 2 and not moe and k > 0
-      and -(-k // 64) % long_chunks == 0):  # the kernel counts K in k64 chunks
-    return long_chunks * 64
+  if m_tile == 1 and 1 <= rows <= 4:
+    if k_slices == PAIR_K_SLICES:
+      return long_chunks * 64
+    # The kernel counts K in k64 chunks.
+    if rows <= 2 and not moe and k > 0 and -(-k // 64) % long_chunks == 0:
+      return long_chunks * 64
   return k_slices * (_CHUNKS_PER_UNIT if m_tile == 1 else _CHUNKS_PER_UNIT // 2) * 64
 
 
