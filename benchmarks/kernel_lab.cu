@@ -110,7 +110,7 @@ int main(int argc, char **argv) {
                  : m <= 32               ? 4
                                          : 8;
   const int n16 = (n + 15) / 16, k64 = (k + 63) / 64;
-  const int units = (k64 + kChunksPerStage - 1) / kChunksPerStage;
+  const int units = (k64 + unsliced_unit_chunks(mt) - 1) / unsliced_unit_chunks(mt);
   const int n_blocks = (n16 + kWarps - 1) / kWarps;
   const int token_tiles = (m + 8 * mt - 1) / (8 * mt);
   int sms = 0;
@@ -203,7 +203,7 @@ int main(int argc, char **argv) {
   std::printf("m_tile %d: ", mt);
   std::printf("K=%d N=%d M=%d chunks/stage=%d stages=%d splits=%d k_slices=%d tiles/block=%d%s "
               "blocks/SM=%d: %.1f us (%.0f GB/s, %.0f TFLOP/s)\n",
-              k, n, m, kChunksPerStage, TileConfig<1>::kStages, splits, k_slices, tiles_per_block,
+              k, n, m, unsliced_unit_chunks(mt), TileConfig<1>::kStages, splits, k_slices, tiles_per_block,
               p.cluster ? " (cluster)" : "", slice_bps, t[trials / 2],
               bytes / t[trials / 2] * 1e-3, 2.0 * m * n * k / t[trials / 2] * 1e-6);
   if (env_flag("LAB_CHECK") && !read_only_mode) {

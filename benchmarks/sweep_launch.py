@@ -45,7 +45,7 @@ def main():
   rows = []
   for k, n in parse_shapes(a.shapes, 2, "KxN"):
     ws = weights(k, n, jax.random.key(0))
-    units = -(-(-(-k // 64)) // dense_ops._CHUNKS_PER_UNIT)
+    k64 = -(-k // 64)
     for m in parse_ints(a.ms, "M"):
       x = [jax.random.normal(kx, (m, k), jnp.bfloat16) for kx in jax.random.split(
           jax.random.key(1), COPIES)]
@@ -53,6 +53,7 @@ def main():
       results = {}
       for mt in parse_ints(a.tiles, "m_tile"):
         for s in parse_ints(a.splits, "splits"):
+          units = -(-k64 // dense_ops.unsliced_unit_chunks(mt))
           if s > units or s * m * n * 4 > (1 << 28) or (mt, s) in results:
             continue
           dense_ops.choose_launch = lambda m_, n_, k_, s=s, mt=mt: (s, mt)

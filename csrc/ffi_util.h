@@ -44,13 +44,15 @@ inline ffi::Error allow_dynamic_smem(const void *kernel, size_t smem, const char
 // The launch-shape attributes both GEMM handlers take, checked against each other and the K
 // range; "" when consistent. `k_sliced_tile` names where k-slices exist (the dense kernel: 8
 // slices at m_tile 1 or 2, 4 at m_tile 1; the grouped one: both at block_m 8), `k_sliced`
-// whether this launch is there and `pair_sliced` whether it may take 4 slices.
+// whether this launch is there and `pair_sliced` whether it may take 4 slices. `m_tile` sizes
+// the unsliced block's pipeline unit, what a K split is counted in (every split gets one).
 inline std::string launch_problem(int64_t splits, bool cluster, int64_t k_slices,
-                                  int64_t tiles_per_block, int64_t k64, bool k_sliced,
+                                  int64_t tiles_per_block, int64_t k64, int m_tile, bool k_sliced,
                                   bool pair_sliced, const char *k_sliced_tile) {
-  if (splits < 1 || splits > (k64 + kChunksPerStage - 1) / kChunksPerStage)
-    return "splits out of range (at most one per pipeline unit of " +
-           std::to_string(kChunksPerStage) + " k64 chunks)";
+  const int unit = unsliced_unit_chunks(m_tile);
+  if (splits < 1 || splits > (k64 + unit - 1) / unit)
+    return "splits out of range (at most one per pipeline unit of " + std::to_string(unit) +
+           " k64 chunks)";
   if (k_slices != 1 && k_slices != kDecodeKSlices && k_slices != kPairKSlices)
     return "k_slices must be 1, " + std::to_string(kPairKSlices) + " or " +
            std::to_string(kDecodeKSlices);

@@ -47,8 +47,9 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32>
     return invalid("bias must have N elements");
   if (static_cast<int64_t>(out->element_count()) != m * n) return invalid("out must be [..., N]");
   if (m_tile != 1 && m_tile != 2 && m_tile != 4 && m_tile != 8) return invalid("bad m_tile");
-  if (auto why = launch_problem(splits, cluster, k_slices, tiles_per_block, k64, m_tile <= 2,
-                                m_tile == 1, "m_tile 1 or 2");
+  if (auto why = launch_problem(splits, cluster, k_slices, tiles_per_block, k64,
+                                static_cast<int>(m_tile), m_tile <= 2, m_tile == 1,
+                                "m_tile 1 or 2");
       !why.empty())
     return invalid(why);
   const int64_t token_tiles = (m + 8 * m_tile - 1) / (8 * m_tile);

@@ -87,8 +87,9 @@ ffi::Error MoeGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U
   if (static_cast<int64_t>(out->element_count()) != num_rows_out * out_n)
     return invalid(gated ? "out must be [num_rows_out, N / 2] (gated activation)"
                          : "out must be [num_rows_out, N]");
-  if (auto why = launch_problem(splits, cluster, k_slices, tiles_per_block, k64, block_m == 8,
-                                block_m == 8, "block_m 8");
+  if (auto why = launch_problem(splits, cluster, k_slices, tiles_per_block, k64,
+                                static_cast<int>(block_m / 8), block_m == 8, block_m == 8,
+                                "block_m 8");
       !why.empty())
     return invalid(why);
   if (auto why = weight_size_problem(n16, k64); !why.empty()) return invalid(why);

@@ -160,6 +160,25 @@ constexpr int kLongSliceChunks = 8;
 #endif
 constexpr int kRowRingBytes = JAX_NVFP4_ROW_SMEM_KB * 1024;
 constexpr int kChunksPerStage = JAX_NVFP4_CHUNKS_PER_STAGE;  // k64 chunks per stage ("unit")
+// The unsliced m_tile-2 block (M = 9-16) takes units of 8 chunks: 2 stages of 52 KB, still two
+// blocks per SM, half the barriers, waits and address updates per weight byte. Its time is
+// neither the ring's depth (3 or 4 stages of 4 chunks: no change) nor how its grid spreads over
+// the SMs (7 N tiles per block instead of 8: -1 %); kernel_lab on an H200 at M = 16: 8192x28672
+// 52.3 -> 49.9 us, 4096x57344 54.4 -> 51.4, 4096x14336 (2-split cluster) 17.4 -> 17.6
+// (NOTES_dense.md v24). ops/dense.py unsliced_unit_chunks mirrors it.
+#ifndef JAX_NVFP4_CHUNKS_PER_STAGE_MT2
+#define JAX_NVFP4_CHUNKS_PER_STAGE_MT2 8
+#endif
+// k64 chunks per unit of the unsliced (KS = 1) block at m_tile mt: what a K split is counted in.
+__host__ __device__ constexpr int unsliced_unit_chunks(int mt) {
+  return mt == 2 ? JAX_NVFP4_CHUNKS_PER_STAGE_MT2 : kChunksPerStage;
+}
+// Stages of the 4-slice block's 8-row x tile (M = 5-8): 3 of 34 KB, still two blocks per SM
+// (kernel_lab on an H200, 4096x14336 at M = 8: 15.4 -> 14.7 us with 3, 16.2 with 4 at one
+// block per SM; NOTES_dense.md v24).
+#ifndef JAX_NVFP4_PAIR_ROW8_STAGES
+#define JAX_NVFP4_PAIR_ROW8_STAGES 3
+#endif
 
 // MT: token tiles of 8 rows per block. KS: k-slices per block: the 8 warps are KS groups that
 // split each unit's K range (warp w works on N tile w % (8 / KS) of the block, slice w / (8 / KS))
@@ -181,7 +200,7 @@ struct TileConfig {
                 "long slices: the 8-slice block's short x tiles only");
   static constexpr int kChunksPerSlice =
       SC > 0                         ? SC
-      : KS == 1                      ? kChunksPerStage
+      : KS == 1                      ? unsliced_unit_chunks(MT)
       : MT == 1 && KS == 4 && XR < 8 ? JAX_NVFP4_PAIR_KSLICE_CHUNKS_SHORT
       : MT == 1 && KS == 4           ? JAX_NVFP4_PAIR_KSLICE_CHUNKS
       : MT == 1 && XR < 8            ? JAX_NVFP4_KSLICE_CHUNKS_SHORT
@@ -202,8 +221,9 @@ struct TileConfig {
   static constexpr int kRowStages = kRowStagesFit < 2                      ? 2
                                     : kRowStagesFit < JAX_NVFP4_ROW_STAGES ? kRowStagesFit
                                                                            : JAX_NVFP4_ROW_STAGES;
-  static constexpr int kStages = kRowsShort ? kRowStages
-                                : MT <= 2   ? JAX_NVFP4_DECODE_STAGES
+  static constexpr int kStages = kRowsShort                ? kRowStages
+                                : MT == 1 && KS == 4      ? JAX_NVFP4_PAIR_ROW8_STAGES
+                                : MT <= 2                 ? JAX_NVFP4_DECODE_STAGES
                                 : MT == 4   ? 3
                                             : JAX_NVFP4_MT8_STAGES;
   static_assert(kStages >= 2, "the ring needs two stages");

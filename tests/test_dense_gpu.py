@@ -145,11 +145,13 @@ needs_cluster = pytest.mark.skipif(
 
 @needs_cluster
 @pytest.mark.parametrize("m, n, k, splits", [(1, 4096, 14336, 16), (3, 1000, 4160, 7),
-                                             (16, 520, 2048, 5), (9, 2056, 1088, 3),
+                                             (16, 520, 2560, 5), (9, 2056, 1088, 3),
                                              (1, 136, 16384, 13)])
 def test_cluster_split_k_matches_reference_and_ticket_path(rng, m, n, k, splits):
   """The cluster reduction (DSMEM reduce-scatter) against float64, and bit for bit against the
-  global-workspace ticket path: both sum the splits in order 0..S-1 in fp32."""
+  global-workspace ticket path: both sum the splits in order 0..S-1 in fp32. At m_tile 2 a
+  unit is 8 k64 chunks: K = 2560 gives each of 5 splits one unit, K = 1088 leaves the last of
+  3 a single chunk."""
   m_tile = dense._m_tile(m)
   if splits > dense._cluster_limit(m_tile):
     pytest.skip(f"clusters of {splits} do not fit here")
@@ -193,6 +195,8 @@ def test_cluster_request_beyond_the_device_is_a_clear_error(rng):
 @pytest.mark.parametrize("bad, message", [
     (dict(), None),                                           # consistent: runs
     (dict(splits=5), "splits out of range"),                  # K = 1024: 4 pipeline units
+    (dict(splits=2, m_tile=2), None),                         # m_tile 2: 2 units of 8 chunks
+    (dict(splits=3, m_tile=2), "splits out of range"),
     (dict(k_slices=4), None),                                 # 4 slices at m_tile 1: runs
     (dict(k_slices=3), "k_slices must be 1, 4 or 8"),
     (dict(k_slices=4, m_tile=2), "k_slices 4 needs m_tile 1"),

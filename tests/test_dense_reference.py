@@ -109,7 +109,8 @@ def test_bad_inputs_raise_clear_errors(rng):
     (1, 256, 4096, 2, 16, 1),      # 16 N tiles: too few blocks without the cross-block split
     (1, 4096, 1024, 2, 16, 1),     # K shorter than one k-sliced unit (2048 at m_tile 1)
     (16, 4096, 14336, 2, 16, 8),   # m_tile 2: instead of 8 ticket splits
-    (9, 4096, 1024, 2, 16, 8),     # a unit is 1024 at m_tile 2
+    (9, 4096, 1024, 2, 16, 8),     # a unit is 1024 at m_tile 2; K's 2 unsliced units would
+                                   # cap the splits at a 2-block cluster of 64 blocks
     (16, 4096, 512, 2, 16, 1),
     (16, 14336, 4096, 2, 16, 1),   # m_tile 2: a 2-block cluster stays
     (16, 14336, 4096, 2, 0, 8),    # ... unless the splits would reduce through tickets
@@ -124,9 +125,9 @@ def test_k_slices_at_decode(monkeypatch, m, n, k, kslice_blocks, cluster_limit, 
   monkeypatch.setattr(dense, "k_sliced_blocks_per_sm",
                       lambda moe=False, m_tile=1, rows=0, k_slices=8: kslice_blocks)
   assert dense.choose_k_slices(m, n, k) == want
-  if want > 1 and m > 8:  # what it replaces at m_tile 2: splits reduced through tickets
-    splits, m_tile = dense.choose_launch(m, n, k)
-    assert splits > 1 and not dense.use_cluster(splits, m_tile)
+  if want > 1 and m > 8:  # what it replaces at m_tile 2: a wave that needs ticket splits
+    splits = dense._wave_splits(m, n)
+    assert splits > 1 and not dense.use_cluster(splits, 2)
 
 
 @pytest.mark.parametrize("n, blocks_per_sm, want", [

@@ -625,12 +625,16 @@ def test_cluster_reduction_policy(monkeypatch, limit):
 @pytest.mark.parametrize("k", [16, 64, 192, 256, 320, 768, 2048, 7168])
 @pytest.mark.parametrize("slots", [8, 64, 512])
 def test_split_k_never_exceeds_the_kernel_units(k, slots):
-  # The handler accepts at most one split per pipeline unit of four k64 chunks.
-  units = -(-(-(-k // 64)) // 4)
-  assert 1 <= moe_ops.choose_moe_splits(slots, 256, k, 8) <= units
+  # The handler accepts at most one split per pipeline unit: four k64 chunks, eight at m_tile 2
+  # (csrc/nvfp4_tile.cuh unsliced_unit_chunks).
+  k64 = -(-k // 64)
+  units = {1: -(-k64 // 4), 2: -(-k64 // 8), 4: -(-k64 // 4), 8: -(-k64 // 4)}
+  assert 1 <= moe_ops.choose_moe_splits(slots, 256, k, 8) <= units[1]
+  assert 1 <= moe_ops.choose_moe_splits(slots, 256, k, 16) <= units[2]
   from jax_nvfp4.ops import dense
-  for m in (1, 9, 17, 40, 300):
-    assert 1 <= dense.choose_launch(m, 256, k)[0] <= units
+  for m, m_tile in ((1, 1), (9, 2), (16, 2), (17, 4), (40, 8), (300, 8)):
+    splits, got_tile = dense.choose_launch(m, 256, k)
+    assert got_tile == m_tile and 1 <= splits <= units[m_tile]
 
 
 # ----------------------------------------------------------------------------- backend choice

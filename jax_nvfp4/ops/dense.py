@@ -123,6 +123,15 @@ def _cluster_limit(m_tile: int) -> int:
 
 
 _CHUNKS_PER_UNIT = 4  # csrc/nvfp4_tile.cuh kChunksPerStage: K is split in units of 4 k64 chunks
+#: csrc/nvfp4_tile.cuh JAX_NVFP4_CHUNKS_PER_STAGE_MT2: the unsliced m_tile-2 block's units are
+#: 8 chunks long (kernel_lab on an H200 at M = 16: 8192x28672 52.3 -> 49.9 us; NOTES_dense.md v24).
+_MT2_CHUNKS_PER_UNIT = 8
+
+
+def unsliced_unit_chunks(m_tile: int) -> int:
+  """k64 chunks per pipeline unit of the unsliced block at ``m_tile`` (csrc/nvfp4_tile.cuh
+  ``unsliced_unit_chunks``): what a K split is counted in, each split at least one unit."""
+  return _MT2_CHUNKS_PER_UNIT if m_tile == 2 else _CHUNKS_PER_UNIT
 
 
 # Splits that reduce in a thread-block cluster (sm_90) rather than through the workspace: on the
@@ -135,18 +144,23 @@ def choose_launch(m: int, n: int, k: int) -> tuple[int, int]:
   """(splits, m_tile) for the dense kernel.
 
   K is split so that the grid holds about two blocks per SM for m_tile <= 2 (fewer if fewer
-  are resident) and one for m_tile >= 4, each split at least one k-unit (a pipeline stage of four k64 chunks) long, at
-  most 64 splits. Every split adds reduction work at the end of the kernel, so more blocks
+  are resident) and one for m_tile >= 4, each split at least one k-unit (a pipeline stage of
+  ``unsliced_unit_chunks`` k64 chunks) long, at most 64 splits. Every split adds reduction work at the end of the kernel, so more blocks
   than that were slower on an H100 (benchmarks/sweep_launch.py, kernel_lab.cu; NOTES_dense.md
   v2 for m_tile >= 4 and v7 for m_tile <= 2).
   """
   mt = _m_tile(m)
+  units = -(-(-(-k // 64)) // unsliced_unit_chunks(mt))
+  return int(max(1, min(_wave_splits(m, n), units, 64))), mt
+
+
+def _wave_splits(m: int, n: int) -> int:
+  """The K splits that fill one wave of the unsliced launch, before K's units cap them."""
+  mt = _m_tile(m)
   n_blocks = -(-(-(-n // 16)) // _WARPS_PER_BLOCK)
   m_tiles = max(1, -(-m // (8 * mt)))
-  units = -(-(-(-k // 64)) // _CHUNKS_PER_UNIT)
   slots = _sm_count() * (min(2, _blocks_per_sm(mt)) if mt <= 2 else 1)
-  splits = slots // (n_blocks * m_tiles)
-  return int(max(1, min(splits, units, 64))), mt
+  return slots // (n_blocks * m_tiles)
 
 
 #: csrc/nvfp4_kernel.cuh kDecodeKSlices: at m_tile 1 and 2 the block's 8 warps can split K
@@ -211,15 +225,18 @@ def choose_k_slices(m: int, n: int, k: int) -> int:
     57.8 for a 2-block cluster, 14336x4096 16.5 vs 22.6 for 8 ticket splits; in the benchmark
     8192x28672 went from 55.7 us unsplit to 53.4; NOTES_dense.md v8-v9). 8 or 4 slices as
     ``choose_slice_count`` says.
-  * m_tile 2 (M <= 16): where the unsliced launch would reduce its K splits through the
-    workspace (tickets and a memset per call): 14336x4096 25.0 vs 30.6 us, 4096x4096 9.3 vs
-    19.4; where it runs unsplit or in a cluster, k-slices lost (8192x28672 93 vs 69 us).
+  * m_tile 2 (M <= 16): where a wave of the unsliced launch needs its K splits reduced
+    through the workspace (tickets and a memset per call): 14336x4096 25.0 vs 30.6 us,
+    4096x4096 9.3 vs 19.4; where it runs unsplit or in a cluster, k-slices lost (8192x28672
+    93 vs 69 us).
   """
   mt = _m_tile(m)
   if mt > 2 or k < k_sliced_unit_k(mt) or -(-n // 16) < _sm_count():
     return 1
   if mt == 2:
-    splits, _ = choose_launch(m, n, k)
+    # Not K's units: the comparison is with a wave of unsliced blocks, and a K of few 8-chunk
+    # units would otherwise cap the splits to a cluster that leaves most SMs idle.
+    splits = min(_wave_splits(m, n), 64)
     if splits <= 1 or use_cluster(splits, mt):
       return 1
   if k_sliced_blocks_per_sm(m_tile=mt) < 1:

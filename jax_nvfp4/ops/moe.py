@@ -343,9 +343,6 @@ mlir.register_lowering(nvfp4_moe_gemm_p, _default_lowering)
 _WARPS_PER_BLOCK = 8  # csrc kWarps: one block covers 8 * 16 = 128 rows of N
 
 
-_CHUNKS_PER_UNIT = 4  # csrc/nvfp4_tile.cuh kChunksPerStage
-
-
 def moe_cluster_limit(block_m: int, bf16: bool = True) -> int:
   """Largest split-K factor the grouped GEMM reduces inside a thread-block cluster (sm_90);
   0 where there is no cluster path (the splits then reduce through the global workspace)."""
@@ -369,7 +366,7 @@ def choose_moe_splits(num_slots: int, n: int, k: int, block_m: int, bf16: bool =
   resident = sms * (_ffi.moe_blocks_per_sm(block_m // 8, bf16) or 2)
   splits = resident // (n_blocks * tiles)
   return int(max(1, min(splits, k64 // MIN_CHUNKS_PER_SPLIT,
-                        -(-k64 // _CHUNKS_PER_UNIT), 64)))
+                        -(-k64 // dense_ops.unsliced_unit_chunks(block_m // 8)), 64)))
 
 
 #: K-slices of the grouped GEMM at block_m 8: the dense kernel's decode values (one kernel).
@@ -444,7 +441,7 @@ def choose_moe_prefill_tiles(num_slots: int, n: int, k: int, block_m: int, split
     return 1
   n_blocks = -(-(-(-n // 16)) // _WARPS_PER_BLOCK)
   tiles = max(1, num_slots // block_m)
-  units = -(-(-(-k // 64)) // _CHUNKS_PER_UNIT)
+  units = -(-(-(-k // 64)) // dense_ops.unsliced_unit_chunks(block_m // 8))
   resident = (_ffi.sm_count() or 132) * (_ffi.moe_blocks_per_sm(block_m // 8, bf16) or 1)
   if block_m == 8:
     fits = (2 <= n_blocks and units <= MOE_DECODE_TILES_MAX_UNITS

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The unsliced m_tile-1 block (the grouped GEMM's decode launches with more than 4 token tiles:
+# the Qwen3- and DeepSeek-like layers at T = 1-16, the Mixtral-like one at T = 16) with 8-chunk
+# units (2 stages of 44 KB, two blocks per SM instead of three) against the default 4 chunks
+# (NOTES_dense.md v24 Next). JAX_NVFP4_CHUNKS_PER_STAGE also sets m_tile 4 and 8, which these
+# layers do not run at T <= 16 (block_m 8), so the MoE rows measure the m_tile-1 block alone.
+# For each unit, rebuild the extension for sm_90a and time the layers (profile_moe.py, GPU time).
+# Run on the GPU machine from the repo root (results under $OUT):
+#   bash benchmarks/ab_moe_units.sh "4 8"
+# The define stays in the CMake cache of build/: device_run.sh build resets it. Prepared, not
+# yet run.
+set -uo pipefail
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+for chunks in ${1:-4 8}; do
+  touch csrc/*
+  JAX_NVFP4_CUDA_ARCHS=90a python3 -m pip install -q --no-build-isolation --no-deps -e . \
+    -C cmake.define.CMAKE_CUDA_FLAGS="-DJAX_NVFP4_CHUNKS_PER_STAGE=$chunks" \
+    > "$out/build_units$chunks.log" 2>&1 || { tail -20 "$out/build_units$chunks.log"; exit 1; }
+  echo "== m_tile-1 unit of $chunks chunks: resident MoE m_tile-1 blocks per SM:" \
+    "$(python3 -c 'from jax_nvfp4 import _ffi as f; print(f.moe_blocks_per_sm(1, True))')"
+  (cd benchmarks && timeout 240 python3 profile_moe.py --tokens 1,2,16 --variants fused_moe \
+     --out "$out/profile_moe_units$chunks.json" | grep span)
+done
