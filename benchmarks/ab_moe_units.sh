@@ -6,9 +6,11 @@
 # layers do not run at T <= 16 (block_m 8), so the MoE rows measure the m_tile-1 block alone.
 # For each unit, rebuild the extension for sm_90a and time the layers (profile_moe.py, GPU time).
 # Run on the GPU machine from the repo root (results under $OUT):
-#   bash benchmarks/ab_moe_units.sh "4 8"
-# The define stays in the CMake cache of build/: device_run.sh build resets it. Prepared, not
-# yet run.
+#   bash benchmarks/ab_moe_units.sh "4 8"     (TOKENS=1,16 for fewer rows)
+# The define stays in the CMake cache of build/: device_run.sh build resets it. Run on
+# 2026-12-04 (results/profile_moe_h200_2026-12-04_v22_units.txt, NOTES_moe.md v22). Since then
+# the extension has the long units itself, opt-in: profile_moe.py --variants fused_moe,long_units
+# is the same A/B in one build.
 set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -19,6 +21,6 @@ for chunks in ${1:-4 8}; do
     > "$out/build_units$chunks.log" 2>&1 || { tail -20 "$out/build_units$chunks.log"; exit 1; }
   echo "== m_tile-1 unit of $chunks chunks: resident MoE m_tile-1 blocks per SM:" \
     "$(python3 -c 'from jax_nvfp4 import _ffi as f; print(f.moe_blocks_per_sm(1, True))')"
-  (cd benchmarks && timeout 240 python3 profile_moe.py --tokens 1,2,16 --variants fused_moe \
+  (cd benchmarks && timeout 240 python3 profile_moe.py --tokens "${TOKENS:-1,2,16}" --variants fused_moe \
      --out "$out/profile_moe_units$chunks.json" | grep span)
 done

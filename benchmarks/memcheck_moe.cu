@@ -8,8 +8,9 @@
 // 2 and 4 x rows (expert_rows) and 8, an expert repeated in a token's top-k, several N tiles per
 // block, block_m 16/32/64 (wgmma on sm_90a), K split through tickets and in a cluster, the first
 // GEMM's gather (x row = id / top_k) and the second's (x row = id, times the top-k weight),
-// bias, non-local experts, sizes off the tile. Every launch is compared with the plain one
-// (block_m 8, no splits, no k-slices) to 1e-2 of the largest output. Exit status 1 on any
+// bias, non-local experts, sizes off the tile, the unsliced block_m-8 block's long units. Every
+// launch is compared with the plain one (block_m 8, no splits, no k-slices, 4-chunk units) to
+// 1e-2 of the largest output (long units give the same bits). Exit status 1 on any
 // disagreement.
 #include "cuda_tool.h"
 
@@ -42,6 +43,11 @@ const Case kCases[] = {
     {130, 192, 192, 4, 2, false, 64, 1, 1, 1, 0, false, false, "block_m 64"},
     {300, 512, 800, 6, 2, false, 64, 1, 1, 3, 0, false, false, "block_m 64, 3 N blocks per block"},
     {16, 512, 800, 12, 2, false, 8, 1, 1, 2, 0, false, false, "block_m 8, 2 N blocks per block"},
+    {16, 2112, 800, 12, 2, false, 8, 1, 1, 2, 0, false, false,
+     "block_m 8, long units (K of 33 chunks), 2 N blocks per block"},
+    {3, 2048, 96, 5, 2, false, 8, 1, 1, 1, 0, false, true, "block_m 8, long units, repeated ids"},
+    {4, 4096, 360, 6, 2, true, 8, 1, 1, 1, 0, false, false,
+     "second GEMM, block_m 8, long units, odd N tiles"},
     {16, 176, 256, 5, 2, true, 16, 2, 1, 1, 0, false, false, "second GEMM, 2 splits (tickets)"},
     {1, 176, 2048, 5, 2, true, 8, 1, 8, 1, 1, false, false, "second GEMM, k-sliced 1-row"},
 };
@@ -144,11 +150,16 @@ int main() {
     for (bool bf16 : {true, false}) {
       const int x_rows = c.second_gemm ? rows_out : c.tokens;
       const uint16_t *x = device_copy(random_x(x_rows, c.k, bf16, seed));
+      // The plain launch keeps 4-chunk units; the launch under test may take long units (the
+      // opt-in JAX_NVFP4_MOE_LONG_UNITS=1), so that they are compared with 4-chunk ones.
+      setenv("JAX_NVFP4_MOE_LONG_UNITS", "0", 1);
       const std::vector<float> plain = run(c, 8, 1, 1, 1, 0, false, bf16, expert_of, local, x, w,
                                            gs, bias, topk, stream);
+      setenv("JAX_NVFP4_MOE_LONG_UNITS", "1", 1);
       const std::vector<float> got =
           run(c, c.block_m, c.splits, c.k_slices, c.tiles_per_block, c.expert_rows, c.cluster,
               bf16, expert_of, local, x, w, gs, bias, topk, stream);
+      unsetenv("JAX_NVFP4_MOE_LONG_UNITS");
       CHECK(cudaFree(const_cast<uint16_t *>(x)));
       char what[200];
       std::snprintf(what, sizeof what, "T=%d K=%d N=%d E=%d top_k=%d %s %s", c.tokens, c.k, c.n,

@@ -719,6 +719,19 @@ cudaError_t launch_sliced(const GemmParams &p, bool bf16, int token_tiles, cudaS
     default: return launch_short<kMoe, KS, 8>(p, bf16, token_tiles, stream);  // the 8-row tile
   }
 }
+// Whether the grouped GEMM's unsliced m_tile-1 launch takes long units (kLongUnitChunks,
+// nvfp4_tile.cuh): K unsplit and at least kLongUnitMinK64 chunks, and only with
+// JAX_NVFP4_MOE_LONG_UNITS=1 (read at each launch) until the GPU tests have run on them: the
+// profile that measured them (NOTES_moe.md v22) used an extension built with 8-chunk units
+// everywhere, and the device time of that session ran out before this launch path ran under
+// the tests and compute-sanitizer. The dense unsliced m_tile-1 launch (M <= 8 where k-slices do
+// not apply) keeps 4-chunk units: not measured. Unit boundaries do not change the order of the
+// additions, so the outputs are bitwise those of the 4-chunk block.
+inline bool moe_long_units(const GemmParams &p) {
+  if (p.splits != 1 || p.k64 < kLongUnitMinK64) return false;
+  const char *env = std::getenv("JAX_NVFP4_MOE_LONG_UNITS");
+  return env != nullptr && std::string(env) == "1";
+}
 // expert_rows: the grouped GEMM's hint (most rows one expert's tile is expected to hold; 0:
 // none); the dense launch takes its rows from p.rows_out.
 template <bool kMoe>
@@ -736,6 +749,11 @@ cudaError_t launch(const GemmParams &p, bool bf16, int mt, int token_tiles, cuda
                   : launch_typed<__half, 2, kMoe, kDecodeKSlices>(p, token_tiles, stream);
   }
   if (k_slices != 1) return cudaErrorInvalidConfiguration;
+  if constexpr (kMoe) {
+    if (mt == 1 && moe_long_units(p))
+      return bf16 ? launch_typed<__nv_bfloat16, 1, kMoe, 1, 8, kLongUnitChunks>(p, token_tiles, stream)
+                  : launch_typed<__half, 1, kMoe, 1, 8, kLongUnitChunks>(p, token_tiles, stream);
+  }
 #define JAX_NVFP4_LAUNCH(MT_)                                                         \
   return bf16 ? launch_typed<__nv_bfloat16, MT_, kMoe, 1>(p, token_tiles, stream)     \
               : launch_typed<__half, MT_, kMoe, 1>(p, token_tiles, stream)

@@ -135,6 +135,16 @@ constexpr int kThreads = kWarps * 32;
 // (68 KB stages, one block per SM) 44.5 -> 49.4, and where K leaves slices idle (K 2048) or a
 // half unit (14336) they lose (NOTES_dense.md v23).
 constexpr int kLongSliceChunks = 8;
+// Long units (TileConfig's SC at KS = 1): the grouped GEMM's unsliced m_tile-1 block (its decode
+// launches with more than 4 token tiles, the top-8 layers at T = 1-16) takes units of 8 k64
+// chunks where K is unsplit and at least kLongUnitMinK64 chunks long: 2 stages of 44 KB, two
+// blocks per SM instead of three, half the barriers per weight byte. profile_moe on an H200
+// (GPU us per layer, 4 -> 8 chunks): DeepSeek-like T = 1 77.4 -> 74.1, T = 16 702.7 -> 668.2;
+// Mixtral-like T = 16 238.1 -> 225.4; Qwen3-like T = 1 21.7 -> 21.3, but its GEMM 2 (K = 768:
+// 12 chunks, a unit and a half) 27.7 -> 34.7 us at T = 16, hence the K floor (NOTES_moe.md v22).
+// Opt-in for now (nvfp4_kernel.cuh moe_long_units).
+constexpr int kLongUnitChunks = 8;
+constexpr int kLongUnitMinK64 = 32;
 // The same for the 4-slice block at m_tile 1: 8 chunks for the short x tiles (1, 2 or 4 rows),
 // a unit as long as the 8-slice block's with half the barriers and ring bookkeeping per weight
 // byte, 2 stages of 40-52 KB at two blocks per SM (kernel_lab on an H200 at M = 1: 14336x4096
@@ -196,8 +206,10 @@ struct TileConfig {
   static constexpr bool kRowsShort = XR < 8 * MT;
   static constexpr int kTilesPerBlock = kWarps / KS;
   // k64 chunks of one warp's slice of a unit, and of the whole unit.
-  static_assert(SC == 0 || (MT == 1 && KS == 8 && XR < 8 && SC == kLongSliceChunks),
-                "long slices: the 8-slice block's short x tiles only");
+  static_assert(SC == 0 || (MT == 1 && KS == 8 && XR < 8 && SC == kLongSliceChunks) ||
+                    (MT == 1 && KS == 1 && XR == 8 && SC == kLongUnitChunks),
+                "long slices: the 8-slice block's short x tiles; long units: the unsliced "
+                "m_tile-1 block");
   static constexpr int kChunksPerSlice =
       SC > 0                         ? SC
       : KS == 1                      ? unsliced_unit_chunks(MT)

@@ -255,6 +255,31 @@ def test_cluster_split_k_bitwise_equal_to_ticket_path(rng, monkeypatch, m, h, i,
   np.testing.assert_array_equal(clustered, tickets)
 
 
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("gate_up_pairs", [True, False])
+def test_long_units_bitwise_equal_to_four_chunk_units(rng, monkeypatch, m, gate_up_pairs):
+  """JAX_NVFP4_MOE_LONG_UNITS=1 (opt-in, read at each launch): the unsliced block_m-8 GEMMs
+  with K >= 2048 run 8-chunk pipeline units. The k16 steps are added in the same order either
+  way, so the layer is bitwise the 4-chunk one's; against the float64 layer with poisoned
+  outputs. GEMM 1's K = 2048 (whole units), GEMM 2's K = 2112 (33 chunks: the last unit holds
+  one), 8 experts per token (8 or more token tiles: unsliced, unsplit)."""
+  h, i, e, k = 2048, 2112, 16, 8
+  x, w13, w2 = _layer(rng, m, h, i, e)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  p13, p2 = nf.prepare(w13, gate_up_pairs=gate_up_pairs), nf.prepare(w2)
+  block_m = choose_block_m(m, k, e)
+  slots = capacity(m * k, e, block_m)
+  assert block_m == 8 and slots // block_m > moe_ops.MOE_K_SLICES_MAX_TOKEN_TILES
+  assert moe_ops.choose_moe_splits(slots, 2 * i, h, block_m) == 1
+  assert moe_ops.choose_moe_splits(slots, h, i, block_m) == 1
+  layer = jax.jit(lambda *a: nf.fused_moe(*a, topk_weights=tw, topk_ids=ti))
+  monkeypatch.setenv("JAX_NVFP4_MOE_LONG_UNITS", "1")
+  long_units = np.asarray(poisoned(layer, x, p13, p2, out_shape=x.shape, dtype=x.dtype))
+  _check(x, w13, w2, long_units, tw, ti, gemm1_rounded=not gate_up_pairs)
+  monkeypatch.setenv("JAX_NVFP4_MOE_LONG_UNITS", "0")
+  np.testing.assert_array_equal(np.asarray(layer(x, p13, p2)), long_units)
+
+
 def _even_experts_local(w13, w2, e):
   """This device holds experts 0, 2, 4, ...: their weights and the expert_map keyword."""
   local = np.arange(0, e, 2)
