@@ -261,7 +261,7 @@ def test_long_units_bitwise_equal_to_four_chunk_units(rng, monkeypatch, m, gate_
   """JAX_NVFP4_MOE_LONG_UNITS=1 (opt-in, read at each launch): the unsliced block_m-8 GEMMs
   with K >= 2048 run 8-chunk pipeline units. The k16 steps are added in the same order either
   way, so the layer is bitwise the 4-chunk one's; against the float64 layer with poisoned
-  outputs. GEMM 1's K = 2048 (whole units), GEMM 2's K = 2112 (33 chunks: the last unit holds
+  outputs, and the profiler's kernel names show which block each setting ran. GEMM 1's K = 2048 (whole units), GEMM 2's K = 2112 (33 chunks: the last unit holds
   one), 8 experts per token (8 or more token tiles: unsliced, unsplit)."""
   h, i, e, k = 2048, 2112, 16, 8
   x, w13, w2 = _layer(rng, m, h, i, e)
@@ -276,8 +276,25 @@ def test_long_units_bitwise_equal_to_four_chunk_units(rng, monkeypatch, m, gate_
   monkeypatch.setenv("JAX_NVFP4_MOE_LONG_UNITS", "1")
   long_units = np.asarray(poisoned(layer, x, p13, p2, out_shape=x.shape, dtype=x.dtype))
   _check(x, w13, w2, long_units, tw, ti, gemm1_rounded=not gate_up_pairs)
+  assert _grouped_gemm_kernels(layer, x, p13, p2) == {"1, true, 1, 8, 8"}  # both GEMMs
   monkeypatch.setenv("JAX_NVFP4_MOE_LONG_UNITS", "0")
   np.testing.assert_array_equal(np.asarray(layer(x, p13, p2)), long_units)
+  assert _grouped_gemm_kernels(layer, x, p13, p2) == {"1, true, 1, 8"}
+
+
+def _grouped_gemm_kernels(fn, *args) -> set[str]:
+  """The template arguments after the dtype of every grouped-GEMM kernel one call of fn ran
+  (the profiler's demangled names: MT, kMoe, KS, XR and SC where it is not the default 0)."""
+  import re
+  import tempfile
+  from jax_nvfp4.bench.common import gpu_events
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      jax.block_until_ready(fn(*args))
+    names = [e["name"] for e in gpu_events(d)]
+  return {m.group(1) for n in names
+          for m in [re.search(r"nvfp4_kernel<[^,]+, (1, true[^>]*)>", n)] if m}
 
 
 def _even_experts_local(w13, w2, e):
