@@ -6,12 +6,9 @@
 # (results under $OUT). The stage counts stay in the CMake cache of build/: device_run.sh build
 # resets them (a plain pip install would keep the last one).
 set -uo pipefail
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
+source benchmarks/lab_ab.sh  # build_extension, $out
 for st in ${1:-2 4}; do
-  JAX_NVFP4_CUDA_ARCHS=90a python3 -m pip install -q --no-build-isolation --no-deps -e . \
-    -C cmake.define.CMAKE_CUDA_FLAGS="-DJAX_NVFP4_DECODE_STAGES=$st" > "$out/build_$st.log" 2>&1 \
-    || { tail -20 "$out/build_$st.log"; exit 1; }
+  build_extension "build_$st.log" "-DJAX_NVFP4_DECODE_STAGES=$st" || exit 1
   echo "== decode stages $st: resident blocks per SM (dense m_tile 1 / 2, MoE m_tile 1):" \
     "$(python3 -c 'from jax_nvfp4 import _ffi as f; print(f.blocks_per_sm(1, True), f.blocks_per_sm(2, True), f.moe_blocks_per_sm(1, True))')"
   (cd benchmarks && timeout 200 python3 profile_moe.py --tokens 1,2,16 --variants fused_moe \

@@ -12,13 +12,9 @@
 # the extension has the long units itself, opt-in: profile_moe.py --variants fused_moe,long_units
 # is the same A/B in one build.
 set -uo pipefail
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
+source benchmarks/lab_ab.sh  # build_extension, $out
 for chunks in ${1:-4 8}; do
-  touch csrc/*
-  JAX_NVFP4_CUDA_ARCHS=90a python3 -m pip install -q --no-build-isolation --no-deps -e . \
-    -C cmake.define.CMAKE_CUDA_FLAGS="-DJAX_NVFP4_CHUNKS_PER_STAGE=$chunks" \
-    > "$out/build_units$chunks.log" 2>&1 || { tail -20 "$out/build_units$chunks.log"; exit 1; }
+  build_extension "build_units$chunks.log" "-DJAX_NVFP4_CHUNKS_PER_STAGE=$chunks" || exit 1
   echo "== m_tile-1 unit of $chunks chunks: resident MoE m_tile-1 blocks per SM:" \
     "$(python3 -c 'from jax_nvfp4 import _ffi as f; print(f.moe_blocks_per_sm(1, True))')"
   (cd benchmarks && timeout 240 python3 profile_moe.py --tokens "${TOKENS:-1,2,16}" --variants fused_moe \

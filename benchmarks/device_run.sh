@@ -11,18 +11,12 @@ set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+source benchmarks/lab_ab.sh  # build_extension
 step=$1; shift
 case "$step" in
   build)
     start=$(date +%s)
-    # The sources arrive with this checkout's mtimes, which can be older than objects left in
-    # build/ by an earlier call on the same machine: ninja would then keep those objects.
-    touch csrc/*
-    # CMAKE_CUDA_FLAGS reset: a lab define (ab_decode_stages.sh) stays in the CMake cache of
-    # build/ otherwise, and this build would silently keep it.
-    JAX_NVFP4_CUDA_ARCHS=90a python3 -m pip install -q --no-build-isolation --no-deps -e . \
-      -C cmake.define.CMAKE_CUDA_FLAGS="" > "$out/build.log" 2>&1 \
-      || { tail -40 "$out/build.log"; exit 1; }
+    build_extension build.log || exit 1  # the shipped build: no lab defines
     echo "[device_run] built in $(( $(date +%s) - start )) s"
     python3 -c 'import jax, jax_nvfp4._C as c; print(jax.devices(), c.built_with_cuda())' ;;
   test)

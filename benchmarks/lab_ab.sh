@@ -2,6 +2,19 @@
 # the GPU machine. Results go under $out (${OUT:-/tmp/out}).
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
+# The extension itself for sm_90a (pip, no network), its CUDA flags set to DEFINES ("" for the
+# shipped build), the log in $out/LOG; prints the log's tail and fails if the build failed.
+build_extension() {  # LOG [DEFINES]
+  local log=$1 defines=${2:-}
+  # The sources arrive with this checkout's mtimes, which can be older than objects left in
+  # build/ by an earlier call on the same machine: ninja would then keep those objects.
+  touch csrc/*
+  # CMAKE_CUDA_FLAGS always set: a define stays in the CMake cache of build/ otherwise, and the
+  # next build would silently keep it.
+  JAX_NVFP4_CUDA_ARCHS=90a python3 -m pip install -q --no-build-isolation --no-deps -e . \
+    -C cmake.define.CMAKE_CUDA_FLAGS="$defines" > "$out/$log" 2>&1 \
+    || { tail -40 "$out/$log"; return 1; }
+}
 build_lab() {  # NAME DEFINES...: kernel_lab for sm_90a with the given -D knobs, as /tmp/lab_NAME
   local name=$1; shift
   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I csrc --expt-relaxed-constexpr \

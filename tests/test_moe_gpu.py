@@ -8,6 +8,9 @@ applies it in its epilogue): the kernel may differ from that one only by float32
 order, so its bound is tight.
 """
 
+import re
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -15,6 +18,7 @@ import numpy as np
 import pytest
 
 import jax_nvfp4 as nf
+from jax_nvfp4.bench.common import gpu_events
 from jax_nvfp4.moe import capacity, choose_block_m
 from jax_nvfp4.ops import moe as moe_ops
 from jax_nvfp4.ops import moe_align
@@ -261,8 +265,9 @@ def test_long_units_bitwise_equal_to_four_chunk_units(rng, monkeypatch, m, gate_
   """JAX_NVFP4_MOE_LONG_UNITS=1 (opt-in, read at each launch): the unsliced block_m-8 GEMMs
   with K >= 2048 run 8-chunk pipeline units. The k16 steps are added in the same order either
   way, so the layer is bitwise the 4-chunk one's; against the float64 layer with poisoned
-  outputs, and the profiler's kernel names show which block each setting ran. GEMM 1's K = 2048 (whole units), GEMM 2's K = 2112 (33 chunks: the last unit holds
-  one), 8 experts per token (8 or more token tiles: unsliced, unsplit)."""
+  outputs, and the profiler's kernel names show which block each setting ran. GEMM 1's K =
+  2048 (whole units), GEMM 2's K = 2112 (33 chunks: the last unit holds one), 8 experts per
+  token (8 or more token tiles: unsliced, unsplit)."""
   h, i, e, k = 2048, 2112, 16, 8
   x, w13, w2 = _layer(rng, m, h, i, e)
   tw, ti = _distinct_topk(rng, m, e, k)
@@ -285,16 +290,13 @@ def test_long_units_bitwise_equal_to_four_chunk_units(rng, monkeypatch, m, gate_
 def _grouped_gemm_kernels(fn, *args) -> set[str]:
   """The template arguments after the dtype of every grouped-GEMM kernel one call of fn ran
   (the profiler's demangled names: MT, kMoe, KS, XR and SC where it is not the default 0)."""
-  import re
-  import tempfile
-  from jax_nvfp4.bench.common import gpu_events
   jax.block_until_ready(fn(*args))
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
       jax.block_until_ready(fn(*args))
     names = [e["name"] for e in gpu_events(d)]
-  return {m.group(1) for n in names
-          for m in [re.search(r"nvfp4_kernel<[^,]+, (1, true[^>]*)>", n)] if m}
+  found = (re.search(r"nvfp4_kernel<[^,]+, (1, true[^>]*)>", name) for name in names)
+  return {f.group(1) for f in found if f}
 
 
 def _even_experts_local(w13, w2, e):
