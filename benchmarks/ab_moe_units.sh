@@ -9,8 +9,8 @@
 #   bash benchmarks/ab_moe_units.sh "4 8"     (TOKENS=1,16 for fewer rows)
 # The define stays in the CMake cache of build/: device_run.sh build resets it. Run on
 # 2026-12-04 (results/profile_moe_h200_2026-12-04_v22_units.txt, NOTES_moe.md v22). Since then
-# the extension has the long units itself, opt-in: profile_moe.py --variants fused_moe,long_units
-# is the same A/B in one build.
+# the extension takes long units itself where K >= 2048 (v23): profile_moe.py --variants
+# short_units,fused_moe is the same A/B in one build.
 set -uo pipefail
 source benchmarks/lab_ab.sh  # build_extension, $out
 for chunks in ${1:-4 8}; do

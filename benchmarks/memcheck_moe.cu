@@ -150,16 +150,15 @@ int main() {
     for (bool bf16 : {true, false}) {
       const int x_rows = c.second_gemm ? rows_out : c.tokens;
       const uint16_t *x = device_copy(random_x(x_rows, c.k, bf16, seed));
-      // The plain launch keeps 4-chunk units; the launch under test may take long units (the
-      // opt-in JAX_NVFP4_MOE_LONG_UNITS=1), so that they are compared with 4-chunk ones.
+      // The plain launch keeps 4-chunk units (JAX_NVFP4_MOE_LONG_UNITS=0); the launch under test
+      // takes the default, long units where K allows, so that they are compared with 4-chunk ones.
       setenv("JAX_NVFP4_MOE_LONG_UNITS", "0", 1);
       const std::vector<float> plain = run(c, 8, 1, 1, 1, 0, false, bf16, expert_of, local, x, w,
                                            gs, bias, topk, stream);
-      setenv("JAX_NVFP4_MOE_LONG_UNITS", "1", 1);
+      unsetenv("JAX_NVFP4_MOE_LONG_UNITS");
       const std::vector<float> got =
           run(c, c.block_m, c.splits, c.k_slices, c.tiles_per_block, c.expert_rows, c.cluster,
               bf16, expert_of, local, x, w, gs, bias, topk, stream);
-      unsetenv("JAX_NVFP4_MOE_LONG_UNITS");
       CHECK(cudaFree(const_cast<uint16_t *>(x)));
       char what[200];
       std::snprintf(what, sizeof what, "T=%d K=%d N=%d E=%d top_k=%d %s %s", c.tokens, c.k, c.n,

@@ -26,8 +26,8 @@ included: NOTES_moe.md v16), ``ks_tiles8`` / ``ks_tiles16`` (the k-sliced rule's
 up]`` order: GEMM1 writes both halves and XLA applies the activation, the layer before v17) and
 ``route_general`` (``JAX_NVFP4_ROUTE_SMALL=0``: decode batches in the general routing kernel, not
 the decode one; NOTES_moe.md v18) and ``decode_tiles1`` (one N block per block at block_m 8: the
-rule before v18's decode tiles) and ``long_units`` (``JAX_NVFP4_MOE_LONG_UNITS=1``: 8-chunk units
-in the unsliced block_m-8 GEMMs with K >= 2048; NOTES_moe.md v22). Large T works too
+rule before v18's decode tiles) and ``short_units`` (``JAX_NVFP4_MOE_LONG_UNITS=0``: 4-chunk units
+in the unsliced block_m-8 GEMMs with K >= 2048 too, the rule before v23). Large T works too
 (``--tokens 1024,4096``).
 """
 
@@ -188,9 +188,9 @@ def main():
                        "from 4), split6 (split K down to 6 k64 chunks per split, not 48), "
                        "unfused (w13 in plain order: the activation as an XLA kernel), "
                        "route_general (the general routing kernel at decode too), "
-                       "decode_tiles1 (one N block per block at block_m 8), long_units "
-                       "(JAX_NVFP4_MOE_LONG_UNITS=1: 8-chunk units in the unsliced block_m-8 "
-                       "GEMMs with K >= 2048)")
+                       "decode_tiles1 (one N block per block at block_m 8), short_units "
+                       "(JAX_NVFP4_MOE_LONG_UNITS=0: 4-chunk units in the unsliced block_m-8 "
+                       "GEMMs with K >= 2048 too)")
   args = ap.parse_args()
   rows = []
   key = jax.random.key(1)
@@ -216,7 +216,7 @@ def main():
                 "split6": lambda: patched("MIN_CHUNKS_PER_SPLIT", 6),
                 "unfused": contextlib.nullcontext,
                 "route_general": lambda: environment("JAX_NVFP4_ROUTE_SMALL", "0"),
-                "long_units": lambda: environment("JAX_NVFP4_MOE_LONG_UNITS", "1"),
+                "short_units": lambda: environment("JAX_NVFP4_MOE_LONG_UNITS", "0"),
                 "decode_tiles1": decode_one_tile}
     variants = {name: (many(bench_moe.nvfp4_layer(routing)), contexts[name])
                 for name in args.variants.split(",")}

@@ -720,17 +720,16 @@ cudaError_t launch_sliced(const GemmParams &p, bool bf16, int token_tiles, cudaS
   }
 }
 // Whether the grouped GEMM's unsliced m_tile-1 launch takes long units (kLongUnitChunks,
-// nvfp4_tile.cuh): K unsplit and at least kLongUnitMinK64 chunks, and only with
-// JAX_NVFP4_MOE_LONG_UNITS=1 (read at each launch) until the GPU tests have run on them: the
-// profile that measured them (NOTES_moe.md v22) used an extension built with 8-chunk units
-// everywhere, and the device time of that session ran out before this launch path ran under
-// the tests and compute-sanitizer. The dense unsliced m_tile-1 launch (M <= 8 where k-slices do
-// not apply) keeps 4-chunk units: not measured. Unit boundaries do not change the order of the
-// additions, so the outputs are bitwise those of the 4-chunk block.
+// nvfp4_tile.cuh): K unsplit and at least kLongUnitMinK64 chunks. JAX_NVFP4_MOE_LONG_UNITS=0
+// keeps the 4-chunk units (for A/B runs; NOTES_moe.md v23). It is read when the handler issues
+// the launch; inside an XLA command buffer that is when the launch is recorded, so set it
+// before the first call of a compiled function. The dense unsliced m_tile-1 launch (M <= 8
+// where k-slices do not apply) keeps 4-chunk units: not measured. Unit boundaries do not change
+// the order of the additions, so the outputs are bitwise those of the 4-chunk block.
 inline bool moe_long_units(const GemmParams &p) {
   if (p.splits != 1 || p.k64 < kLongUnitMinK64) return false;
   const char *env = std::getenv("JAX_NVFP4_MOE_LONG_UNITS");
-  return env != nullptr && std::string(env) == "1";
+  return env == nullptr || std::string(env) != "0";
 }
 // expert_rows: the grouped GEMM's hint (most rows one expert's tile is expected to hold; 0:
 // none); the dense launch takes its rows from p.rows_out.

@@ -142,7 +142,8 @@ constexpr int kLongSliceChunks = 8;
 // (GPU us per layer, 4 -> 8 chunks): DeepSeek-like T = 1 77.4 -> 74.1, T = 16 702.7 -> 668.2;
 // Mixtral-like T = 16 238.1 -> 225.4; Qwen3-like T = 1 21.7 -> 21.3, but its GEMM 2 (K = 768:
 // 12 chunks, a unit and a half) 27.7 -> 34.7 us at T = 16, hence the K floor (NOTES_moe.md v22).
-// Opt-in for now (nvfp4_kernel.cuh moe_long_units).
+// The default since v23 (GPU tests, memcheck and profile: NOTES_moe.md); nvfp4_kernel.cuh
+// moe_long_units.
 constexpr int kLongUnitChunks = 8;
 constexpr int kLongUnitMinK64 = 32;
 // The same for the 4-slice block at m_tile 1: 8 chunks for the short x tiles (1, 2 or 4 rows),

@@ -262,12 +262,13 @@ def test_cluster_split_k_bitwise_equal_to_ticket_path(rng, monkeypatch, m, h, i,
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("gate_up_pairs", [True, False])
 def test_long_units_bitwise_equal_to_four_chunk_units(rng, monkeypatch, m, gate_up_pairs):
-  """JAX_NVFP4_MOE_LONG_UNITS=1 (opt-in, read at each launch): the unsliced block_m-8 GEMMs
-  with K >= 2048 run 8-chunk pipeline units. The k16 steps are added in the same order either
-  way, so the layer is bitwise the 4-chunk one's; against the float64 layer with poisoned
-  outputs, and the profiler's kernel names show which block each setting ran. GEMM 1's K =
-  2048 (whole units), GEMM 2's K = 2112 (33 chunks: the last unit holds one), 8 experts per
-  token (8 or more token tiles: unsliced, unsplit)."""
+  """By default the unsliced block_m-8 GEMMs with K >= 2048 run 8-chunk pipeline units;
+  JAX_NVFP4_MOE_LONG_UNITS=0 keeps 4-chunk ones. The k16 steps are added in the same order
+  either way, so the layer is bitwise the 4-chunk one's; against the float64 layer with poisoned
+  outputs, and the profiler's kernel names show which block each setting ran. GEMM 1's K = 2048
+  (whole units), GEMM 2's K = 2112 (33 chunks: the last unit holds one), 8 experts per token (8
+  or more token tiles: unsliced, unsplit). Each setting compiles its own function: the variable
+  is read when the launch is issued, which a command buffer does once when it records."""
   h, i, e, k = 2048, 2112, 16, 8
   x, w13, w2 = _layer(rng, m, h, i, e)
   tw, ti = _distinct_topk(rng, m, e, k)
@@ -277,19 +278,21 @@ def test_long_units_bitwise_equal_to_four_chunk_units(rng, monkeypatch, m, gate_
   assert block_m == 8 and slots // block_m > moe_ops.MOE_K_SLICES_MAX_TOKEN_TILES
   assert moe_ops.choose_moe_splits(slots, 2 * i, h, block_m) == 1
   assert moe_ops.choose_moe_splits(slots, h, i, block_m) == 1
-  layer = jax.jit(lambda *a: nf.fused_moe(*a, topk_weights=tw, topk_ids=ti))
-  monkeypatch.setenv("JAX_NVFP4_MOE_LONG_UNITS", "1")
-  long_units = np.asarray(poisoned(layer, x, p13, p2, out_shape=x.shape, dtype=x.dtype))
+  layer = lambda: jax.jit(lambda *a: nf.fused_moe(*a, topk_weights=tw, topk_ids=ti))  # noqa: E731
+  monkeypatch.delenv("JAX_NVFP4_MOE_LONG_UNITS", raising=False)
+  default = layer()
+  long_units = np.asarray(poisoned(default, x, p13, p2, out_shape=x.shape, dtype=x.dtype))
   _check(x, w13, w2, long_units, tw, ti, gemm1_rounded=not gate_up_pairs)
-  assert _grouped_gemm_kernels(layer, x, p13, p2) == {"1, true, 1, 8, 8"}  # both GEMMs
+  assert _grouped_gemm_kernels(default, x, p13, p2) == {"1, true, 1, 8, 8"}  # both GEMMs
   monkeypatch.setenv("JAX_NVFP4_MOE_LONG_UNITS", "0")
-  np.testing.assert_array_equal(np.asarray(layer(x, p13, p2)), long_units)
-  assert _grouped_gemm_kernels(layer, x, p13, p2) == {"1, true, 1, 8"}
+  short_units = layer()
+  np.testing.assert_array_equal(np.asarray(short_units(x, p13, p2)), long_units)
+  assert _grouped_gemm_kernels(short_units, x, p13, p2) == {"1, true, 1, 8, 0"}
 
 
 def _grouped_gemm_kernels(fn, *args) -> set[str]:
   """The template arguments after the dtype of every grouped-GEMM kernel one call of fn ran
-  (the profiler's demangled names: MT, kMoe, KS, XR and SC where it is not the default 0)."""
+  (the profiler's demangled names: MT, kMoe, KS, XR and SC, defaults included)."""
   jax.block_until_ready(fn(*args))
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
