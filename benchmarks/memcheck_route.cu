@@ -6,7 +6,8 @@
 // before each call. Cases: the decode kernel at each register width (1, 2, 4, 8 keys per lane),
 // softmax and sigmoid scoring, group-limited top-k (sum of two and max), a correction bias, an
 // expert map with -1 entries, every block_m, f32 / bf16 / f16 logits, 1 to 128 pairs and 32
-// tokens; and the general kernel on batches past the decode kernel's range. Every decode
+// tokens; the wide decode kernel (one warp per 32 experts) wherever it applies, groups of 32
+// included; and the general kernel on batches past the decode kernels' range. Every decode
 // launch is compared bit for bit with the general kernel on the same input
 // (moe_route_kernels.cuh says they do the same arithmetic in the same order). Exit status 1 on
 // any disagreement or CUDA error.
@@ -47,6 +48,11 @@ const Case kCases[] = {
     {33, 8, 2, false, true, false, false, false, 1, 1, 8, 1.f, F32, "general: 33 tokens"},
     {128, 256, 8, true, true, true, false, false, 8, 4, 16, 2.5f, F32, "general: 1024 pairs"},
     {2, 300, 4, false, true, false, false, false, 1, 1, 8, 1.f, F32, "general: E = 300"},
+    {2, 64, 8, true, true, true, false, true, 2, 1, 16, 1.f, F32, "wide: 2 groups of 32"},
+    {1, 128, 4, true, true, true, true, false, 4, 2, 8, 1.f, F32, "wide: group max, 4 of 32"},
+    {8, 96, 4, false, false, false, false, false, 1, 1, 8, 1.f, BF16, "wide: E = 96, 8 tokens"},
+    {1, 200, 4, false, true, false, false, false, 1, 1, 8, 1.5f, F16, "wide: E = 200, 7 slices"},
+    {8, 128, 8, false, true, false, false, true, 1, 1, 32, 1.f, BF16, "wide: 64 pairs, map"},
 };
 
 // Logits with few mantissa bits (exact in every type) and some repeated values (ties).
@@ -89,9 +95,10 @@ T *poisoned(size_t n, cudaStream_t stream) {
   return d;
 }
 
-// One launch of plan_route_launch's choice; `decode` false forces the general kernel.
+// One launch of plan_route_launch's choice; `decode` false forces the general kernel, `wide`
+// allows the wide decode kernel.
 Outputs run(const Case &c, const void *logits, const float *bias, const int *map, bool decode,
-            bool &used_decode, cudaStream_t stream) {
+            bool wide, bool &used_decode, bool &used_wide, cudaStream_t stream) {
   const int pairs = c.tokens * c.top_k;
   const int slots = int(jax_nvfp4::moe_align::align_capacity(pairs, c.experts, c.block_m));
   RouteParams p{};
@@ -118,12 +125,13 @@ Outputs run(const Case &c, const void *logits, const float *bias, const int *map
   CHECK(cudaGetDevice(&device));
   CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   RouteLaunch launch{};
-  const std::string why = plan_route_launch(p, c.type, decode, optin, launch);
+  const std::string why = plan_route_launch(p, c.type, decode, optin, launch, wide);
   if (!why.empty()) {
     std::fprintf(stderr, "%s: %s\n", c.what, why.c_str());
     std::exit(1);
   }
   used_decode = launch.decode;
+  used_wide = launch.wide;
   if (launch.smem > 48 * 1024)
     CHECK(cudaFuncSetAttribute(launch.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                int(launch.smem)));
@@ -172,7 +180,7 @@ int main() {
   cudaStream_t stream;
   CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   uint64_t seed = 0x13198A2E03707344ull;
-  int failed = 0;
+  int failed = 0, launches = 0;
   for (const Case &c : kCases) {
     const std::vector<uint8_t> raw = random_logits(size_t(c.tokens) * c.experts, c.type, seed);
     std::vector<float> hb(c.experts);
@@ -183,21 +191,28 @@ int main() {
     const void *logits = device_copy(raw);
     const float *bias = c.bias ? device_copy(hb) : nullptr;
     const int *map = c.mapped ? device_copy(hm) : nullptr;
-    bool decode_ran = false, general_ran = true;
-    const Outputs got = run(c, logits, bias, map, true, decode_ran, stream);
-    const Outputs want = run(c, logits, bias, map, false, general_ran, stream);
-    const bool same = got.weights == want.weights && got.ids == want.ids &&
-                      got.sorted_ids == want.sorted_ids && got.block_expert == want.block_expert &&
-                      got.num_padded == want.num_padded;
-    const bool ok = same && !general_ran && aligned(c, got, hm);
-    failed += !ok;
-    std::printf("%-28s T=%-3d E=%-4d k=%-2d %s kernel: %s (padded %d)\n", c.what, c.tokens,
-                c.experts, c.top_k, decode_ran ? "decode " : "general",
-                ok ? "equal to the general kernel, aligned" : "MISMATCH", got.num_padded[0]);
+    bool decode_ran = false, general_ran = true, wide_ran = false, unused = false;
+    const Outputs want = run(c, logits, bias, map, false, false, general_ran, unused, stream);
+    // The decode (or general) kernel, then the wide one where it applies: each against the
+    // general kernel, bit for bit.
+    for (bool wide : {false, true}) {
+      const Outputs got = run(c, logits, bias, map, true, wide, decode_ran, wide_ran, stream);
+      if (wide && !wide_ran) break;
+      const bool same = got.weights == want.weights && got.ids == want.ids &&
+                        got.sorted_ids == want.sorted_ids &&
+                        got.block_expert == want.block_expert && got.num_padded == want.num_padded;
+      const bool ok = same && !general_ran && aligned(c, got, hm);
+      failed += !ok;
+      ++launches;
+      std::printf("%-28s T=%-3d E=%-4d k=%-2d %s kernel: %s (padded %d)\n", c.what, c.tokens,
+                  c.experts, c.top_k, wide_ran ? "wide   " : decode_ran ? "decode " : "general",
+                  ok ? "equal to the general kernel, aligned" : "MISMATCH", got.num_padded[0]);
+    }
     CHECK(cudaFree(const_cast<void *>(logits)));
     if (bias) CHECK(cudaFree(const_cast<float *>(bias)));
     if (map) CHECK(cudaFree(const_cast<int *>(map)));
   }
-  std::printf("%d cases, %d failed\n", int(sizeof(kCases) / sizeof(kCases[0])), failed);
+  std::printf("%d cases, %d launches, %d failed\n", int(sizeof(kCases) / sizeof(kCases[0])),
+              launches, failed);
   return failed ? 1 : 0;
 }

@@ -58,6 +58,53 @@ constexpr int kRouteMaxGroups = 32;    // one lane per group
 constexpr int kRouteMaxWarps = 32;
 constexpr int kLoadBatch = 8;          // logits per lane in flight at once (all 256 of DeepSeek's)
 
+// Lab knobs (benchmarks/route_lab.cu only): the decode kernel's exp and divisions as the fast
+// approximations, and the unroll of its one-chunk alignment's 32-step loop.
+#ifndef JAX_NVFP4_ROUTE_FAST_MATH
+#define JAX_NVFP4_ROUTE_FAST_MATH 0
+#endif
+// JAX_NVFP4_ROUTE_LAB_SCORING: 1 compiles only the sigmoid scoring, 2 only the softmax (0: both,
+// chosen at run time), to see what the untaken path's code costs.
+#ifndef JAX_NVFP4_ROUTE_LAB_SCORING
+#define JAX_NVFP4_ROUTE_LAB_SCORING 0
+#endif
+#ifndef JAX_NVFP4_ROUTE_ALIGN_UNROLL
+#define JAX_NVFP4_ROUTE_ALIGN_UNROLL 32
+#endif
+constexpr int kAlignUnroll = JAX_NVFP4_ROUTE_ALIGN_UNROLL;
+// JAX_NVFP4_ROUTE_LAB_CLOCK=1: thread 0 of the decode kernel records clock64() at its phase
+// boundaries in route_lab_clock (route_lab.cu prints the differences).
+#ifndef JAX_NVFP4_ROUTE_LAB_CLOCK
+#define JAX_NVFP4_ROUTE_LAB_CLOCK 0
+#endif
+#if JAX_NVFP4_ROUTE_LAB_CLOCK
+__device__ long long route_lab_clock[8];
+#define ROUTE_LAB_STAMP(i)                                                   \
+  do {                                                                       \
+    long long t_;                                                            \
+    asm volatile("mov.u64 %0, %%clock64;" : "=l"(t_)::"memory");             \
+    if (threadIdx.x == 0) route_lab_clock[i] = t_;                           \
+  } while (0)
+#else
+#define ROUTE_LAB_STAMP(i) \
+  do {                     \
+  } while (0)
+#endif
+__device__ __forceinline__ float lab_exp(float x) {
+#if JAX_NVFP4_ROUTE_FAST_MATH
+  return __expf(x);
+#else
+  return expf(x);
+#endif
+}
+__device__ __forceinline__ float lab_div(float a, float b) {
+#if JAX_NVFP4_ROUTE_FAST_MATH
+  return __fdividef(a, b);
+#else
+  return a / b;
+#endif
+}
+
 struct RouteParams {
   const void *logits;
   const float *bias;        // [E] or null
@@ -351,10 +398,10 @@ __device__ __forceinline__ void route_token_registers(const RouteParams &p, int 
   }
 
   // 1. Scores and selection keys (route_token's operations, per lane in ascending expert order).
-  if (p.sigmoid) {
+  if (JAX_NVFP4_ROUTE_LAB_SCORING == 0 ? p.sigmoid : JAX_NVFP4_ROUTE_LAB_SCORING == 1) {
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
-      const float s = 1.0f / (1.0f + expf(-score[j]));
+      const float s = lab_div(1.0f, 1.0f + lab_exp(-score[j]));
       const float choice = has_bias ? s + __uint_as_float(key[j]) : s;
       score[j] = s;
       key[j] = lane + 32 * j < experts ? order_key(choice) : 0u;
@@ -369,19 +416,20 @@ __device__ __forceinline__ void route_token_registers(const RouteParams &p, int 
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
       if (lane + 32 * j < experts) {
-        score[j] = expf(score[j] - mx);
+        score[j] = lab_exp(score[j] - mx);
         sum += score[j];
       }
     }
     sum = warp_sum(sum);
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
-      score[j] = score[j] / sum;
+      score[j] = lab_div(score[j], sum);
       const float choice = has_bias ? score[j] + __uint_as_float(key[j]) : score[j];
       key[j] = lane + 32 * j < experts ? order_key(choice) : 0u;
     }
   }
 
+  ROUTE_LAB_STAMP(1);
   // 2. Group-limited selection: lane g scans group g's keys from shared memory (a group's
   //    experts are spread over the lanes' registers).
   if (p.n_group > 1) {
@@ -415,6 +463,7 @@ __device__ __forceinline__ void route_token_registers(const RouteParams &p, int 
     }
   }
 
+  ROUTE_LAB_STAMP(2);
   // 3. Top-k: every lane keeps its best (key, lowest index); the winner's key becomes 0.
   auto lane_best = [&](unsigned &best_key, int &best_index) {
     best_key = 0u;
@@ -451,6 +500,7 @@ __device__ __forceinline__ void route_token_registers(const RouteParams &p, int 
     }
   }
 
+  ROUTE_LAB_STAMP(3);
   // 4. Weights: lane r fetches score[id_r] from the lane that owns it.
   float w = 0.0f;
 #pragma unroll
@@ -459,12 +509,16 @@ __device__ __forceinline__ void route_token_registers(const RouteParams &p, int 
     if (j == my_id / 32) w = s;
   }
   store_token_choice(p, t, lane, my_id, lane < p.top_k ? w : 0.0f, ids_s);
+  ROUTE_LAB_STAMP(4);
 }
 
 // The alignment of <= 32 pairs by one warp, lane = pair: the same outputs as align_place.
 // Why a second version beside align_chunks_warp: at one token this one (no shared-memory
 // counts, one shuffle loop) made the DeepSeek-like routing kernel 6.0 us, the chunked one
-// 7.9 (NOTES_moe.md v18).
+// 7.9 (NOTES_moe.md v18). kPairsOnly: the shuffle loop visits only the lanes that hold a pair
+// (the others add nothing: no expert below theirs, no padded run); the wide kernel's form, the
+// decode kernel's too once the GPU tests have run on it (NOTES_moe.md v24).
+template <bool kPairsOnly = false>
 __device__ __forceinline__ void align_pair_lanes_warp(const RouteParams &p, const int *ids_s,
                                                  const int *map_s) {
   const int lane = threadIdx.x % 32, experts = p.experts, block_m = p.block_m;
@@ -477,10 +531,18 @@ __device__ __forceinline__ void align_pair_lanes_warp(const RouteParams &p, cons
   const int padded = leader ? (count + block_m - 1) / block_m * block_m : 0;
   // The first slot of expert e: the padded runs of the lower experts, one per leader lane.
   int start = 0;
-#pragma unroll
-  for (int q = 0; q < 32; ++q) {
-    const int eq = __shfl_sync(0xffffffffu, e, q), pq = __shfl_sync(0xffffffffu, padded, q);
-    start += eq < e ? pq : 0;
+  if (kPairsOnly) {
+#pragma unroll 4
+    for (int q = 0; q < pairs; ++q) {
+      const int eq = __shfl_sync(0xffffffffu, e, q), pq = __shfl_sync(0xffffffffu, padded, q);
+      start += eq < e ? pq : 0;
+    }
+  } else {
+#pragma unroll kAlignUnroll
+    for (int q = 0; q < 32; ++q) {
+      const int eq = __shfl_sync(0xffffffffu, e, q), pq = __shfl_sync(0xffffffffu, padded, q);
+      start += eq < e ? pq : 0;
+    }
   }
   const int used = __reduce_add_sync(0xffffffffu, padded);
   if (e < experts) p.sorted_ids[start + __popc(below)] = lane;
@@ -587,6 +649,7 @@ __global__ void __launch_bounds__(kSmallMaxTokens * 32, 1)
   extern __shared__ unsigned group_rows[];
   __shared__ int ids_s[kSmallMaxPairs];
   __shared__ int map_s[kSmallMaxExperts], count_s[kSmallMaxExperts], start_s[kSmallMaxExperts];
+  ROUTE_LAB_STAMP(0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   // Warp 0 reads the expert map now, in flight while it routes.
   int mapped[PER];
@@ -614,6 +677,194 @@ __global__ void __launch_bounds__(kSmallMaxTokens * 32, 1)
       align_pair_lanes_warp(p, ids_s, has_map ? map_s : nullptr);
     }
   }
+  ROUTE_LAB_STAMP(5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The wide decode path (opt-in, JAX_NVFP4_ROUTE_WIDE=1, until its GPU tests have run;
+// NOTES_moe.md v24): one warp per 32 experts of a token instead of one warp per token.
+//
+// Why: the decode kernel above is one warp's chain of ~2000 instructions at one token for 256
+// experts, and a lone warp waits out every instruction's latency: route_lab.cu measured it at
+// 5.7 us warm and 6.0 cold (a one-block launch that stores one word: 0.8), so it is neither its
+// code fetch nor its loads. Spread over warps, each warp's part of the chain is short.
+//
+// Warp w of the block routes slice s = w % S of token t = w / S (S = ceil(E / 32) slices of 32
+// experts; lane l holds expert 32 s + l, one key in a register):
+//   1. softmax or sigmoid and the selection key, as route_token. Softmax needs the token's max
+//      and sum over all slices: the max through shared memory (exact in any order), and the
+//      sum in route_token's order (lane l adds experts l, l + 32, ... then the warp sum), from
+//      the exponentials parked in shared memory, so that the scores are bitwise the decode and
+//      general kernels'.
+//   2. n_group > 1 takes the path only where a group is one slice (E = 32 n_group): the slice's
+//      two largest keys by three REDUX, the group score as choose_groups makes it.
+//   3. each lane's rank in its slice by (key descending, expert ascending): 32 shuffles and
+//      compares, no rounds; ranks below top_k go to shared memory as the slice's candidates,
+//      best first.
+//   One barrier. Then the token's slice-0 warp merges: with groups, the topk_group best group
+//   keys (ranked the same way among the n_group lanes: choose_groups' set); lane j takes
+//   candidate j % top_k of the (j / top_k)-th slice considered (ascending slices, so lane order
+//   is expert order among equal keys), at most 32 candidates; its rank among them (the same
+//   32 shuffles) is its place in the token's top-k. The top-k of the union of the slices'
+//   top-k lists is the top-k of the token (a strict order), so the ids and their order are the
+//   decode kernel's; lane r then holds the r-th id and its score, and store_token_choice
+//   renormalises as the other kernels do: every output is bitwise theirs.
+//   Then warp 0 aligns, as in the decode kernel (after a block barrier for more than one
+//   token).
+// Where: at most kWideMaxWarps warps (tokens x slices), E <= kSmallMaxExperts, pairs <=
+// kSmallMaxPairs, and at most 32 candidates (slices x top_k, or topk_group x top_k).
+constexpr int kWideMaxWarps = 32;
+constexpr int kWideMaxLanes = kWideMaxWarps * 32;
+
+// The rank of this lane's (key, lane) among the warp's: how many lanes hold a larger key or an
+// equal key at a lower lane. Over the first `lanes` lanes; all lanes take part.
+__device__ __forceinline__ int lane_rank(unsigned key, int lanes) {
+  const int lane = threadIdx.x % 32;
+  int rank = 0;
+#pragma unroll 8
+  for (int q = 0; q < lanes; ++q) {
+    const unsigned other = __shfl_sync(0xffffffffu, key, q);
+    rank += other > key || (other == key && q < lane);
+  }
+  return rank;
+}
+
+template <typename T, bool kChunked>
+__global__ void __launch_bounds__(kWideMaxLanes, 1)
+    moe_route_align_wide_kernel(const RouteParams p) {
+  __shared__ int ids_s[kSmallMaxPairs];
+  __shared__ int map_s[kSmallMaxExperts], count_s[kSmallMaxExperts], start_s[kSmallMaxExperts];
+  __shared__ float max_s[kWideMaxWarps];
+  __shared__ unsigned group_key_s[kWideMaxWarps];
+  __shared__ float exp_s[kWideMaxLanes];
+  // Each warp's candidates at warp * 32 + rank; the merge reuses its own slots for the result.
+  __shared__ unsigned cand_key_s[kWideMaxLanes];
+  __shared__ int cand_id_s[kWideMaxLanes];
+  __shared__ float cand_score_s[kWideMaxLanes];
+  ROUTE_LAB_STAMP(0);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int experts = p.experts, slices = (experts + 31) / 32;
+  const int t = warp / slices, slice = warp % slices, e = slice * 32 + lane;
+  const bool real = e < experts, has_bias = p.bias != nullptr, has_map = p.expert_map != nullptr;
+  const T *row = static_cast<const T *>(p.logits) + size_t(t) * experts;
+  const float logit = real ? to_float(row[e]) : 0.0f;
+  const float bias = has_bias && real ? p.bias[e] : 0.0f;
+  // The block has at least 32 * slices >= E threads: one map entry each.
+  const int mapped = has_map && int(threadIdx.x) < experts ? p.expert_map[threadIdx.x] : 0;
+
+  // 1.
+  float score;
+  if (p.sigmoid) {
+    score = 1.0f / (1.0f + expf(-logit));
+  } else {
+    float mx = warp_fmax(real ? logit : -INFINITY);
+    if (slices > 1) {
+      if (lane == 0) max_s[warp] = mx;
+      __syncthreads();
+      for (int q = 0; q < slices; ++q) mx = fmaxf(mx, max_s[t * slices + q]);
+    }
+    score = real ? expf(logit - mx) : 0.0f;
+    float sum = score;   // one slice: 0 + its exponential, route_token's first addition
+    if (slices > 1) {
+      exp_s[threadIdx.x] = score;
+      __syncthreads();
+      sum = 0.0f;
+      for (int q = 0; q < slices; ++q)
+        if (q * 32 + lane < experts) sum += exp_s[(t * slices + q) * 32 + lane];
+    }
+    score = score / warp_sum(sum);
+  }
+  const unsigned key = real ? order_key(has_bias ? score + bias : score) : 0u;
+  ROUTE_LAB_STAMP(1);
+
+  // 2.
+  if (p.n_group > 1) {
+    const unsigned first = __reduce_max_sync(0xffffffffu, key);
+    const unsigned at = __reduce_min_sync(0xffffffffu, key == first ? unsigned(lane) : ~0u);
+    const unsigned second = __reduce_max_sync(0xffffffffu, unsigned(lane) == at ? 0u : key);
+    if (lane == 0) {
+      const float group = p.group_max ? key_value(first) : key_value(first) + key_value(second);
+      group_key_s[warp] = order_key(group);
+    }
+  }
+
+  // 3.
+  const int rank = lane_rank(key, 32);
+  if (rank < p.top_k) {
+    cand_key_s[warp * 32 + rank] = key;
+    cand_id_s[warp * 32 + rank] = e;
+    cand_score_s[warp * 32 + rank] = score;
+  }
+  if (has_map && int(threadIdx.x) < experts) map_s[threadIdx.x] = mapped;
+  __syncthreads();
+  ROUTE_LAB_STAMP(2);
+
+  if (slice == 0) {
+    const int k = p.top_k, base = warp * 32;
+    int from = lane / k, candidates = slices * k;
+    if (p.n_group > 1) {
+      const unsigned group_key = lane < p.n_group ? group_key_s[base / 32 + lane] : 0u;
+      const bool chosen = lane < p.n_group && lane_rank(group_key, p.n_group) < p.topk_group;
+      const unsigned groups = __ballot_sync(0xffffffffu, chosen);
+      // The (lane / k)-th chosen group, in ascending order.
+      const int nth = from;
+      from = slices;
+      for (int g = 0, seen = 0; g < slices; ++g) {
+        if ((groups >> g) & 1u) {
+          if (seen == nth) from = g;
+          ++seen;
+        }
+      }
+      candidates = p.topk_group * k;
+    }
+    const bool has = lane < candidates;
+    const int at = (base / 32 + from) * 32 + lane % k;
+    const unsigned cand_key = has ? cand_key_s[at] : 0u;
+    const int cand_id = has ? cand_id_s[at] : 0;
+    const float cand_score = has ? cand_score_s[at] : 0.0f;
+    const int place = lane_rank(cand_key, 32);
+    __syncwarp();   // every lane has read its candidate before the winners overwrite slots
+    if (place < k) {
+      cand_id_s[base + place] = cand_id;
+      cand_score_s[base + place] = cand_score;
+    }
+    __syncwarp();
+    const int id = lane < k ? cand_id_s[base + lane] : 0;
+    const float w = lane < k ? cand_score_s[base + lane] : 0.0f;
+    ROUTE_LAB_STAMP(3);
+    store_token_choice(p, t, lane, id, w, ids_s);
+    ROUTE_LAB_STAMP(4);
+  }
+  if (p.tokens > 1) {
+    __syncthreads();
+  } else {
+    __syncwarp();
+  }
+  if (warp == 0) {
+    if (kChunked) {
+      align_chunks_warp<kSmallMaxExperts / 32>(p, ids_s, has_map ? map_s : nullptr, count_s,
+                                               start_s);
+    } else {
+      align_pair_lanes_warp<true>(p, ids_s, has_map ? map_s : nullptr);
+    }
+  }
+  ROUTE_LAB_STAMP(5);
+}
+
+// Whether the wide kernel takes p (its comment says where).
+inline bool wide_route_fits(const RouteParams &p) {
+  const int slices = (p.experts + 31) / 32, pairs = p.tokens * p.top_k;
+  if (p.tokens < 1 || p.tokens * slices > kWideMaxWarps || p.experts > kSmallMaxExperts ||
+      pairs > kSmallMaxPairs)
+    return false;
+  if (p.n_group > 1) return p.experts == 32 * p.n_group && p.topk_group * p.top_k <= 32;
+  return slices * p.top_k <= 32;
+}
+
+template <typename T>
+const void *wide_kernel(int pairs) {
+  return pairs > 32 ? reinterpret_cast<const void *>(moe_route_align_wide_kernel<T, true>)
+                    : reinterpret_cast<const void *>(moe_route_align_wide_kernel<T, false>);
 }
 
 template <typename T, bool kChunked>
@@ -645,7 +896,8 @@ struct RouteLaunch {
   const void *kernel;
   int threads;
   size_t smem;
-  bool decode;   // moe_route_align_small_kernel
+  bool decode;   // moe_route_align_small_kernel or moe_route_align_wide_kernel
+  bool wide;     // moe_route_align_wide_kernel
 };
 
 template <typename T>
@@ -653,13 +905,24 @@ const void *general_kernel() {
   return reinterpret_cast<const void *>(moe_route_align_kernel<T>);
 }
 
-// The launch for p (its tokens, experts, top_k and n_group set): the decode kernel where it
-// applies and `allow_decode`, else the general kernel with a warp per token up to 32, at least
-// the alignment's warp per 32 pairs, and no more than `smem_optin` bytes of shared memory hold.
-// "" or why it cannot run.
+// The launch for p (its tokens, experts, top_k and n_group set): the wide decode kernel where
+// it applies and `allow_wide`, else the decode kernel where it applies and `allow_decode`, else
+// the general kernel with a warp per token up to 32, at least the alignment's warp per 32
+// pairs, and no more than `smem_optin` bytes of shared memory hold. "" or why it cannot run.
 inline std::string plan_route_launch(const RouteParams &p, LogitType type, bool allow_decode,
-                                     int smem_optin, RouteLaunch &launch) {
+                                     int smem_optin, RouteLaunch &launch,
+                                     bool allow_wide = false) {
   const int pairs = p.tokens * p.top_k, e = p.experts;
+  if (allow_wide && allow_decode && wide_route_fits(p)) {
+    launch.kernel = type == LogitType::kF32    ? wide_kernel<float>(pairs)
+                    : type == LogitType::kBF16 ? wide_kernel<__nv_bfloat16>(pairs)
+                                               : wide_kernel<__half>(pairs);
+    launch.threads = p.tokens * ((e + 31) / 32) * 32;
+    launch.smem = 0;
+    launch.decode = true;
+    launch.wide = true;
+    return "";
+  }
   if (p.tokens >= 1 && p.tokens <= kSmallMaxTokens && pairs <= kSmallMaxPairs &&
       e <= kSmallMaxExperts && allow_decode) {
     launch.kernel = type == LogitType::kF32    ? small_kernel<float>(e, pairs)
@@ -669,6 +932,7 @@ inline std::string plan_route_launch(const RouteParams &p, LogitType type, bool 
     // <= 32 KB
     launch.smem = p.n_group > 1 ? size_t(p.tokens) * size_t(e) * sizeof(unsigned) : 0;
     launch.decode = true;
+    launch.wide = false;
     return "";
   }
   int warps = std::clamp(std::max((pairs + 31) / 32, p.tokens), 4, kRouteMaxWarps);
@@ -677,6 +941,7 @@ inline std::string plan_route_launch(const RouteParams &p, LogitType type, bool 
   launch.smem = route_smem_ints(pairs, e, warps) * sizeof(int);
   launch.threads = warps * 32;
   launch.decode = false;
+  launch.wide = false;
   launch.kernel = type == LogitType::kF32    ? general_kernel<float>()
                   : type == LogitType::kBF16 ? general_kernel<__nv_bfloat16>()
                                              : general_kernel<__half>();

@@ -23,6 +23,14 @@ bool decode_kernel_enabled() {
   return env == nullptr || std::string(env) != "0";
 }
 
+// JAX_NVFP4_ROUTE_WIDE=1 sends the decode batches that fit it to the wide decode kernel (one
+// warp per 32 experts; opt-in until its GPU tests have run, NOTES_moe.md v24). Read at every
+// call, as above.
+bool wide_kernel_enabled() {
+  const char *env = std::getenv("JAX_NVFP4_ROUTE_WIDE");
+  return env != nullptr && std::string(env) == "1";
+}
+
 ffi::Error invalid(const std::string &msg) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_nvfp4_moe_route_align: " + msg);
 }
@@ -98,7 +106,8 @@ ffi::Error MoeRouteAlignImpl(cudaStream_t stream, ffi::AnyBuffer logits,
                          : dtype == ffi::DataType::BF16 ? LogitType::kBF16
                                                         : LogitType::kF16;
   RouteLaunch launch{};
-  if (const std::string why = plan_route_launch(p, type, decode_kernel_enabled(), optin, launch);
+  if (const std::string why = plan_route_launch(p, type, decode_kernel_enabled(), optin, launch,
+                                                wide_kernel_enabled());
       !why.empty())
     return invalid(why);
   if (ffi::Error err = allow_dynamic_smem(launch.kernel, launch.smem, "jax_nvfp4_moe_route_align");

@@ -3,12 +3,15 @@ NumPy routing and the alignment's invariants. The tests without the gpu mark run
 (on a GPU they go through the kernel); the gpu ones compare the kernel with the XLA reference
 on the same device."""
 
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jax_nvfp4 as nf
+from jax_nvfp4.bench.common import gpu_events
 from jax_nvfp4.moe import capacity
 from jax_nvfp4.ops import moe_align, moe_route
 from tests import numpy_moe_reference as ref
@@ -332,3 +335,120 @@ def test_decode_kernel_expert_map(rng, block_m, m, monkeypatch):
   logits = jnp.asarray(rng.standard_normal((m, e)).astype(np.float32))
   decode = _decode_equals_general(monkeypatch, logits, cfg, block_m, jnp.asarray(emap))
   _check(logits, cfg, decode, emap)
+
+
+# ----------------------------------------------------------------------------- the wide kernel
+
+# (E, RoutingConfig kwargs, token counts) that the wide decode kernel takes (one warp per 32
+# experts of a token: at most 32 warps, at most 32 merge candidates, groups only of 32 experts):
+# each at its first and last token count, 64 pairs (the chunked alignment) where one fits.
+WIDE_CONFIGS = {
+    "qwen3": (128, dict(top_k=8), (1, 2, 8)),
+    "mixtral": (8, dict(top_k=2), (1, 5, 32)),
+    "softmax_plain": (60, dict(top_k=4, renormalize=False), (1, 3, 16)),
+    "deepseek": (256, dict(top_k=8, scoring="sigmoid", n_group=8, topk_group=4,
+                           routed_scaling_factor=2.5), (1, 2, 4)),
+    "sigmoid_flat": (40, dict(top_k=3, scoring="sigmoid", routed_scaling_factor=0.5),
+                     (1, 7, 16)),
+    "two_groups_max": (64, dict(top_k=8, scoring="sigmoid", n_group=2, topk_group=1,
+                                group_score="max"), (1, 16)),
+    "one_expert": (1, dict(top_k=1), (1, 32)),
+    "seven_slices": (200, dict(top_k=4), (1, 4)),
+}
+
+
+def _route_fresh(logits, cfg, block_m=None, expert_map=None):
+  """route_and_align through a function compiled for this call alone: the handler reads the
+  kernel switches when it issues the launch, and an executable shared with an earlier setting
+  could replay that setting's launch from its command buffer."""
+  f = jax.jit(lambda l, em: nf.route_and_align(l, cfg, block_m=block_m, expert_map=em))
+  return f, (logits, expert_map)
+
+
+def _route_kernels(f, args) -> set[str]:
+  """The routing kernels (demangled names) one call of f ran, from the profiler."""
+  jax.block_until_ready(f(*args))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      jax.block_until_ready(f(*args))
+    return {e["name"] for e in gpu_events(d) if "moe_route" in e["name"]}
+
+
+def _wide_equals_general(monkeypatch, logits, cfg, block_m=None, expert_map=None,
+                         names=False):
+  """The call through the wide kernel (JAX_NVFP4_ROUTE_WIDE=1) and through the general one
+  (JAX_NVFP4_ROUTE_SMALL=0): the same bits in every output; with ``names``, the profiler shows
+  that each setting ran its own kernel. Returns the wide kernel's outputs."""
+  m, e = logits.shape
+  bm = block_m or nf.choose_block_m(m, cfg.top_k, e)
+  p = capacity(m * cfg.top_k, e, bm)
+  _poison_device_memory(((m, cfg.top_k), jnp.float32), ((m, cfg.top_k), jnp.int32),
+                        ((p,), jnp.int32), ((p // bm,), jnp.int32))
+  monkeypatch.setenv("JAX_NVFP4_ROUTE_WIDE", "1")
+  f, args = _route_fresh(logits, cfg, block_m, expert_map)
+  wide = f(*args)
+  if names:
+    assert any("align_wide_kernel" in n for n in _route_kernels(f, args))
+  monkeypatch.delenv("JAX_NVFP4_ROUTE_WIDE")
+  monkeypatch.setenv("JAX_NVFP4_ROUTE_SMALL", "0")
+  g, args = _route_fresh(logits, cfg, block_m, expert_map)
+  general = g(*args)
+  if names:
+    ran = _route_kernels(g, args)
+    assert ran and not any("small_kernel" in n or "wide_kernel" in n for n in ran)
+  monkeypatch.delenv("JAX_NVFP4_ROUTE_SMALL")
+  for a, b in zip(jax.tree.leaves(wide), jax.tree.leaves(general)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  return wide
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(WIDE_CONFIGS))
+def test_wide_kernel_matches_the_general_kernel(rng, name, monkeypatch):
+  """JAX_NVFP4_ROUTE_WIDE=1 (opt-in, read at each call): decode batches that fit it run the
+  wide kernel (a warp per 32 experts, lane ranks instead of selection rounds, a merge of the
+  slices' top-k). The same arithmetic in the same order as the general kernel: the same bits,
+  and the reference's ids and alignment, f32 and bf16 logits, and a constant row's ties (the
+  lowest ids)."""
+  e, kw, token_counts = WIDE_CONFIGS[name]
+  bias = None
+  if kw.get("scoring") == "sigmoid":
+    bias = jnp.asarray(rng.uniform(-0.3, 0.3, e).astype(np.float32))
+  cfg = nf.RoutingConfig(correction_bias=bias, **kw)
+  for i, m in enumerate(token_counts):
+    for dtype in (jnp.float32, jnp.bfloat16):
+      logits = jnp.asarray(rng.standard_normal((m, e)) * 3, dtype)
+      _check(logits, cfg, _wide_equals_general(monkeypatch, logits, cfg,
+                                               names=i == 0 and dtype == jnp.float32))
+  if bias is None:
+    ties = _wide_equals_general(monkeypatch, jnp.zeros((2, e), jnp.float32), cfg)
+    np.testing.assert_array_equal(np.asarray(ties[1]), [np.arange(cfg.top_k)] * 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m", [8, 64])
+@pytest.mark.parametrize("m", [1, 4])
+def test_wide_kernel_expert_map(rng, block_m, m, monkeypatch):
+  """The wide kernel under an expert map with -1 entries (every thread reads one entry) and
+  the DeepSeek-like groups, against the general kernel and the reference."""
+  e, cfg = _config(rng, "deepseek")
+  emap = np.where(np.arange(e) % 3 == 0, -1, np.arange(e) // 2).astype(np.int32)
+  logits = jnp.asarray(rng.standard_normal((m, e)).astype(np.float32))
+  wide = _wide_equals_general(monkeypatch, logits, cfg, block_m, jnp.asarray(emap))
+  _check(logits, cfg, wide, emap)
+
+
+@pytest.mark.gpu
+def test_wide_kernel_leaves_what_it_does_not_fit(rng, monkeypatch):
+  """Groups of other than 32 experts, more than 32 warps or more than 32 merge candidates run
+  the decode kernel even with JAX_NVFP4_ROUTE_WIDE=1."""
+  monkeypatch.setenv("JAX_NVFP4_ROUTE_WIDE", "1")
+  for e, kw, m in ((64, dict(top_k=6, scoring="sigmoid", n_group=16, topk_group=3), 1),
+                   (256, dict(top_k=8), 1),     # 8 slices x 8 = 64 candidates
+                   (256, dict(top_k=8, scoring="sigmoid", n_group=8, topk_group=4), 5)):
+    cfg = nf.RoutingConfig(**kw)
+    logits = jnp.asarray(rng.standard_normal((m, e)).astype(np.float32))
+    f, args = _route_fresh(logits, cfg)
+    ran = _route_kernels(f, args)
+    assert any("small_kernel" in n for n in ran), (e, kw, m, ran)
+    _check(logits, cfg, f(*args))
