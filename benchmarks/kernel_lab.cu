@@ -16,6 +16,11 @@
 // microseconds per call over TRIALS trials of COPIES calls, timed with CUDA events.
 // LAB_READ_ONLY=1: instead of the GEMM, a bare read of the same weight and scale bytes (16-byte
 // loads, 4 in flight per thread, one wave of blocks): the floor a single launch can reach.
+// Built with -DJAX_NVFP4_LAB_TIMELINE=1: after timing, the last of a run of back-to-back calls
+// is broken down per block (nvfp4_tile.cuh lab_mark): when blocks start after the first one,
+// how long until their first unit lands, their steady loop, their last hand-off and epilogue,
+// and when they end, as percentiles over the blocks (us; the phases from %clock64 at the
+// device's clock rate, the starts and ends from %globaltimer).
 #include <algorithm>
 #include <vector>
 
@@ -89,6 +94,54 @@ cudaError_t launch_lab(const jax_nvfp4::GemmParams &p, int mt, int token_tiles,
     return launch_typed<__nv_bfloat16, 2, false, kPairKSlices>(p, token_tiles, stream);
   return launch<false>(p, true, mt, token_tiles, stream, k_slices);
 }
+
+#if JAX_NVFP4_LAB_TIMELINE
+// Runs `calls` (the last call's blocks leave their marks) and prints the phases' percentiles.
+template <typename Calls>
+void print_timeline(Calls &&calls) {
+  using jax_nvfp4::kLabTimelineBlocks;
+  std::vector<unsigned long long> zero(size_t(kLabTimelineBlocks) * 9, 0);
+  CHECK(cudaMemcpyToSymbol(jax_nvfp4::lab_timeline, zero.data(), zero.size() * 8));
+  calls();
+  std::vector<unsigned long long> tl(zero.size());
+  CHECK(cudaMemcpyFromSymbol(tl.data(), jax_nvfp4::lab_timeline, tl.size() * 8));
+  int khz = 0;
+  CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
+  const double us_per_clock = 1e3 / khz;
+  unsigned long long first = ~0ull;
+  for (int b = 0; b < kLabTimelineBlocks; ++b)
+    if (tl[b * 9 + 3]) first = std::min(first, tl[b * 9]);
+  std::vector<double> start, land, loop, tail, end;
+  std::vector<int> per_sm(1024, 0);
+  for (int b = 0; b < kLabTimelineBlocks; ++b) {
+    const unsigned long long *r = &tl[b * 9];
+    if (!r[3]) continue;
+    start.push_back((r[0] - first) * 1e-3);
+    end.push_back((r[3] - first) * 1e-3);
+    land.push_back(r[5] ? (r[5] - r[4]) * us_per_clock : 0);
+    loop.push_back(r[6] && r[5] ? (r[6] - r[5]) * us_per_clock : 0);
+    tail.push_back(r[6] ? (r[7] - r[6]) * us_per_clock : 0);
+    ++per_sm[r[8] % 1024];
+  }
+  int sms_used = 0, most = 0;
+  for (int c : per_sm) {
+    sms_used += c > 0;
+    most = std::max(most, c);
+  }
+  auto pct = [](std::vector<double> v, double q) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0.0 : v[std::min(v.size() - 1, size_t(q * (v.size() - 1) + 0.5))];
+  };
+  std::printf("  timeline of %zu blocks on %d SMs (at most %d per SM), us as p0 / p50 / p90 / "
+              "p100:\n", start.size(), sms_used, most);
+  const std::pair<const char *, const std::vector<double> *> rows[] = {
+      {"start", &start}, {"first unit landed after", &land}, {"steady loop", &loop},
+      {"last hand-off, epilogue", &tail}, {"end", &end}};
+  for (const auto &[name, v] : rows)
+    std::printf("    %-24s %6.2f / %6.2f / %6.2f / %6.2f\n", name, pct(*v, 0), pct(*v, 0.5),
+                pct(*v, 0.9), pct(*v, 1));
+}
+#endif
 
 int lab_blocks_per_sm(int mt, int k_slices, int m) {
   using namespace jax_nvfp4;
@@ -206,6 +259,12 @@ int main(int argc, char **argv) {
               k, n, m, unsliced_unit_chunks(mt), TileConfig<1>::kStages, splits, k_slices, tiles_per_block,
               p.cluster ? " (cluster)" : "", slice_bps, t[trials / 2],
               bytes / t[trials / 2] * 1e-3, 2.0 * m * n * k / t[trials / 2] * 1e-6);
+#if JAX_NVFP4_LAB_TIMELINE
+  if (!read_only_mode) print_timeline([&] {
+      for (int c = 0; c < copies; ++c) call(c);
+      CHECK(cudaStreamSynchronize(stream));
+    });
+#endif
   if (env_flag("LAB_CHECK") && !read_only_mode) {
     // The plain launch (no k-slices, the default splits, tickets through the workspace) on
     // copy 0, against this launch's output on copy 0.
