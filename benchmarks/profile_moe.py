@@ -178,6 +178,10 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--tokens", default="1,16")
   ap.add_argument("--out", default=None)
+  ap.add_argument("--ref-gbs", type=float, default=4543.0,
+                  help="a fixed copy bandwidth (GB/s) the shares are also given at, so that "
+                       "runs compare across the bandwidth each run measures (default: the "
+                       "4543 GB/s of NOTES_moe.md v20's H200 run, the targets' reference)")
   ap.add_argument("--variants", default="unsliced,fused_moe",
                   help="comma-separated, of: fused_moe (the library's layer), unsliced (no "
                        "k-slices at decode), one_tile (one N block per block at prefill), "
@@ -242,15 +246,17 @@ def main():
           runs = [profile_once(fn, operands, copies) for _ in range(3)]
         row = dict(e=e, h=h, i=inter, top_k=k, tokens=t, variant=name, copies=copies,
                    names=runs[0]["names"], experts_hit=hit, roofline_us=roof_us,
-                   copy_bandwidth_gbs=bw / 1e9)
+                   copy_bandwidth_gbs=bw / 1e9, ref_gbs=args.ref_gbs)
         for field in sorted({f for r in runs for f in r if f.endswith("_us") or f == "kernels"}):
           row[field] = statistics.median(r.get(field, 0.0) for r in runs)
         row["by_name_us"] = {n: statistics.median(r["by_name"].get(n, 0.0) for r in runs)
                              for n in sorted(runs[0]["by_name"])}
         row["pct_roofline"] = 100 * roof_us / row["span_us"]
+        row["pct_roofline_ref"] = row["pct_roofline"] * bw / (args.ref_gbs * 1e9)
         rows.append(row)
         print(f"E={e:<4} T={t:<4} {name:<18} span {row['span_us']:7.1f} us/layer "
-              f"({row['pct_roofline']:4.1f} % of {roof_us:.1f}) | kernels "
+              f"({row['pct_roofline']:4.1f} % of {roof_us:.1f}; {row['pct_roofline_ref']:4.1f} "
+              f"% at {args.ref_gbs:.0f} GB/s) | kernels "
               f"{row['kernels']:5.1f} | " + " ".join(
                   f"{f[:-3]} {row[f]:6.1f}" for f in ("gemm_us", "gemm1_us", "gemm2_us",
                                                        "align_us", "memset_us", "xla_us")
