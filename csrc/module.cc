@@ -1,6 +1,8 @@
 // jax_nvfp4._C: hands the XLA FFI handlers to Python as capsules (jax.ffi.register_ffi_target).
 #include <nanobind/nanobind.h>
 
+#include <vector>
+
 #include "xla/ffi/api/c_api.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -15,6 +17,7 @@ extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16, int k_slices, int rows)
 extern "C" int jax_nvfp4_moe_blocks_per_sm(int mt, int bf16, int k_slices, int rows);
 extern "C" int jax_nvfp4_cluster_limit(int mt, int bf16);
 extern "C" int jax_nvfp4_moe_cluster_limit(int mt, int bf16);
+extern "C" int jax_nvfp4_moe_lab_timeline(int n16, unsigned long long *out, int blocks);
 #endif
 
 namespace nb = nanobind;
@@ -74,6 +77,25 @@ NB_MODULE(_C, m) {
     return 0;
 #endif
   }, "Largest K split the cluster reduction launches for token tile mt (0: not on this device).");
+  m.def("moe_lab_timeline_reset", [](int n16) {
+#ifdef JAX_NVFP4_WITH_CUDA
+    return jax_nvfp4_moe_lab_timeline(n16, nullptr, 0) >= 0;
+#else
+    return false;
+#endif
+  }, "Clears the grouped GEMM's lab timeline and records only weights of n16 N tiles (0: all); "
+     "False in a build without it (benchmarks/moe_timeline.py).");
+  m.def("moe_lab_timeline", [](int blocks) {
+#ifdef JAX_NVFP4_WITH_CUDA
+    std::vector<unsigned long long> records(size_t(blocks) * 9);
+    const int n = jax_nvfp4_moe_lab_timeline(0, records.data(), blocks);
+    if (n < 0) return nb::bytes("", 0);
+    return nb::bytes(reinterpret_cast<const char *>(records.data()), size_t(n) * 9 * 8);
+#else
+    return nb::bytes("", 0);
+#endif
+  }, "The grouped GEMM's lab timeline, `blocks` records of 9 uint64 (empty in a build "
+     "without it).");
   m.def("built_with_cuda", []() {
 #ifdef JAX_NVFP4_WITH_CUDA
     return true;

@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<MT, KS>())) nvfp4
   const int sub = warp % NT, slice = warp / NT;
   const int g = lane >> 2;
   const int t = lane & 3;
-  JAX_NVFP4_LAB_MARK(0);
+  JAX_NVFP4_LAB_MARK(0, p.n16);
   const int units_per_tile = (p.k64 + Cfg::kChunksPerUnit - 1) / Cfg::kChunksPerUnit;
   const int slot0 = blockIdx.z * 8 * MT;
 
@@ -539,7 +539,7 @@ __global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<MT, KS>())) nvfp4
       ran = true;
     }
   }
-  JAX_NVFP4_LAB_MARK(3);
+  JAX_NVFP4_LAB_MARK(3, p.n16);
 }
 
 inline int64_t ticket_bytes(int64_t token_tiles, int64_t n_blocks) {

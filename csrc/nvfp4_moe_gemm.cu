@@ -180,3 +180,31 @@ extern "C" int jax_nvfp4_moe_blocks_per_sm(int mt, int bf16, int k_slices, int r
 extern "C" int jax_nvfp4_moe_cluster_limit(int mt, int bf16) {
   return jax_nvfp4::cluster_limit<true>(mt, bf16 != 0);
 }
+
+// The lab timeline of this unit's kernels (nvfp4_tile.cuh, built with
+// -DJAX_NVFP4_LAB_TIMELINE=1; benchmarks/moe_timeline.py): with out == nullptr, clears it and
+// records from now on only launches of weights with n16 N tiles (0: all); else copies up to
+// `blocks` records of 9 values into out. Returns the records it holds, or -1 in a build
+// without the timeline.
+extern "C" int jax_nvfp4_moe_lab_timeline(int n16, unsigned long long *out, int blocks) {
+#if JAX_NVFP4_LAB_TIMELINE
+  using jax_nvfp4::kLabTimelineBlocks;
+  if (out == nullptr) {
+    static unsigned long long zero[kLabTimelineBlocks][9];
+    if (cudaMemcpyToSymbol(jax_nvfp4::lab_timeline, zero, sizeof zero) != cudaSuccess ||
+        cudaMemcpyToSymbol(jax_nvfp4::lab_filter_n16, &n16, sizeof n16) != cudaSuccess)
+      return -1;
+    return kLabTimelineBlocks;
+  }
+  const int n = blocks < kLabTimelineBlocks ? blocks : kLabTimelineBlocks;
+  if (cudaDeviceSynchronize() != cudaSuccess ||
+      cudaMemcpyFromSymbol(out, jax_nvfp4::lab_timeline, size_t(n) * 9 * 8) != cudaSuccess)
+    return -1;
+  return n;
+#else
+  (void)n16;
+  (void)out;
+  (void)blocks;
+  return -1;
+#endif
+}

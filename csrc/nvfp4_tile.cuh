@@ -93,18 +93,20 @@ namespace jax_nvfp4 {
 constexpr int kWarps = 8;               // warps per block, one N tile (16 rows) each
 constexpr int kThreads = kWarps * 32;
 
-// JAX_NVFP4_LAB_TIMELINE=1 (benchmarks/kernel_lab.cu only): thread 0 of each block records
-// %globaltimer and %clock64 when the block starts, when its first unit has landed, when its
-// last unit's hand-off and epilogue begin, and when it ends (lab_timeline[block][0..3] and
-// [4..7]), and its SM in [8].
+// JAX_NVFP4_LAB_TIMELINE=1 (benchmarks/kernel_lab.cu and moe_timeline.py only): thread 0 of
+// each block records %globaltimer and %clock64 when the block starts, when its first unit has
+// landed, when its last unit's hand-off and epilogue begin, and when it ends
+// (lab_timeline[block][0..3] and [4..7]), and its SM in [8]; only launches whose weight has
+// lab_filter_n16 N tiles (0: every launch), so that one GEMM of a layer can be picked.
 #ifndef JAX_NVFP4_LAB_TIMELINE
 #define JAX_NVFP4_LAB_TIMELINE 0
 #endif
 #if JAX_NVFP4_LAB_TIMELINE
 constexpr int kLabTimelineBlocks = 16384;
 __device__ unsigned long long lab_timeline[kLabTimelineBlocks][9];
-__device__ __forceinline__ void lab_mark(int i) {
-  if (threadIdx.x != 0) return;
+__device__ int lab_filter_n16;
+__device__ __forceinline__ void lab_mark(int i, int n16) {
+  if (threadIdx.x != 0 || (lab_filter_n16 != 0 && n16 != lab_filter_n16)) return;
   const unsigned block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
   if (block >= kLabTimelineBlocks) return;
   unsigned long long global, clock;
@@ -116,10 +118,10 @@ __device__ __forceinline__ void lab_mark(int i) {
   lab_timeline[block][4 + i] = clock;
   lab_timeline[block][8] = sm;
 }
-#define JAX_NVFP4_LAB_MARK(i) lab_mark(i)
+#define JAX_NVFP4_LAB_MARK(i, n16) lab_mark(i, n16)
 #else
-#define JAX_NVFP4_LAB_MARK(i) \
-  do {                        \
+#define JAX_NVFP4_LAB_MARK(i, n16) \
+  do {                             \
   } while (0)
 #endif
 
@@ -737,7 +739,7 @@ __device__ __forceinline__ void tile_mainloop(
     cp_async_wait<S - 2>();
     if constexpr (kWgmma) fence_proxy_async_smem();
     __syncthreads();  // unit u has landed for everyone; the stage load_stage is free again
-    if (u == 0) JAX_NVFP4_LAB_MARK(1);
+    if (u == 0) JAX_NVFP4_LAB_MARK(1, n16);
     if (u + S - 1 < units) load_next(load_stage);
     cp_async_commit();
 
@@ -794,7 +796,7 @@ __device__ __forceinline__ void tile_mainloop(
     stage = stage + Cfg::kStageBytes == S * Cfg::kStageBytes ? 0 : stage + Cfg::kStageBytes;
     load_stage = load_stage + Cfg::kStageBytes == S * Cfg::kStageBytes ? 0 : load_stage + Cfg::kStageBytes;
     if (++kunit == units_per_tile || u + 1 == units) {
-      if (u + 1 == units) JAX_NVFP4_LAB_MARK(2);
+      if (u + 1 == units) JAX_NVFP4_LAB_MARK(2, n16);
       if constexpr (KS > 1) {
         // Slices 1..KS-1 hand their sums to slice 0 through a buffer of their own (the ring
         // may already hold the next tile's first units).
