@@ -31,3 +31,14 @@ def test_driver_compiles(driver, defines, tmp_path):
          str(ROOT / "benchmarks" / driver), "-o", str(tmp_path / "driver.o")]
   out = subprocess.run(cmd, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_library_build_has_no_lab_timeline():
+  """The library's build leaves the lab timeline out (csrc/nvfp4_tile.cuh, only with
+  -DJAX_NVFP4_LAB_TIMELINE=1 for benchmarks/moe_timeline.py): its hooks answer that nothing is
+  recorded and nothing can be read, without touching a device."""
+  from jax_nvfp4 import _ffi
+  if _ffi._C is None:
+    pytest.skip("the extension is not built")
+  assert _ffi._C.moe_lab_timeline_reset(0) is False
+  assert _ffi._C.moe_lab_timeline(4) == b""
