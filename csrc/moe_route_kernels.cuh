@@ -13,8 +13,10 @@
 // [0] (int32). Outputs: topk_weights [M, k] f32, topk_ids [M, k] int32, and the alignment's
 // sorted_ids [P], block_expert [P / block_m], num_padded [1] (nvfp4_moe_align.cu states them).
 //
-// Two kernels. Up to 32 tokens, 128 pairs and 256 experts (decode),
-// moe_route_align_small_kernel (its comment below). Otherwise one block; warp w routes tokens
+// Two kernels, and a third opt-in. Up to 32 tokens, 128 pairs and 256 experts (decode),
+// moe_route_align_small_kernel (its comment below), or where it fits and JAX_NVFP4_ROUTE_WIDE=1,
+// moe_route_align_wide_kernel (a warp per 32 experts; its comment below). Otherwise one
+// block; warp w routes tokens
 // w, w + warps, ...; per token, in the warp:
 //   1. score = softmax over the E logits (max, exp, sum, divide) or sigmoid; the selection
 //      score choice = score + correction bias is kept as an order-preserving uint32 key, so that
