@@ -643,6 +643,27 @@ __device__ __forceinline__ void align_chunks_warp(const RouteParams &p, const in
     if (expert[c] < experts) p.sorted_ids[start_s[expert[c]] + place[c]] = c * 32 + lane;
 }
 
+// The decode kernels' end: once every token's ids are in ids_s (a block barrier for more than
+// one token; warp 0 routed a lone token itself), warp 0 (`warp`: the caller's) aligns them: in
+// chunks of 32 pairs (align_chunks_warp, PER experts per lane) where kChunked, else one pair
+// per lane (align_pair_lanes_warp<kPairsOnly>).
+template <int PER, bool kChunked, bool kPairsOnly = false>
+__device__ __forceinline__ void align_decode_batch(const RouteParams &p, int warp,
+                                                   const int *ids_s, const int *map_s,
+                                                   int *count_s, int *start_s) {
+  if (p.tokens > 1) {
+    __syncthreads();
+  } else {
+    __syncwarp();
+  }
+  if (warp != 0) return;
+  if (kChunked) {
+    align_chunks_warp<PER>(p, ids_s, map_s, count_s, start_s);
+  } else {
+    align_pair_lanes_warp<kPairsOnly>(p, ids_s, map_s);
+  }
+}
+
 // One block of `tokens` warps. Dynamic shared memory: [warps][E] keys when n_group > 1.
 // kChunked: more than 32 pairs (align_chunks_warp), else align_pair_lanes_warp.
 template <typename T, int PER, bool kChunked>
@@ -667,18 +688,8 @@ __global__ void __launch_bounds__(kSmallMaxTokens * 32, 1)
     for (int j = 0; j < PER; ++j)
       if (lane + 32 * j < p.experts) map_s[lane + 32 * j] = mapped[j];
   }
-  if (p.tokens > 1) {
-    __syncthreads();
-  } else {
-    __syncwarp();
-  }
-  if (warp == 0) {
-    if (kChunked) {
-      align_chunks_warp<PER>(p, ids_s, has_map ? map_s : nullptr, count_s, start_s);
-    } else {
-      align_pair_lanes_warp(p, ids_s, has_map ? map_s : nullptr);
-    }
-  }
+  align_decode_batch<PER, kChunked>(p, warp, ids_s, has_map ? map_s : nullptr, count_s,
+                                    start_s);
   ROUTE_LAB_STAMP(5);
 }
 
@@ -837,19 +848,8 @@ __global__ void __launch_bounds__(kWideMaxLanes, 1)
     store_token_choice(p, t, lane, id, w, ids_s);
     ROUTE_LAB_STAMP(4);
   }
-  if (p.tokens > 1) {
-    __syncthreads();
-  } else {
-    __syncwarp();
-  }
-  if (warp == 0) {
-    if (kChunked) {
-      align_chunks_warp<kSmallMaxExperts / 32>(p, ids_s, has_map ? map_s : nullptr, count_s,
-                                               start_s);
-    } else {
-      align_pair_lanes_warp<true>(p, ids_s, has_map ? map_s : nullptr);
-    }
-  }
+  align_decode_batch<kSmallMaxExperts / 32, kChunked, true>(
+      p, warp, ids_s, has_map ? map_s : nullptr, count_s, start_s);
   ROUTE_LAB_STAMP(5);
 }
 

@@ -279,6 +279,12 @@ def test_handler_rejects_more_pairs_than_one_block(rng):
     jax.block_until_ready(call(jnp.zeros((m, e), jnp.float32)))
 
 
+def _assert_same_bits(got, want):
+  """Every output of two route_and_align calls (weights, ids, alignment) equal bit for bit."""
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def _decode_equals_general(monkeypatch, logits, cfg, *args):
   """The call through the decode kernel (the default where it applies) and through the
   general one (JAX_NVFP4_ROUTE_SMALL=0): the same bits in every output. Returns the first."""
@@ -286,8 +292,7 @@ def _decode_equals_general(monkeypatch, logits, cfg, *args):
   monkeypatch.setenv("JAX_NVFP4_ROUTE_SMALL", "0")
   general = _run(logits, cfg, *args)
   monkeypatch.delenv("JAX_NVFP4_ROUTE_SMALL")
-  for a, b in zip(jax.tree.leaves(decode), jax.tree.leaves(general)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _assert_same_bits(decode, general)
   return decode
 
 
@@ -397,8 +402,7 @@ def _wide_equals_general(monkeypatch, logits, cfg, block_m=None, expert_map=None
     ran = _route_kernels(g, args)
     assert ran and not any("small_kernel" in n or "wide_kernel" in n for n in ran)
   monkeypatch.delenv("JAX_NVFP4_ROUTE_SMALL")
-  for a, b in zip(jax.tree.leaves(wide), jax.tree.leaves(general)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _assert_same_bits(wide, general)
   return wide
 
 
