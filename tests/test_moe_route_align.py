@@ -285,15 +285,58 @@ def _assert_same_bits(got, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def _decode_equals_general(monkeypatch, logits, cfg, *args):
-  """The call through the decode kernel (the default where it applies) and through the
-  general one (JAX_NVFP4_ROUTE_SMALL=0): the same bits in every output. Returns the first."""
-  decode = _run(logits, cfg, *args)
-  monkeypatch.setenv("JAX_NVFP4_ROUTE_SMALL", "0")
-  general = _run(logits, cfg, *args)
-  monkeypatch.delenv("JAX_NVFP4_ROUTE_SMALL")
-  _assert_same_bits(decode, general)
-  return decode
+def _route_kernels(f, args) -> set[str]:
+  """The routing kernels (demangled names) one call of f ran, from the profiler."""
+  jax.block_until_ready(f(*args))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      jax.block_until_ready(f(*args))
+    return {e["name"] for e in gpu_events(d) if "moe_route" in e["name"]}
+
+
+# The handler's kernel switches (read when it issues the launch) for each routing kernel, and
+# the part of the kernel's demangled name that the profiler shows for it.
+KERNEL_SETTINGS = {
+    "decode": ({"JAX_NVFP4_ROUTE_WIDE": "0"}, "small_kernel"),
+    "wide": ({"JAX_NVFP4_ROUTE_WIDE": "1"}, "align_wide_kernel"),
+    "general": ({"JAX_NVFP4_ROUTE_SMALL": "0", "JAX_NVFP4_ROUTE_WIDE": "0"}, None),
+}
+
+
+def _run_kernel(monkeypatch, kernel, logits, cfg, block_m=None, expert_map=None, names=False):
+  """route_and_align under `kernel`'s switches, through a function compiled for this call
+  alone (an executable shared with an earlier setting could replay that setting's launch from
+  its command buffer), into poisoned device memory. With ``names``, the profiler shows that
+  the call ran that kernel (general: neither decode kernel)."""
+  env, name = KERNEL_SETTINGS[kernel]
+  m, e = logits.shape
+  bm = block_m or nf.choose_block_m(m, cfg.top_k, e)
+  p = capacity(m * cfg.top_k, e, bm)
+  _poison_device_memory(((m, cfg.top_k), jnp.float32), ((m, cfg.top_k), jnp.int32),
+                        ((p,), jnp.int32), ((p // bm,), jnp.int32))
+  with monkeypatch.context() as mp:
+    for var, value in env.items():
+      mp.setenv(var, value)
+    f = jax.jit(lambda l, em: nf.route_and_align(l, cfg, block_m=block_m, expert_map=em))
+    args = (logits, expert_map)
+    got = f(*args)
+    if names:
+      ran = _route_kernels(f, args)
+      if name is None:
+        assert ran and not any("small_kernel" in n or "wide_kernel" in n for n in ran), ran
+      else:
+        assert any(name in n for n in ran), (kernel, ran)
+  return got
+
+
+def _same_as_general(monkeypatch, kernel, logits, cfg, block_m=None, expert_map=None,
+                     names=False):
+  """The call through `kernel` and through the general kernel: the same bits in every output
+  (weights, ids, alignment). Returns `kernel`'s outputs."""
+  got = _run_kernel(monkeypatch, kernel, logits, cfg, block_m, expert_map, names)
+  general = _run_kernel(monkeypatch, "general", logits, cfg, block_m, expert_map, names)
+  _assert_same_bits(got, general)
+  return got
 
 
 @pytest.mark.gpu
@@ -310,7 +353,8 @@ def test_decode_kernel_matches_the_general_kernel(rng, name, monkeypatch):
   for m in sorted({1, 2, 32 // k, last, last + 1}):
     for dtype in (jnp.float32, jnp.bfloat16):
       logits = jnp.asarray(rng.standard_normal((m, e)) * 3, dtype)
-      _check(logits, cfg, _decode_equals_general(monkeypatch, logits, cfg))
+      _check(logits, cfg, _same_as_general(monkeypatch, "decode", logits, cfg,
+                                           names=m == 1 and dtype == jnp.float32))
 
 
 @pytest.mark.gpu
@@ -322,7 +366,8 @@ def test_decode_kernel_expert_counts(rng, e, monkeypatch):
   cfg = nf.RoutingConfig(top_k=min(4, e), renormalize=e % 2 == 0)
   for logits in (jnp.asarray(rng.standard_normal((3, e)).astype(np.float32)),
                  jnp.zeros((1, e), jnp.float32)):
-    decode = _decode_equals_general(monkeypatch, logits, cfg)
+    decode = _same_as_general(monkeypatch, "decode" if e <= 256 else "general", logits, cfg,
+                              names=e in (1, 257))
     _check(logits, cfg, decode)
   np.testing.assert_array_equal(np.asarray(decode[1]), [np.arange(min(4, e))])
 
@@ -338,7 +383,7 @@ def test_decode_kernel_expert_map(rng, block_m, m, monkeypatch):
   e, cfg = _config(rng, "deepseek")
   emap = np.where(np.arange(e) % 3 == 0, -1, np.arange(e) // 2).astype(np.int32)
   logits = jnp.asarray(rng.standard_normal((m, e)).astype(np.float32))
-  decode = _decode_equals_general(monkeypatch, logits, cfg, block_m, jnp.asarray(emap))
+  decode = _same_as_general(monkeypatch, "decode", logits, cfg, block_m, jnp.asarray(emap))
   _check(logits, cfg, decode, emap)
 
 
@@ -362,50 +407,6 @@ WIDE_CONFIGS = {
 }
 
 
-def _route_fresh(logits, cfg, block_m=None, expert_map=None):
-  """route_and_align through a function compiled for this call alone: the handler reads the
-  kernel switches when it issues the launch, and an executable shared with an earlier setting
-  could replay that setting's launch from its command buffer."""
-  f = jax.jit(lambda l, em: nf.route_and_align(l, cfg, block_m=block_m, expert_map=em))
-  return f, (logits, expert_map)
-
-
-def _route_kernels(f, args) -> set[str]:
-  """The routing kernels (demangled names) one call of f ran, from the profiler."""
-  jax.block_until_ready(f(*args))
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-      jax.block_until_ready(f(*args))
-    return {e["name"] for e in gpu_events(d) if "moe_route" in e["name"]}
-
-
-def _wide_equals_general(monkeypatch, logits, cfg, block_m=None, expert_map=None,
-                         names=False):
-  """The call through the wide kernel (JAX_NVFP4_ROUTE_WIDE=1) and through the general one
-  (JAX_NVFP4_ROUTE_SMALL=0): the same bits in every output; with ``names``, the profiler shows
-  that each setting ran its own kernel. Returns the wide kernel's outputs."""
-  m, e = logits.shape
-  bm = block_m or nf.choose_block_m(m, cfg.top_k, e)
-  p = capacity(m * cfg.top_k, e, bm)
-  _poison_device_memory(((m, cfg.top_k), jnp.float32), ((m, cfg.top_k), jnp.int32),
-                        ((p,), jnp.int32), ((p // bm,), jnp.int32))
-  monkeypatch.setenv("JAX_NVFP4_ROUTE_WIDE", "1")
-  f, args = _route_fresh(logits, cfg, block_m, expert_map)
-  wide = f(*args)
-  if names:
-    assert any("align_wide_kernel" in n for n in _route_kernels(f, args))
-  monkeypatch.delenv("JAX_NVFP4_ROUTE_WIDE")
-  monkeypatch.setenv("JAX_NVFP4_ROUTE_SMALL", "0")
-  g, args = _route_fresh(logits, cfg, block_m, expert_map)
-  general = g(*args)
-  if names:
-    ran = _route_kernels(g, args)
-    assert ran and not any("small_kernel" in n or "wide_kernel" in n for n in ran)
-  monkeypatch.delenv("JAX_NVFP4_ROUTE_SMALL")
-  _assert_same_bits(wide, general)
-  return wide
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(WIDE_CONFIGS))
 def test_wide_kernel_matches_the_general_kernel(rng, name, monkeypatch):
@@ -422,10 +423,10 @@ def test_wide_kernel_matches_the_general_kernel(rng, name, monkeypatch):
   for i, m in enumerate(token_counts):
     for dtype in (jnp.float32, jnp.bfloat16):
       logits = jnp.asarray(rng.standard_normal((m, e)) * 3, dtype)
-      _check(logits, cfg, _wide_equals_general(monkeypatch, logits, cfg,
-                                               names=i == 0 and dtype == jnp.float32))
+      _check(logits, cfg, _same_as_general(monkeypatch, "wide", logits, cfg,
+                                           names=i == 0 and dtype == jnp.float32))
   if bias is None:
-    ties = _wide_equals_general(monkeypatch, jnp.zeros((2, e), jnp.float32), cfg)
+    ties = _same_as_general(monkeypatch, "wide", jnp.zeros((2, e), jnp.float32), cfg)
     np.testing.assert_array_equal(np.asarray(ties[1]), [np.arange(cfg.top_k)] * 2)
 
 
@@ -438,7 +439,7 @@ def test_wide_kernel_expert_map(rng, block_m, m, monkeypatch):
   e, cfg = _config(rng, "deepseek")
   emap = np.where(np.arange(e) % 3 == 0, -1, np.arange(e) // 2).astype(np.int32)
   logits = jnp.asarray(rng.standard_normal((m, e)).astype(np.float32))
-  wide = _wide_equals_general(monkeypatch, logits, cfg, block_m, jnp.asarray(emap))
+  wide = _same_as_general(monkeypatch, "wide", logits, cfg, block_m, jnp.asarray(emap))
   _check(logits, cfg, wide, emap)
 
 
@@ -452,7 +453,10 @@ def test_wide_kernel_leaves_what_it_does_not_fit(rng, monkeypatch):
                    (256, dict(top_k=8, scoring="sigmoid", n_group=8, topk_group=4), 5)):
     cfg = nf.RoutingConfig(**kw)
     logits = jnp.asarray(rng.standard_normal((m, e)).astype(np.float32))
-    f, args = _route_fresh(logits, cfg)
+    # A function of its own per case: an executable shared across cases could replay a
+    # recorded launch.
+    f = jax.jit(lambda l, cfg=cfg: nf.route_and_align(l, cfg))
+    args = (logits,)
     ran = _route_kernels(f, args)
     assert any("small_kernel" in n for n in ran), (e, kw, m, ran)
     _check(logits, cfg, f(*args))
