@@ -9,7 +9,9 @@
 // blocks, as ops/dense.py choose_tiles_per_block does. LAB_MT=1|2|4|8 overrides the m_tile the
 // launch derives from M (e.g. M = 16 as two m_tile-1 token tiles).
 // LAB_CHECK=1: after timing, the launch's output is compared with the plain launch's (no
-// k-slices, default splits) on the same data; rel-L2 above 1e-2 exits 1.
+// k-slices, default splits) on the same data; rel-L2 above 1e-2 exits 1. It also prints a hash
+// of the launch's output bytes (the data is the same in every run), so that labs built with
+// different knobs can be compared bit for bit.
 // Weights and scales are random bytes in COPIES rotating buffers (more than L2 holds); each
 // timed call is the kernel (plus the ticket memset where the splits do not reduce in a
 // cluster), as in the FFI handler. Prints the median
@@ -294,7 +296,13 @@ int main(int argc, char **argv) {
       den += b * b;
     }
     const double rel = std::sqrt(num / std::max(den, 1e-30));
-    std::printf("  check vs the plain launch (%d splits): rel-L2 %.2e\n", plain_splits, rel);
+    // A hash of this launch's output bytes: builds with different knobs compare bit for bit.
+    uint64_t hash = 1469598103934665603ull;  // FNV-1a
+    for (const __nv_bfloat16 &v : got) {
+      hash = (hash ^ *reinterpret_cast<const uint16_t *>(&v)) * 1099511628211ull;
+    }
+    std::printf("  check vs the plain launch (%d splits): rel-L2 %.2e, output hash %016llx\n",
+                plain_splits, rel, static_cast<unsigned long long>(hash));
     if (!(rel <= 1e-2)) return 1;
   }
   return 0;

@@ -216,6 +216,20 @@ constexpr int kChunksPerStage = JAX_NVFP4_CHUNKS_PER_STAGE;  // k64 chunks per s
 __host__ __device__ constexpr int unsliced_unit_chunks(int mt) {
   return mt == 2 ? JAX_NVFP4_CHUNKS_PER_STAGE_MT2 : kChunksPerStage;
 }
+// Two lab knobs that take instructions out of the decode loop without changing any stored bit
+// (NOTES_dense.md v26; off until measured and GPU-tested):
+// JAX_NVFP4_WIDEN_PRMT: a chunk's scale bytes widen to 16-bit floats by one byte permute and
+// one multiply-add (LEA) each instead of shift, mask and add (4 instructions per chunk fewer).
+// JAX_NVFP4_LDSM_IMMEDIATE (m_tile 1): x tile rows a short tile does not hold read row 0 instead
+// of a zero row after the ring (their MMA columns are never stored), so every chunk's ldmatrix
+// address is one register per k16 pair plus an immediate. Both: 688 -> 639 instructions per
+// unit of the 4-slice 1-row block, up to 34 registers fewer.
+#ifndef JAX_NVFP4_WIDEN_PRMT
+#define JAX_NVFP4_WIDEN_PRMT 0
+#endif
+#ifndef JAX_NVFP4_LDSM_IMMEDIATE
+#define JAX_NVFP4_LDSM_IMMEDIATE 0
+#endif
 // Stages of the 4-slice block's 8-row x tile (M = 5-8): 3 of 34 KB, still two blocks per SM
 // (kernel_lab on an H200, 4096x14336 at M = 8: 15.4 -> 14.7 us with 3, 16.2 with 4 at one
 // block per SM; NOTES_dense.md v24).
@@ -273,8 +287,9 @@ struct TileConfig {
                                             : JAX_NVFP4_MT8_STAGES;
   static_assert(kStages >= 2, "the ring needs two stages");
   // The zero row (128 bytes) that the MMA reads for rows from XR on, after the ring.
+  static constexpr bool kZeroRow = kRowsShort && !JAX_NVFP4_LDSM_IMMEDIATE;
   static constexpr int kZeroRowOffset = kStages * kStageBytes;
-  static constexpr int kSmemBytes = kZeroRowOffset + (kRowsShort ? 128 : 0);  // > 48 KB: opt-in
+  static constexpr int kSmemBytes = kZeroRowOffset + (kZeroRow ? 128 : 0);  // > 48 KB: opt-in
   static constexpr int kXChunkBytes = kXRows * 128;            // one k64 chunk of every row
   static constexpr int kXPiecesPerRow = kXRowBytes / 16;
   static constexpr int kXPieces = kXRows * kXPiecesPerRow;   // 16-byte pieces of an x tile
@@ -379,8 +394,18 @@ __device__ __forceinline__ uint32_t scale_half<__half>(uint32_t a, uint32_t s, b
 template <typename T>
 __device__ __forceinline__ uint32_t widen_scales(uint32_t bytes, bool even) {
   using Tr = Half2Traits<T>;
+#if JAX_NVFP4_WIDEN_PRMT
+  // Bytes 0, 2 (or 1, 3) into the low byte of each half, zeros above (selector 4 = the zero
+  // operand's byte): one PRMT. Written as a multiply-add with the constant in a register, the
+  // rest is one LEA; from C++ ptxas makes shift, mask and add of the expression above.
+  const uint32_t pair = __byte_perm(bytes, 0u, even ? 0x4240u : 0x4341u);
+  uint32_t r;
+  asm("mad.lo.u32 %0, %1, %2, %3;" : "=r"(r) : "r"(pair), "n"(Tr::kScaleMul), "r"(Tr::kScaleAdd));
+  return r;
+#else
   const uint32_t pair = (even ? bytes : bytes >> 8) & 0x00FF00FFu;
   return pair * Tr::kScaleMul + Tr::kScaleAdd;
+#endif
 }
 
 template <typename T>
@@ -700,19 +725,29 @@ __device__ __forceinline__ void tile_mainloop(
   // to the start of shared memory, at the piece its swizzle names: the 8 lanes of a matrix still
   // hit 8 distinct 16-byte bank groups (no conflict with the real row's piece).
   const bool real_row = (lane & 7) < XR;
-  uint32_t x_ld[KC][2];
+  // JAX_NVFP4_LDSM_IMMEDIATE (m_tile 1; at m_tile 2 it cost the k-sliced unit 7 instructions):
+  // chunk kc's rows are the first chunk's plus kc * kXChunkBytes (x_offset), so one address per
+  // k16 pair and immediates reach them all; a row the tile does not hold (XR <= lane % 8) reads
+  // row 0, whose MMA column is never stored. Otherwise one address per chunk and k16 pair, and
+  // such rows read the zero row.
+  constexpr bool kOneXAddress = JAX_NVFP4_LDSM_IMMEDIATE && MT == 1;
+  uint32_t x_ld[kOneXAddress ? 1 : KC][2];
 #pragma unroll
-  for (int kc = 0; kc < KC; ++kc)
+  for (int kc = 0; kc < (kOneXAddress ? 1 : KC); ++kc)
 #pragma unroll
     for (int jp = 0; jp < 2; ++jp) {
       const int r = lane & 7, q = 8 * (slice * KC + kc) + 4 * jp + (lane >> 3);
-      x_ld[kc][jp] = real_row ? Cfg::kWBytes + Cfg::kSBytes + Cfg::x_offset(r, q)
-                              : Cfg::kZeroRowOffset + (((q ^ r) & 7) << 4);
+      if constexpr (kOneXAddress) {
+        x_ld[kc][jp] = Cfg::kWBytes + Cfg::kSBytes + Cfg::x_offset(real_row ? r : 0, q);
+      } else {
+        x_ld[kc][jp] = real_row ? Cfg::kWBytes + Cfg::kSBytes + Cfg::x_offset(r, q)
+                                : Cfg::kZeroRowOffset + (((q ^ r) & 7) << 4);
+      }
       // Kept in a register: left to itself, ptxas recomputed these from threadIdx in every
       // unit (~30 instructions of the k-sliced m_tile-2 unit).
       if constexpr (!kWgmma) pin_register(x_ld[kc][jp]);
     }
-  if constexpr (Cfg::kRowsShort) {
+  if constexpr (Cfg::kZeroRow) {
     if (threadIdx.x < 8)  // ordered before every read by the main loop's first barrier
       *reinterpret_cast<uint4 *>(smem + Cfg::kZeroRowOffset + threadIdx.x * 16) = make_uint4(0, 0, 0, 0);
   }
@@ -770,8 +805,9 @@ __device__ __forceinline__ void tile_mainloop(
       }
     } else if (tile * NT + sub < n16) {
       const unsigned char *st = smem + stage;
-      // Rows the tile does not hold are addressed from the start of shared memory (zero row).
-      const uint32_t x_stage = smem_base + (real_row ? stage : 0u);
+      // Rows the tile does not hold are addressed from the start of shared memory (zero row),
+      // or from this stage's row 0 (kOneXAddress).
+      const uint32_t x_stage = smem_base + (kOneXAddress || real_row ? stage : 0u);
 #pragma unroll
       for (int kc = 0; kc < KC; ++kc) {
         const ChunkFragments f = load_chunk<T, KC>(st, kc, Cfg::kWBytes, warp, g);
@@ -780,7 +816,8 @@ __device__ __forceinline__ void tile_mainloop(
           uint32_t b[MT][4];
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt)
-            ldmatrix_x4(b[mt], x_stage + x_ld[kc][jp] + mt * 8 * 128);  // 8 rows on
+            ldmatrix_x4(b[mt], x_stage + (kOneXAddress ? x_ld[0][jp] + kc * Cfg::kXChunkBytes
+                                                        : x_ld[kc][jp]) + mt * 8 * 128);  // 8 rows on
 #pragma unroll
           for (int jj = 0; jj < 2; ++jj) {
             const int j = 2 * jp + jj;

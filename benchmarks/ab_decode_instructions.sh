@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# NOTES_dense.md v26: two lab knobs that take instructions out of the decode loop without
+# changing a stored bit, against main, on the dense launches the extension picks on an H200 at
+# M = 1, 2, 8 and 16 (kernel_lab, two interleaved rounds, the first checked against the plain
+# launch). JAX_NVFP4_WIDEN_PRMT: scale widening by PRMT + LEA; JAX_NVFP4_LDSM_IMMEDIATE: one
+# ldmatrix address per k16 pair (short tiles' missing rows read row 0, no zero row).
+# One device call, output under $OUT:  [MOE=1] bash benchmarks/ab_decode_instructions.sh
+set -uo pipefail
+source benchmarks/lab_ab.sh
+build_labs "main" "widen -DJAX_NVFP4_WIDEN_PRMT=1" "ldsm -DJAX_NVFP4_LDSM_IMMEDIATE=1" \
+  "lean -DJAX_NVFP4_WIDEN_PRMT=1 -DJAX_NVFP4_LDSM_IMMEDIATE=1" || exit 1
+launches() {
+  local check=$1 lab args
+  for lab in main lean widen ldsm; do
+    echo "-- $lab"
+    # M = 1, 2 and 8: the k-sliced launches (4 slices, or 8 with long slices at 8192x28672).
+    for args in "4096 14336 1 1 4 0" "14336 4096 1 1 4 0" "8192 28672 1 1 8 0" \
+                "4096 4096 1 1 4 0" "4096 14336 2 1 4 0" "8192 28672 2 1 8 0" \
+                "4096 14336 8 1 4 0" "8192 28672 8 1 8 0"; do
+      LAB_CHECK=$check /tmp/lab_$lab $args
+    done
+    # M = 16: 2-split cluster, 8 k-slices at m_tile 2, unsplit.
+    for args in "4096 14336 16" "14336 4096 16 1 8 0" "8192 28672 16"; do
+      LAB_CHECK=$check /tmp/lab_$lab $args
+    done
+  done
+}
+two_rounds ab_decode_instructions launches
+# Neither knob may change a stored bit: every launch's output hash (round 1) as main's.
+awk '/^== round 2/ { exit } /^-- / { lab = $2; i = 0 } /output hash/ { h[lab, i++] = $NF; n[lab] = i }
+     END { bad = 0
+           for (lab in n) if (lab != "main") for (j = 0; j < n[lab]; ++j)
+             if (h[lab, j] != h["main", j]) { print "DIFFERS from main: " lab " launch " j; bad = 1 }
+           print bad ? "bitwise: NOT equal to main" : "bitwise: every launch equal to main" }' \
+  "$out/ab_decode_instructions.txt"
+# MOE=1: the MoE layers too (profile_moe, GPU us per layer, T = 1 and 16): the extension built
+# with both knobs, then the shipped build, each profiled once (about 4 minutes more).
+if [ "${MOE:-0}" = 1 ]; then
+  for build in lean plain; do
+    defines=$([ "$build" = lean ] && echo "-DJAX_NVFP4_WIDEN_PRMT=1 -DJAX_NVFP4_LDSM_IMMEDIATE=1")
+    build_extension "build_$build.log" "$defines" || exit 1
+    (cd benchmarks && timeout 300 python3 profile_moe.py --tokens 1,16 --variants fused_moe \
+       --out "$out/profile_moe_$build.json") 2>&1 | tee "$out/profile_moe_$build.txt"
+  done
+fi
