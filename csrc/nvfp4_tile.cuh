@@ -220,15 +220,17 @@ __host__ __device__ constexpr int unsliced_unit_chunks(int mt) {
 // (NOTES_dense.md v26; off until measured and GPU-tested):
 // JAX_NVFP4_WIDEN_PRMT: a chunk's scale bytes widen to 16-bit floats by one byte permute and
 // one multiply-add (LEA) each instead of shift, mask and add (4 instructions per chunk fewer).
-// JAX_NVFP4_LDSM_IMMEDIATE (m_tile 1): x tile rows a short tile does not hold read row 0 instead
-// of a zero row after the ring (their MMA columns are never stored), so every chunk's ldmatrix
-// address is one register per k16 pair plus an immediate. Both: 688 -> 639 instructions per
-// unit of the 4-slice 1-row block, up to 34 registers fewer.
+// JAX_NVFP4_LEAN_ADDRESSING: at m_tile 1, x tile rows a short tile does not hold read row 0
+// instead of a zero row after the ring (their MMA columns are never stored), so every chunk's
+// ldmatrix address is one register per k16 pair plus an immediate; everywhere, a unit's chunk
+// bounds compare against k64 - chunk, and a stage's words and scales load from the pinned shared
+// base. Both: 688 -> 629 instructions per unit of the 4-slice 1-row block, up to 34 registers
+// fewer.
 #ifndef JAX_NVFP4_WIDEN_PRMT
 #define JAX_NVFP4_WIDEN_PRMT 0
 #endif
-#ifndef JAX_NVFP4_LDSM_IMMEDIATE
-#define JAX_NVFP4_LDSM_IMMEDIATE 0
+#ifndef JAX_NVFP4_LEAN_ADDRESSING
+#define JAX_NVFP4_LEAN_ADDRESSING 0
 #endif
 // Stages of the 4-slice block's 8-row x tile (M = 5-8): 3 of 34 KB, still two blocks per SM
 // (kernel_lab on an H200, 4096x14336 at M = 8: 15.4 -> 14.7 us with 3, 16.2 with 4 at one
@@ -287,7 +289,7 @@ struct TileConfig {
                                             : JAX_NVFP4_MT8_STAGES;
   static_assert(kStages >= 2, "the ring needs two stages");
   // The zero row (128 bytes) that the MMA reads for rows from XR on, after the ring.
-  static constexpr bool kZeroRow = kRowsShort && !JAX_NVFP4_LDSM_IMMEDIATE;
+  static constexpr bool kZeroRow = kRowsShort && !JAX_NVFP4_LEAN_ADDRESSING;
   static constexpr int kZeroRowOffset = kStages * kStageBytes;
   static constexpr int kSmemBytes = kZeroRowOffset + (kZeroRow ? 128 : 0);  // > 48 KB: opt-in
   static constexpr int kXChunkBytes = kXRows * 128;            // one k64 chunk of every row
@@ -573,6 +575,32 @@ struct ChunkFragments {
   uint32_t s_lo[2], s_hi[2];
 };
 
+// A stage's words and scales by shared-memory address (JAX_NVFP4_LEAN_ADDRESSING): from the
+// pinned base, where a generic pointer made ptxas rebuild the shared window's base (S2UR of the
+// cluster CTA id and four more) in every unit.
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint2 lds64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+
+template <typename T, int KC>
+__device__ __forceinline__ ChunkFragments load_chunk(uint32_t stage, int kc, int w_bytes, int warp,
+                                                     int g) {
+  const uint4 w = lds128(stage + kc * (kWarps * 512) + threadIdx.x * 16);
+  const uint2 sc = lds64(stage + w_bytes + warp * (KC * 64) + kc * 64 + g * 8);
+  return ChunkFragments{{w.x, w.y, w.z, w.w},
+                        {widen_scales<T>(sc.x, true), widen_scales<T>(sc.x, false)},
+                        {widen_scales<T>(sc.y, true), widen_scales<T>(sc.y, false)}};
+}
+
 template <typename T, int KC>
 __device__ __forceinline__ ChunkFragments load_chunk(const unsigned char *stage, int kc,
                                                      int w_bytes, int warp, int g) {
@@ -697,15 +725,24 @@ __device__ __forceinline__ void tile_mainloop(
         // K64 not a multiple of KC leaves the last unit's tail chunks empty: zero-filled,
         // their (possibly out-of-range) source never read.
         const uint32_t dst = base + kc * (kWarps * 512) + w_dst;
+#if JAX_NVFP4_LEAN_ADDRESSING
+        const bool in = kc < k64 - chunk;  // one subtraction per unit, compares with immediates
+#else
         const bool in = chunk + kc < k64;
+#endif
         // m_tile 8 keeps the evict-first hint: without it 14336x4096 at M = 64 (K split four
         // ways, x re-read by 32 N blocks) took 61.7 instead of 53.3 us on an H200; elsewhere
         // it made no difference, and at m_tile 1, 2 and 4 ptxas 13.0 miscompiles it
         // (NOTES_dense.md v15; tests/test_sass.py scans for that).
         cp_async16_pred<MT == 8>(dst, w_src + kc * 32, true, in);
       }
+#if JAX_NVFP4_LEAN_ADDRESSING
+      cp_async16_pred(base + s_dst, qscales + (at * 4 + lane), lane < 4 * KC,
+                      (lane >> 2) < k64 - chunk);
+#else
       cp_async16_pred(base + s_dst, qscales + (at * 4 + lane), lane < 4 * KC,
                   chunk + (lane >> 2) < k64);
+#endif
     }
     const int col = unit_chunk * 64;
 #pragma unroll
@@ -725,12 +762,12 @@ __device__ __forceinline__ void tile_mainloop(
   // to the start of shared memory, at the piece its swizzle names: the 8 lanes of a matrix still
   // hit 8 distinct 16-byte bank groups (no conflict with the real row's piece).
   const bool real_row = (lane & 7) < XR;
-  // JAX_NVFP4_LDSM_IMMEDIATE (m_tile 1; at m_tile 2 it cost the k-sliced unit 7 instructions):
+  // JAX_NVFP4_LEAN_ADDRESSING (m_tile 1; at m_tile 2 it cost the k-sliced unit 7 instructions):
   // chunk kc's rows are the first chunk's plus kc * kXChunkBytes (x_offset), so one address per
   // k16 pair and immediates reach them all; a row the tile does not hold (XR <= lane % 8) reads
   // row 0, whose MMA column is never stored. Otherwise one address per chunk and k16 pair, and
   // such rows read the zero row.
-  constexpr bool kOneXAddress = JAX_NVFP4_LDSM_IMMEDIATE && MT == 1;
+  constexpr bool kOneXAddress = JAX_NVFP4_LEAN_ADDRESSING && MT == 1;
   uint32_t x_ld[kOneXAddress ? 1 : KC][2];
 #pragma unroll
   for (int kc = 0; kc < (kOneXAddress ? 1 : KC); ++kc)
@@ -782,7 +819,11 @@ __device__ __forceinline__ void tile_mainloop(
       // All 4 warps of a warpgroup issue its wgmmas, so the test is the warpgroup's first N
       // tile; a warp past N computes on stale weights and its rows are never stored.
       if (tile * NT + (warp & ~3) < n16) {
+#if JAX_NVFP4_LEAN_ADDRESSING
+        const uint32_t st = smem_base + stage;  // load_chunk by shared address
+#else
         const unsigned char *st = smem + stage;
+#endif
         const uint32_t x_tile = smem_base + stage + Cfg::kWBytes + Cfg::kSBytes;
 #pragma unroll
         for (int kc = 0; kc < KC; ++kc) {
@@ -804,7 +845,11 @@ __device__ __forceinline__ void tile_mainloop(
         pin_accumulators<MT>(acc);
       }
     } else if (tile * NT + sub < n16) {
+#if JAX_NVFP4_LEAN_ADDRESSING
+      const uint32_t st = smem_base + stage;  // load_chunk by shared address
+#else
       const unsigned char *st = smem + stage;
+#endif
       // Rows the tile does not hold are addressed from the start of shared memory (zero row),
       // or from this stage's row 0 (kOneXAddress).
       const uint32_t x_stage = smem_base + (kOneXAddress || real_row ? stage : 0u);
