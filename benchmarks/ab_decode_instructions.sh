@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# NOTES_dense.md v26: two lab knobs that take instructions out of the decode loop without
+# NOTES_dense.md v26: three lab knobs that take instructions out of the decode loop without
 # changing a stored bit, against main, on the dense launches the extension picks on an H200 at
 # M = 1, 2, 8 and 16 (kernel_lab, two interleaved rounds, the first checked against the plain
 # launch). JAX_NVFP4_WIDEN_PRMT: scale widening by PRMT + LEA; JAX_NVFP4_LEAN_ADDRESSING: one
 # ldmatrix address per k16 pair (short tiles' missing rows read row 0, no zero row), chunk bounds
-# against k64 - chunk, stage loads from the pinned shared base.
+# against k64 - chunk, stage loads from the pinned shared base; JAX_NVFP4_X_ROW_GROUPS: the
+# m_tile-2 x copies by row groups (one address per 8 rows, immediates). "lean" has all three.
 # One device call, output under $OUT:  [MOE=1] bash benchmarks/ab_decode_instructions.sh
 set -uo pipefail
 source benchmarks/lab_ab.sh
+lean="-DJAX_NVFP4_WIDEN_PRMT=1 -DJAX_NVFP4_LEAN_ADDRESSING=1 -DJAX_NVFP4_X_ROW_GROUPS=1"
 build_labs "main" "widen -DJAX_NVFP4_WIDEN_PRMT=1" "address -DJAX_NVFP4_LEAN_ADDRESSING=1" \
-  "lean -DJAX_NVFP4_WIDEN_PRMT=1 -DJAX_NVFP4_LEAN_ADDRESSING=1" || exit 1
+  "rows -DJAX_NVFP4_X_ROW_GROUPS=1" "lean $lean" || exit 1
 launches() {
   local check=$1 lab args
-  for lab in main lean widen address; do
+  for lab in main lean widen address rows; do
     echo "-- $lab"
     # M = 1, 2 and 8: the k-sliced launches (4 slices, or 8 with long slices at 8192x28672).
     for args in "4096 14336 1 1 4 0" "14336 4096 1 1 4 0" "8192 28672 1 1 8 0" \
@@ -27,7 +29,7 @@ launches() {
   done
 }
 two_rounds ab_decode_instructions launches
-# Neither knob may change a stored bit: every launch's output hash (round 1) as main's.
+# No knob may change a stored bit: every launch's output hash (round 1) as main's.
 awk '/^== round 2/ { exit } /^-- / { lab = $2; i = 0 } /output hash/ { h[lab, i++] = $NF; n[lab] = i }
      END { bad = 0
            for (lab in n) if (lab != "main") for (j = 0; j < n[lab]; ++j)
@@ -35,10 +37,10 @@ awk '/^== round 2/ { exit } /^-- / { lab = $2; i = 0 } /output hash/ { h[lab, i+
            print bad ? "bitwise: NOT equal to main" : "bitwise: every launch equal to main" }' \
   "$out/ab_decode_instructions.txt"
 # MOE=1: the MoE layers too (profile_moe, GPU us per layer, T = 1 and 16): the extension built
-# with both knobs, then the shipped build, each profiled once (about 4 minutes more).
+# with the three knobs, then the shipped build, each profiled once (about 4 minutes more).
 if [ "${MOE:-0}" = 1 ]; then
   for build in lean plain; do
-    defines=$([ "$build" = lean ] && echo "-DJAX_NVFP4_WIDEN_PRMT=1 -DJAX_NVFP4_LEAN_ADDRESSING=1")
+    defines=$([ "$build" = lean ] && echo "$lean")
     build_extension "build_$build.log" "$defines" || exit 1
     (cd benchmarks && timeout 300 python3 profile_moe.py --tokens 1,16 --variants fused_moe \
        --out "$out/profile_moe_$build.json") 2>&1 | tee "$out/profile_moe_$build.txt"

@@ -228,7 +228,8 @@ __global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<MT, KS>())) nvfp4
   int piece_row[Cfg::kXPerThread];
 #pragma unroll
   for (int i = 0; i < Cfg::kXPerThread; ++i) {
-    const int piece = threadIdx.x + i * kThreads;
+    const int piece = Cfg::kRowGroups ? Cfg::grouped_x_piece(threadIdx.x, i)
+                                     : threadIdx.x + i * kThreads;
     piece_row[i] = !kShortMoe && piece < Cfg::kXPieces
                        ? slot_row<kMoe>(p, slot0 + piece / Cfg::kXPiecesPerRow)
                        : -1;
@@ -260,7 +261,8 @@ __global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<MT, KS>())) nvfp4
   for (int i = 0; i < Cfg::kXPerThread; ++i) {
     const int row = piece_row[i];
     xsrc[i] = x_row(row);
-    const int piece = threadIdx.x + i * kThreads;
+    const int piece = Cfg::kRowGroups ? Cfg::grouped_x_piece(threadIdx.x, i)
+                                     : threadIdx.x + i * kThreads;
     if (!kShortMoe && piece < Cfg::kXPieces && piece % Cfg::kXPiecesPerRow == 0)
       tile_rows[piece / Cfg::kXPiecesPerRow] = row;
   }
@@ -529,7 +531,8 @@ __global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<MT, KS>())) nvfp4
       if (ran) __syncthreads();  // the last pass's ring reads and epilogue are done
 #pragma unroll
       for (int i = 0; i < Cfg::kXPerThread; ++i) {
-        const int piece = threadIdx.x + i * kThreads;
+        const int piece = Cfg::kRowGroups ? Cfg::grouped_x_piece(threadIdx.x, i)
+                                     : threadIdx.x + i * kThreads;
         xsrc[i] = x_row(piece < Cfg::kXPieces ? tile_rows[row_base + piece / Cfg::kXPiecesPerRow]
                                               : -1);
       }

@@ -216,7 +216,7 @@ constexpr int kChunksPerStage = JAX_NVFP4_CHUNKS_PER_STAGE;  // k64 chunks per s
 __host__ __device__ constexpr int unsliced_unit_chunks(int mt) {
   return mt == 2 ? JAX_NVFP4_CHUNKS_PER_STAGE_MT2 : kChunksPerStage;
 }
-// Two lab knobs that take instructions out of the decode loop without changing any stored bit
+// Lab knobs that take instructions out of the decode loop without changing any stored bit
 // (NOTES_dense.md v26; off until measured and GPU-tested):
 // JAX_NVFP4_WIDEN_PRMT: a chunk's scale bytes widen to 16-bit floats by one byte permute and
 // one multiply-add (LEA) each instead of shift, mask and add (4 instructions per chunk fewer).
@@ -231,6 +231,15 @@ __host__ __device__ constexpr int unsliced_unit_chunks(int mt) {
 #endif
 #ifndef JAX_NVFP4_LEAN_ADDRESSING
 #define JAX_NVFP4_LEAN_ADDRESSING 0
+#endif
+// JAX_NVFP4_X_ROW_GROUPS: x tiles of two or more 8-row groups whose rows have more than 32
+// pieces (m_tile 2: the k-sliced block's 16 rows of 128 pieces, the unsliced one's of 64) are
+// copied by thread t as rows t / 32 + 8 j, columns t % 32 + 32 m (TileConfig::grouped_x_piece),
+// so that its pieces lie constant offsets apart in shared memory and in x: one address per row
+// group and immediates, instead of one row address, one shared address and one predicate per
+// piece (275 -> 259 instructions per k-sliced m_tile-2 unit; all three: 246).
+#ifndef JAX_NVFP4_X_ROW_GROUPS
+#define JAX_NVFP4_X_ROW_GROUPS 0
 #endif
 // Stages of the 4-slice block's 8-row x tile (M = 5-8): 3 of 34 KB, still two blocks per SM
 // (kernel_lab on an H200, 4096x14336 at M = 8: 15.4 -> 14.7 us with 3, 16.2 with 4 at one
@@ -296,6 +305,18 @@ struct TileConfig {
   static constexpr int kXPiecesPerRow = kXRowBytes / 16;
   static constexpr int kXPieces = kXRows * kXPiecesPerRow;   // 16-byte pieces of an x tile
   static constexpr int kXPerThread = (kXPieces + kThreads - 1) / kThreads;
+  // Which pieces a thread copies: piece t + i * kThreads (row-major index), or with row groups
+  // (JAX_NVFP4_X_ROW_GROUPS) grouped_x_piece(t, i): row t / 32 + 8 j and column t % 32 + 32 m,
+  // i = j * kXColumnGroups + m. Either way each piece of the tile once over the block.
+  // (At one row group, the 8-row tiles, the column counts cost more than the addresses save.)
+  static constexpr bool kRowGroups = JAX_NVFP4_X_ROW_GROUPS && XR % 8 == 0 && XR >= 16 &&
+                                     kXPiecesPerRow > 32 && kXPiecesPerRow % 32 == 0 &&
+                                     kXPiecesPerRow <= kThreads;
+  static constexpr int kXColumnGroups = kRowGroups ? kXPiecesPerRow / 32 : 1;
+  static __host__ __device__ constexpr int grouped_x_piece(int t, int i) {
+    return ((t >> 5) + 8 * (i / kXColumnGroups)) * kXPiecesPerRow + (t & 31) +
+           32 * (i % kXColumnGroups);
+  }
   static_assert(kSmemBytes <= 227 * 1024, "shared memory above the sm_80/sm_90 limit");
   static_assert(kXPieces % kThreads == 0 || kXPieces < kThreads, "x pieces must tile the block");
   // Tensor-core reads of the x tile need 1024-byte aligned swizzle atoms (wgmma, below).
@@ -635,7 +656,8 @@ __device__ __forceinline__ void weight_fragment(const ChunkFragments &f, int j, 
 // synchronise the block) and clears the accumulators.
 //   qweight: [N16][K64][32] uint4;  qscales: [N16][K64][4] uint4 (one expert's)
 //   xsrc:  per x piece this thread copies, the address of its token row at piece q, column 0
-//          (or null for a row that holds no token); piece p = threadIdx.x + i * kThreads covers
+//          (or null for a row that holds no token); piece p = threadIdx.x + i * kThreads
+//          (TileConfig::grouped_x_piece with row groups) covers
 //          row p / kXPiecesPerRow, piece q = p % kXPiecesPerRow
 //   x_any: a global address that rows without a token are addressed from (never read)
 template <typename T, int MT, int KS, int XR, int SC, typename Epilogue>
@@ -672,24 +694,31 @@ __device__ __forceinline__ void tile_mainloop(
   // (copied at all?) finish the description: a unit's copy is then one compare and one address.
   // A wider row (a short tile's unit of 64 chunks: 512 pieces) gives a thread pieces in
   // kWideColumns columns of it, each with its own count.
+  // With row groups (TileConfig::grouped_x_piece) a thread's pieces sit in kXColumnGroups columns
+  // 32 apart, each with its own count, and in rows 8 apart.
   constexpr bool kWideRow = Cfg::kXPiecesPerRow > kThreads;
-  constexpr int kWideColumns = kWideRow ? Cfg::kXPiecesPerRow / kThreads : 1;
-  static_assert(kWideRow ? Cfg::kXPiecesPerRow % kThreads == 0
-                         : kThreads % Cfg::kXPiecesPerRow == 0,
+  constexpr int kWideColumns = Cfg::kRowGroups ? Cfg::kXColumnGroups
+                               : kWideRow      ? Cfg::kXPiecesPerRow / kThreads
+                                               : 1;
+  static_assert(Cfg::kRowGroups || (kWideRow ? Cfg::kXPiecesPerRow % kThreads == 0
+                                             : kThreads % Cfg::kXPiecesPerRow == 0),
                 "a thread's x pieces must share a column, or a row split evenly over threads");
   static_assert(Cfg::kXPerThread <= 32, "one bit per x piece");
-  const int x_q0 = threadIdx.x % Cfg::kXPiecesPerRow;  // the column of piece 0
+  // The column of piece 0, and how far apart a thread's columns are.
+  const int x_q0 = (Cfg::kRowGroups ? threadIdx.x & 31 : threadIdx.x) % Cfg::kXPiecesPerRow;
+  constexpr int kColumnStep = Cfg::kRowGroups ? 32 : kThreads;
   int x_left[kWideColumns];
 #pragma unroll
-  for (int c = 0; c < kWideColumns; ++c) x_left[c] = k - (x_q0 + c * kThreads) * 8;
+  for (int c = 0; c < kWideColumns; ++c) x_left[c] = k - (x_q0 + c * kColumnStep) * 8;
   uint32_t x_dst[Cfg::kXPerThread];
   const T *x_src[Cfg::kXPerThread];
   uint32_t x_copy = 0;
 #pragma unroll
   for (int i = 0; i < Cfg::kXPerThread; ++i) {
-    const int piece = threadIdx.x + i * kThreads;
+    const int piece =
+        Cfg::kRowGroups ? Cfg::grouped_x_piece(threadIdx.x, i) : threadIdx.x + i * kThreads;
     const int row = piece / Cfg::kXPiecesPerRow;
-    const int x_q = kWideRow ? piece % Cfg::kXPiecesPerRow : x_q0;
+    const int x_q = kWideRow || Cfg::kRowGroups ? piece % Cfg::kXPiecesPerRow : x_q0;
     x_dst[i] = Cfg::kWBytes + Cfg::kSBytes + Cfg::x_offset(row, x_q);
     const bool mine = Cfg::kXPieces >= kThreads || piece < Cfg::kXPieces;
     if (mine && xsrc[i] != nullptr) x_copy |= 1u << i;
@@ -745,10 +774,24 @@ __device__ __forceinline__ void tile_mainloop(
 #endif
     }
     const int col = unit_chunk * 64;
+    if constexpr (Cfg::kRowGroups) {
+      // Piece j * G + m is piece 0 plus 8 j rows (1 KB) and 32 m columns (4 chunks) in the
+      // stage, and x_src[j * G] plus 32 m columns in x (x_offset: the swizzle term is the same).
+      constexpr int G = Cfg::kXColumnGroups;
 #pragma unroll
-    for (int i = 0; i < Cfg::kXPerThread; ++i) {
-      cp_async16_pred(base + x_dst[i], x_src[i] + col, (x_copy >> i) & 1u,
-                      col < x_left[i % kWideColumns]);
+      for (int j = 0; j < Cfg::kXPerThread / G; ++j) {
+        const T *src = x_src[j * G] + col;
+#pragma unroll
+        for (int m = 0; m < G; ++m)
+          cp_async16_pred(base + x_dst[0] + j * 1024 + m * 4 * Cfg::kXChunkBytes, src + m * 256,
+                          (x_copy >> (j * G)) & 1u, col < x_left[m]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < Cfg::kXPerThread; ++i) {
+        cp_async16_pred(base + x_dst[i], x_src[i] + col, (x_copy >> i) & 1u,
+                        col < x_left[i % kWideColumns]);
+      }
     }
     if (++ld_kunit == units_per_tile) {
       ld_kunit = 0;
