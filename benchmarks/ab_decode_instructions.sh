@@ -6,7 +6,7 @@
 # ldmatrix address per k16 pair (short tiles' missing rows read row 0, no zero row), chunk bounds
 # against k64 - chunk, stage loads from the pinned shared base; JAX_NVFP4_X_ROW_GROUPS: the
 # m_tile-2 x copies by row groups (one address per 8 rows, immediates). "lean" has all three.
-# One device call, output under $OUT:  [MOE=1] bash benchmarks/ab_decode_instructions.sh
+# One device call, output under $OUT:  [MEMCHECK=1] [MOE=1] bash benchmarks/ab_decode_instructions.sh
 set -uo pipefail
 source benchmarks/lab_ab.sh
 lean="-DJAX_NVFP4_WIDEN_PRMT=1 -DJAX_NVFP4_LEAN_ADDRESSING=1 -DJAX_NVFP4_X_ROW_GROUPS=1"
@@ -36,6 +36,16 @@ awk '/^== round 2/ { exit } /^-- / { lab = $2; i = 0 } /output hash/ { h[lab, i+
              if (h[lab, j] != h["main", j]) { print "DIFFERS from main: " lab " launch " j; bad = 1 }
            print bad ? "bitwise: NOT equal to main" : "bitwise: every launch equal to main" }' \
   "$out/ab_decode_instructions.txt"
+# MEMCHECK=1: memcheck_dense and memcheck_moe built with the three knobs, under
+# compute-sanitizer memcheck (every launch family on awkward shapes; ~2 minutes more).
+if [ "${MEMCHECK:-0}" = 1 ]; then
+  for what in dense moe; do
+    nvcc -std=c++17 -O3 -arch=sm_90a --expt-relaxed-constexpr -diag-suppress=940,2473,177 $lean \
+      -I csrc "benchmarks/memcheck_$what.cu" -o "/tmp/memcheck_lean_$what" || exit 1
+    compute-sanitizer --tool memcheck "/tmp/memcheck_lean_$what" > "$out/memcheck_lean_$what.txt" 2>&1
+    echo "memcheck_$what (lean): exit $?; $(tail -2 "$out/memcheck_lean_$what.txt" | tr '\n' ' ')"
+  done
+fi
 # MOE=1: the MoE layers too (profile_moe, GPU us per layer, T = 1 and 16): the extension built
 # with the three knobs, then the shipped build, each profiled once (about 4 minutes more).
 if [ "${MOE:-0}" = 1 ]; then
