@@ -317,6 +317,26 @@ struct TileConfig {
     return ((t >> 5) + 8 * (i / kXColumnGroups)) * kXPiecesPerRow + (t & 31) +
            32 * (i % kXColumnGroups);
   }
+  // What the row-group copy (tile_mainloop) relies on: every piece once over the block, and
+  // thread t's piece j * G + m in column t % 32 + 32 m, at its piece 0's stage offset plus j KB
+  // and 4 m chunks.
+  static constexpr bool row_groups_hold() {
+    bool seen[kXPieces] = {};
+    for (int t = 0; t < kThreads; ++t) {
+      const uint32_t base = x_offset(t >> 5, t & 31);
+      for (int i = 0; i < kXPerThread; ++i) {
+        const int piece = grouped_x_piece(t, i), j = i / kXColumnGroups, m = i % kXColumnGroups;
+        const int row = piece / kXPiecesPerRow, q = piece % kXPiecesPerRow;
+        if (piece >= kXPieces || seen[piece] || q != (t & 31) + 32 * m ||
+            x_offset(row, q) != base + j * 1024 + m * 4 * kXChunkBytes)
+          return false;
+        seen[piece] = true;
+      }
+    }
+    for (int piece = 0; piece < kXPieces; ++piece)
+      if (!seen[piece]) return false;
+    return true;
+  }
   static_assert(kSmemBytes <= 227 * 1024, "shared memory above the sm_80/sm_90 limit");
   static_assert(kXPieces % kThreads == 0 || kXPieces < kThreads, "x pieces must tile the block");
   // Tensor-core reads of the x tile need 1024-byte aligned swizzle atoms (wgmma, below).
@@ -704,6 +724,7 @@ __device__ __forceinline__ void tile_mainloop(
                                              : kThreads % Cfg::kXPiecesPerRow == 0),
                 "a thread's x pieces must share a column, or a row split evenly over threads");
   static_assert(Cfg::kXPerThread <= 32, "one bit per x piece");
+  static_assert(!Cfg::kRowGroups || Cfg::row_groups_hold(), "row groups: see row_groups_hold");
   // The column of piece 0, and how far apart a thread's columns are.
   const int x_q0 = (Cfg::kRowGroups ? threadIdx.x & 31 : threadIdx.x) % Cfg::kXPiecesPerRow;
   constexpr int kColumnStep = Cfg::kRowGroups ? 32 : kThreads;
