@@ -53,13 +53,18 @@ def _poison_device_memory(*shapes_dtypes):
     jnp.full(shape, fill, dtype).block_until_ready()
 
 
-def _run(logits, cfg, block_m=None, expert_map=None, backend="auto"):
+def _poison_outputs(logits, cfg, block_m=None):
+  """_poison_device_memory for every output of route_and_align on these logits."""
   m, e = logits.shape
   k = cfg.top_k
   bm = block_m or nf.choose_block_m(m, k, e)
   p = capacity(m * k, e, bm)
   _poison_device_memory(((m, k), jnp.float32), ((m, k), jnp.int32), ((p,), jnp.int32),
                         ((p // bm,), jnp.int32))
+
+
+def _run(logits, cfg, block_m=None, expert_map=None, backend="auto"):
+  _poison_outputs(logits, cfg, block_m)
   f = jax.jit(nf.route_and_align, static_argnames=("block_m", "backend"))
   return f(logits, cfg, block_m=block_m, expert_map=expert_map, backend=backend)
 
@@ -309,11 +314,7 @@ def _run_kernel(monkeypatch, kernel, logits, cfg, block_m=None, expert_map=None,
   its command buffer), into poisoned device memory. With ``names``, the profiler shows that
   the call ran that kernel (general: neither decode kernel)."""
   env, name = KERNEL_SETTINGS[kernel]
-  m, e = logits.shape
-  bm = block_m or nf.choose_block_m(m, cfg.top_k, e)
-  p = capacity(m * cfg.top_k, e, bm)
-  _poison_device_memory(((m, cfg.top_k), jnp.float32), ((m, cfg.top_k), jnp.int32),
-                        ((p,), jnp.int32), ((p // bm,), jnp.int32))
+  _poison_outputs(logits, cfg, block_m)
   with monkeypatch.context() as mp:
     for var, value in env.items():
       mp.setenv(var, value)
