@@ -224,7 +224,7 @@ __host__ __device__ constexpr int unsliced_unit_chunks(int mt) {
 // instead of a zero row after the ring (their MMA columns are never stored), so every chunk's
 // ldmatrix address is one register per k16 pair plus an immediate; everywhere, a unit's chunk
 // bounds compare against k64 - chunk, and a stage's words and scales load from the pinned shared
-// base. Both: 688 -> 629 instructions per unit of the 4-slice 1-row block, up to 34 registers
+// base. With the widen: 688 -> 623 instructions per unit of the 4-slice 1-row block, up to 34 registers
 // fewer.
 #ifndef JAX_NVFP4_WIDEN_PRMT
 #define JAX_NVFP4_WIDEN_PRMT 0
@@ -879,15 +879,16 @@ __device__ __forceinline__ void tile_mainloop(
     if (u + S - 1 < units) load_next(load_stage);
     cp_async_commit();
 
+    // Where load_chunk reads this stage: its shared address from the pinned base, or a pointer.
+#if JAX_NVFP4_LEAN_ADDRESSING
+    const uint32_t st = smem_base + stage;
+#else
+    const unsigned char *st = smem + stage;
+#endif
     if constexpr (kWgmma) {
       // All 4 warps of a warpgroup issue its wgmmas, so the test is the warpgroup's first N
       // tile; a warp past N computes on stale weights and its rows are never stored.
       if (tile * NT + (warp & ~3) < n16) {
-#if JAX_NVFP4_LEAN_ADDRESSING
-        const uint32_t st = smem_base + stage;  // load_chunk by shared address
-#else
-        const unsigned char *st = smem + stage;
-#endif
         const uint32_t x_tile = smem_base + stage + Cfg::kWBytes + Cfg::kSBytes;
 #pragma unroll
         for (int kc = 0; kc < KC; ++kc) {
@@ -909,11 +910,6 @@ __device__ __forceinline__ void tile_mainloop(
         pin_accumulators<MT>(acc);
       }
     } else if (tile * NT + sub < n16) {
-#if JAX_NVFP4_LEAN_ADDRESSING
-      const uint32_t st = smem_base + stage;  // load_chunk by shared address
-#else
-      const unsigned char *st = smem + stage;
-#endif
       // Rows the tile does not hold are addressed from the start of shared memory (zero row),
       // or from this stage's row 0 (kOneXAddress).
       const uint32_t x_stage = smem_base + (kOneXAddress || real_row ? stage : 0u);
