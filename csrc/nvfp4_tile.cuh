@@ -224,8 +224,8 @@ __host__ __device__ constexpr int unsliced_unit_chunks(int mt) {
 // instead of a zero row after the ring (their MMA columns are never stored), so every chunk's
 // ldmatrix address is one register per k16 pair plus an immediate; everywhere, a unit's chunk
 // bounds compare against k64 - chunk, and a stage's words and scales load from the pinned shared
-// base. With the widen: 688 -> 623 instructions per unit of the 4-slice 1-row block, up to 34 registers
-// fewer.
+// base. With the widen: 688 -> 623 instructions per unit of the 4-slice 1-row block, up to 34
+// registers fewer.
 #ifndef JAX_NVFP4_WIDEN_PRMT
 #define JAX_NVFP4_WIDEN_PRMT 0
 #endif
