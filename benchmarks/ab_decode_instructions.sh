@@ -52,7 +52,6 @@ if [ "${MOE:-0}" = 1 ]; then
   for build in lean plain; do
     defines=$([ "$build" = lean ] && echo "$lean")
     build_extension "build_$build.log" "$defines" || exit 1
-    (cd benchmarks && timeout 300 python3 profile_moe.py --tokens 1,16 --variants fused_moe \
-       --out "$out/profile_moe_$build.json") 2>&1 | tee "$out/profile_moe_$build.txt"
+    profile_layers "$build" 1,16
   done
 fi

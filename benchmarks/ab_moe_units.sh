@@ -12,11 +12,10 @@
 # the extension takes long units itself where K >= 2048 (v23): profile_moe.py --variants
 # short_units,fused_moe is the same A/B in one build.
 set -uo pipefail
-source benchmarks/lab_ab.sh  # build_extension, $out
+source benchmarks/lab_ab.sh  # build_extension, profile_layers, $out
 for chunks in ${1:-4 8}; do
   build_extension "build_units$chunks.log" "-DJAX_NVFP4_CHUNKS_PER_STAGE=$chunks" || exit 1
   echo "== m_tile-1 unit of $chunks chunks: resident MoE m_tile-1 blocks per SM:" \
     "$(python3 -c 'from jax_nvfp4 import _ffi as f; print(f.moe_blocks_per_sm(1, True))')"
-  (cd benchmarks && timeout 240 python3 profile_moe.py --tokens "${TOKENS:-1,2,16}" --variants fused_moe \
-     --out "$out/profile_moe_units$chunks.json" | grep span)
+  profile_layers "units$chunks" "${TOKENS:-1,2,16}" 240
 done

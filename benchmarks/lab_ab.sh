@@ -15,6 +15,12 @@ build_extension() {  # LOG [DEFINES]
     -C cmake.define.CMAKE_CUDA_FLAGS="$defines" > "$out/$log" 2>&1 \
     || { tail -40 "$out/$log"; return 1; }
 }
+# The MoE layers through the extension as it is built now (profile_moe.py, GPU time per layer):
+# $out/profile_moe_NAME.{json,txt}; prints the layers' span lines.
+profile_layers() {  # NAME TOKENS [TIMEOUT_S]
+  (cd benchmarks && timeout "${3:-300}" python3 profile_moe.py --tokens "$2" --variants fused_moe \
+     --out "$out/profile_moe_$1.json") 2>&1 | tee "$out/profile_moe_$1.txt" | grep span
+}
 build_lab() {  # NAME DEFINES...: kernel_lab for sm_90a with the given -D knobs, as /tmp/lab_NAME
   local name=$1; shift
   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I csrc --expt-relaxed-constexpr \
