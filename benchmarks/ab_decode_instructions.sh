@@ -30,12 +30,7 @@ launches() {
 }
 two_rounds ab_decode_instructions launches
 # No knob may change a stored bit: every launch's output hash (round 1) as main's.
-awk '/^== round 2/ { exit } /^-- / { lab = $2; i = 0 } /output hash/ { h[lab, i++] = $NF; n[lab] = i }
-     END { bad = 0
-           for (lab in n) if (lab != "main") for (j = 0; j < n[lab]; ++j)
-             if (h[lab, j] != h["main", j]) { print "DIFFERS from main: " lab " launch " j; bad = 1 }
-           print bad ? "bitwise: NOT equal to main" : "bitwise: every launch equal to main" }' \
-  "$out/ab_decode_instructions.txt"
+same_bits_as_main ab_decode_instructions
 # MEMCHECK=1: memcheck_dense and memcheck_moe built with the three knobs, under
 # compute-sanitizer memcheck (every launch family on awkward shapes; ~2 minutes more).
 if [ "${MEMCHECK:-0}" = 1 ]; then

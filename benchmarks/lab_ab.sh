@@ -49,3 +49,14 @@ two_rounds() {  # NAME RUN
   echo "checks: $(grep -c 'rel-L2' "$out/$name.txt"), worst:" \
        "$(grep -o 'rel-L2 [0-9.e+-]*' "$out/$name.txt" | sort -k2 -g | tail -1)"
 }
+# Whether every lab's launches in $out/NAME.txt (round 1) wrote main's bytes (the output hash
+# kernel_lab prints with LAB_CHECK, launches in the same order per lab): for knobs that must not
+# change a stored bit. Prints one verdict line, and the launches that differ.
+same_bits_as_main() {  # NAME
+  awk '/^== round 2/ { exit } /^-- / { lab = $2; i = 0 } /output hash/ { h[lab, i++] = $NF; n[lab] = i }
+       END { bad = 0
+             for (lab in n) if (lab != "main") for (j = 0; j < n[lab]; ++j)
+               if (h[lab, j] != h["main", j]) { print "DIFFERS from main: " lab " launch " j; bad = 1 }
+             print bad ? "bitwise: NOT equal to main" : "bitwise: every launch equal to main" }' \
+    "$out/$1.txt"
+}

@@ -137,13 +137,6 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 }
 
-// A hint, not a read: the line is fetched into L2, the point of coherence of device memory, so
-// a prefetch issued while an earlier kernel may still write the line cannot make a later load
-// see stale data.
-__device__ __forceinline__ void prefetch_l2(const void *p) {
-  asm volatile("prefetch.global.L2 [%0];\n" :: "l"(p));
-}
-
 // Output row of token slot `slot`, or -1 when the slot holds no row.
 template <bool kMoe>
 __device__ __forceinline__ int slot_row(const GemmParams &p, int slot) {

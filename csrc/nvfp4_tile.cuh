@@ -241,6 +241,16 @@ __host__ __device__ constexpr int unsliced_unit_chunks(int mt) {
 #ifndef JAX_NVFP4_X_ROW_GROUPS
 #define JAX_NVFP4_X_ROW_GROUPS 0
 #endif
+// JAX_NVFP4_L2_AHEAD (units; 0: off, a lab knob, NOTES_dense.md v27): each warp asks L2 for its
+// slice of the unit that many units past the ring's loads (prefetch.global.L2, a hint: no
+// shared memory, no registers held, no stored bit changed). Why: a block whose stage holds few
+// weight bytes (the k-sliced m_tile-2 unit, M = 9-16: 8 KB, one stage in flight per block) keeps
+// ~16 KB per SM in flight, and its units then take about one HBM round trip each; deeper rings
+// cost the second block per SM. With the prefetch the ring's copies hit L2 and HBM sees the
+// weight stream kAhead units early.
+#ifndef JAX_NVFP4_L2_AHEAD
+#define JAX_NVFP4_L2_AHEAD 0
+#endif
 // Stages of the 4-slice block's 8-row x tile (M = 5-8): 3 of 34 KB, still two blocks per SM
 // (kernel_lab on an H200, 4096x14336 at M = 8: 15.4 -> 14.7 us with 3, 16.2 with 4 at one
 // block per SM; NOTES_dense.md v24).
@@ -510,6 +520,13 @@ __device__ __forceinline__ void cp_async16_pred(uint32_t dst, const void *src, b
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+
+// A hint, not a read: the line is fetched into L2, the point of coherence of device memory, so
+// a prefetch issued while an earlier kernel may still write the line cannot make a later load
+// see stale data.
+__device__ __forceinline__ void prefetch_l2(const void *p) {
+  asm volatile("prefetch.global.L2 [%0];\n" :: "l"(p));
+}
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -820,6 +837,34 @@ __device__ __forceinline__ void tile_mainloop(
     }
   };
 
+  // JAX_NVFP4_L2_AHEAD: the unit the L2 prefetch is at, kAhead units past the ring's loads once
+  // the prologue has run; each call asks for this warp's slice of it (its weight lines, one
+  // lane each, and the lines of its scales) and moves on one unit.
+  constexpr int kAhead = JAX_NVFP4_L2_AHEAD;
+  int pf_u = u_begin + S - 1;
+  int pf_tile = kAhead > 0 ? pf_u / units_per_tile : 0;
+  int pf_kunit = pf_u - pf_tile * units_per_tile;
+  auto prefetch_next = [&]() {
+    const int tile_n = pf_tile * NT + sub;
+    const int chunk = pf_kunit * Cfg::kChunksPerUnit + slice * KC;
+    if (pf_u < u_end && tile_n < n16 && chunk < k64) {
+      const int chunks = min(KC, k64 - chunk);
+      const uint32_t at = static_cast<uint32_t>(tile_n) * static_cast<uint32_t>(k64) + chunk;
+      const unsigned char *w = reinterpret_cast<const unsigned char *>(qweight + at * 32);
+#pragma unroll
+      for (int line = lane; line < KC * 4; line += 32)
+        if (line < chunks * 4) prefetch_l2(w + line * 128);
+      // 64 bytes of scales a chunk; the run may start half way into a line.
+      const unsigned char *sc = reinterpret_cast<const unsigned char *>(qscales + at * 4);
+      if (lane * 128 < chunks * 64 + 64) prefetch_l2(sc + min(lane * 128, chunks * 64 - 1));
+    }
+    ++pf_u;
+    if (++pf_kunit == units_per_tile) {
+      pf_kunit = 0;
+      ++pf_tile;
+    }
+  };
+
   // ldmatrix row addresses of this lane (relative to a stage) for k16 pairs 0-1, 2-3 of chunk
   // kc of its slice: matrix lane / 8 is piece 4 * (2 (slice * KC + kc) + jp) + lane / 8 of row
   // lane % 8. A row the tile does not hold (XR <= lane % 8) reads the zero row instead, relative
@@ -862,6 +907,10 @@ __device__ __forceinline__ void tile_mainloop(
     load_stage += Cfg::kStageBytes;
   }
   if (load_stage == S * Cfg::kStageBytes) load_stage = 0;
+  if constexpr (kAhead > 0) {
+#pragma unroll 1
+    for (int i = 0; i < kAhead; ++i) prefetch_next();
+  }
 
   float acc[MT][4];
 #pragma unroll
@@ -878,6 +927,7 @@ __device__ __forceinline__ void tile_mainloop(
     if (u == 0) JAX_NVFP4_LAB_MARK(1, n16);
     if (u + S - 1 < units) load_next(load_stage);
     cp_async_commit();
+    if constexpr (kAhead > 0) prefetch_next();
 
     // Where load_chunk reads this stage: its shared address from the pinned base, or a pointer.
 #if JAX_NVFP4_LEAN_ADDRESSING
