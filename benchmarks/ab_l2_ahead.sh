@@ -5,9 +5,27 @@
 # tile at M = 5-8: 16 KB)? kernel_lab main / ahead 1, 2, 4, 8 on the launches the extension
 # picks on an H200 at M = 16, 8 and 1, two interleaved rounds, every launch of round 1 checked
 # against the plain launch and its output hash against main's (a prefetch changes no bit).
-# One device call, output under $OUT:  [MOE=1] bash benchmarks/ab_l2_ahead.sh
+# One device call each, output under $OUT:
+#   bash benchmarks/ab_l2_ahead.sh        kernel_lab (~4 min)
+#   bash benchmarks/ab_l2_ahead.sh moe    the MoE layers (profile_moe, GPU us per layer, T = 1
+#     and 16) through the extension built with D = ${MOE_AHEAD:-2}, with D and
+#     JAX_NVFP4_L2_SUCCESSOR=1 (the prefetch runs on into the first units of the block launched
+#     `resident` blocks later: the decode GEMMs' later waves), and as shipped (~7 min)
 set -uo pipefail
 source benchmarks/lab_ab.sh
+if [ "${1:-}" = moe ]; then
+  ahead="-DJAX_NVFP4_L2_AHEAD=${MOE_AHEAD:-2}"
+  for build in ahead successor plain; do
+    case $build in
+      ahead) defines=$ahead ;;
+      successor) defines="$ahead -DJAX_NVFP4_L2_SUCCESSOR=1" ;;
+      plain) defines="" ;;
+    esac
+    build_extension "build_$build.log" "$defines" || exit 1
+    profile_layers "$build" 1,16
+  done
+  exit 0
+fi
 build_labs "main" "ahead1 -DJAX_NVFP4_L2_AHEAD=1" "ahead2 -DJAX_NVFP4_L2_AHEAD=2" \
   "ahead4 -DJAX_NVFP4_L2_AHEAD=4" "ahead8 -DJAX_NVFP4_L2_AHEAD=8" || exit 1
 launches() {
@@ -29,12 +47,3 @@ launches() {
 }
 two_rounds ab_l2_ahead launches
 same_bits_as_main ab_l2_ahead
-# MOE=1: the MoE layers (profile_moe, GPU us per layer, T = 1 and 16) through the extension
-# built with JAX_NVFP4_L2_AHEAD=${MOE_AHEAD:-4}, then the shipped build (about 4 minutes more).
-if [ "${MOE:-0}" = 1 ]; then
-  for build in ahead plain; do
-    defines=$([ "$build" = ahead ] && echo "-DJAX_NVFP4_L2_AHEAD=${MOE_AHEAD:-4}")
-    build_extension "build_$build.log" "$defines" || exit 1
-    profile_layers "$build" 1,16
-  done
-fi

@@ -251,6 +251,16 @@ __host__ __device__ constexpr int unsliced_unit_chunks(int mt) {
 #ifndef JAX_NVFP4_L2_AHEAD
 #define JAX_NVFP4_L2_AHEAD 0
 #endif
+// JAX_NVFP4_L2_SUCCESSOR=1 (with JAX_NVFP4_L2_AHEAD > 0; a lab knob): once the prefetch passes
+// the block's last unit it goes on into the units of the block that is expected to take this
+// block's place on the device (the block GemmParams::resident launch places later, whose first
+// units would otherwise wait a whole HBM round trip at its start: a launch of several waves of
+// short blocks, the grouped GEMM's decode launches above all).
+#ifndef JAX_NVFP4_L2_SUCCESSOR
+#define JAX_NVFP4_L2_SUCCESSOR 0
+#endif
+static_assert(!JAX_NVFP4_L2_SUCCESSOR || JAX_NVFP4_L2_AHEAD > 0,
+              "JAX_NVFP4_L2_SUCCESSOR rides on the JAX_NVFP4_L2_AHEAD prefetch");
 // Stages of the 4-slice block's 8-row x tile (M = 5-8): 3 of 34 KB, still two blocks per SM
 // (kernel_lab on an H200, 4096x14336 at M = 8: 15.4 -> 14.7 us with 3, 16.2 with 4 at one
 // block per SM; NOTES_dense.md v24).
@@ -682,6 +692,14 @@ __device__ __forceinline__ void weight_fragment(const ChunkFragments &f, int j, 
   a[3] = scale_half<T>(a[3], f.s_hi[jj], high);
 }
 
+// The weights and units of the block expected to run after this one (JAX_NVFP4_L2_SUCCESSOR):
+// `units` units from k-unit `kunit` of N block `tile` on (tile_mainloop's numbering); none when
+// units is 0.
+struct PrefetchSuccessor {
+  const uint4 *qweight = nullptr, *qscales = nullptr;
+  int tile = 0, kunit = 0, units = 0;
+};
+
 // The main loop of one block. Work is a line of units u = tile * units_per_tile + kunit, where
 // tile is an N block (8 / KS N tiles of 16 rows; warp w's N tile is tile * (8 / KS) + w % (8 / KS))
 // and kunit a k-unit of kChunksPerUnit = KS * kChunksPerSlice k64 chunks (slice w / (8 / KS)
@@ -701,7 +719,11 @@ template <typename T, int MT, int KS, int XR, int SC, typename Epilogue>
 __device__ __forceinline__ void tile_mainloop(
     const uint4 *__restrict__ qweight, const uint4 *__restrict__ qscales, int n16, int k64,
     const T *const (&xsrc)[TileConfig<MT, KS, XR, SC>::kXPerThread], const void *x_any, int k,
-    int units_per_tile, int u_begin, int u_end, Epilogue &&epilogue) {
+    int units_per_tile, int u_begin, int u_end, Epilogue &&epilogue
+#if JAX_NVFP4_L2_SUCCESSOR
+    , const PrefetchSuccessor &successor
+#endif
+    ) {
   using Cfg = TileConfig<MT, KS, XR, SC>;
   constexpr int S = Cfg::kStages;
   constexpr int KC = Cfg::kChunksPerSlice;
@@ -839,23 +861,45 @@ __device__ __forceinline__ void tile_mainloop(
 
   // JAX_NVFP4_L2_AHEAD: the unit the L2 prefetch is at, kAhead units past the ring's loads once
   // the prologue has run; each call asks for this warp's slice of it (its weight lines, one
-  // lane each, and the lines of its scales) and moves on one unit.
+  // lane each, and the lines of its scales) and moves on one unit. With
+  // JAX_NVFP4_L2_SUCCESSOR, past u_end it moves on to the successor's units, from its first.
   constexpr int kAhead = JAX_NVFP4_L2_AHEAD;
   int pf_u = u_begin + S - 1;
   int pf_tile = kAhead > 0 ? pf_u / units_per_tile : 0;
   int pf_kunit = pf_u - pf_tile * units_per_tile;
+#if JAX_NVFP4_L2_SUCCESSOR
+  int pf_end = u_end;
+  const uint4 *pf_qweight = qweight, *pf_qscales = qscales;
+  bool pf_own = true;
+#else
+  // (Not variables here: the shipped build's SASS stays instruction for instruction main's.)
+#define pf_end u_end
+#define pf_qweight qweight
+#define pf_qscales qscales
+#endif
   auto prefetch_next = [&]() {
+#if JAX_NVFP4_L2_SUCCESSOR
+    if (pf_own && pf_u >= pf_end) {
+      pf_own = false;
+      pf_u = 0;
+      pf_end = successor.units;
+      pf_tile = successor.tile;
+      pf_kunit = successor.kunit;
+      pf_qweight = successor.qweight;
+      pf_qscales = successor.qscales;
+    }
+#endif
     const int tile_n = pf_tile * NT + sub;
     const int chunk = pf_kunit * Cfg::kChunksPerUnit + slice * KC;
-    if (pf_u < u_end && tile_n < n16 && chunk < k64) {
+    if (pf_u < pf_end && tile_n < n16 && chunk < k64) {
       const int chunks = min(KC, k64 - chunk);
       const uint32_t at = static_cast<uint32_t>(tile_n) * static_cast<uint32_t>(k64) + chunk;
-      const unsigned char *w = reinterpret_cast<const unsigned char *>(qweight + at * 32);
+      const unsigned char *w = reinterpret_cast<const unsigned char *>(pf_qweight + at * 32);
 #pragma unroll
       for (int line = lane; line < KC * 4; line += 32)
         if (line < chunks * 4) prefetch_l2(w + line * 128);
       // 64 bytes of scales a chunk; the run may start half way into a line.
-      const unsigned char *sc = reinterpret_cast<const unsigned char *>(qscales + at * 4);
+      const unsigned char *sc = reinterpret_cast<const unsigned char *>(pf_qscales + at * 4);
       if (lane * 128 < chunks * 64 + 64) prefetch_l2(sc + min(lane * 128, chunks * 64 - 1));
     }
     ++pf_u;
@@ -864,6 +908,11 @@ __device__ __forceinline__ void tile_mainloop(
       ++pf_tile;
     }
   };
+#if !JAX_NVFP4_L2_SUCCESSOR
+#undef pf_end
+#undef pf_qweight
+#undef pf_qscales
+#endif
 
   // ldmatrix row addresses of this lane (relative to a stage) for k16 pairs 0-1, 2-3 of chunk
   // kc of its slice: matrix lane / 8 is piece 4 * (2 (slice * KC + kc) + jp) + lane / 8 of row
