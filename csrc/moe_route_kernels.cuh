@@ -817,7 +817,9 @@ __global__ void __launch_bounds__(kWideMaxLanes, 1)
     int from = lane / k, candidates = slices * k;
     if (p.n_group > 1) {
       const unsigned group_key = lane < p.n_group ? group_key_s[base / 32 + lane] : 0u;
-      const bool chosen = lane < p.n_group && lane_rank(group_key, p.n_group) < p.topk_group;
+      // Every lane takes part in lane_rank's shuffles (a lane left out hangs the warp).
+      const int group_rank = lane_rank(group_key, p.n_group);
+      const bool chosen = lane < p.n_group && group_rank < p.topk_group;
       const unsigned groups = __ballot_sync(0xffffffffu, chosen);
       // The (lane / k)-th chosen group, in ascending order.
       const int nth = from;
