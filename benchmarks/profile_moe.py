@@ -28,8 +28,9 @@ up]`` order: GEMM1 writes both halves and XLA applies the activation, the layer 
 the decode one; NOTES_moe.md v18) and ``decode_tiles1`` (one N block per block at block_m 8: the
 rule before v18's decode tiles) and ``short_units`` (``JAX_NVFP4_MOE_LONG_UNITS=0``: 4-chunk units
 in the unsliced block_m-8 GEMMs with K >= 2048 too, the rule before v23) and ``route_wide``
-(``JAX_NVFP4_ROUTE_WIDE=1``: the wide decode routing kernel, a warp per 32 experts; NOTES_moe.md
-v24). Large T works too
+(``JAX_NVFP4_ROUTE_WIDE=1``: the wide decode routing kernel, a warp per 32 experts, wherever it
+fits; NOTES_moe.md v24) and ``route_decode`` (``JAX_NVFP4_ROUTE_WIDE=0``: never; the layer
+without v26's default). Large T works too
 (``--tokens 1024,4096``).
 """
 
@@ -197,7 +198,8 @@ def main():
                        "decode_tiles1 (one N block per block at block_m 8), short_units "
                        "(JAX_NVFP4_MOE_LONG_UNITS=0: 4-chunk units in the unsliced block_m-8 "
                        "GEMMs with K >= 2048 too), route_wide (JAX_NVFP4_ROUTE_WIDE=1: the "
-                       "wide decode routing kernel)")
+                       "wide decode routing kernel wherever it fits), route_decode "
+                       "(JAX_NVFP4_ROUTE_WIDE=0: never)")
   args = ap.parse_args()
   rows = []
   key = jax.random.key(1)
@@ -225,6 +227,7 @@ def main():
                 "route_general": lambda: environment("JAX_NVFP4_ROUTE_SMALL", "0"),
                 "short_units": lambda: environment("JAX_NVFP4_MOE_LONG_UNITS", "0"),
                 "route_wide": lambda: environment("JAX_NVFP4_ROUTE_WIDE", "1"),
+                "route_decode": lambda: environment("JAX_NVFP4_ROUTE_WIDE", "0"),
                 "decode_tiles1": decode_one_tile}
     variants = {name: (many(bench_moe.nvfp4_layer(routing)), contexts[name])
                 for name in args.variants.split(",")}

@@ -694,8 +694,9 @@ __global__ void __launch_bounds__(kSmallMaxTokens * 32, 1)
 }
 
 // ---------------------------------------------------------------------------------------------
-// The wide decode path (opt-in, JAX_NVFP4_ROUTE_WIDE=1, until its GPU tests have run;
-// NOTES_moe.md v24): one warp per 32 experts of a token instead of one warp per token.
+// The wide decode path (NOTES_moe.md v24, v26; the default where wide_route_wins, and with
+// JAX_NVFP4_ROUTE_WIDE=1 wherever it fits): one warp per 32 experts of a token instead of one
+// warp per token.
 //
 // Why: the decode kernel above is one warp's chain of ~2000 instructions at one token for 256
 // experts, and a lone warp waits out every instruction's latency: route_lab.cu measured it at
@@ -863,6 +864,18 @@ inline bool wide_route_fits(const RouteParams &p) {
     return false;
   if (p.n_group > 1) return p.experts == 32 * p.n_group && p.topk_group * p.top_k <= 32;
   return slices * p.top_k <= 32;
+}
+
+// Where the handler takes the wide kernel by default (JAX_NVFP4_ROUTE_WIDE unset): the batches
+// it fits where route_lab measured it faster than the decode kernel (H200, warm us, decode ->
+// wide; NOTES_moe.md v26): one token over at least 4 slices (Qwen3-like, 128 experts: 3.90 ->
+// 3.58), and grouped batches over at least 4 slices up to 4 tokens (DeepSeek-like, 256 experts
+// in 8 groups: 5.72 -> 3.68 at one token, 5.94 -> 5.69 at four). Slower elsewhere: one slice
+// (Mixtral-like, 8 experts: 2.65 -> 3.35 at one token, 2.87 -> 4.53 at 16) and 32 warps of
+// softmax (Qwen3-like at 8 tokens: 5.20 -> 8.83).
+inline bool wide_route_wins(const RouteParams &p) {
+  const int slices = (p.experts + 31) / 32;
+  return wide_route_fits(p) && slices >= 4 && (p.n_group > 1 ? p.tokens <= 4 : p.tokens == 1);
 }
 
 template <typename T>

@@ -23,12 +23,14 @@ bool decode_kernel_enabled() {
   return env == nullptr || std::string(env) != "0";
 }
 
-// JAX_NVFP4_ROUTE_WIDE=1 sends the decode batches that fit it to the wide decode kernel (one
-// warp per 32 experts; opt-in until its GPU tests have run, NOTES_moe.md v24). Read at every
-// call, as above.
-bool wide_kernel_enabled() {
+// The wide decode kernel (one warp per 32 experts, NOTES_moe.md v24, v26) for p: where it was
+// measured faster (wide_route_wins), or JAX_NVFP4_ROUTE_WIDE=1 wherever it fits and "0" never
+// (the A/B switch of the tests and benchmarks). Read at every call, as above.
+bool wide_kernel_wanted(const RouteParams &p) {
   const char *env = std::getenv("JAX_NVFP4_ROUTE_WIDE");
-  return env != nullptr && std::string(env) == "1";
+  if (env != nullptr && std::string(env) == "1") return true;
+  if (env != nullptr && std::string(env) == "0") return false;
+  return wide_route_wins(p);
 }
 
 ffi::Error invalid(const std::string &msg) {
@@ -107,7 +109,7 @@ ffi::Error MoeRouteAlignImpl(cudaStream_t stream, ffi::AnyBuffer logits,
                                                         : LogitType::kF16;
   RouteLaunch launch{};
   if (const std::string why = plan_route_launch(p, type, decode_kernel_enabled(), optin, launch,
-                                                wide_kernel_enabled());
+                                                wide_kernel_wanted(p));
       !why.empty())
     return invalid(why);
   if (ffi::Error err = allow_dynamic_smem(launch.kernel, launch.smem, "jax_nvfp4_moe_route_align");

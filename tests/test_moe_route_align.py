@@ -411,7 +411,7 @@ WIDE_CONFIGS = {
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(WIDE_CONFIGS))
 def test_wide_kernel_matches_the_general_kernel(rng, name, monkeypatch):
-  """JAX_NVFP4_ROUTE_WIDE=1 (opt-in, read at each call): decode batches that fit it run the
+  """JAX_NVFP4_ROUTE_WIDE=1 (read at each call): every decode batch that fits it runs the
   wide kernel (a warp per 32 experts, lane ranks instead of selection rounds, a merge of the
   slices' top-k). The same arithmetic in the same order as the general kernel: the same bits,
   and the reference's ids and alignment, f32 and bf16 logits, and a constant row's ties (the
@@ -442,6 +442,28 @@ def test_wide_kernel_expert_map(rng, block_m, m, monkeypatch):
   logits = jnp.asarray(rng.standard_normal((m, e)).astype(np.float32))
   wide = _same_as_general(monkeypatch, "wide", logits, cfg, block_m, jnp.asarray(emap))
   _check(logits, cfg, wide, emap)
+
+
+@pytest.mark.gpu
+def test_default_takes_the_wide_kernel_where_it_was_measured_faster(rng, monkeypatch):
+  """Without JAX_NVFP4_ROUTE_WIDE the handler takes the wide kernel only where route_lab measured
+  it faster than the decode kernel (csrc/moe_route_kernels.cuh wide_route_wins: at least 4
+  slices of 32 experts, one token, or up to 4 grouped ones), the decode kernel elsewhere; the
+  results are the reference's either way."""
+  monkeypatch.delenv("JAX_NVFP4_ROUTE_WIDE", raising=False)
+  monkeypatch.delenv("JAX_NVFP4_ROUTE_SMALL", raising=False)
+  wide, decode = "align_wide_kernel", "small_kernel"
+  for name, m, kernel in (("deepseek", 1, wide), ("deepseek", 4, wide), ("qwen3", 1, wide),
+                          ("deepseek", 5, decode), ("qwen3", 2, decode), ("mixtral", 1, decode),
+                          ("softmax_plain", 1, decode)):
+    e, cfg = _config(rng, name)
+    logits = jnp.asarray(rng.standard_normal((m, e)).astype(np.float32))
+    # A function of its own per case: an executable shared across cases could replay a
+    # recorded launch.
+    f = jax.jit(lambda l, cfg=cfg: nf.route_and_align(l, cfg))
+    ran = _route_kernels(f, (logits,))
+    assert any(kernel in n for n in ran), (name, m, ran)
+    _check(logits, cfg, f(logits))
 
 
 @pytest.mark.gpu
