@@ -61,12 +61,6 @@ struct GemmParams {
   int act;
   float act_limit;            // the clamp L of kActSwiglu (+inf: none) and kActGptOss
   float act_alpha;            // kActGptOss's sigmoid slope
-#if JAX_NVFP4_L2_SUCCESSOR
-  // Blocks of this launch the device runs at once (launch_typed; 0: unknown, no successor
-  // prefetch). Only in a build with the lab knob: the shipped kernels' parameters, and so their
-  // SASS, stay as they were.
-  int resident;
-#endif
 };
 
 // Activation codes (ops/moe.py ACTIVATION_CODES). The gated ones need N % 16 == 0 and w13's rows
@@ -143,6 +137,13 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 }
 
+// A hint, not a read: the line is fetched into L2, the point of coherence of device memory, so
+// a prefetch issued while an earlier kernel may still write the line cannot make a later load
+// see stale data.
+__device__ __forceinline__ void prefetch_l2(const void *p) {
+  asm volatile("prefetch.global.L2 [%0];\n" :: "l"(p));
+}
+
 // Output row of token slot `slot`, or -1 when the slot holds no row.
 template <bool kMoe>
 __device__ __forceinline__ int slot_row(const GemmParams &p, int slot) {
@@ -158,19 +159,9 @@ __device__ __forceinline__ int slot_row(const GemmParams &p, int slot) {
 // m_tile-1 block is small enough for three: left at two, ptxas took 96-116 registers once the
 // epilogue grew the fused activations (80 before), and the grouped GEMM's decode launches lost
 // a third of their blocks (Qwen3-like layer at T = 16: +8 %, NOTES_moe.md v17).
-// The long-unit block (SC > 0 at KS = 1, the grouped GEMM's top-8 decode) runs two per SM
-// whatever its registers (an 88 KB ring); with JAX_NVFP4_LONG_UNIT_TWO (the default of the L2
-// prefetch lab builds) its bound says so, 96 registers instead of 80: at 80 the successor
-// prefetch's state made ptxas recompute values in the loop (741 -> 868 SASS instructions per
-// unit). Without it (shipped): three, the SASS as measured (with two: 702 -> 701 a unit).
-#ifndef JAX_NVFP4_LONG_UNIT_TWO
-#define JAX_NVFP4_LONG_UNIT_TWO (JAX_NVFP4_L2_AHEAD > 0)
-#endif
-template <int MT, int KS, int SC = 0>
+template <int MT, int KS>
 constexpr int min_blocks_per_sm() {
-  return MT == 8                                                     ? JAX_NVFP4_MT8_BLOCKS
-         : MT == 1 && KS == 1 && (SC == 0 || !JAX_NVFP4_LONG_UNIT_TWO) ? 3
-                                                                     : 2;
+  return MT == 8 ? JAX_NVFP4_MT8_BLOCKS : MT == 1 && KS == 1 ? 3 : 2;
 }
 
 // KS > 1 (k-slices inside the block, nvfp4_tile.cuh) is launched with splits = 1 only: the
@@ -183,8 +174,7 @@ constexpr int min_blocks_per_sm() {
 // from T and one pass runs; a tile with more rows (repeated expert ids in a caller's top-k) costs
 // more passes, never a lost row.
 template <typename T, int MT, bool kMoe, int KS = 1, int XR = 8 * MT, int SC = 0>
-__global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<MT, KS, SC>()))
-    nvfp4_kernel(const GemmParams p) {
+__global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<MT, KS>())) nvfp4_kernel(const GemmParams p) {
   constexpr bool kShortMoe = kMoe && XR < 8 * MT;
   using Tr = Half2Traits<T>;
   using Cfg = TileConfig<MT, KS, XR, SC>;
@@ -250,50 +240,12 @@ __global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<MT, KS, SC>()))
     if (threadIdx.x < 8 * MT) own_row = slot_row<kMoe>(p, slot0 + threadIdx.x);
   }
   int expert = 0;
-#if JAX_NVFP4_L2_SUCCESSOR
-  // The block p.resident places after this one in launch order (x fastest, then y, z): the one
-  // expected to start when a block of this wave ends (JAX_NVFP4_L2_SUCCESSOR, tile_mainloop).
-  int next_x = 0, next_y = 0, next_z = -1, next_expert = 0;
-  if (p.resident > 0) {
-    const int64_t row = blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z;
-    const int64_t next = blockIdx.x + gridDim.x * row + p.resident;
-    if (next < static_cast<int64_t>(gridDim.x) * gridDim.y * gridDim.z) {
-      next_x = static_cast<int>(next % gridDim.x);
-      next_y = static_cast<int>((next / gridDim.x) % gridDim.y);
-      next_z = static_cast<int>(next / (static_cast<int64_t>(gridDim.x) * gridDim.y));
-      if constexpr (kMoe) next_expert = __ldg(p.block_expert + next_z);
-    }
-  }
-#endif
   if constexpr (kMoe) {
     const int padded = __ldg(p.num_padded);
     expert = __ldg(p.block_expert + blockIdx.z);
     // Whole block leaves together (before any barrier).
     if (slot0 >= padded || expert < 0) return;
-#if JAX_NVFP4_L2_SUCCESSOR
-    if (next_z * 8 * MT >= padded || next_expert < 0) next_z = -1;
-#endif
   }
-#if JAX_NVFP4_L2_SUCCESSOR
-  PrefetchSuccessor successor{};
-  if (next_z >= 0) {
-    const int64_t off = static_cast<int64_t>(next_expert) * p.n16 * p.k64;
-    successor.qweight = p.qweight + off * 32;
-    successor.qscales = p.qscales + off * 4;
-    // Its units, as u_begin and u_end above for block (next_x, next_y).
-    if (p.tiles_per_block > 1) {
-      const int tiles = (p.n16 + NT - 1) / NT;
-      successor.tile = next_x * p.tiles_per_block;
-      successor.units = (min(tiles, successor.tile + p.tiles_per_block) - successor.tile) *
-                        units_per_tile;
-    } else {
-      const int64_t per_tile = units_per_tile;
-      successor.tile = next_x;
-      successor.kunit = static_cast<int>(per_tile * next_y / p.splits);
-      successor.units = static_cast<int>(per_tile * (next_y + 1) / p.splits) - successor.kunit;
-    }
-  }
-#endif
 
   // The output row of each token slot of the tile, for the epilogue: the rows are already in
   // the registers of the threads holding each row's first x piece (no second load), and the
@@ -561,18 +513,11 @@ __global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<MT, KS, SC>()))
     }  // KS == 1
   };
 
-  // The successor goes to tile_mainloop only in a build with the knob (the shipped SASS is the
-  // same instruction for instruction without it).
-#if JAX_NVFP4_L2_SUCCESSOR
-#define JAX_NVFP4_SUCCESSOR_ARG , successor
-#else
-#define JAX_NVFP4_SUCCESSOR_ARG
-#endif
   const int64_t expert_off = static_cast<int64_t>(expert) * p.n16 * p.k64;
   if constexpr (!kShortMoe) {
     tile_mainloop<T, MT, KS, XR, SC>(p.qweight + expert_off * 32, p.qscales + expert_off * 4,
                                      p.n16, p.k64, xsrc, p.x, p.k, units_per_tile, u_begin, u_end,
-                                     epilogue JAX_NVFP4_SUCCESSOR_ARG);
+                                     epilogue);
   } else {
     // One pass over the block's units per group of XR slots that holds a row (see above).
     __syncthreads();  // tile_rows, written above by threads 0-7, is read by all
@@ -593,11 +538,10 @@ __global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<MT, KS, SC>()))
       }
       tile_mainloop<T, MT, KS, XR, SC>(p.qweight + expert_off * 32, p.qscales + expert_off * 4,
                                        p.n16, p.k64, xsrc, p.x, p.k, units_per_tile, u_begin,
-                                       u_end, epilogue JAX_NVFP4_SUCCESSOR_ARG);
+                                       u_end, epilogue);
       ran = true;
     }
   }
-#undef JAX_NVFP4_SUCCESSOR_ARG
   JAX_NVFP4_LAB_MARK(3, p.n16);
 }
 
@@ -718,26 +662,7 @@ cudaError_t launch_typed(const GemmParams &p, int token_tiles, cudaStream_t stre
   cfg.stream = stream;
   cfg.attrs = at;
   cfg.numAttrs = n_at;
-#if JAX_NVFP4_L2_SUCCESSOR
-  // The blocks that run at once: the successor of block b is b + resident (launch order).
-  static const int resident = [] {
-    int device = 0, sms = 0, blocks = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &blocks, nvfp4_kernel<T, MT, kMoe, KS, XR, SC>, kThreads,
-            TileConfig<MT, KS, XR, SC>::kSmemBytes) != cudaSuccess) {
-      cudaGetLastError();  // not the launch's error
-      return 0;
-    }
-    return sms * blocks;
-  }();
-  GemmParams q = p;
-  q.resident = resident;
-  return cudaLaunchKernelEx(&cfg, nvfp4_kernel<T, MT, kMoe, KS, XR, SC>, q);
-#else
   return cudaLaunchKernelEx(&cfg, nvfp4_kernel<T, MT, kMoe, KS, XR, SC>, p);
-#endif
 }
 
 // k_slices = kDecodeKSlices exists at m_tile 1 (decode) for the dense and the grouped kernel,

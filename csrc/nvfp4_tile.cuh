@@ -241,26 +241,6 @@ __host__ __device__ constexpr int unsliced_unit_chunks(int mt) {
 #ifndef JAX_NVFP4_X_ROW_GROUPS
 #define JAX_NVFP4_X_ROW_GROUPS 0
 #endif
-// JAX_NVFP4_L2_AHEAD (units; 0: off, a lab knob, NOTES_dense.md v27): each warp asks L2 for its
-// slice of the unit that many units past the ring's loads (prefetch.global.L2, a hint: no
-// shared memory, no registers held, no stored bit changed). Why: a block whose stage holds few
-// weight bytes (the k-sliced m_tile-2 unit, M = 9-16: 8 KB, one stage in flight per block) keeps
-// ~16 KB per SM in flight, and its units then take about one HBM round trip each; deeper rings
-// cost the second block per SM. With the prefetch the ring's copies hit L2 and HBM sees the
-// weight stream kAhead units early.
-#ifndef JAX_NVFP4_L2_AHEAD
-#define JAX_NVFP4_L2_AHEAD 0
-#endif
-// JAX_NVFP4_L2_SUCCESSOR=1 (with JAX_NVFP4_L2_AHEAD > 0; a lab knob): once the prefetch passes
-// the block's last unit it goes on into the units of the block that is expected to take this
-// block's place on the device (the block GemmParams::resident launch places later, whose first
-// units would otherwise wait a whole HBM round trip at its start: a launch of several waves of
-// short blocks, the grouped GEMM's decode launches above all).
-#ifndef JAX_NVFP4_L2_SUCCESSOR
-#define JAX_NVFP4_L2_SUCCESSOR 0
-#endif
-static_assert(!JAX_NVFP4_L2_SUCCESSOR || JAX_NVFP4_L2_AHEAD > 0,
-              "JAX_NVFP4_L2_SUCCESSOR rides on the JAX_NVFP4_L2_AHEAD prefetch");
 // Stages of the 4-slice block's 8-row x tile (M = 5-8): 3 of 34 KB, still two blocks per SM
 // (kernel_lab on an H200, 4096x14336 at M = 8: 15.4 -> 14.7 us with 3, 16.2 with 4 at one
 // block per SM; NOTES_dense.md v24).
@@ -531,13 +511,6 @@ __device__ __forceinline__ void cp_async16_pred(uint32_t dst, const void *src, b
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 
-// A hint, not a read: the line is fetched into L2, the point of coherence of device memory, so
-// a prefetch issued while an earlier kernel may still write the line cannot make a later load
-// see stale data.
-__device__ __forceinline__ void prefetch_l2(const void *p) {
-  asm volatile("prefetch.global.L2 [%0];\n" :: "l"(p));
-}
-
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" :: "n"(N));
@@ -692,14 +665,6 @@ __device__ __forceinline__ void weight_fragment(const ChunkFragments &f, int j, 
   a[3] = scale_half<T>(a[3], f.s_hi[jj], high);
 }
 
-// The weights and units of the block expected to run after this one (JAX_NVFP4_L2_SUCCESSOR):
-// `units` units from k-unit `kunit` of N block `tile` on (tile_mainloop's numbering); none when
-// units is 0.
-struct PrefetchSuccessor {
-  const uint4 *qweight = nullptr, *qscales = nullptr;
-  int tile = 0, kunit = 0, units = 0;
-};
-
 // The main loop of one block. Work is a line of units u = tile * units_per_tile + kunit, where
 // tile is an N block (8 / KS N tiles of 16 rows; warp w's N tile is tile * (8 / KS) + w % (8 / KS))
 // and kunit a k-unit of kChunksPerUnit = KS * kChunksPerSlice k64 chunks (slice w / (8 / KS)
@@ -719,11 +684,7 @@ template <typename T, int MT, int KS, int XR, int SC, typename Epilogue>
 __device__ __forceinline__ void tile_mainloop(
     const uint4 *__restrict__ qweight, const uint4 *__restrict__ qscales, int n16, int k64,
     const T *const (&xsrc)[TileConfig<MT, KS, XR, SC>::kXPerThread], const void *x_any, int k,
-    int units_per_tile, int u_begin, int u_end, Epilogue &&epilogue
-#if JAX_NVFP4_L2_SUCCESSOR
-    , const PrefetchSuccessor &successor
-#endif
-    ) {
+    int units_per_tile, int u_begin, int u_end, Epilogue &&epilogue) {
   using Cfg = TileConfig<MT, KS, XR, SC>;
   constexpr int S = Cfg::kStages;
   constexpr int KC = Cfg::kChunksPerSlice;
@@ -859,61 +820,6 @@ __device__ __forceinline__ void tile_mainloop(
     }
   };
 
-  // JAX_NVFP4_L2_AHEAD: the unit the L2 prefetch is at, kAhead units past the ring's loads once
-  // the prologue has run; each call asks for this warp's slice of it (its weight lines, one
-  // lane each, and the lines of its scales) and moves on one unit. With
-  // JAX_NVFP4_L2_SUCCESSOR, past u_end it moves on to the successor's units, from its first.
-  constexpr int kAhead = JAX_NVFP4_L2_AHEAD;
-  int pf_u = u_begin + S - 1;
-  int pf_tile = kAhead > 0 ? pf_u / units_per_tile : 0;
-  int pf_kunit = pf_u - pf_tile * units_per_tile;
-#if JAX_NVFP4_L2_SUCCESSOR
-  int pf_end = u_end;
-  const uint4 *pf_qweight = qweight, *pf_qscales = qscales;
-  bool pf_own = true;
-#else
-  // (Not variables here: the shipped build's SASS stays instruction for instruction main's.)
-#define pf_end u_end
-#define pf_qweight qweight
-#define pf_qscales qscales
-#endif
-  auto prefetch_next = [&]() {
-#if JAX_NVFP4_L2_SUCCESSOR
-    if (pf_own && pf_u >= pf_end) {
-      pf_own = false;
-      pf_u = 0;
-      pf_end = successor.units;
-      pf_tile = successor.tile;
-      pf_kunit = successor.kunit;
-      pf_qweight = successor.qweight;
-      pf_qscales = successor.qscales;
-    }
-#endif
-    const int tile_n = pf_tile * NT + sub;
-    const int chunk = pf_kunit * Cfg::kChunksPerUnit + slice * KC;
-    if (pf_u < pf_end && tile_n < n16 && chunk < k64) {
-      const int chunks = min(KC, k64 - chunk);
-      const uint32_t at = static_cast<uint32_t>(tile_n) * static_cast<uint32_t>(k64) + chunk;
-      const unsigned char *w = reinterpret_cast<const unsigned char *>(pf_qweight + at * 32);
-#pragma unroll
-      for (int line = lane; line < KC * 4; line += 32)
-        if (line < chunks * 4) prefetch_l2(w + line * 128);
-      // 64 bytes of scales a chunk; the run may start half way into a line.
-      const unsigned char *sc = reinterpret_cast<const unsigned char *>(pf_qscales + at * 4);
-      if (lane * 128 < chunks * 64 + 64) prefetch_l2(sc + min(lane * 128, chunks * 64 - 1));
-    }
-    ++pf_u;
-    if (++pf_kunit == units_per_tile) {
-      pf_kunit = 0;
-      ++pf_tile;
-    }
-  };
-#if !JAX_NVFP4_L2_SUCCESSOR
-#undef pf_end
-#undef pf_qweight
-#undef pf_qscales
-#endif
-
   // ldmatrix row addresses of this lane (relative to a stage) for k16 pairs 0-1, 2-3 of chunk
   // kc of its slice: matrix lane / 8 is piece 4 * (2 (slice * KC + kc) + jp) + lane / 8 of row
   // lane % 8. A row the tile does not hold (XR <= lane % 8) reads the zero row instead, relative
@@ -956,10 +862,6 @@ __device__ __forceinline__ void tile_mainloop(
     load_stage += Cfg::kStageBytes;
   }
   if (load_stage == S * Cfg::kStageBytes) load_stage = 0;
-  if constexpr (kAhead > 0) {
-#pragma unroll 1
-    for (int i = 0; i < kAhead; ++i) prefetch_next();
-  }
 
   float acc[MT][4];
 #pragma unroll
@@ -976,7 +878,6 @@ __device__ __forceinline__ void tile_mainloop(
     if (u == 0) JAX_NVFP4_LAB_MARK(1, n16);
     if (u + S - 1 < units) load_next(load_stage);
     cp_async_commit();
-    if constexpr (kAhead > 0) prefetch_next();
 
     // Where load_chunk reads this stage: its shared address from the pinned base, or a pointer.
 #if JAX_NVFP4_LEAN_ADDRESSING
