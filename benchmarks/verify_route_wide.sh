@@ -17,9 +17,9 @@ nvcc "${flags[@]}" -DJAX_NVFP4_ROUTE_LAB_CLOCK=1 benchmarks/route_lab.cu -o /tmp
 bash benchmarks/device_run.sh build || exit 1
 wait
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_moe_route_align.py 2>&1 | tail -4
-compute-sanitizer --tool memcheck /tmp/memcheck_route > "$out/memcheck_route_wide.txt" 2>&1
+timeout 120 compute-sanitizer --tool memcheck /tmp/memcheck_route > "$out/memcheck_route_wide.txt" 2>&1
 echo "[verify_route_wide] memcheck: exit $?; $(tail -2 "$out/memcheck_route_wide.txt" | tr '\n' ' ')"
-compute-sanitizer --tool racecheck /tmp/memcheck_route > "$out/racecheck_route_wide.txt" 2>&1
+timeout 120 compute-sanitizer --tool racecheck /tmp/memcheck_route > "$out/racecheck_route_wide.txt" 2>&1
 echo "[verify_route_wide] racecheck: exit $?; $(tail -1 "$out/racecheck_route_wide.txt")"
 for lab in route_lab route_clock; do timeout 60 stdbuf -oL "/tmp/$lab" | tee "$out/$lab.txt"; done
 (cd benchmarks && timeout 180 python3 profile_moe.py --tokens 1,16 --variants fused_moe,route_decode,route_wide \

@@ -28,9 +28,8 @@ bool decode_kernel_enabled() {
 // (the A/B switch of the tests and benchmarks). Read at every call, as above.
 bool wide_kernel_wanted(const RouteParams &p) {
   const char *env = std::getenv("JAX_NVFP4_ROUTE_WIDE");
-  if (env != nullptr && std::string(env) == "1") return true;
-  if (env != nullptr && std::string(env) == "0") return false;
-  return wide_route_wins(p);
+  const std::string setting = env != nullptr ? env : "";
+  return setting == "1" || (setting != "0" && wide_route_wins(p));
 }
 
 ffi::Error invalid(const std::string &msg) {
