@@ -63,8 +63,9 @@
 // copy, not a branch): their rows are zeroed once in every stage before the loop. Decode with
 // at most 4 tokens goes further (TileConfig XR; dense, and the grouped GEMM's expert tiles, which then
 // hold at most that many rows): the stage holds 1, 2 or 4 x rows, the MMA's other rows read
-// one zero row outside the ring, and the freed shared memory buys a deeper ring (22-34 KB
-// stages, 3-4 deep, instead of 2 x 50 KB): more weight bytes in flight per block.
+// the stage's row 0 again (their output columns are never stored), and the freed shared memory
+// buys a deeper ring (22-34 KB stages, 3-4 deep, instead of 2 x 50 KB): more weight bytes in
+// flight per block.
 //
 // x tile in shared memory (TileConfig::x_offset): chunk-major, row r (a token) of k64 chunk c at
 // c * (kXRows * 128) + r * 128, its 16-byte piece q (8 k values, 0..7) at ((q ^ r) & 7) * 16.
@@ -216,30 +217,12 @@ constexpr int kChunksPerStage = JAX_NVFP4_CHUNKS_PER_STAGE;  // k64 chunks per s
 __host__ __device__ constexpr int unsliced_unit_chunks(int mt) {
   return mt == 2 ? JAX_NVFP4_CHUNKS_PER_STAGE_MT2 : kChunksPerStage;
 }
-// Lab knobs that take instructions out of the decode loop without changing any stored bit
-// (NOTES_dense.md v26; off until measured and GPU-tested):
+// Lab knob that takes instructions out of the decode loop without changing any stored bit
+// (NOTES_dense.md v26, v28: measured no faster, 0 to +2 %, so off):
 // JAX_NVFP4_WIDEN_PRMT: a chunk's scale bytes widen to 16-bit floats by one byte permute and
 // one multiply-add (LEA) each instead of shift, mask and add (4 instructions per chunk fewer).
-// JAX_NVFP4_LEAN_ADDRESSING: at m_tile 1, x tile rows a short tile does not hold read row 0
-// instead of a zero row after the ring (their MMA columns are never stored), so every chunk's
-// ldmatrix address is one register per k16 pair plus an immediate; everywhere, a unit's chunk
-// bounds compare against k64 - chunk, and a stage's words and scales load from the pinned shared
-// base. With the widen: 688 -> 623 instructions per unit of the 4-slice 1-row block, up to 34
-// registers fewer.
 #ifndef JAX_NVFP4_WIDEN_PRMT
 #define JAX_NVFP4_WIDEN_PRMT 0
-#endif
-#ifndef JAX_NVFP4_LEAN_ADDRESSING
-#define JAX_NVFP4_LEAN_ADDRESSING 0
-#endif
-// JAX_NVFP4_X_ROW_GROUPS: x tiles of two or more 8-row groups whose rows have more than 32
-// pieces (m_tile 2: the k-sliced block's 16 rows of 128 pieces, the unsliced one's of 64) are
-// copied by thread t as rows t / 32 + 8 j, columns t % 32 + 32 m (TileConfig::grouped_x_piece),
-// so that its pieces lie constant offsets apart in shared memory and in x: one address per row
-// group and immediates, instead of one row address, one shared address and one predicate per
-// piece (275 -> 259 instructions per k-sliced m_tile-2 unit; all three: 246).
-#ifndef JAX_NVFP4_X_ROW_GROUPS
-#define JAX_NVFP4_X_ROW_GROUPS 0
 #endif
 // Stages of the 4-slice block's 8-row x tile (M = 5-8): 3 of 34 KB, still two blocks per SM
 // (kernel_lab on an H200, 4096x14336 at M = 8: 15.4 -> 14.7 us with 3, 16.2 with 4 at one
@@ -254,8 +237,9 @@ __host__ __device__ constexpr int unsliced_unit_chunks(int mt) {
 // XR: token rows the x tile holds (8 * MT, or fewer at m_tile 1 where the launch expects the
 // tile to have no more rows: dense M <= 4, or the grouped GEMM at T <= 4 tokens, whose blocks
 // take one pass per XR slots that hold rows; nvfp4_kernel.cuh). The MMA still reads 8 rows;
-// rows from XR on come from one zero row after the ring, so a stage shrinks to the weights and
-// the real rows, and the ring deepens.
+// rows from XR on read row 0 again (the dense short tile stores rows < M <= XR, the grouped
+// GEMM's passes their XR slots, so those MMA columns are never stored), so a stage shrinks to
+// the weights and the real rows, and the ring deepens.
 template <int MT, int KS = 1, int XR = 8 * MT, int SC = 0>
 struct TileConfig {
   static_assert(KS == 1 || KS == 2 || KS == 4 || KS == 8, "k-slices must divide the 8 warps");
@@ -284,7 +268,8 @@ struct TileConfig {
   static constexpr int kXRows = XR;
   static constexpr int kXBytes = kXRows * kXRowBytes;
   static constexpr int kStageBytes = kWBytes + kSBytes + kXBytes;
-  // Short tiles: as many stages as fit beside the zero row in kRowRingBytes, at most
+  // Short tiles: as many stages as fit in kRowRingBytes less 128 bytes (where a zero row once
+  // lay; the stage counts measured keep it), at most
   // JAX_NVFP4_ROW_STAGES, and at least the two a ring needs (a budget below two 4-row stages
   // gives up blocks per SM for the 4-row tile instead).
   static constexpr int kRowStagesFit = (kRowRingBytes - 128) / kStageBytes;
@@ -297,19 +282,21 @@ struct TileConfig {
                                 : MT == 4   ? 3
                                             : JAX_NVFP4_MT8_STAGES;
   static_assert(kStages >= 2, "the ring needs two stages");
-  // The zero row (128 bytes) that the MMA reads for rows from XR on, after the ring.
-  static constexpr bool kZeroRow = kRowsShort && !JAX_NVFP4_LEAN_ADDRESSING;
-  static constexpr int kZeroRowOffset = kStages * kStageBytes;
-  static constexpr int kSmemBytes = kZeroRowOffset + (kZeroRow ? 128 : 0);  // > 48 KB: opt-in
+  static constexpr int kSmemBytes = kStages * kStageBytes;  // > 48 KB: opt-in
   static constexpr int kXChunkBytes = kXRows * 128;            // one k64 chunk of every row
   static constexpr int kXPiecesPerRow = kXRowBytes / 16;
   static constexpr int kXPieces = kXRows * kXPiecesPerRow;   // 16-byte pieces of an x tile
   static constexpr int kXPerThread = (kXPieces + kThreads - 1) / kThreads;
   // Which pieces a thread copies: piece t + i * kThreads (row-major index), or with row groups
-  // (JAX_NVFP4_X_ROW_GROUPS) grouped_x_piece(t, i): row t / 32 + 8 j and column t % 32 + 32 m,
-  // i = j * kXColumnGroups + m. Either way each piece of the tile once over the block.
-  // (At one row group, the 8-row tiles, the column counts cost more than the addresses save.)
-  static constexpr bool kRowGroups = JAX_NVFP4_X_ROW_GROUPS && XR % 8 == 0 && XR >= 16 &&
+  // (x tiles of two or more 8-row groups whose rows have more than 32 pieces: m_tile 2's 16
+  // rows of 128 or 64 pieces) grouped_x_piece(t, i): row t / 32 + 8 j and column t % 32 + 32 m,
+  // i = j * kXColumnGroups + m, so that a thread's pieces lie constant offsets apart in shared
+  // memory and in x: one address per row group and immediates, instead of one row address, one
+  // shared address and one predicate per piece (275 -> 259 instructions per k-sliced m_tile-2
+  // unit; 14336x4096 at M = 16 18.8 -> 18.1 us on an H200, NOTES_dense.md v28). Either way each
+  // piece of the tile once over the block. (At one row group, the 8-row tiles, the column counts
+  // cost more than the addresses save.)
+  static constexpr bool kRowGroups = XR % 8 == 0 && XR >= 16 &&
                                      kXPiecesPerRow > 32 && kXPiecesPerRow % 32 == 0 &&
                                      kXPiecesPerRow <= kThreads;
   static constexpr int kXColumnGroups = kRowGroups ? kXPiecesPerRow / 32 : 1;
@@ -616,9 +603,9 @@ struct ChunkFragments {
   uint32_t s_lo[2], s_hi[2];
 };
 
-// A stage's words and scales by shared-memory address (JAX_NVFP4_LEAN_ADDRESSING): from the
-// pinned base, where a generic pointer made ptxas rebuild the shared window's base (S2UR of the
-// cluster CTA id and four more) in every unit.
+// A stage's words and scales by shared-memory address: from the pinned base, where a generic
+// pointer made ptxas rebuild the shared window's base (S2UR of the cluster CTA id and four
+// more) in every unit.
 __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
@@ -637,17 +624,6 @@ __device__ __forceinline__ ChunkFragments load_chunk(uint32_t stage, int kc, int
                                                      int g) {
   const uint4 w = lds128(stage + kc * (kWarps * 512) + threadIdx.x * 16);
   const uint2 sc = lds64(stage + w_bytes + warp * (KC * 64) + kc * 64 + g * 8);
-  return ChunkFragments{{w.x, w.y, w.z, w.w},
-                        {widen_scales<T>(sc.x, true), widen_scales<T>(sc.x, false)},
-                        {widen_scales<T>(sc.y, true), widen_scales<T>(sc.y, false)}};
-}
-
-template <typename T, int KC>
-__device__ __forceinline__ ChunkFragments load_chunk(const unsigned char *stage, int kc,
-                                                     int w_bytes, int warp, int g) {
-  const uint4 w = *reinterpret_cast<const uint4 *>(stage + kc * (kWarps * 512) + threadIdx.x * 16);
-  const uint2 sc = *reinterpret_cast<const uint2 *>(stage + w_bytes + warp * (KC * 64) + kc * 64 +
-                                                    g * 8);
   return ChunkFragments{{w.x, w.y, w.z, w.w},
                         {widen_scales<T>(sc.x, true), widen_scales<T>(sc.x, false)},
                         {widen_scales<T>(sc.y, true), widen_scales<T>(sc.y, false)}};
@@ -775,24 +751,15 @@ __device__ __forceinline__ void tile_mainloop(
         // K64 not a multiple of KC leaves the last unit's tail chunks empty: zero-filled,
         // their (possibly out-of-range) source never read.
         const uint32_t dst = base + kc * (kWarps * 512) + w_dst;
-#if JAX_NVFP4_LEAN_ADDRESSING
         const bool in = kc < k64 - chunk;  // one subtraction per unit, compares with immediates
-#else
-        const bool in = chunk + kc < k64;
-#endif
         // m_tile 8 keeps the evict-first hint: without it 14336x4096 at M = 64 (K split four
         // ways, x re-read by 32 N blocks) took 61.7 instead of 53.3 us on an H200; elsewhere
         // it made no difference, and at m_tile 1, 2 and 4 ptxas 13.0 miscompiles it
         // (NOTES_dense.md v15; tests/test_sass.py scans for that).
         cp_async16_pred<MT == 8>(dst, w_src + kc * 32, true, in);
       }
-#if JAX_NVFP4_LEAN_ADDRESSING
       cp_async16_pred(base + s_dst, qscales + (at * 4 + lane), lane < 4 * KC,
                       (lane >> 2) < k64 - chunk);
-#else
-      cp_async16_pred(base + s_dst, qscales + (at * 4 + lane), lane < 4 * KC,
-                  chunk + (lane >> 2) < k64);
-#endif
     }
     const int col = unit_chunk * 64;
     if constexpr (Cfg::kRowGroups) {
@@ -822,36 +789,24 @@ __device__ __forceinline__ void tile_mainloop(
 
   // ldmatrix row addresses of this lane (relative to a stage) for k16 pairs 0-1, 2-3 of chunk
   // kc of its slice: matrix lane / 8 is piece 4 * (2 (slice * KC + kc) + jp) + lane / 8 of row
-  // lane % 8. A row the tile does not hold (XR <= lane % 8) reads the zero row instead, relative
-  // to the start of shared memory, at the piece its swizzle names: the 8 lanes of a matrix still
-  // hit 8 distinct 16-byte bank groups (no conflict with the real row's piece).
+  // lane % 8. A row a short tile does not hold (XR <= lane % 8) reads row 0 instead (the same
+  // address as lane 0's: a broadcast, no bank conflict), whose MMA column is never stored.
+  // At m_tile 1 chunk kc's rows are the first chunk's plus kc * kXChunkBytes (x_offset), so one
+  // address per k16 pair and immediates reach them all; at m_tile 2 that cost the k-sliced unit
+  // 7 instructions, so there it is one address per chunk and k16 pair.
   const bool real_row = (lane & 7) < XR;
-  // JAX_NVFP4_LEAN_ADDRESSING (m_tile 1; at m_tile 2 it cost the k-sliced unit 7 instructions):
-  // chunk kc's rows are the first chunk's plus kc * kXChunkBytes (x_offset), so one address per
-  // k16 pair and immediates reach them all; a row the tile does not hold (XR <= lane % 8) reads
-  // row 0, whose MMA column is never stored. Otherwise one address per chunk and k16 pair, and
-  // such rows read the zero row.
-  constexpr bool kOneXAddress = JAX_NVFP4_LEAN_ADDRESSING && MT == 1;
+  constexpr bool kOneXAddress = MT == 1;
   uint32_t x_ld[kOneXAddress ? 1 : KC][2];
 #pragma unroll
   for (int kc = 0; kc < (kOneXAddress ? 1 : KC); ++kc)
 #pragma unroll
     for (int jp = 0; jp < 2; ++jp) {
       const int r = lane & 7, q = 8 * (slice * KC + kc) + 4 * jp + (lane >> 3);
-      if constexpr (kOneXAddress) {
-        x_ld[kc][jp] = Cfg::kWBytes + Cfg::kSBytes + Cfg::x_offset(real_row ? r : 0, q);
-      } else {
-        x_ld[kc][jp] = real_row ? Cfg::kWBytes + Cfg::kSBytes + Cfg::x_offset(r, q)
-                                : Cfg::kZeroRowOffset + (((q ^ r) & 7) << 4);
-      }
+      x_ld[kc][jp] = Cfg::kWBytes + Cfg::kSBytes + Cfg::x_offset(real_row ? r : 0, q);
       // Kept in a register: left to itself, ptxas recomputed these from threadIdx in every
       // unit (~30 instructions of the k-sliced m_tile-2 unit).
       if constexpr (!kWgmma) pin_register(x_ld[kc][jp]);
     }
-  if constexpr (Cfg::kZeroRow) {
-    if (threadIdx.x < 8)  // ordered before every read by the main loop's first barrier
-      *reinterpret_cast<uint4 *>(smem + Cfg::kZeroRowOffset + threadIdx.x * 16) = make_uint4(0, 0, 0, 0);
-  }
 
   const int units = u_end - u_begin;
   uint32_t load_stage = 0;
@@ -879,12 +834,8 @@ __device__ __forceinline__ void tile_mainloop(
     if (u + S - 1 < units) load_next(load_stage);
     cp_async_commit();
 
-    // Where load_chunk reads this stage: its shared address from the pinned base, or a pointer.
-#if JAX_NVFP4_LEAN_ADDRESSING
+    // Where load_chunk reads this stage: its shared address from the pinned base.
     const uint32_t st = smem_base + stage;
-#else
-    const unsigned char *st = smem + stage;
-#endif
     if constexpr (kWgmma) {
       // All 4 warps of a warpgroup issue its wgmmas, so the test is the warpgroup's first N
       // tile; a warp past N computes on stale weights and its rows are never stored.
@@ -910,9 +861,7 @@ __device__ __forceinline__ void tile_mainloop(
         pin_accumulators<MT>(acc);
       }
     } else if (tile * NT + sub < n16) {
-      // Rows the tile does not hold are addressed from the start of shared memory (zero row),
-      // or from this stage's row 0 (kOneXAddress).
-      const uint32_t x_stage = smem_base + (kOneXAddress || real_row ? stage : 0u);
+      const uint32_t x_stage = smem_base + stage;
 #pragma unroll
       for (int kc = 0; kc < KC; ++kc) {
         const ChunkFragments f = load_chunk<T, KC>(st, kc, Cfg::kWBytes, warp, g);

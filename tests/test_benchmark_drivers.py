@@ -14,8 +14,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DRIVERS = [("kernel_lab.cu", ()), ("kernel_lab.cu", ("-DJAX_NVFP4_LAB_TIMELINE=1",)),
-           ("kernel_lab.cu", ("-DJAX_NVFP4_WIDEN_PRMT=1", "-DJAX_NVFP4_LEAN_ADDRESSING=1",
-                              "-DJAX_NVFP4_X_ROW_GROUPS=1")),
+           ("kernel_lab.cu", ("-DJAX_NVFP4_WIDEN_PRMT=1",)),
            ("memcheck_dense.cu", ()), ("memcheck_moe.cu", ()), ("memcheck_route.cu", ()),
            ("route_lab.cu", ()),
            ("route_lab.cu", ("-DJAX_NVFP4_ROUTE_LAB_CLOCK=1", "-DJAX_NVFP4_ROUTE_FAST_MATH=1",

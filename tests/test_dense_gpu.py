@@ -304,7 +304,7 @@ def test_k_sliced_launch_matches_reference(rng, m, n, k, tiles_per_block, k_slic
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_short_token_blocks_match_bitwise(rng, n, k, tiles_per_block, k_slices, dtype):
   """M = 1, 2, 3-4 run k-sliced blocks whose x tile holds 1, 2, 4 rows (the other MMA rows read
-  a zero row; a deeper ring or longer slices); M = 8 the 8-row tile; with 8 slices and with 4.
+  row 0 again, never stored; a deeper ring or longer slices); M = 8 the 8-row tile; with 8 slices and with 4.
   Tiles whose slices split K the same way (``k_sliced_unit_k``: the 4-slice short tiles and the
   8-slice 1- and 2-row tiles at K % 4096 == 0 take longer slices) make the same sums in the
   same order: their common rows are bitwise equal. Each within 5e-3 of float64 (N not a
