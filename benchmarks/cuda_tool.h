@@ -1,5 +1,5 @@
-// Helpers of the standalone CUDA programs in benchmarks/ (kernel_lab.cu, memcheck_dense.cu,
-// memcheck_moe.cu, memcheck_route.cu): not part of the library.
+// Helpers of the standalone CUDA programs in benchmarks/ (kernel_lab.cu, moe_pair_lab.cu,
+// memcheck_dense.cu, memcheck_moe.cu, memcheck_route.cu): not part of the library.
 #pragma once
 
 #include <algorithm>
@@ -24,6 +24,21 @@
       std::exit(1);                                                                           \
     }                                                                                         \
   } while (0)
+
+// Device-side fills for the timing labs (weights of gigabytes: no host copy): hashed words
+// (masked), and activations of few distinct values.
+__global__ void fill_random(uint32_t *p, size_t n, uint32_t seed, uint32_t mask = ~0u) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
+    h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
+    p[i] = h & mask;
+  }
+}
+
+__global__ void fill_x(__nv_bfloat16 *p, size_t n) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    p[i] = __float2bfloat16(float(int(i % 17) - 8) * 0.125f);
+}
 
 namespace memcheck {
 
@@ -125,6 +140,31 @@ inline bool agree(const std::vector<float> &got, const std::vector<float> &want,
   std::printf("%s %s: max |diff| %.3g of %.3g%s\n", ok ? "ok  " : "FAIL", what, diff, scale,
               finite ? "" : " (non-finite output)");
   return ok;
+}
+
+struct Alignment {
+  std::vector<int> sorted_ids, block_expert;
+  int num_padded;
+};
+
+// align_tokens on the host: ids t * top_k + j grouped by expert (expert order, token order
+// inside), each group padded to block_m with `rows` (the sentinel), one spare block after.
+inline Alignment align(const std::vector<int> &expert_of, int experts, int block_m,
+                        const std::vector<bool> &local) {
+  const int rows = static_cast<int>(expert_of.size());
+  Alignment a;
+  for (int e = 0; e < experts; ++e) {
+    const size_t start = a.sorted_ids.size();
+    for (int id = 0; id < rows; ++id)
+      if (expert_of[id] == e) a.sorted_ids.push_back(id);
+    while ((a.sorted_ids.size() - start) % block_m) a.sorted_ids.push_back(rows);
+    for (size_t b = start; b < a.sorted_ids.size(); b += block_m)
+      a.block_expert.push_back(local[e] ? e : -1);
+  }
+  a.num_padded = static_cast<int>(a.sorted_ids.size());
+  for (int i = 0; i < block_m; ++i) a.sorted_ids.push_back(rows);  // past num_padded: skipped
+  a.block_expert.push_back(0);
+  return a;
 }
 
 }  // namespace memcheck

@@ -28,19 +28,6 @@
 
 #include "cuda_tool.h"
 
-__global__ void fill_random(uint32_t *p, size_t n, uint32_t seed, uint32_t mask = ~0u) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
-    h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
-    p[i] = h & mask;
-  }
-}
-
-__global__ void fill_x(__nv_bfloat16 *p, size_t n) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    p[i] = __float2bfloat16(float(int(i % 17) - 8) * 0.125f);
-}
-
 // Reads n 16-byte words (grid-stride, 4 independent loads in flight per thread); the sum only
 // keeps the loads alive.
 __global__ void read_only(const uint4 *__restrict__ a, size_t na, const uint4 *__restrict__ b,

@@ -52,31 +52,6 @@ const Case kCases[] = {
     {1, 176, 2048, 5, 2, true, 8, 1, 8, 1, 1, false, false, "second GEMM, k-sliced 1-row"},
 };
 
-struct Alignment {
-  std::vector<int> sorted_ids, block_expert;
-  int num_padded;
-};
-
-// align_tokens on the host: ids t * top_k + j grouped by expert (expert order, token order
-// inside), each group padded to block_m with `rows` (the sentinel), one spare block after.
-Alignment align(const std::vector<int> &expert_of, int experts, int block_m,
-                const std::vector<bool> &local) {
-  const int rows = static_cast<int>(expert_of.size());
-  Alignment a;
-  for (int e = 0; e < experts; ++e) {
-    const size_t start = a.sorted_ids.size();
-    for (int id = 0; id < rows; ++id)
-      if (expert_of[id] == e) a.sorted_ids.push_back(id);
-    while ((a.sorted_ids.size() - start) % block_m) a.sorted_ids.push_back(rows);
-    for (size_t b = start; b < a.sorted_ids.size(); b += block_m)
-      a.block_expert.push_back(local[e] ? e : -1);
-  }
-  a.num_padded = static_cast<int>(a.sorted_ids.size());
-  for (int i = 0; i < block_m; ++i) a.sorted_ids.push_back(rows);  // past num_padded: skipped
-  a.block_expert.push_back(0);
-  return a;
-}
-
 // Runs one launch and returns its output as float (empty when it cannot launch here).
 std::vector<float> run(const Case &c, int block_m, int splits, int k_slices, int tiles_per_block,
                        int expert_rows, bool cluster, bool bf16, const std::vector<int> &expert_of,

@@ -119,6 +119,12 @@ __device__ __forceinline__ void st_cluster_f32x4(uint32_t addr, uint32_t rank, f
 #endif
 }
 
+// Lab knob (benchmarks/moe_pair_lab.cu, NOTES_moe.md v27): the grouped GEMM reads its tile's
+// expert before waiting for the previous grid and warms L2 with that expert's first ring.
+#ifndef JAX_NVFP4_MOE_EARLY_EXPERT
+#define JAX_NVFP4_MOE_EARLY_EXPERT 0
+#endif
+
 // Programmatic dependent launch (sm_90+; no-ops below). A kernel launched with programmatic
 // stream serialization may start while the kernel before it in the stream is still running,
 // once every block of that kernel has called allow_dependents() or exited. It must not read
@@ -204,20 +210,31 @@ __global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<MT, KS>())) nvfp4
             static_cast<int>((static_cast<int64_t>(units_per_tile) * (blockIdx.y + 1)) / p.splits);
   }
 
-  if constexpr (!kMoe) {
-    // Launched early (programmatic dependent launch), the block warms L2 with the weights of
-    // its first ring of units while the previous kernel finishes. Each N tile's run of k64
-    // chunks is contiguous; its KS warps take 32 lines of 128 bytes each, then the scale lines.
+  // Launched early (programmatic dependent launch), the block warms L2 with the weights of
+  // its first ring of units while the previous kernel finishes. Each N tile's run of k64
+  // chunks is contiguous; its KS warps take 32 lines of 128 bytes each, then the scale lines.
+  auto warm_first_ring = [&](int64_t expert_off) {
     const int tile_n = (u_begin / units_per_tile) * NT + sub;
     if (tile_n < p.n16) {
       const int chunk0 = (u_begin % units_per_tile) * Cfg::kChunksPerUnit;
       const int chunks = min((u_end - u_begin) * Cfg::kChunksPerUnit,
                              min(Cfg::kStages * Cfg::kChunksPerUnit, p.k64 - chunk0));
-      const int64_t at = static_cast<int64_t>(tile_n) * p.k64 + chunk0;
+      const int64_t at = expert_off + static_cast<int64_t>(tile_n) * p.k64 + chunk0;
       const int line = slice * 32 + lane;
       if (line * 128 < chunks * 512) prefetch_l2(p.qweight + at * 32 + line * 8);
       if (line * 128 < chunks * 64) prefetch_l2(p.qscales + at * 4 + line * 8);
     }
+  };
+  if constexpr (!kMoe) {
+    warm_first_ring(0);
+  } else if constexpr (JAX_NVFP4_MOE_EARLY_EXPERT) {
+    // Lab knob (moe_pair_lab.cu): the tile's expert read before the wait, so that its weights
+    // warm L2 too. Safe only where the alignment was complete before the previous grid's
+    // blocks passed their own wait (GEMM 2 after GEMM 1 in one handler), which a custom call
+    // cannot know: off in the library.
+    const int expert = __ldg(p.block_expert + blockIdx.z);
+    if (slot0 < __ldg(p.num_padded) && expert >= 0)
+      warm_first_ring(static_cast<int64_t>(expert) * p.n16 * p.k64);
   }
   wait_for_prior_grids();
 

@@ -1,7 +1,7 @@
 """The standalone CUDA programs in benchmarks/ (kernel_lab.cu, memcheck_dense.cu,
-memcheck_moe.cu, memcheck_route.cu, route_lab.cu, placement_probe.cu) include the library's
-kernel headers directly, so a change to csrc/ can break them without breaking the extension;
-the lab builds with their instrumentation and decode-loop knobs on too. They are
+memcheck_moe.cu, memcheck_route.cu, route_lab.cu, placement_probe.cu, moe_pair_lab.cu) include
+the library's kernel headers directly, so a change to csrc/ can break them without breaking the
+extension; the labs build with their instrumentation and knobs on too. They are
 compiled here to PTX for sm_80 (front end and host code, no ptxas: seconds) wherever nvcc is on
 the PATH, CI's CPU machine included; skipped otherwise."""
 from __future__ import annotations
@@ -19,7 +19,8 @@ DRIVERS = [("kernel_lab.cu", ()), ("kernel_lab.cu", ("-DJAX_NVFP4_LAB_TIMELINE=1
            ("route_lab.cu", ()),
            ("route_lab.cu", ("-DJAX_NVFP4_ROUTE_LAB_CLOCK=1", "-DJAX_NVFP4_ROUTE_FAST_MATH=1",
                              "-DJAX_NVFP4_ROUTE_LAB_SCORING=1")),
-           ("placement_probe.cu", ())]
+           ("placement_probe.cu", ()), ("moe_pair_lab.cu", ()),
+           ("moe_pair_lab.cu", ("-DJAX_NVFP4_MOE_EARLY_EXPERT=1",))]
 
 
 @pytest.mark.parametrize("driver, defines", DRIVERS)
