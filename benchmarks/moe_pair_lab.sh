@@ -10,8 +10,11 @@ set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 flags=(-std=c++17 -O3 -arch=sm_90a --expt-relaxed-constexpr -diag-suppress=940,2473,177 -I csrc)
-nvcc "${flags[@]}" benchmarks/moe_pair_lab.cu -o /tmp/moe_pair_lab &
-nvcc "${flags[@]}" -DJAX_NVFP4_MOE_EARLY_EXPERT=1 benchmarks/moe_pair_lab.cu -o /tmp/moe_pair_early &
+# PREBUILT=1: the two binaries are already in /tmp (verify_v29.sh builds them beside its tests).
+if [ "${PREBUILT:-0}" != 1 ]; then
+  nvcc "${flags[@]}" benchmarks/moe_pair_lab.cu -o /tmp/moe_pair_lab &
+  nvcc "${flags[@]}" -DJAX_NVFP4_MOE_EARLY_EXPERT=1 benchmarks/moe_pair_lab.cu -o /tmp/moe_pair_early &
+fi
 # One line per layer: E H I TOP_K T EXPERT_ROWS and each GEMM's KS SPLITS CLUSTER TPB.
 python3 - > /tmp/moe_pair_specs <<'PY'
 from jax_nvfp4.moe.align import capacity, choose_block_m
