@@ -167,4 +167,28 @@ inline Alignment align(const std::vector<int> &expert_of, int experts, int block
   return a;
 }
 
+// Median microseconds per call of `call(i)`, i < calls, over `trials` runs of the calls timed
+// with CUDA events on `stream` (after one untimed run).
+template <typename Call>
+double median_call_us(Call &&call, int calls, int trials, cudaStream_t stream) {
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < calls; ++i) call(i);
+  std::vector<double> t;
+  for (int trial = 0; trial < trials; ++trial) {
+    CHECK(cudaEventRecord(a, stream));
+    for (int i = 0; i < calls; ++i) call(i);
+    CHECK(cudaEventRecord(b, stream));
+    CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms * 1e3 / calls);
+  }
+  CHECK(cudaEventDestroy(a));
+  CHECK(cudaEventDestroy(b));
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
 }  // namespace memcheck

@@ -222,20 +222,7 @@ int main(int argc, char **argv) {
   };
   for (int c = 0; c < copies; ++c) call(c);
   CHECK(cudaDeviceSynchronize());
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  std::vector<float> t;
-  for (int r = 0; r < trials; ++r) {
-    CHECK(cudaEventRecord(a, stream));
-    for (int c = 0; c < copies; ++c) call(c);
-    CHECK(cudaEventRecord(b, stream));
-    CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms * 1e3f / copies);
-  }
-  std::sort(t.begin(), t.end());
+  const double median = memcheck::median_call_us(call, copies, trials, stream);
   const bool sliced = mt == 1 && (k_slices == kDecodeKSlices || k_slices == kPairKSlices);
   const int xr = sliced && token_tiles == 1 ? short_tile_rows(m) : 0;
   if (k_slices == kDecodeKSlices) print_short_tile<kDecodeKSlices>(xr);
@@ -246,8 +233,8 @@ int main(int argc, char **argv) {
   std::printf("K=%d N=%d M=%d chunks/stage=%d stages=%d splits=%d k_slices=%d tiles/block=%d%s "
               "blocks/SM=%d: %.1f us (%.0f GB/s, %.0f TFLOP/s)\n",
               k, n, m, unsliced_unit_chunks(mt), TileConfig<1>::kStages, splits, k_slices, tiles_per_block,
-              p.cluster ? " (cluster)" : "", slice_bps, t[trials / 2],
-              bytes / t[trials / 2] * 1e-3, 2.0 * m * n * k / t[trials / 2] * 1e-6);
+              p.cluster ? " (cluster)" : "", slice_bps, median,
+              bytes / median * 1e-3, 2.0 * m * n * k / median * 1e-6);
 #if JAX_NVFP4_LAB_TIMELINE
   if (!read_only_mode) print_timeline([&] {
       for (int c = 0; c < copies; ++c) call(c);

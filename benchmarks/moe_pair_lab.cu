@@ -92,26 +92,6 @@ Gemm make_gemm(const void *x, const Weight &w, const float *gs, void *out, int n
   return g;
 }
 
-template <typename Call>
-double median_us(Call &&call, cudaStream_t stream) {
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  for (int i = 0; i < kCalls; ++i) call(i);  // warm-up
-  std::vector<double> t;
-  for (int trial = 0; trial < kTrials; ++trial) {
-    CHECK(cudaEventRecord(a, stream));
-    for (int i = 0; i < kCalls; ++i) call(i);
-    CHECK(cudaEventRecord(b, stream));
-    CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms * 1e3 / kCalls);
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
 }  // namespace
 
 int main(int argc, char **argv) {
@@ -187,14 +167,17 @@ int main(int argc, char **argv) {
   const double bytes = expert_bytes * hit / kRoutings;
 
   auto sep = [&] { separator<<<1, 32, 0, stream>>>(sink); };
-  const double layer = median_us([&](int i) {
+  const double layer = median_call_us([&](int i) {
     g1[i % kRoutings].launch(stream);
     g2[i % kRoutings].launch(stream);
     sep();
-  }, stream);
-  const double one = median_us([&](int i) { g1[i % kRoutings].launch(stream); sep(); }, stream);
-  const double two = median_us([&](int i) { g2[i % kRoutings].launch(stream); sep(); }, stream);
-  const double alone = median_us([&](int) { sep(); }, stream);
+  }, kCalls, kTrials, stream);
+  auto alone_us = [&](const std::vector<Gemm> &g) {
+    return median_call_us([&](int i) { g[i % kRoutings].launch(stream); sep(); }, kCalls, kTrials,
+                          stream);
+  };
+  const double one = alone_us(g1), two = alone_us(g2);
+  const double alone = median_call_us([&](int) { sep(); }, kCalls, kTrials, stream);
   CHECK(cudaGetLastError());
   const char *pdl = std::getenv("JAX_NVFP4_PDL");
   std::printf("E=%d H=%d I=%d top_k=%d T=%d (%.1f experts hit, %.1f MB) PDL %s: layer %.2f us, "
