@@ -619,10 +619,14 @@ def nvfp4_moe_gemm(x: jax.Array, w: PreparedNVFP4Weight, alignment: Alignment, *
 
 
 def _checkpoint_moe_gemm(x, w: NVFP4Weight, alignment: Alignment, *, gather_div, num_rows_out,
-                         topk_weights=None, bias=None, zero_unwritten=True):
-  """The same contract as ``nvfp4_moe_gemm`` (no fused activation: fused_moe fuses it only for
-  a ``gate_up_pairs`` prepared w13) for a checkpoint-layout stacked weight, in pure JAX (CPU
-  path: no prepare/unprepare round trip)."""
+                         topk_weights=None, bias=None, zero_unwritten=True, activation="none",
+                         limit=None, alpha=GPTOSS_ALPHA):
+  """The same contract as ``nvfp4_moe_gemm`` for a checkpoint-layout stacked weight, in pure JAX
+  (CPU path: no prepare/unprepare round trip). A fused activation here is ``"relu2"`` only (a
+  gated one reads gate/up pairs, a layout only ``prepare`` makes)."""
+  if activation in GATED_ACTIVATIONS:
+    raise ValueError(f"the fused {activation!r} reads gate/up row pairs: prepare w13 with "
+                     "prepare(w13, gate_up_pairs=True)")
   e, n, k = w.shape
   tw = _empty_f32() if topk_weights is None else topk_weights.astype(jnp.float32)
   b = _empty_f32() if bias is None else bias.astype(jnp.float32)
@@ -632,7 +636,8 @@ def _checkpoint_moe_gemm(x, w: NVFP4Weight, alignment: Alignment, *, gather_div,
       alignment.block_expert, alignment.num_padded, tw, b, n=n, k=k, gather_div=gather_div,
       num_rows_out=num_rows_out, block_m=alignment.block_m,
       mul_topk_weight=topk_weights is not None, has_bias=bias is not None,
-      zero_unwritten=zero_unwritten, all_unit_weights=lambda: _unit(w))
+      zero_unwritten=zero_unwritten, all_unit_weights=lambda: _unit(w), activation=activation,
+      limit=math.inf if limit is None else float(limit), alpha=alpha)
 
 
 def _kernel_wanted() -> bool:
@@ -767,12 +772,14 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
 
   Returns:
     ``[..., H]`` in ``x.dtype``: ``sum_j w_j * (act(x @ W13[e_j].T + b13) @ W2[e_j].T + b2)``,
-    where GEMM1's output and the activation are rounded to ``x.dtype`` (the activation's math is
-    float32), each GEMM2 row (weight applied in float32) is rounded to ``x.dtype``, and the
-    sum over top-k is float32 before the final cast. With a gated w13 prepared by
-    ``prepare(w13, gate_up_pairs=True)`` GEMM1 applies the activation to its float32 result in
-    its epilogue (one kernel and one rounding less; GEMM1 writes ``[M*k, I]``). The reference
-    path rounds at the same points as the kernel.
+    where the activation's output is rounded to ``x.dtype`` (its math is float32), each GEMM2
+    row (weight applied in float32) is rounded to ``x.dtype``, and the sum over top-k is
+    float32 before the final cast. GEMM1 applies the activation to its float32 result in its
+    epilogue (GEMM1 writes ``[M*k, I]``) for ``relu2`` and for a gated w13 prepared by
+    ``prepare(w13, gate_up_pairs=True)``; a gated w13 in the plain ``[gate; up]`` order
+    (a checkpoint-layout weight, or ``prepare(w13)``) has GEMM1's ``[M*k, 2I]`` output rounded
+    to ``x.dtype`` first and the activation applied by XLA (one kernel and one rounding more).
+    The reference path rounds at the same points as the kernel.
 
   Where the kernel runs, unprepared weights are prepared on the fly inside the computation (call
   ``prepare`` once to avoid that, with ``gate_up_pairs=True`` for a gated w13); the pure-JAX
@@ -871,10 +878,10 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
   if lowering == "cuda":
     w13 = prepare(w13) if isinstance(w13, NVFP4Weight) else w13
     w2 = prepare(w2) if isinstance(w2, NVFP4Weight) else w2
-  # GEMM1 applies the activation to its float32 result where w13 holds its gate and up rows in
-  # pairs (prepare(w13, gate_up_pairs=True)); in any other layout they meet only after GEMM1
-  # has written them, rounded, and XLA applies the activation.
-  fused = isinstance(w13, PreparedNVFP4Weight) and w13.gate_up_pairs
+  # GEMM1 applies the activation to its float32 result where it needs no row order (relu2) or
+  # w13 holds its gate and up rows in pairs (prepare(w13, gate_up_pairs=True)); with a plain
+  # [gate; up] w13 they meet only after GEMM1 has written them, rounded, and XLA applies it.
+  fused = not gated or (isinstance(w13, PreparedNVFP4Weight) and w13.gate_up_pairs)
   # Chosen rather than asked for: the primitive still lowers per platform, so a computation
   # placed on the host of a GPU machine (jax.jit(..., device=cpu)) runs the reference there.
   primitive_backend = "auto" if backend in (None, "auto") and lowering == "cuda" else lowering
@@ -897,7 +904,7 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
   # GEMM clears its output.
   x2 = x.reshape(m, hidden)
   if fused:
-    if w13_bias is not None:
+    if w13_bias is not None and gated:
       w13_bias = interleave_gate_up(w13_bias, 1, n13 // 16)
     a = gemm(x2, w13, gather_div=k, bias=w13_bias, zero_unwritten=False,
              activation=activation, limit=limit, alpha=alpha)              # [M*k, I]
