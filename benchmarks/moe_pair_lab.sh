@@ -26,11 +26,7 @@ for e, h, i, k in ((128, 2048, 768, 8), (256, 7168, 2048, 8), (8, 4096, 14336, 2
     slots = capacity(t * k, e, 8)
     spec = [e, h, i, k, t, t]
     for n, kk in ((2 * i, h), (h, i)):
-      ks = moe.choose_moe_k_slices(slots, n, kk, 8, t)
-      splits = 1 if ks > 1 else moe.choose_moe_splits(slots, n, kk, 8)
-      cluster = moe.use_moe_cluster(splits, 8)
-      tpb = (moe.choose_moe_tiles_per_block(slots, n, 8, ks, t) if ks > 1
-             else moe.choose_moe_prefill_tiles(slots, n, kk, 8, splits))
+      ks, splits, cluster, tpb = moe.moe_launch_spec(slots, n, kk, 8, t)
       spec += [ks, splits, int(cluster), tpb]
     print(*spec)
 PY

@@ -9,6 +9,7 @@
 #ifdef JAX_NVFP4_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4GemmCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4MoeGemmCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4MoePairCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4DequantizeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4MoeAlignCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Nvfp4MoeRouteAlignCuda);
@@ -39,6 +40,7 @@ NB_MODULE(_C, m) {
 #ifdef JAX_NVFP4_WITH_CUDA
     registrations["jax_nvfp4_gemm_cuda"] = EncapsulateFfiHandler(Nvfp4GemmCuda);
     registrations["jax_nvfp4_moe_gemm_cuda"] = EncapsulateFfiHandler(Nvfp4MoeGemmCuda);
+    registrations["jax_nvfp4_moe_pair_cuda"] = EncapsulateFfiHandler(Nvfp4MoePairCuda);
     registrations["jax_nvfp4_dequantize_cuda"] = EncapsulateFfiHandler(Nvfp4DequantizeCuda);
     registrations["jax_nvfp4_moe_align_cuda"] = EncapsulateFfiHandler(Nvfp4MoeAlignCuda);
     registrations["jax_nvfp4_moe_route_align_cuda"] =

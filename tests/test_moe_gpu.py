@@ -639,3 +639,43 @@ def test_vmap_over_sequences(rng):
   for b in range(3):
     s = slice(32 * b, 32 * b + 32)
     np.testing.assert_array_equal(np.asarray(out[b]), np.asarray(f(x[s], tw[s], ti[s])))
+
+
+# ----------------------------------------------------------------------------- one handler
+
+@pytest.mark.parametrize("m, h, i, e, k, activation", [
+    (1, 2048, 768, 128, 8, "swiglu"),      # Qwen3-like decode: k-sliced GEMM 1, unsliced GEMM 2
+    (1, 4096, 2048, 8, 2, "relu2"),        # two token tiles, both GEMMs k-sliced
+    (4, 1040, 1008, 16, 4, "gptoss"),      # K not a multiple of 64, short x tiles
+    (16, 2048, 512, 64, 6, "swiglu"),      # unsliced, several N blocks per block
+    (300, 1024, 768, 12, 3, "relu2"),      # prefill tiles, split K
+])
+def test_pair_handler_is_bitwise_the_two_gemms(rng, monkeypatch, m, h, i, e, k, activation):
+  """jax_nvfp4_moe_pair_cuda (both GEMMs from one handler, GEMM 2 under programmatic
+  dependent launch) against the two grouped-GEMM calls, bit for bit, with the layer's output
+  poisoned before the call; and the layer against float64."""
+  from jax_nvfp4.ops import moe_pair
+  if moe_pair.CUDA_TARGET not in moe_ops._ffi.REGISTERED:
+    pytest.skip("jax_nvfp4 was built without the pair handler")
+  gated = activation != "relu2"
+  x, w13, w2 = _layer(rng, m, h, i, e, gated=gated)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  b13 = jnp.asarray(rng.standard_normal((e, w13.shape[1])) * 0.5, jnp.float32)
+  b2 = jnp.asarray(rng.standard_normal((e, h)) * 0.1, jnp.float32)
+  p13, p2 = nf.prepare(w13, gate_up_pairs=gated), nf.prepare(w2)
+  limit = 7.0 if activation == "gptoss" else None
+  out = {}
+  for on in ("0", "1"):
+    monkeypatch.setenv(moe_pair.ENV, on)
+    f = jax.jit(lambda *a: nf.fused_moe(*a[:3], topk_weights=a[3], topk_ids=a[4],
+                                        activation=activation, limit=limit, w13_bias=a[5],
+                                        w2_bias=a[6]))
+    assert ("nvfp4_moe_pair" in str(jax.make_jaxpr(f)(x, p13, p2, tw, ti, b13, b2))) == (on == "1")
+    out[on] = np.asarray(poisoned(f, x, p13, p2, tw, ti, b13, b2, out_shape=(m * k, h),
+                                  dtype=jnp.bfloat16))
+  np.testing.assert_array_equal(out["1"], out["0"])
+  _check(x, w13, w2, out["1"], tw, ti, activation_kind=activation, limit=limit,
+         b13=np.asarray(b13, np.float64), b2=np.asarray(b2, np.float64), gemm1_rounded=False)
+  # Repeated calls: the same bits (the two launches are ordered by the wait, not by chance).
+  for _ in range(3):
+    np.testing.assert_array_equal(np.asarray(f(x, p13, p2, tw, ti, b13, b2)), out["1"])

@@ -473,6 +473,20 @@ def moe_workspace_bytes(num_slots: int, n: int, block_m: int, splits: int,
   return tickets + splits * num_slots * n * 4
 
 
+def moe_launch_spec(num_slots: int, n: int, k: int, block_m: int, expert_rows: int = 0,
+                    bf16: bool = True) -> tuple[int, int, bool, int]:
+  """``(k_slices, splits, cluster, tiles_per_block)``: the launch the CUDA lowering picks for one
+  grouped GEMM of ``num_slots`` aligned rows (``len(sorted_ids)``) from the static shapes."""
+  k_slices = choose_moe_k_slices(num_slots, n, k, block_m, expert_rows)
+  splits = 1 if k_slices > 1 else choose_moe_splits(num_slots, n, k, block_m, bf16)
+  cluster = use_moe_cluster(splits, block_m, bf16)
+  if k_slices > 1:
+    tiles_per_block = choose_moe_tiles_per_block(num_slots, n, block_m, k_slices, expert_rows)
+  else:
+    tiles_per_block = choose_moe_prefill_tiles(num_slots, n, k, block_m, splits, bf16)
+  return k_slices, splits, cluster, tiles_per_block
+
+
 def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, block_expert,
                             num_padded, topk_weights, bias, *, n, k, gather_div, num_rows_out,
                             block_m, mul_topk_weight, has_bias, zero_unwritten=True,
@@ -493,13 +507,8 @@ def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, 
   dense_ops.check_kernel_weight_size("nvfp4_moe_gemm", n, k)
   x_aval, slots = ctx.avals_in[0], ctx.avals_in[4].shape[0]
   bf16 = np.dtype(x_aval.dtype) == np.dtype(jnp.bfloat16)
-  k_slices = choose_moe_k_slices(slots, n, k, block_m, expert_rows)
-  splits = 1 if k_slices > 1 else choose_moe_splits(slots, n, k, block_m, bf16)
-  cluster = use_moe_cluster(splits, block_m, bf16)
-  if k_slices > 1:
-    tiles_per_block = choose_moe_tiles_per_block(slots, n, block_m, k_slices, expert_rows)
-  else:
-    tiles_per_block = choose_moe_prefill_tiles(slots, n, k, block_m, splits, bf16)
+  k_slices, splits, cluster, tiles_per_block = moe_launch_spec(slots, n, k, block_m,
+                                                               expert_rows, bf16)
   ws = jax.core.ShapedArray((moe_workspace_bytes(slots, n, block_m, splits, cluster),),
                             jnp.uint8)
   results = jax.ffi.ffi_lowering(CUDA_TARGET)(
@@ -903,17 +912,28 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
   # block: GEMM2 reads only the rows GEMM1 wrote and the combine masks the rest, so neither
   # GEMM clears its output.
   x2 = x.reshape(m, hidden)
-  if fused:
-    if w13_bias is not None and gated:
-      w13_bias = interleave_gate_up(w13_bias, 1, n13 // 16)
-    a = gemm(x2, w13, gather_div=k, bias=w13_bias, zero_unwritten=False,
-             activation=activation, limit=limit, alpha=alpha)              # [M*k, I]
+  if fused and w13_bias is not None and gated:
+    w13_bias = interleave_gate_up(w13_bias, 1, n13 // 16)
+  # Imported here: moe_pair builds on this module's primitive.
+  from jax_nvfp4.ops import moe_pair  # pylint: disable=import-outside-toplevel
+  if (fused and moe_pair.pair_enabled() and isinstance(w13, PreparedNVFP4Weight)
+      and isinstance(w2, PreparedNVFP4Weight)):
+    # Both GEMMs in one call (JAX_NVFP4_MOE_PAIR=1): the same bits, one handler.
+    y = moe_pair.nvfp4_moe_pair(x2, w13, w2, alignment, top_k=k,
+                                topk_weights=topk_weights.reshape(rows), activation=activation,
+                                limit=limit, alpha=alpha, w13_bias=w13_bias, w2_bias=w2_bias,
+                                zero_unwritten=False, backend=primitive_backend,
+                                expert_rows=m)                             # [M*k, H]
   else:
-    h = gemm(x2, w13, gather_div=k, bias=w13_bias, zero_unwritten=False)  # [M*k, 2I]
-    a = apply_activation(h, activation, intermediate_size=inter, limit=limit, alpha=alpha,
-                         dtype=x.dtype)                                    # [M*k, I]
-  y = gemm(a, w2, gather_div=1, topk_weights=topk_weights.reshape(rows),
-           bias=w2_bias, zero_unwritten=False)                             # [M*k, H]
+    if fused:
+      a = gemm(x2, w13, gather_div=k, bias=w13_bias, zero_unwritten=False,
+               activation=activation, limit=limit, alpha=alpha)            # [M*k, I]
+    else:
+      h = gemm(x2, w13, gather_div=k, bias=w13_bias, zero_unwritten=False)  # [M*k, 2I]
+      a = apply_activation(h, activation, intermediate_size=inter, limit=limit, alpha=alpha,
+                           dtype=x.dtype)                                  # [M*k, I]
+    y = gemm(a, w2, gather_div=1, topk_weights=topk_weights.reshape(rows),
+             bias=w2_bias, zero_unwritten=False)                           # [M*k, H]
   kept = (topk_ids >= 0) & (topk_ids < e_global)
   if expert_map is not None:
     kept &= expert_map[jnp.clip(topk_ids, 0, e_global - 1)] >= 0
