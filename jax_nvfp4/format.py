@@ -172,6 +172,19 @@ def _leading_amax(w: jax.Array) -> jax.Array:
   return jnp.max(jnp.abs(w), axis=(-2, -1))
 
 
+def _check_global_scale(global_scale) -> None:
+  """A concrete ``global_scale`` must be finite and > 0 (a traced one cannot be checked)."""
+  if isinstance(global_scale, jax.core.Tracer):
+    return
+  g = np.asarray(global_scale, np.float32)
+  if not (np.isfinite(g).all() and (g > 0).all()):
+    bad = g[~(np.isfinite(g) & (g > 0))]
+    raise ValueError(
+        f"quantize: global_scale must be finite and > 0, got {float(bad.ravel()[0])}. It is a "
+        "multiplier (W = e2m1 * scale * global_scale, ModelOpt's weight_scale_2); "
+        "compressed-tensors' weight_global_scale is its reciprocal")
+
+
 def quantize(w: jax.Array, *, global_scale: jax.Array | None = None) -> NVFP4Weight:
   """Quantizes ``w[..., N, K]`` (float) to NVFP4 with NVIDIA ModelOpt's reference algorithm.
 
@@ -181,6 +194,10 @@ def quantize(w: jax.Array, *, global_scale: jax.Array | None = None) -> NVFP4Wei
     ``s = 1``; ``s`` is clamped to ``[2^-9, 448]`` and rounded to E4M3 (nearest even).
   * Elements: ``x / (float32(s_e4m3) * global_scale)`` rounded to E2M1 (nearest, ties to even,
     saturating at 6).
+
+  ``global_scale`` (a multiplier, ModelOpt's ``weight_scale_2``; not compressed-tensors'
+  reciprocal ``weight_global_scale``) must be finite and > 0: a concrete value that is not
+  raises ValueError (a traced value is not checked).
 
   Returns an ``NVFP4Weight`` whose ``dtype`` is ``w.dtype``. Never produces NaN for finite input.
   """
@@ -193,6 +210,8 @@ def quantize(w: jax.Array, *, global_scale: jax.Array | None = None) -> NVFP4Wei
   if k % BLOCK_SIZE:
     raise ValueError(f"quantize: K = {k} (last dim of w) must be a multiple of {BLOCK_SIZE}")
   w32 = w.astype(jnp.float32)
+  if global_scale is not None:
+    _check_global_scale(global_scale)
   if global_scale is None:
     amax = _leading_amax(w32)
     global_scale = jnp.where(amax > 0, _div(amax, E2M1_MAX * E4M3_MAX), 1.0)

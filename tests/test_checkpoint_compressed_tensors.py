@@ -91,6 +91,67 @@ def test_reciprocal_global_scale_reports_when_no_multiplier_is_exact(rng):
   assert seen_inexact > 0
 
 
+def _slow_reciprocal_global_scale(scales, divisor, dtype, max_ulps):
+  """The definition, evaluated the slow way: every candidate on every block, eagerly."""
+  s = np.asarray(scales).astype(np.float32).ravel()
+  ref = s / np.float32(divisor)
+  g0 = np.float32(1) / np.float32(divisor)
+  candidates, up, down = [g0], g0, g0
+  for _ in range(max_ulps):
+    up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(0))
+    candidates += [up, down]
+  factor_exact = [np.array_equal(fx.bits(s * g), fx.bits(ref)) for g in candidates]
+  dtype_exact = [np.array_equal(fx.bits((MAGS[None, :] * (s * g)[:, None]).astype(dtype)),
+                                fx.bits((MAGS[None, :] * ref[:, None]).astype(dtype)))
+                 for g in candidates]
+  for g, ok in zip(candidates, factor_exact):
+    if ok:
+      return g, True, "factor"
+  for g, ok in zip(candidates, dtype_exact):
+    if ok:
+      return g, True, "dtype"
+  return g0, False, "none"
+
+
+def test_reciprocal_global_scale_equals_its_slow_definition(rng):
+  """The fast search (distinct scale values only, stopping early) returns what evaluating
+  every candidate on every block returns, including answers that are not the first candidate,
+  dtype-only matches and no match."""
+  outcomes = set()
+  for _ in range(600):
+    d = np.float32(rng.uniform(1, 1000))
+    values = rng.choice(E4M3_POSITIVE, int(rng.integers(1, 6)))
+    scales = rng.choice(values, (32, 8))  # repeated values, as in a real tensor
+    dtype = [ml_dtypes.bfloat16, np.float16, np.float32][int(rng.integers(3))]
+    max_ulps = int(rng.integers(0, 5))
+    want_g, want_exact, kind = _slow_reciprocal_global_scale(scales, d, dtype, max_ulps)
+    g, exact, note = reciprocal_global_scale(scales, d, dtype, max_ulps=max_ulps)
+    assert (fx.bits(g), exact) == (fx.bits(want_g), want_exact), (d, values, dtype, max_ulps)
+    assert ("exactly" in note) == (kind == "factor"), note
+    outcomes.add((kind, bool(g != np.float32(1) / d)))
+  # the cases exercised: several candidates tried, dtype-only matches, no match
+  assert {("factor", True), ("dtype", False), ("none", False)} <= outcomes, outcomes
+
+
+def test_reciprocal_global_scale_tests_each_distinct_scale_once(monkeypatch, rng):
+  """A [14336, 4096] Linear has 3.7M block scales but at most 256 distinct E4M3 values: the
+  candidates are tested on those only (the whole tensor took 26 s per module)."""
+  from jax_nvfp4.checkpoint import compressed_tensors as ct
+  sizes = []
+  original = ct.matches_tool
+
+  def spy(s, ref, g, dtype):
+    sizes.append(np.asarray(s).size)
+    return original(s, ref, g, dtype)
+
+  monkeypatch.setattr(ct, "matches_tool", spy)
+  scales = rng.choice(E4M3_POSITIVE, (512, 64))
+  d = np.float32(ml_dtypes.bfloat16(448 * 6 / 0.37))
+  g, exact, _ = ct.reciprocal_global_scale(scales, d, ml_dtypes.bfloat16)
+  assert exact and sizes and max(sizes) == len(np.unique(scales.view(np.uint8)))
+  assert _check_exactness_claim(d, g, exact, ml_dtypes.bfloat16)
+
+
 def test_records_and_activation_scales():
   a16 = load_checkpoint(fx.fixture("ct_nvfp4a16_dense"))
   assert a16.producer == "compressed-tensors" and a16.quant_algo == "nvfp4-pack-quantized"

@@ -300,3 +300,65 @@ def test_inspect_lists_modules_without_reading_weights(reads, capsys):
   assert "[4, 64, 48]" in out
   assert cli.main(["inspect", fx.DATA]) == 1
   assert "not a quantized checkpoint" in capsys.readouterr().err
+
+
+def test_compressed_tensors_transform_config_is_refused(tmp_path, reads):
+  # llm-compressor's QuIP / SpinQuant rotate the weights; loading them unrotated is wrong.
+  path = fx.copy("ct_nvfp4a16_dense", str(tmp_path / "ct"))
+  hadamard = {"type": "hadamard", "apply": [{"targets": ["Linear"], "location": "weight_input",
+                                             "inverse": True}]}
+  _edit_json(path, "config.json", lambda c: c["quantization_config"].update(
+      transform_config={"config_groups": {"v": hadamard}}))
+  _fails(path, "transform_config: unsupported transform 'v' \\('hadamard'\\)", reads)
+  path = fx.copy("ct_nvfp4a16_dense", str(tmp_path / "empty"))
+  _edit_json(path, "config.json", lambda c: c["quantization_config"].update(transform_config={}))
+  load_checkpoint(path)  # an empty transform_config changes nothing
+
+
+def _unquantize_expert_down_projs(path):
+  """A MoE whose expert down_proj stay bf16 (ignored by the quantization recipe)."""
+  def edit(t):
+    for name in [k for k in t if ".experts." in k and ".down_proj." in k]:
+      if name.endswith("weight_packed"):
+        n, half = t[name].shape
+        t[name.rsplit(".", 1)[0] + ".weight"] = np.full((n, 2 * half), 0.5, ml_dtypes.bfloat16)
+      del t[name]
+
+  _edit(path, edit)
+  _edit_json(path, "config.json",
+             lambda c: c["quantization_config"]["ignore"].append("re:.*experts.*down_proj$"))
+
+
+def test_unquantized_expert_projection_is_named_not_missing(tmp_path, reads):
+  path = fx.copy("ct_nvfp4a16_moe", str(tmp_path / "ck"))
+  _unquantize_expert_down_projs(path)
+  down = "model.layers.0.mlp.experts.0.down_proj"
+  _fails(path, f"expert projection '{down}' is unquantized \\('{down}.weight' is a plain "
+               f"tensor\\).*mixed quantized/unquantized experts cannot be stacked.*"
+               f"stack_experts=False", reads)
+
+
+def test_unquantized_expert_projection_loads_without_stacking(tmp_path):
+  path = fx.copy("ct_nvfp4a16_moe", str(tmp_path / "ck"))
+  _unquantize_expert_down_projs(path)
+  ck = load_checkpoint(path, stack_experts=False)
+  assert ck.moe == {}
+  src = fx.read_dir(fx.fixture("ct_nvfp4a16_moe"))
+  for e in range(4):
+    p = f"model.layers.0.mlp.experts.{e}."
+    assert p + "down_proj" not in ck.modules
+    fx.assert_same_bits(np.asarray(ck.params[p + "down_proj.weight"]),
+                        np.full((64, 48), 0.5, ml_dtypes.bfloat16), what="bf16 down_proj")
+    for proj in ("gate_proj", "up_proj"):
+      w = ck.modules[p + proj].weight
+      fx.assert_same_bits(np.asarray(w.packed), src[p + proj + ".weight_packed"], what=proj)
+      fx.assert_same_bits(np.asarray(w.scales), src[p + proj + ".weight_scale"], what=proj)
+
+
+def test_layers_past_the_mtp_layers_are_still_extra(tmp_path, reads):
+  path = _copy(tmp_path)
+  _edit_json(path, "config.json", lambda c: c.update(num_nextn_predict_layers=1))
+  _edit(path, lambda t: t.update({"model.layers.2.input_layernorm.weight":
+                                  np.ones((64,), ml_dtypes.bfloat16)}))
+  _fails(path, "model.layers.2.input_layernorm.weight.*num_hidden_layers = 1 \\+ "
+               "num_nextn_predict_layers = 1", reads)

@@ -301,3 +301,53 @@ def test_gate_up_scales_that_cannot_fold_stay_separate(tmp_path, rng, caplog):
     fx.assert_same_bits(down[e], truth[p + "down_proj"], what="down")
     # each keeps its own global scale: never one picked for both
     assert np.asarray(ex.w1.weight.global_scale)[e] != np.asarray(ex.w3.weight.global_scale)[e]
+
+
+def _edit_copy(path, tensors_fn=None, config_fn=None):
+  """A writable copy of modelopt_nvfp4_dense at ``path`` with its tensors / config.json edited."""
+  fx.copy("modelopt_nvfp4_dense", path)
+  if tensors_fn is not None:
+    tensors = dict(fx.read_file(os.path.join(path, "model.safetensors")))
+    tensors_fn(tensors)
+    fx.write_file(os.path.join(path, "model.safetensors"), tensors)
+  if config_fn is not None:
+    with open(os.path.join(path, "config.json")) as f:
+      config = json.load(f)
+    config_fn(config)
+    with open(os.path.join(path, "config.json"), "w") as f:
+      json.dump(config, f)
+  return path
+
+
+# ModelOpt's convert_hf_quant_config_format names the KV algorithm kv_cache_scheme in
+# config.json: the algorithm's name, or (newer versions, FP8) an 8-bit float scheme object.
+@pytest.mark.parametrize("scheme", ["FP8", {"dynamic": False, "num_bits": 8, "type": "float"}])
+def test_config_json_kv_cache_scheme(tmp_path, scheme):
+  kv = {"model.layers.0.self_attn.k_proj.k_scale": np.float32(0.5),
+        "model.layers.0.self_attn.v_proj.v_scale": np.float32(0.25)}
+  path = _edit_copy(str(tmp_path / "ck"), lambda t: t.update(kv),
+                    lambda c: c["quantization_config"].update(kv_cache_scheme=scheme))
+  os.remove(os.path.join(path, "hf_quant_config.json"))  # config.json describes it alone
+  ck = load_checkpoint(path)
+  assert ck.quant_config["kv_cache_quant_algo"] == "FP8"
+  assert ck.quant_config["source"] == "config.json quantization_config"
+  for name, value in kv.items():
+    assert np.asarray(ck.params[name]) == value  # KV scales stay plain tensors
+  assert set(ck.modules) == set(load_checkpoint(fx.fixture("modelopt_nvfp4_dense")).modules)
+
+
+def test_mtp_layers_after_the_decoder_layers_load(tmp_path):
+  """DeepSeek-V3/R1 and GLM-4.5 store their multi-token-prediction layer as
+  model.layers.<num_hidden_layers> (config.json num_nextn_predict_layers = 1)."""
+  def add_layer_1(t):
+    t.update({k.replace("model.layers.0.", "model.layers.1."): v for k, v in list(t.items())
+              if k.startswith("model.layers.0.")})
+
+  path = _edit_copy(str(tmp_path / "ck"), add_layer_1, lambda c: c.update(
+      model_type="deepseek_v3", num_hidden_layers=1, num_nextn_predict_layers=1))
+  ck = load_checkpoint(path)
+  raw = fx.read_dir(path)
+  mtp = ck.modules["model.layers.1.mlp.down_proj"]
+  np.testing.assert_array_equal(np.asarray(mtp.weight.packed),
+                                raw["model.layers.1.mlp.down_proj.weight"])
+  assert "model.layers.1.input_layernorm.weight" in ck.params

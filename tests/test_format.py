@@ -194,3 +194,20 @@ def test_validate_names_the_bad_array():
     nf.NVFP4Weight(q.packed, q.scales[:, :1], q.global_scale).validate()
   with pytest.raises(TypeError, match="packed must be uint8"):
     nf.NVFP4Weight(q.packed.astype(jnp.int8), q.scales, q.global_scale).validate()
+
+
+@pytest.mark.parametrize("bad", [0.0, -1e-3, float("nan"), float("inf"), [1e-3, 0.0]])
+def test_quantize_rejects_a_global_scale_that_is_not_finite_and_positive(bad):
+  w = jnp.ones((2, 4, 32), jnp.float32)
+  with pytest.raises(ValueError, match="finite and > 0.*multiplier.*reciprocal"):
+    nf.quantize(w, global_scale=jnp.asarray(bad, jnp.float32))
+
+
+def test_quantize_takes_a_traced_global_scale(rng):
+  # Under jit the value is unknown: no check, and the result equals the eager one.
+  w = jnp.asarray(rng.standard_normal((4, 32)), jnp.float32)
+  traced = jax.jit(lambda w, g: nf.quantize(w, global_scale=g))(w, jnp.float32(1e-3))
+  eager = nf.quantize(w, global_scale=1e-3)
+  for leaf in ("packed", "scales", "global_scale"):
+    a, b = np.asarray(getattr(traced, leaf)), np.asarray(getattr(eager, leaf))
+    assert a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes(), leaf

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from jax_nvfp4.checkpoint.hf import CheckpointError, CheckpointFiles
@@ -82,8 +83,26 @@ def _check_group(name: str, group: dict, default_format: str | None) -> str | No
                         f"{act.get('type')!r} {act.get('num_bits')!r}-bit")
 
 
+def _check_no_transforms(qc: dict) -> None:
+  """Online/offline rotations (llm-compressor QuIP, SpinQuant: ``transform_config``) change
+  what the stored weights mean; loading them as plain NVFP4 would compute wrong outputs."""
+  transforms = qc.get("transform_config")
+  if not transforms:
+    return
+  groups = transforms.get("config_groups") if isinstance(transforms, dict) else None
+  if isinstance(groups, dict) and groups:
+    kinds = ", ".join(f"{name!r} ({g.get('type') if isinstance(g, dict) else g!r})"
+                      for name, g in groups.items())
+  else:
+    kinds = repr(transforms)
+  raise CheckpointError(f"config.json quantization_config.transform_config: unsupported "
+                        f"transform {kinds}; jax_nvfp4 loads NVFP4 weights without rotations "
+                        f"(QuIP / SpinQuant / Hadamard transforms are not applied)")
+
+
 def read_quant_config(config: dict) -> dict[str, Any]:
   qc = config.get("quantization_config")
+  _check_no_transforms(qc)
   groups = qc.get("config_groups")
   if not isinstance(groups, dict) or not groups:
     raise CheckpointError("config.json quantization_config: needs a non-empty config_groups "
@@ -189,6 +208,15 @@ def _bits(a: np.ndarray) -> np.ndarray:
   return a.view(np.dtype(f"u{a.dtype.itemsize}"))
 
 
+def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The distinct ``(a, b)`` float32 bit pairs, as two float32 arrays (sorted by a, then b)."""
+  key = (_bits(a.astype(np.float32)).ravel().astype(np.uint64) << np.uint64(32)) | \
+      _bits(b.astype(np.float32)).ravel().astype(np.uint64)
+  key = np.unique(key)  # one 1-D sort: far cheaper than np.unique(axis=0) over row pairs
+  return ((key >> np.uint64(32)).astype(np.uint32).view(np.float32),
+          (key & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32))
+
+
 def matches_tool(scale_values: np.ndarray, ref_factor: np.ndarray, g: np.float32,
                  dtype) -> tuple[bool, bool]:
   """Does ``e2m1 * (scale * g)`` reproduce ``e2m1 * ref_factor`` for every block?
@@ -199,10 +227,7 @@ def matches_tool(scale_values: np.ndarray, ref_factor: np.ndarray, g: np.float32
   least every ``dtype(float32(e2m1 * factor))`` is, for all 7 nonzero E2M1 magnitudes (signs and
   zeros follow).
   """
-  pairs = np.unique(np.stack([_bits(scale_values.astype(np.float32)).ravel(),
-                              _bits(ref_factor.astype(np.float32)).ravel()], axis=1), axis=0)
-  s = pairs[:, 0].view(np.float32)
-  ref = pairs[:, 1].view(np.float32)
+  s, ref = _unique_pairs(scale_values, ref_factor)
   ours = s * np.float32(g)  # float32 x float32, rounded once: what dequantize computes
   if np.array_equal(_bits(ours), _bits(ref)):
     return True, True
@@ -214,6 +239,26 @@ def matches_tool(scale_values: np.ndarray, ref_factor: np.ndarray, g: np.float32
 def tool_factor(scales: np.ndarray, divisor: np.float32) -> np.ndarray:
   """compressed-tensors' per-block factor: ``float32(scale) / weight_global_scale`` in float32."""
   return scales.astype(np.float32) / np.float32(divisor)
+
+
+def distinct_scales(scales: np.ndarray) -> np.ndarray:
+  """The distinct values of ``scales`` as float32 (bitwise distinct). An E4M3 block scale is one
+  byte, so there are at most 256: a histogram of the bytes finds them in one pass."""
+  a = np.asarray(scales)
+  if a.dtype == ml_dtypes.float8_e4m3fn:
+    present = np.flatnonzero(np.bincount(a.view(np.uint8).ravel(), minlength=256))
+    return present.astype(np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+  return np.unique(_bits(a.astype(np.float32)).ravel()).view(np.float32)
+
+
+def _candidates(g0: np.float32, max_ulps: int) -> list[np.float32]:
+  """``g0`` and its float32 neighbours up to ``max_ulps`` away, nearest first."""
+  out, up, down = [g0], g0, g0
+  for _ in range(max_ulps):
+    up = np.nextafter(up, np.float32(np.inf))
+    down = np.nextafter(down, np.float32(0))
+    out += [up, down]
+  return out
 
 
 def reciprocal_global_scale(scales: np.ndarray, divisor, dtype,
@@ -230,27 +275,28 @@ def reciprocal_global_scale(scales: np.ndarray, divisor, dtype,
   never within a relative 2^-17 of a bfloat16 (or 2^-20 of a float16) rounding midpoint, while
   the float32 factors differ by an ulp (2^-23): the final rounding cannot tell them apart.
 
+  Every block's factor depends on its scale value only, so the candidates are tested on the
+  distinct scale values (at most 256 E4M3 values), not on every block.
+
   Returns ``(global_scale, exact, note)``.
   """
   d = np.float32(divisor)
   if not (np.isfinite(d) and d > 0):
     raise CheckpointError(f"weight_global_scale must be finite and > 0, got {divisor!r}")
-  s = np.asarray(scales).astype(np.float32)
+  s = distinct_scales(scales)
   ref = tool_factor(s, d)
   g0 = np.float32(1) / d
-  candidates = [g0]
-  up = down = g0
-  for _ in range(max_ulps):
-    up = np.nextafter(up, np.float32(np.inf))
-    down = np.nextafter(down, np.float32(0))
-    candidates += [up, down]
-  results = [(g, *matches_tool(s, ref, g, dtype)) for g in candidates]
-  for g, factor_exact, _ in results:
+  candidates = _candidates(g0, max_ulps)
+  dtype_exact_first = None
+  for g in candidates:
+    factor_exact, dtype_exact = matches_tool(s, ref, g, dtype)
     if factor_exact:
       return g, True, "global_scale reproduces every scale / weight_global_scale exactly"
-  for g, _, dtype_exact in results:
-    if dtype_exact:
-      return g, True, (f"global_scale reproduces the {np.dtype(dtype).name} dequantization "
-                       "bit for bit (the float32 factors differ by an ulp)")
+    if dtype_exact and dtype_exact_first is None:
+      dtype_exact_first = g
+  if dtype_exact_first is not None:
+    return dtype_exact_first, True, (
+        f"global_scale reproduces the {np.dtype(dtype).name} dequantization bit for bit (the "
+        "float32 factors differ by an ulp)")
   return g0, False, (f"no float32 global_scale within {max_ulps} ulps of 1/weight_global_scale "
                      f"reproduces the {np.dtype(dtype).name} dequantization bit for bit")

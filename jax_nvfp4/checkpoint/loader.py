@@ -174,8 +174,9 @@ def read_config(path: str) -> dict:
   return config
 
 
-def read_plan(path: str) -> tuple[CheckpointFiles, dict, Plan]:
-  """Configs + headers -> a checked ``Plan`` (reads no tensor data)."""
+def read_plan(path: str, stack_experts: bool = True) -> tuple[CheckpointFiles, dict, Plan]:
+  """Configs + headers -> a checked ``Plan`` (reads no tensor data). ``stack_experts``: check
+  that the experts can be stacked (as ``load_checkpoint(stack_experts=)``)."""
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise CheckpointError(f"{path!r} is not a checkpoint directory")
@@ -199,7 +200,7 @@ def read_plan(path: str) -> tuple[CheckpointFiles, dict, Plan]:
   dims = model_dims(config)
   _check_dims(plan, files, dims)
   _check_architecture(plan, files, dims)
-  group_experts(plan, dims)
+  group_experts(plan, dims, stack_experts)
   return files, config, plan
 
 
@@ -268,6 +269,9 @@ def model_dims(config: dict) -> dict[str, Any]:
       num_experts=_cfg_int(c, "num_experts", "num_local_experts", "n_routed_experts"),
       heads=heads, kv_heads=kv_heads, head_dim=head_dim,
       layers=_cfg_int(c, "num_hidden_layers"), vocab=_cfg_int(c, "vocab_size"),
+      # DeepSeek-V3/R1 and GLM-4.5 store their multi-token-prediction layers after the
+      # decoder's, as model.layers.<num_hidden_layers + i>.
+      nextn=_cfg_int(c, "num_nextn_predict_layers") or 0,
       tie=bool(c.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
       sparse_step=_cfg_int(c, "decoder_sparse_step") or 1,
       mlp_only=set(mlp_only) if isinstance(mlp_only, list) else set())
@@ -317,9 +321,10 @@ def _check_dims(plan: Plan, files: CheckpointFiles, dims: dict) -> None:
               f"[N, K] = {list(want)} for {spec.module!r}")
   for name in list(plan.specs) + plan.plain:
     m = _DECODER_RE.match(name)
-    if m and layers is not None and int(m.group(1)) >= layers:
+    if m and layers is not None and int(m.group(1)) >= layers + dims["nextn"]:
+      mtp = f" + num_nextn_predict_layers = {dims['nextn']}" if dims["nextn"] else ""
       raise CheckpointError(f"extra tensor or module {name!r}: layer {m.group(1)} but "
-                            f"config.json has num_hidden_layers = {layers}")
+                            f"config.json has num_hidden_layers = {layers}{mtp}")
   h, vocab = dims["hidden"], dims["vocab"]
   for name in plan.plain:
     info = files.tensors[name]
@@ -390,8 +395,15 @@ def _check_architecture(plan: Plan, files: CheckpointFiles, dims: dict) -> None:
                             f"{module!r}")
 
 
-def group_experts(plan: Plan, dims: dict) -> dict[str, dict[int, dict[str, QuantSpec]]]:
-  """prefix -> expert -> {"gate"/"up"/"down": spec}; checks completeness and formats."""
+def group_experts(plan: Plan, dims: dict,
+                  stack: bool = True) -> dict[str, dict[int, dict[str, QuantSpec]]]:
+  """prefix -> expert -> {"gate"/"up"/"down": spec}; checks completeness and formats.
+
+  With ``stack=False`` (experts loaded one record per Linear) an expert projection left
+  unquantized (a plain ``<...>.weight``) counts as present and the stacking checks (one format,
+  one shape per projection) are skipped.
+  """
+  plain = set(plan.plain)
   groups: dict[str, dict[int, dict[str, QuantSpec]]] = {}
   for module, spec in plan.specs.items():
     m = _EXPERT_RE.match(module)
@@ -409,14 +421,14 @@ def group_experts(plan: Plan, dims: dict) -> dict[str, dict[int, dict[str, Quant
     for e in range(num):
       for role in ("gate", "up", "down"):
         if role not in experts.get(e, {}):
-          missing = f"{prefix}.{e}.{names[role]}.{proto.main_suffix}"
-          raise CheckpointError(f"missing tensor {missing!r} (expert {e} of {num} in "
-                                f"{prefix!r})")
+          _missing_expert(prefix, e, num, names[role], proto, plain, stack)
     for e in sorted(experts):
       if e >= num:
         spec = next(iter(experts[e].values()))
         raise CheckpointError(f"extra tensor {spec.main.name!r}: expert {e} but config.json "
                               f"has {num} experts")
+    if not stack:
+      continue
     for spec in specs:
       if spec.format != proto.format:
         raise CheckpointError(f"{prefix!r}: expert module {spec.module!r} is {spec.format} but "
@@ -427,6 +439,21 @@ def group_experts(plan: Plan, dims: dict) -> dict[str, dict[int, dict[str, Quant
         raise CheckpointError(f"{prefix!r}: the {names[role]} weights of the experts have "
                               f"different shapes {sorted(shapes)}")
   return groups
+
+
+def _missing_expert(prefix: str, e: int, num: int, proj: str, proto: QuantSpec, plain: set,
+                    stack: bool) -> None:
+  """An expert projection with no quantized module: unquantized (a plain weight) or missing."""
+  module = f"{prefix}.{e}.{proj}"
+  if module + ".weight" not in plain:
+    raise CheckpointError(f"missing tensor {module + '.' + proto.main_suffix!r} (expert {e} of "
+                          f"{num} in {prefix!r})")
+  if stack:
+    raise CheckpointError(
+        f"expert projection {module!r} is unquantized ({module + '.weight'!r} is a plain "
+        f"tensor) while {proto.module!r} is {proto.format}: mixed quantized/unquantized experts "
+        f"cannot be stacked into MoEExperts; load with stack_experts=False to get one record "
+        f"per quantized expert Linear and the unquantized ones as params")
 
 
 # ----------------------------------------------------------------------------- building
@@ -707,10 +734,14 @@ def load_checkpoint(path, *, dtype=None, device=None,
       record per expert Linear.
 
   Returns a ``Checkpoint``. Raises ``CheckpointError`` (a ValueError) naming the file/tensor for
-  anything missing, extra or inconsistent, before any weight data is read.
+  anything missing, extra or inconsistent. Structure, dtypes, shapes and the config are checked
+  from the headers before any tensor data is read, and the scalar scales (global, per-tensor,
+  activation) before any weight data; block scales (NaN or negative E4M3 values) can only be
+  checked once each module's scales are read, so that error may come after other modules
+  were loaded.
   """
   path = os.fspath(path)
-  files, config, plan = read_plan(path)
+  files, config, plan = read_plan(path, stack_experts)
   dims = model_dims(config)
   expert_groups = group_experts(plan, dims) if stack_experts else {}
   dtype = _resolve_dtype(dtype, config)

@@ -4,7 +4,9 @@ Config: ``hf_quant_config.json`` = ``{producer: {name, version}, quantization: {
 kv_cache_quant_algo, group_size, exclude_modules}}`` (``MIXED_PRECISION`` replaces
 ``exclude_modules`` by ``quantized_layers: {module: {quant_algo, group_size}}``; MoE experts are
 listed as their parent module). The same fields appear in ``config.json["quantization_config"]``
-with ``quant_method: "modelopt"`` (and ``ignore`` for ``exclude_modules``).
+with ``quant_method: "modelopt"`` (and ``ignore`` for ``exclude_modules``, ``kv_cache_scheme`` for
+``kv_cache_quant_algo``: ModelOpt's ``convert_hf_quant_config_format`` renames them so, writing the
+KV scheme as a string, or for FP8 as ``{num_bits: 8, type: float, ...}`` in newer versions).
 
 Tensors per quantized Linear ``<m>``:
 
@@ -61,6 +63,8 @@ def read_quant_config(path: str, config: dict) -> dict[str, Any]:
     q = dict(qc)
     if "exclude_modules" not in q and "ignore" in q:
       q["exclude_modules"] = q["ignore"]
+    if q.get("kv_cache_quant_algo") is None and q.get("kv_cache_scheme") is not None:
+      q["kv_cache_quant_algo"] = kv_algo_from_scheme(q["kv_cache_scheme"])
     producer = q.get("producer") or {}
     source = "config.json quantization_config"
   else:
@@ -102,6 +106,17 @@ def read_quant_config(path: str, config: dict) -> dict[str, Any]:
   return dict(quant_algo=algo, exclude_modules=list(exclude), quantized_layers=layers,
               kv_cache_quant_algo=q.get("kv_cache_quant_algo"), group_size=group_size,
               producer=producer, source=source)
+
+
+def kv_algo_from_scheme(scheme) -> str:
+  """The ``kv_cache_quant_algo`` name for a ``kv_cache_scheme`` (a string, or a
+  compressed-tensors style ``{num_bits, type, ...}`` object; 8-bit float is ``"FP8"``)."""
+  if isinstance(scheme, str):
+    return scheme.upper()
+  if isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8:
+    return "FP8"
+  raise CheckpointError(f"config.json quantization_config: unsupported kv_cache_scheme "
+                        f"{scheme!r} (jax_nvfp4 knows a string or an 8-bit float scheme)")
 
 
 def excluded(module: str, patterns: list[str]) -> bool:
