@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jax_nvfp4 as nf
+from jax_nvfp4.ops import dense
 from tests import numpy_reference as npref
 
 
@@ -94,6 +95,35 @@ def test_bad_inputs_raise_clear_errors(rng):
   stacked = _random_weight(rng, 24, 32, lead=(2,))
   with pytest.raises(ValueError, match="single"):
     nf.nvfp4_matmul(jnp.zeros((2, 32), jnp.bfloat16), stacked)
+
+
+def test_bad_prepared_weights_raise_clear_errors(rng):
+  x = jnp.zeros((2, 32), jnp.bfloat16)
+  w = _random_weight(rng, 32, 32)
+  # An MoE w13 row order would permute the output columns silently.
+  with pytest.raises(ValueError, match="gate_up_pairs=True"):
+    nf.nvfp4_matmul(x, nf.prepare(w, gate_up_pairs=True))
+  with pytest.raises(ValueError, match="no leading dims"):
+    nf.nvfp4_matmul(x, nf.prepare(_random_weight(rng, 32, 32, lead=(2,))))
+  p = nf.prepare(_random_weight(rng, 32, 64))
+  with pytest.raises(ValueError, match="K a multiple of 16"):
+    nf.nvfp4_matmul(jnp.zeros((2, 40), jnp.bfloat16),
+                    nf.PreparedNVFP4Weight(p.qweight, p.qscales, p.global_scale, n=32, k=40))
+
+
+def test_vmap_keeps_the_prefill_dispatch(rng, monkeypatch):
+  """A batch of decode-sized calls can be prefill-sized: vmap over x takes the dequantize +
+  XLA GEMM path above KERNEL_MAX_M rows in all, as one call of that size does."""
+  monkeypatch.setattr(dense, "_kernel_wanted", lambda: True)  # as on a GPU with the kernels
+  p = nf.prepare(_random_weight(rng, 48, 64))
+  rows = dense.KERNEL_MAX_M // 4 + 1
+  x = jnp.asarray(rng.standard_normal((4, rows, 64)), jnp.bfloat16)
+  prims = lambda f: {str(e.primitive) for e in jax.make_jaxpr(f)(x).eqns}
+  batched = jax.vmap(lambda a: nf.nvfp4_matmul(a, p))
+  assert "nvfp4_dequantize" in prims(batched) and "nvfp4_gemm" not in prims(batched)
+  small = jax.vmap(lambda a: nf.nvfp4_matmul(a, p))
+  assert "nvfp4_gemm" in prims(lambda a: small(a[:, :dense.KERNEL_MAX_M // 4]))
+  np.testing.assert_array_equal(np.asarray(batched(x)), np.asarray(nf.nvfp4_matmul(x, p)))
 
 
 # ----------------------------------------------------------------------------- launch choice

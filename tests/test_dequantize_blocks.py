@@ -61,6 +61,12 @@ def test_vmap_matches_the_stacked_call(rng):
   assert_bitwise(mapped, expected(w, jnp.bfloat16))
 
 
+def test_gate_up_pairs_come_back_in_the_logical_row_order(rng):
+  w = random_weight(rng, (2, 96, 80))  # an MoE w13 [E, 2I, H], I = 48
+  out = nf.dequantize_blocks(nf.prepare(w, gate_up_pairs=True), backend="reference")
+  assert_bitwise(out, expected(w, jnp.bfloat16))
+
+
 def test_bad_inputs_raise_clear_errors(rng):
   p = nf.prepare(random_weight(rng, (32, 64)))
   with pytest.raises(TypeError, match="PreparedNVFP4Weight"):

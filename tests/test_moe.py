@@ -475,10 +475,48 @@ def test_fused_moe_bad_inputs_raise(rng):
        "stacked"),
       (lambda: nf.fused_moe(x, w13, w2, router_logits=np.zeros((4, 4)), top_k=3,
                             routing=nf.RoutingConfig(top_k=2)), ValueError, "disagrees"),
+      (lambda: nf.fused_moe(x, w13, w2, activation="gptoss", limit=np.inf, **kw), ValueError,
+       "finite limit"),
+      (lambda: nf.fused_moe(x, w13, w2, expert_map=np.arange(4, dtype=np.uint8), **kw),
+       ValueError, "signed integer"),
   ]
   for fn, exc, match in cases:
     with pytest.raises(exc, match=match):
       fn()
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0)])
+def test_zero_tokens_with_a_given_routing(rng, lead):
+  _, w13, w2 = _layer(rng, 1, 64, 32, 4)
+  x = jnp.ones((*lead, 64), jnp.bfloat16)
+  out = nf.fused_moe(x, w13, w2, topk_weights=np.ones((*lead, 2), np.float32),
+                     topk_ids=np.zeros((*lead, 2), np.int32))
+  assert out.shape == (*lead, 64) and out.dtype == jnp.bfloat16
+
+
+def test_traced_expert_map_values_past_the_local_experts_count_as_held_elsewhere(rng):
+  """A traced map cannot be checked at trace time: a value >= E_local must not name an expert
+  the weights do not hold (NaN rows on the reference, a read past the weights in the kernel)."""
+  m, e_local = 12, 3
+  x, w13, w2 = _layer(rng, m, 64, 32, e_local)
+  tw, ti = _distinct_topk(rng, m, 5, 2)
+  f = jax.jit(lambda emap: nf.fused_moe(x, w13, w2, topk_weights=tw, topk_ids=ti,
+                                        expert_map=emap))
+  bad = f(jnp.asarray([0, 1, 2, 3, -1], jnp.int32))   # global 3 -> local 3: not held here
+  good = f(jnp.asarray([0, 1, 2, -1, -1], jnp.int32))
+  assert np.isin(np.asarray(ti), [3]).any()
+  assert np.isfinite(np.asarray(bad, np.float32)).all()
+  np.testing.assert_array_equal(np.asarray(bad), np.asarray(good))
+
+
+def test_grouped_gemm_refuses_more_rows_than_the_alignment_has_pairs(rng):
+  x, w13, _ = _layer(rng, 5, 64, 32, 4)
+  _, ti = _distinct_topk(rng, 5, 4, 2)
+  al = nf.align_tokens(jnp.asarray(ti), 4, 8)
+  p13 = nf.prepare(w13)
+  nf.nvfp4_moe_gemm(x, p13, al, gather_div=2, num_rows_out=10)
+  with pytest.raises(ValueError, match="exceeds the alignment's 10"):
+    nf.nvfp4_moe_gemm(x, p13, al, gather_div=2, num_rows_out=12)
 
 
 @pytest.mark.parametrize("pairs", [False, True])

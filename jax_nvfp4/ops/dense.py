@@ -378,10 +378,21 @@ if "jax_nvfp4_gemm_cuda" in _ffi.REGISTERED:
 
 
 def _gemm_batch(args, dims, **params):
-  # The launch (splits, m_tile) is chosen again for the batched M; the workspace is dropped.
-  out = _batched(args, dims, lambda *ops: _bind_gemm(*ops, n=params["n"], k=params["k"],
-                                                      has_bias=params["has_bias"]))
+  # The launch (splits, m_tile) is chosen again for the batched M, and so is nvfp4_matmul's
+  # prefill dispatch (a batch of decode-sized calls can be a prefill-sized one); the workspace
+  # is dropped.
+  out = _batched(args, dims, lambda *ops: _gemm_or_dequant_dot(
+      *ops, n=params["n"], k=params["k"], has_bias=params["has_bias"]))
   return (out, jnp.zeros((256,), jnp.uint8)), (0, None)
+
+
+def _gemm_or_dequant_dot(x, qweight, qscales, global_scale, bias, *, n, k, has_bias):
+  """nvfp4_matmul's choice for a prepared weight: above ``KERNEL_MAX_M`` tokens, where the
+  kernel would run, dequantize + XLA GEMM; else the kernel primitive."""
+  if int(np.prod(x.shape[:-1])) > KERNEL_MAX_M and _kernel_wanted():
+    w = PreparedNVFP4Weight(qweight, qscales, global_scale, n=n, k=k)
+    return _dequant_dot(x, w, bias if has_bias else None)
+  return _bind_gemm(x, qweight, qscales, global_scale, bias, n=n, k=k, has_bias=has_bias)
 
 
 batching.primitive_batchers[nvfp4_gemm_p] = _gemm_batch
@@ -423,6 +434,16 @@ def nvfp4_matmul(x: jax.Array, w: NVFP4Weight | PreparedNVFP4Weight,
   if not isinstance(w, (NVFP4Weight, PreparedNVFP4Weight)):
     raise TypeError("nvfp4_matmul: w must be an NVFP4Weight or PreparedNVFP4Weight, got "
                     f"{type(w).__name__}")
+  if isinstance(w, PreparedNVFP4Weight):
+    if w.gate_up_pairs:
+      raise ValueError("nvfp4_matmul: w was prepared with gate_up_pairs=True (an MoE w13 row "
+                       "order for fused_moe); prepare the [N, K] weight without it")
+    if w.qweight.ndim != 4:
+      raise ValueError(f"nvfp4_matmul: w must be one [N, K] weight (no leading dims), got a "
+                       f"stacked PreparedNVFP4Weight of shape {w.shape}")
+    if w.k % 16 or w.n < 1:
+      raise ValueError(f"nvfp4_matmul: need N >= 1 and K a multiple of 16, got [N, K] = "
+                       f"[{w.n}, {w.k}]")
   x = jnp.asarray(x)
   if bias is not None:
     bias = jnp.asarray(bias)
@@ -439,15 +460,11 @@ def nvfp4_matmul(x: jax.Array, w: NVFP4Weight | PreparedNVFP4Weight,
     if len(w.shape) == 2:
       _check(x, w.packed, w.scales, w.global_scale, bias)
       w = prepare(w)
-  if isinstance(w, PreparedNVFP4Weight) and _kernel_wanted():
-    m = int(np.prod(x.shape[:-1]))
-    if m > KERNEL_MAX_M:
-      _check_prepared(x, w.qweight, w.qscales, w.global_scale, bias, w.n, w.k)
-      return _dequant_dot(x, w, bias)
   if isinstance(w, PreparedNVFP4Weight):
-    return _bind_gemm(x, w.qweight, w.qscales, w.global_scale,
-                      bias if bias is not None else jnp.zeros((0,), jnp.float32),
-                      n=w.n, k=w.k, has_bias=bias is not None)
+    _check_prepared(x, w.qweight, w.qscales, w.global_scale, bias, w.n, w.k)
+    return _gemm_or_dequant_dot(x, w.qweight, w.qscales, w.global_scale,
+                                bias if bias is not None else jnp.zeros((0,), jnp.float32),
+                                n=w.n, k=w.k, has_bias=bias is not None)
   ops = [x, w.packed, w.scales, w.global_scale] + ([bias] if bias is not None else [])
   return nvfp4_matmul_p.bind(*ops, has_bias=bias is not None)
 

@@ -21,7 +21,7 @@ from jax.interpreters import batching, mlir
 from jax_nvfp4 import _ffi
 from jax_nvfp4.ops._batching import batch_dim_first
 from jax_nvfp4.format import dequantize
-from jax_nvfp4.prepare import PreparedNVFP4Weight, kernel_shapes, unprepare
+from jax_nvfp4.prepare import PreparedNVFP4Weight, interleave_gate_up, kernel_shapes, unprepare
 
 CUDA_TARGET = "jax_nvfp4_dequantize_cuda"
 OUT_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
@@ -114,6 +114,8 @@ batching.primitive_batchers[nvfp4_dequantize_p] = _batch
 def dequantize_blocks(w: PreparedNVFP4Weight, dtype=jnp.bfloat16, *,
                       backend: str = "auto") -> jax.Array:
   """``e2m1(code) * block_scale`` of a prepared weight, ``[..., N, K]`` in ``dtype``; exact.
+  Rows are in the logical order (a ``gate_up_pairs`` w13 comes back as ``[gate; up]``, as
+  ``dequantize`` and ``unprepare`` give it).
 
   The global scale is *not* applied (multiply the float32 product of a GEMM by
   ``w.global_scale``, as ``nvfp4_matmul``'s prefill path does).
@@ -129,5 +131,8 @@ def dequantize_blocks(w: PreparedNVFP4Weight, dtype=jnp.bfloat16, *,
   if backend not in ("auto", "cuda", "reference"):
     raise ValueError(f"dequantize_blocks: backend must be 'auto', 'cuda' or 'reference', got "
                      f"{backend!r}")
-  return nvfp4_dequantize_p.bind(w.qweight, w.qscales, n=w.n, k=w.k, dtype=np.dtype(dtype),
-                                 backend=backend)
+  out = nvfp4_dequantize_p.bind(w.qweight, w.qscales, n=w.n, k=w.k, dtype=np.dtype(dtype),
+                                backend=backend)
+  if w.gate_up_pairs:  # stored in gate/up pairs of 8 rows per tile: back to [gate; up]
+    out = interleave_gate_up(out, out.ndim - 2, w.n // 16, inverse=True)
+  return out

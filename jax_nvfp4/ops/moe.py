@@ -615,6 +615,10 @@ def nvfp4_moe_gemm(x: jax.Array, w: PreparedNVFP4Weight, alignment: Alignment, *
                      f"gated activation reads (got activation={activation!r})")
   if activation == "gptoss" and limit is None:
     raise ValueError("nvfp4_moe_gemm: activation 'gptoss' needs limit (gpt-oss uses 7.0)")
+  if num_rows_out > alignment.num_pairs:
+    # Slots past the pairs hold the sentinel num_pairs: with more rows they would count as rows.
+    raise ValueError(f"nvfp4_moe_gemm: num_rows_out = {num_rows_out} exceeds the alignment's "
+                     f"{alignment.num_pairs} (token, k) pairs")
   tw = _empty_f32() if topk_weights is None else jnp.asarray(topk_weights).astype(jnp.float32)
   b = _empty_f32() if bias is None else jnp.asarray(bias).astype(jnp.float32)
   return nvfp4_moe_gemm_p.bind(
@@ -720,9 +724,9 @@ def _float_array(a, name, shape):
 
 def _check_expert_map(expert_map, e_local):
   expert_map = jnp.asarray(expert_map)
-  if expert_map.ndim != 1 or not jnp.issubdtype(expert_map.dtype, jnp.integer):
-    raise ValueError(f"fused_moe: expert_map must be an integer [E_global] array (global id -> "
-                     f"local id or -1), got {expert_map.dtype} {expert_map.shape}")
+  if expert_map.ndim != 1 or not jnp.issubdtype(expert_map.dtype, jnp.signedinteger):
+    raise ValueError(f"fused_moe: expert_map must be a signed integer [E_global] array (global "
+                     f"id -> local id or -1), got {expert_map.dtype} {expert_map.shape}")
   e_global = expert_map.shape[0]
   if e_global < e_local:
     raise ValueError(f"fused_moe: expert_map has {e_global} entries but the weights hold "
@@ -738,7 +742,10 @@ def _check_expert_map(expert_map, e_local):
     local = values[values >= 0]
     if len(np.unique(local)) != len(local):
       raise ValueError("fused_moe: expert_map maps two global experts to one local expert")
-  return expert_map.astype(jnp.int32), e_global
+  expert_map = expert_map.astype(jnp.int32)
+  # A traced map is not checked above: a value outside [0, E_local) would name an expert the
+  # weights do not hold (a read past them in the kernel), so it counts as held elsewhere.
+  return jnp.where((expert_map >= 0) & (expert_map < e_local), expert_map, -1), e_global
 
 
 def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
@@ -820,6 +827,8 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
     raise ValueError("fused_moe: activation 'gptoss' needs limit (gpt-oss uses limit=7.0)")
   if limit is not None and not (float(limit) > 0):
     raise ValueError(f"fused_moe: limit must be > 0, got {limit}")
+  if activation == "gptoss" and not math.isfinite(float(limit)):
+    raise ValueError(f"fused_moe: activation 'gptoss' needs a finite limit, got {limit}")
   if block_m is not None and block_m not in BLOCK_MS:
     raise ValueError(f"fused_moe: block_m must be one of {BLOCK_MS}, got {block_m!r}")
   lowering = resolve_backend(backend, activation, limit)
@@ -866,9 +875,9 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
       raise ValueError(f"fused_moe: top_k = {top_k} but topk_ids has {topk_ids.shape[-1]} "
                        "columns")
     topk_weights = _float_array(topk_weights, "topk_weights", topk_ids.shape)
-    topk_ids = topk_ids.reshape(m, -1).astype(jnp.int32)
-    topk_weights = topk_weights.reshape(m, -1)
     k = topk_ids.shape[-1]
+    topk_ids = topk_ids.reshape(m, k).astype(jnp.int32)  # m may be 0: no -1 in the reshape
+    topk_weights = topk_weights.reshape(m, k)
   if not 1 <= k <= e_global:
     raise ValueError(f"fused_moe: top_k = {k} must be in [1, E = {e_global}]")
   if w13_bias is not None:

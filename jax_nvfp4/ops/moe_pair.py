@@ -257,6 +257,9 @@ def nvfp4_moe_pair(x: jax.Array, w13: PreparedNVFP4Weight, w2: PreparedNVFP4Weig
     raise ValueError(f"nvfp4_moe_pair: backend must be None or one of {moe_ops.LOWERINGS}, "
                      f"got {backend!r}")
   rows = x.shape[0] * top_k
+  if rows > alignment.num_pairs:
+    raise ValueError(f"nvfp4_moe_pair: M * top_k = {rows} exceeds the alignment's "
+                     f"{alignment.num_pairs} (token, k) pairs")
   tw = jnp.asarray(topk_weights).astype(jnp.float32).reshape(-1)
   return nvfp4_moe_pair_p.bind(
       x, w13.qweight, w13.qscales, w13.global_scale, _bias(w13_bias), w2.qweight, w2.qscales,
