@@ -134,8 +134,16 @@ def round_to_e2m1(x: jax.Array) -> jax.Array:
 
 
 def e2m1_to_float(codes: jax.Array, dtype=jnp.float32) -> jax.Array:
-  """Maps E2M1 codes (any integer dtype, 0..15) to their values."""
-  return jnp.asarray(E2M1_CODE_VALUES, dtype)[codes.astype(jnp.int32)]
+  """Maps E2M1 codes (any integer dtype, 0..15) to their values (``E2M1_CODE_VALUES``).
+
+  By arithmetic on the bits (sign, 2-bit exponent e, 1-bit mantissa m: ``m / 2`` for e = 0,
+  ``2^(e-1) (1 + m / 2)`` else), not a table lookup: a gather by codes sharded over an
+  explicit mesh axis is refused by JAX, elementwise code keeps the codes' sharding.
+  """
+  c = codes.astype(jnp.int32)
+  e, m = (c >> 1) & 3, (c & 1).astype(jnp.float32)
+  mag = jnp.where(e == 0, 0.5 * m, (1 << e).astype(jnp.float32) * (0.25 * m + 0.5))
+  return jnp.where((c & 8) != 0, -mag, mag).astype(dtype)
 
 
 def pack_fp4(codes: jax.Array) -> jax.Array:

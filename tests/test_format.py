@@ -19,6 +19,13 @@ def test_all_16_codes_decode_by_hand():
   np.testing.assert_array_equal(values, np.array(HAND_E2M1, np.float32))
   # -0 keeps its sign bit.
   assert np.signbit(values[8]) and not np.signbit(values[0])
+  # Every code in the 16-bit dtypes too (exact), and codes of any integer dtype and shape.
+  for dtype in (jnp.bfloat16, jnp.float16):
+    got = np.asarray(nf.format.e2m1_to_float(codes, dtype)).astype(np.float32)
+    assert got.view(np.uint32).tolist() == np.array(HAND_E2M1, np.float32).view(np.uint32).tolist()
+  grid = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) % 16
+  np.testing.assert_array_equal(np.asarray(nf.format.e2m1_to_float(grid)),
+                                np.array([HAND_E2M1, HAND_E2M1], np.float32))
 
 
 def test_nibble_order_low_is_even_element():
