@@ -10,7 +10,7 @@ set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 flags=(-std=c++17 -O3 -arch=sm_90a --expt-relaxed-constexpr -diag-suppress=940,2473,177 -I csrc)
-# PREBUILT=1: the two binaries are already in /tmp (verify_v29.sh builds them beside its tests).
+# PREBUILT=1: the two binaries are already in /tmp (verify_v30.sh builds them beside its tests).
 if [ "${PREBUILT:-0}" != 1 ]; then
   nvcc "${flags[@]}" benchmarks/moe_pair_lab.cu -o /tmp/moe_pair_lab &
   nvcc "${flags[@]}" -DJAX_NVFP4_MOE_EARLY_EXPERT=1 benchmarks/moe_pair_lab.cu -o /tmp/moe_pair_early &

@@ -30,7 +30,8 @@ rule before v18's decode tiles) and ``short_units`` (``JAX_NVFP4_MOE_LONG_UNITS=
 in the unsliced block_m-8 GEMMs with K >= 2048 too, the rule before v23) and ``route_wide``
 (``JAX_NVFP4_ROUTE_WIDE=1``: the wide decode routing kernel, a warp per 32 experts, wherever it
 fits; NOTES_moe.md v24) and ``route_decode`` (``JAX_NVFP4_ROUTE_WIDE=0``: never; the layer
-without v26's default). Large T works too
+without v26's default) and ``pair`` (``JAX_NVFP4_MOE_PAIR=1``: both grouped GEMMs in one custom
+call, ``ops/moe_pair.py``; NOTES_moe.md v29). Large T works too
 (``--tokens 1024,4096``).
 """
 
@@ -199,7 +200,8 @@ def main():
                        "(JAX_NVFP4_MOE_LONG_UNITS=0: 4-chunk units in the unsliced block_m-8 "
                        "GEMMs with K >= 2048 too), route_wide (JAX_NVFP4_ROUTE_WIDE=1: the "
                        "wide decode routing kernel wherever it fits), route_decode "
-                       "(JAX_NVFP4_ROUTE_WIDE=0: never)")
+                       "(JAX_NVFP4_ROUTE_WIDE=0: never), pair (JAX_NVFP4_MOE_PAIR=1: both "
+                       "GEMMs in one custom call)")
   args = ap.parse_args()
   rows = []
   key = jax.random.key(1)
@@ -228,6 +230,7 @@ def main():
                 "short_units": lambda: environment("JAX_NVFP4_MOE_LONG_UNITS", "0"),
                 "route_wide": lambda: environment("JAX_NVFP4_ROUTE_WIDE", "1"),
                 "route_decode": lambda: environment("JAX_NVFP4_ROUTE_WIDE", "0"),
+                "pair": lambda: environment("JAX_NVFP4_MOE_PAIR", "1"),
                 "decode_tiles1": decode_one_tile}
     variants = {name: (many(bench_moe.nvfp4_layer(routing)), contexts[name])
                 for name in args.variants.split(",")}
