@@ -8,6 +8,8 @@ products, of fp16 (11 bits) about 5e-4 (relu2, always fused into GEMM1: 2.8-3.5e
 One grouped GEMM alone rounds once (the dense matmul's bounds).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -318,6 +320,11 @@ def test_vmap_over_a_batch_of_sequences(rng):
     np.testing.assert_array_equal(np.asarray(out[b]),
                                   np.asarray(jf(x[4 * b:4 * b + 4], tw[4 * b:4 * b + 4],
                                                 ti[4 * b:4 * b + 4])))
+  # Batched expert weights are refused, not looped over silently.
+  with pytest.raises(NotImplementedError, match="nvfp4_moe_gemm: vmap over the expert weights"):
+    jax.vmap(lambda gs: nf.fused_moe(x, dataclasses.replace(p13, global_scale=gs), p2,
+                                     topk_weights=tw, topk_ids=ti))(
+        jnp.stack([p13.global_scale] * 2))
 
 
 # ----------------------------------------------------------------------------- the primitive

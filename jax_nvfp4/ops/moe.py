@@ -81,6 +81,7 @@ from jax_nvfp4.moe.align import BLOCK_MS, Alignment, align_tokens, choose_block_
 from jax_nvfp4.moe.route_align import route_and_align
 from jax_nvfp4.moe.routing import RoutingConfig
 from jax_nvfp4.ops import dense as dense_ops
+from jax_nvfp4.ops._batching import map_unless_weights_batched
 from jax_nvfp4.ops.dense import CLUSTER_MAX_SPLITS, DECODE_K_SLICES, K_SLICES_MIN_K
 from jax_nvfp4.ops.dequantize import reference as dequantize_blocks_reference
 from jax_nvfp4.prepare import PreparedNVFP4Weight, interleave_gate_up, kernel_shapes, prepare
@@ -531,28 +532,10 @@ mlir.register_lowering(nvfp4_moe_gemm_p, _moe_gemm_cuda_lowering, platform="cuda
 
 # ----------------------------------------------------------------------------- batching
 
-_WEIGHT_OPERANDS = (1, 2, 3, 8)  # qweight, qscales, global_scale, bias
-
-
-def _batch(args, dims, **params):
-  """A batch of schedules (x, ids, weights...) over shared expert weights runs one grouped GEMM
-  per batch element (lax.map); batched expert weights are not supported."""
-  if any(dims[i] is not None for i in _WEIGHT_OPERANDS):
-    raise NotImplementedError("nvfp4_moe_gemm: vmap over the expert weights (qweight, qscales, "
-                              "global_scale, bias) is not supported; stack experts along E")
-  mapped = [i for i, d in enumerate(dims) if d is not None]
-  batched = tuple(jnp.moveaxis(args[i], dims[i], 0) for i in mapped)
-
-  def one(ops):
-    full = list(args)
-    for i, a in zip(mapped, ops):
-      full[i] = a
-    return nvfp4_moe_gemm_p.bind(*full, **params)
-
-  return jax.lax.map(one, batched), 0
-
-
-batching.primitive_batchers[nvfp4_moe_gemm_p] = _batch
+# A batch of schedules (x, ids, weights...) over shared expert weights runs one grouped GEMM
+# per batch element; batched expert weights are not supported.
+batching.primitive_batchers[nvfp4_moe_gemm_p] = map_unless_weights_batched(
+    nvfp4_moe_gemm_p, (1, 2, 3, 8), "qweight, qscales, global_scale, bias")
 
 
 # ----------------------------------------------------------------------------- wrappers

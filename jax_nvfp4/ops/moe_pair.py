@@ -46,6 +46,7 @@ from jax_nvfp4.moe.activations import GPTOSS_ALPHA
 from jax_nvfp4.moe.align import Alignment
 from jax_nvfp4.ops import dense as dense_ops
 from jax_nvfp4.ops import moe as moe_ops
+from jax_nvfp4.ops._batching import map_unless_weights_batched
 from jax_nvfp4.prepare import PreparedNVFP4Weight
 
 CUDA_TARGET = "jax_nvfp4_moe_pair_cuda"
@@ -183,27 +184,9 @@ mlir.register_lowering(nvfp4_moe_pair_p, _cuda_lowering, platform="cuda")
 
 # ----------------------------------------------------------------------------- batching
 
-_WEIGHT_OPERANDS = tuple(range(1, 9))  # both weights' qweight, qscales, global_scale, bias
-
-
-def _batch(args, dims, **params):
-  """As ``nvfp4_moe_gemm``: one pair per batch element (lax.map) over shared expert weights."""
-  if any(dims[i] is not None for i in _WEIGHT_OPERANDS):
-    raise NotImplementedError("nvfp4_moe_pair: vmap over the expert weights is not supported; "
-                              "stack experts along E")
-  mapped = [i for i, d in enumerate(dims) if d is not None]
-  batched = tuple(jnp.moveaxis(args[i], dims[i], 0) for i in mapped)
-
-  def one(ops):
-    full = list(args)
-    for i, a in zip(mapped, ops):
-      full[i] = a
-    return nvfp4_moe_pair_p.bind(*full, **params)
-
-  return jax.lax.map(one, batched), 0
-
-
-batching.primitive_batchers[nvfp4_moe_pair_p] = _batch
+# As nvfp4_moe_gemm's: one pair per batch element over shared expert weights.
+batching.primitive_batchers[nvfp4_moe_pair_p] = map_unless_weights_batched(
+    nvfp4_moe_pair_p, tuple(range(1, 9)), "both weights' qweight, qscales, global_scale, bias")
 
 
 # ----------------------------------------------------------------------------- wrapper
