@@ -10,7 +10,12 @@
   of program r); the time per call is the median over ``trials`` of
   ``total / (runs * len(lists[0]))``, after one warm-up (compile) call.
 * ``copy_bandwidth()``: the HBM roofline's denominator, a device-to-device copy measured in the
-  same run (bytes read + written).
+  same run (bytes read + written): one elementwise pass ``a * 2`` over 1 GiB of float32 (one
+  output, so exactly its bytes move), dispatched 8 times back to back on distinct arrays.
+  Until 2026-12-05 it timed one program of four outputs ``a + i`` and counted four reads of
+  ``a``; XLA may fuse them and read ``a`` once, and that figure was above what moves (3492-3535
+  GB/s on an H100 whose HBM3 peaks at 3350) and the roofline shares computed from it were low by
+  the same factor (``benchmarks/copy_bandwidth_check.py`` measures both).
 * ``device_time_per_call(fn, *lists)``: GPU time per call without the host: one execution of
   the program under ``jax.profiler.trace``, the span of its GPU kernels (first start to last
   end, launch gaps included) divided by the number of calls, median of three executions. The
@@ -53,8 +58,27 @@ def time_per_call(fn, *lists, runs: int, trials: int) -> float:
 
 
 def copy_bandwidth() -> float:
-  """Device-to-device copy bandwidth in bytes/s (bytes read + written)."""
+  """Device-to-device copy bandwidth in bytes/s (bytes read + written; module docstring)."""
   n = 1 << 28 if jax.default_backend() == "gpu" else 1 << 22  # 1 GiB of f32 on a GPU
+  calls = 8
+  arrays = [jnp.full((n,), i, jnp.float32) for i in range(2)]
+  f = jax.jit(lambda a: a * jnp.float32(2))
+  jax.block_until_ready(f(arrays[0]))
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    for i in range(calls):  # one result alive at a time: no GiB of outputs piling up
+      out = f(arrays[i % 2])
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - t0)
+  del arrays, out
+  return calls * 2 * n * 4 / statistics.median(times)
+
+
+def legacy_copy_bandwidth() -> float:
+  """The figure ``copy_bandwidth`` gave until 2026-12-05 (four outputs ``a + i`` counted as four
+  reads and four writes), to rescale earlier results: shares times legacy / new."""
+  n = 1 << 28 if jax.default_backend() == "gpu" else 1 << 22
   a = jnp.ones((n,), jnp.float32)
   f = jax.jit(lambda a: [a + jnp.float32(i) for i in range(4)])
   jax.block_until_ready(f(a))
