@@ -41,6 +41,13 @@ find_python() {
   return 1
 }
 
+# A venv from an older Python (or one whose creation stopped before pip, e.g. a missing
+# python3-venv package) cannot install jax >= 0.11: make it again.
+if [ -x "$VENV/bin/python" ] && { ! _py_ok "$VENV/bin/python" ||
+     ! "$VENV/bin/python" -c 'import pip' >/dev/null 2>&1; }; then
+  echo "[setup] $VENV is not a usable Python >= 3.12 venv with pip ($("$VENV/bin/python" --version 2>&1)): recreating it"
+  rm -rf "$VENV"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   PY="$(find_python)"
   echo "[setup] creating $VENV from $PY ($("$PY" --version))"
@@ -66,7 +73,9 @@ REQS=("$JAX_REQ" "numpy>=1.26" "ml_dtypes>=0.5" "scikit-build-core>=0.10" "nanob
       "cmake>=3.24" "ninja" "pytest>=8" "flax>=0.11" "safetensors>=0.4" "matplotlib>=3.8")
 
 stamp="$VENV/.jax_nvfp4_stamp"
-want="$(cat "$ROOT/pyproject.toml" "$ROOT/CMakeLists.txt" "$ROOT"/csrc/* 2>/dev/null | sha256sum | cut -c1-16)-${JAX_NVFP4_CUDA_ARCHS:-default}-${JAX_NVFP4_DISABLE_CUDA:-OFF}"
+# Rebuild when the sources change, and when the machine does: a GPU (jax[cuda13]) or nvcc that
+# appeared since the last build.
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/CMakeLists.txt" "$ROOT"/csrc/* 2>/dev/null | sha256sum | cut -c1-16)-${JAX_NVFP4_CUDA_ARCHS:-default}-${JAX_NVFP4_DISABLE_CUDA:-OFF}-$JAX_REQ-$(command -v nvcc || echo no-nvcc)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   if [ "${JAX_NVFP4_OFFLINE:-0}" = "1" ]; then
     "$VENV/bin/python" - <<'PY'

@@ -137,6 +137,20 @@ def test_bench_subcommand_smoke_run_on_cpu(tmp_path):
   assert png.read_bytes().startswith(PNG)
 
 
+def test_allow_cpu_defaults_to_small_sizes_and_json_dirs_are_made(tmp_path):
+  """Without a GPU, --allow-cpu with no sizes given smoke-tests at bench.cli's CPU_* sizes (the
+  full defaults would run for hours on the reference path), and --json's directory is created
+  before measuring."""
+  from jax_nvfp4.bench import cli
+  out = tmp_path / "new" / "dir" / "r.json"
+  proc = _python("-m", "jax_nvfp4", "bench", "--allow-cpu", "--only", "dense", "--no-plot",
+                 "--no-torch", "--json", str(out))
+  assert proc.returncode == 0, proc.stderr
+  rows = json.loads(out.read_text())["dense"]["rows"]
+  assert [(r["k"], r["n"], r["m"]) for r in rows] == [
+      (k, n, m) for k, n in cli.CPU_DENSE_SHAPES for m in cli.CPU_MS]
+
+
 def test_wrappers_keep_their_options_and_formats(tmp_path):
   out = tmp_path / "d.json"
   proc = _python("benchmarks/bench_dense.py", "--shapes", "64x32", "--ms", "2", "--no-torch",

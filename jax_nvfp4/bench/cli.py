@@ -3,7 +3,8 @@ plot of time per call vs tokens against the bf16 baselines and the HBM roofline.
 
 It measures the CUDA kernels, so it needs an NVIDIA GPU with jax_nvfp4's kernels built; elsewhere
 it exits with code 1 and one ``error:`` line (``--allow-cpu`` runs it anyway on the pure-JAX
-reference path, to smoke-test the method at small sizes).
+reference path, to smoke-test the method: at the small ``CPU_*`` sizes unless shapes, M or T are
+given).
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from jax_nvfp4.bench import common, dense, moe
 QUICK_DENSE_SHAPES = ((4096, 14336), (4096, 4096))
 QUICK_MOE_SHAPES = ((128, 2048, 768, 8), (8, 4096, 14336, 2))
 DEFAULT_PLOT = "jax_nvfp4_bench.png"
+#: ``--allow-cpu`` without a GPU: the defaults shrink to these (options given explicitly win), so
+#: that the smoke test of the method takes seconds on the reference path, not hours.
+CPU_DENSE_SHAPES = ((512, 256), (256, 512))
+CPU_MS = (1, 16, 64)
+CPU_MOE_SHAPES = ((8, 256, 128, 2),)
+CPU_TOKENS = (1, 16)
 
 
 def _fmt_shapes(shapes) -> str:
@@ -72,16 +79,21 @@ def why_not_gpu() -> str | None:
   return reason
 
 
-def _config(parser, args):
-  """(dense shapes, ms, moe shapes, tokens, moe runs, moe trials) from the options."""
+def _config(parser, args, small: bool = False):
+  """(dense shapes, ms, moe shapes, tokens, moe runs, moe trials) from the options; ``small``:
+  the CPU smoke test's defaults."""
   try:
     dshapes = (common.parse_shapes(args.dense_shapes, 2, "--dense-shapes") if args.dense_shapes
-               else list(QUICK_DENSE_SHAPES if args.quick else dense.SHAPES))
-    ms = common.parse_ints(args.ms, "--ms") if args.ms else list(dense.MS)
+               else list(CPU_DENSE_SHAPES if small else
+                         QUICK_DENSE_SHAPES if args.quick else dense.SHAPES))
+    ms = (common.parse_ints(args.ms, "--ms") if args.ms
+          else list(CPU_MS if small else dense.MS))
     mshapes = (common.parse_shapes(args.moe_shapes, 4, "--moe-shapes") if args.moe_shapes
-               else list(QUICK_MOE_SHAPES if args.quick else moe.SHAPES))
+               else list(CPU_MOE_SHAPES if small else
+                         QUICK_MOE_SHAPES if args.quick else moe.SHAPES))
     tokens = (common.parse_ints(args.tokens, "--tokens") if args.tokens
-              else list(moe.QUICK_TOKENS if args.quick else moe.TOKENS))
+              else list(CPU_TOKENS if small else
+                        moe.QUICK_TOKENS if args.quick else moe.TOKENS))
   except ValueError as e:
     parser.error(str(e))
   for k, _ in dshapes:
@@ -92,7 +104,8 @@ def _config(parser, args):
       parser.error(f"--moe-shapes: H = {h} and I = {i} must be multiples of 16")
     if k > e:
       parser.error(f"--moe-shapes: top-k {k} exceeds E = {e}")
-  runs, trials = (moe.QUICK_RUNS, moe.QUICK_TRIALS) if args.quick else (moe.RUNS, moe.TRIALS)
+  quick = args.quick or small
+  runs, trials = (moe.QUICK_RUNS, moe.QUICK_TRIALS) if quick else (moe.RUNS, moe.TRIALS)
   return dshapes, ms, mshapes, tokens, runs, trials
 
 
@@ -102,14 +115,22 @@ def _print(line: str) -> None:
 
 def main(parser: argparse.ArgumentParser, args) -> int:
   """Runs the subcommand; returns the exit code (1 with an ``error:`` line when it cannot)."""
-  dshapes, ms, mshapes, tokens, runs, trials = _config(parser, args)
+  dshapes, ms, mshapes, tokens, runs, trials = _config(parser, args)  # option errors first
   why = why_not_gpu()
+  if why is not None and args.allow_cpu:
+    dshapes, ms, mshapes, tokens, runs, trials = _config(parser, args, small=True)
   if why is not None and not args.allow_cpu:
     print(f"error: python -m jax_nvfp4 bench measures jax_nvfp4's CUDA kernels, which cannot run "
           f"here: {why}. It needs an NVIDIA GPU (compute capability >= 8.0) and jax_nvfp4 built "
           "with its kernels. Measured H100 results are in benchmarks/results/; --allow-cpu "
           "smoke-tests the benchmark on the reference path.", file=sys.stderr)
     return 1
+  if args.json:  # before minutes of measuring, not after
+    try:
+      os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    except OSError as e:
+      print(f"error: --json {args.json}: cannot create its directory ({e})", file=sys.stderr)
+      return 1
   plot = None if args.no_plot or not args.plot else args.plot
   if plot is not None:
     try:
