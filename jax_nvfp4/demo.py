@@ -137,9 +137,23 @@ def run_model(config: demo_model.DemoConfig, *, tokens: int, seed: int, iters: i
         f"logits {_rel_l2(l_q, l_b):.3e}")
   print(f"rel-L2 error, NVFP4 model vs the bf16 model running the dequantized weights (no "
         f"quantization, rounding only): hidden states {_rel_l2(h_q, h_d):.3e}, logits "
-        f"{_rel_l2(l_q, l_d):.3e}")
+        f"{_rel_l2(l_q, l_d):.3e}{_route_note(config, run_params, qparams, ids)}")
   _timing([("nvfp4", fwd, (run_params, ids)), ("bf16", fwd, (params, ids))], iters)
   return 0
+
+
+def _route_note(config, run_params, qparams, ids) -> str:
+  """How many top-k expert choices differ between the NVFP4 model and the dequantized bf16 one:
+  rounding can flip a choice, and one flipped choice moves the "rounding only" error far beyond
+  rounding (10x here)."""
+  if not any(config.is_moe(b) for b in range(config.blocks)):
+    return ""
+  routes = jax.jit(functools.partial(demo_model.forward, config=config, with_routes=True))
+  r_q = np.asarray(routes(run_params, ids)[2])
+  r_d = np.asarray(routes(demo_model.dequantize_params(qparams), ids)[2])
+  return (f" ({int((r_q != r_d).any(-1).sum())} of {r_q.shape[0] * r_q.shape[1]} tokens' "
+          "top-k experts differ between the two runs; a token routed differently moves this far "
+          "beyond rounding)")
 
 
 # ----------------------------------------------------------------------------- checkpoint block

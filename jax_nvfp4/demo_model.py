@@ -239,22 +239,34 @@ def moe(h, router, w13, w2, *, top_k: int, limit: float | None = None,
   return jnp.sum(picked.astype(jnp.float32) * weights[..., None], axis=1).astype(h.dtype)
 
 
-def forward(params: dict, tokens: jax.Array, config: DemoConfig) -> tuple[jax.Array, jax.Array]:
+def forward(params: dict, tokens: jax.Array, config: DemoConfig, *,
+            with_routes: bool = False) -> tuple[jax.Array, ...]:
   """Runs the model on ``tokens`` (int ``[T]``, one sequence).
 
   Returns ``(hidden, logits)``: the final normed hidden states bf16 ``[T, hidden]`` and the
-  logits float32 ``[T, vocab]``. ``config`` is static (close over it or pass it with
-  ``functools.partial`` before ``jax.jit``).
+  logits float32 ``[T, vocab]``; with ``with_routes`` also the top-k expert ids int32 ``[B, T,
+  top_k]`` of the B MoE blocks (``route`` of each router's logits, sorted per token): two models
+  whose outputs differ by rounding can still pick different experts for a token, which moves
+  their outputs far more. ``config`` and ``with_routes`` are static (close over them or pass them
+  with ``functools.partial`` before ``jax.jit``).
   """
   x = params["embed"][tokens]
+  routes = []
   for b, blk in enumerate(params["blocks"]):
     x = x + _attention(_rms_norm(x, blk["attn_norm"], config.eps), blk, config)
     n2 = _rms_norm(x, blk["mlp_norm"], config.eps)
     if config.is_moe(b):
+      if with_routes:
+        logits = n2.astype(jnp.float32) @ blk["router"].astype(jnp.float32).T
+        routes.append(jnp.sort(route(logits, RoutingConfig(top_k=config.top_k))[1], axis=-1))
       x = x + moe(n2, blk["router"], blk["w13"], blk["w2"], top_k=config.top_k,
                   limit=config.limit)
     else:
       x = x + dense_mlp(n2, blk["gate"], blk["up"], blk["down"])
   x = _rms_norm(x, params["final_norm"], config.eps)
   logits = jnp.dot(x, params["lm_head"].T, preferred_element_type=jnp.float32)
+  if with_routes:
+    ids = (jnp.stack(routes) if routes
+           else jnp.zeros((0, tokens.shape[0], config.top_k), jnp.int32))
+    return x, logits, ids
   return x, logits

@@ -131,6 +131,10 @@ def test_demo_errors_within_nvfp4_bounds(small_demo, rng):
   assert m, out
   for err in map(float, m.groups()):
     assert 0 < err < ROUNDING_MAX, out
+  # The rounding bound holds because no token's experts differ between the two runs; the line
+  # says how many do (a flipped choice would move the error far beyond rounding).
+  routes = re.search(r"\((\d+) of (\d+) tokens' top-k experts differ", out)
+  assert routes and routes.group(1) == "0" and int(routes.group(2)) > 0, out
 
 
 def test_demo_progress_goes_to_stderr(small_demo):
