@@ -151,8 +151,10 @@ def pack_fp4(codes: jax.Array) -> jax.Array:
   ``[..., K/2]``: element ``2j`` in the low nibble of byte ``j``, ``2j + 1`` in the high one."""
   if codes.shape[-1] % 2:
     raise ValueError(f"pack_fp4 needs an even last dimension, got {codes.shape}")
-  codes = codes.astype(jnp.uint8)
-  return codes[..., 0::2] | (codes[..., 1::2] << 4)
+  # Pairs as a trailing axis of 2, not strided slices: a strided slice of codes sharded on K over
+  # an explicit mesh axis becomes a gather JAX refuses outside jit.
+  pairs = codes.astype(jnp.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+  return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
 def unpack_fp4(packed: jax.Array) -> jax.Array:

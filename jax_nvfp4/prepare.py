@@ -165,6 +165,21 @@ def prepare(w: NVFP4Weight, *, gate_up_pairs: bool = False) -> PreparedNVFP4Weig
   return _prepare_2d(w)
 
 
+# Reshapes that change one group of dims at a time. A weight sharded over Explicit mesh axes
+# (jax.make_mesh's default) carries its sharding in its type, and jnp.reshape can only infer the
+# result's sharding when a single run of dims is split or merged; the tile layout regroups both
+# N and K, so each is done in its own reshape.
+
+def _split(a: jax.Array, axis: int, sizes: tuple[int, ...]) -> jax.Array:
+  """``a`` with dim ``axis`` split into ``sizes`` (major first)."""
+  return a.reshape(*a.shape[:axis], *sizes, *a.shape[axis + 1:])
+
+
+def _merge(a: jax.Array, start: int, stop: int) -> jax.Array:
+  """``a`` with dims ``start..stop-1`` merged into one."""
+  return a.reshape(*a.shape[:start], int(np.prod(a.shape[start:stop])), *a.shape[stop:])
+
+
 def _bit_positions(pair: jax.Array, elem: jax.Array) -> list[jax.Array]:
   """Word bit of each code bit (list over b) for broadcastable uint32 pair / element indices."""
   table = jnp.asarray(CODE_BIT_POSITIONS, jnp.uint32)                  # [pair, elem, bit]
@@ -176,14 +191,16 @@ def _prepare_2d(w: NVFP4Weight) -> PreparedNVFP4Weight:
   n16, k64 = -(-n // TILE_N), -(-k // CHUNK_K)
   codes = unpack_fp4(w.packed).astype(jnp.uint32)                      # [N, K]
   u, negative, bad = _e4m3_to_ue5m3(w.scales)                          # [N, K/16]
-  per_elem = lambda b: jnp.repeat(b, BLOCK_SIZE, axis=-1)
+  # Each block's flag on its 16 elements (a broadcast and a merge: jnp.repeat cannot infer the
+  # sharding of a dim split over Explicit axes, see _split).
+  per_elem = lambda b: _merge(jnp.broadcast_to(b[..., None], (*b.shape, BLOCK_SIZE)), 1, 3)
   codes = jnp.where(per_elem(bad), 0, codes ^ (per_elem(negative).astype(jnp.uint32) << 3))
   codes = jnp.pad(codes, ((0, n16 * TILE_N - n), (0, k64 * CHUNK_K - k)))
   u = jnp.pad(u, ((0, n16 * TILE_N - n), (0, k64 * 4 - k // BLOCK_SIZE)),
               constant_values=UE5M3_ONE)
 
   # codes[n16, h, g, k64, j, c, t, e]
-  c8 = codes.reshape(n16, 2, 8, k64, 4, 2, 4, 2)
+  c8 = _split(_split(codes, 1, (k64, 4, 2, 4, 2)), 0, (n16, 2, 8))
   h = jnp.arange(2, dtype=jnp.uint32).reshape(1, 2, 1, 1, 1, 1, 1, 1)
   c = jnp.arange(2, dtype=jnp.uint32).reshape(1, 1, 1, 1, 1, 2, 1, 1)
   e = jnp.arange(2, dtype=jnp.uint32).reshape(1, 1, 1, 1, 1, 1, 1, 2)
@@ -192,7 +209,8 @@ def _prepare_2d(w: NVFP4Weight) -> PreparedNVFP4Weight:
   words = bits.sum(axis=(1, 5, 7), dtype=jnp.uint32)                   # [n16, g, k64, j, t]
   qweight = words.transpose(0, 2, 1, 4, 3).reshape(n16, k64, 32, 4)
 
-  qscales = u.reshape(n16, 2, 8, k64, 4).transpose(0, 3, 2, 1, 4).reshape(n16, k64, 64)
+  u = _split(_split(u, 1, (k64, 4)), 0, (n16, 2, 8))                    # [n16, h, g, k64, j]
+  qscales = u.transpose(0, 3, 2, 1, 4).reshape(n16, k64, 64)
   return PreparedNVFP4Weight(qweight, qscales, w.global_scale.astype(jnp.float32), n=n, k=k,
                              dtype=w.dtype)
 
@@ -228,7 +246,8 @@ def _unprepare_2d(p: PreparedNVFP4Weight) -> NVFP4Weight:
   e = jnp.arange(2, dtype=jnp.uint32).reshape(1, 1, 1, 1, 1, 1, 1, 2)
   pos = _bit_positions(h + 2 * c, e)
   codes = sum(((words >> pos[b]) & 1) << b for b in range(4))
-  codes = codes.reshape(n16 * TILE_N, k64 * CHUNK_K)[:p.n, :p.k]
-  u = p.qscales.reshape(n16, k64, 8, 2, 4).transpose(0, 3, 2, 1, 4).reshape(n16 * TILE_N, k64 * 4)
+  codes = _merge(_merge(codes, 3, 8), 0, 3)[:p.n, :p.k]                # [N, K]
+  u = p.qscales.reshape(n16, k64, 8, 2, 4).transpose(0, 3, 2, 1, 4)    # [n16, h, g, k64, j]
+  u = _merge(_merge(u, 3, 5), 0, 3)                                    # [N16*16, K64*4]
   scales = _ue5m3_to_float(u[:p.n, :p.k // BLOCK_SIZE]).astype(jnp.float8_e4m3fn)
   return NVFP4Weight(pack_fp4(codes.astype(jnp.uint8)), scales, p.global_scale, dtype=p.dtype)

@@ -75,7 +75,8 @@ def test_dense_quantize_dense_variables_and_prepare(rng):
   v = L.quantize_dense_variables(params)
   vp = L.quantize_dense_variables(params, prepare=True)
   assert set(vp["nvfp4"]) == {"qweight", "qscales", "global_scale", "shape"}
-  assert vp["nvfp4"]["shape"].shape == (48, 64, 0) and vp["nvfp4"]["shape"].size == 0
+  # The record's shape: the last 16-row tile holds 16 rows, the last 64-column chunk 4 blocks.
+  assert vp["nvfp4"]["shape"].shape == (16, 4) and vp["nvfp4"]["shape"].dtype == jnp.uint8
   y = layer.apply(v, x)
   # The stored layout is used as it is at apply time.
   np.testing.assert_allclose(np.asarray(layer.apply(vp, x), np.float32),
@@ -89,6 +90,31 @@ def test_dense_quantize_dense_variables_and_prepare(rng):
                                 np.asarray(nf.prepare(nf.quantize(
                                     dense.init(jax.random.key(2), x)["params"]["kernel"].T))
                                     .qweight))
+
+
+@pytest.mark.parametrize("prepare", [False, True])
+def test_quantize_dense_variables_takes_partitioned_params(rng, prepare):
+  """Params of an nn.Dense built with nn.with_partitioning are nn.Partitioned boxes: unboxed,
+  quantized as the bare kernel is, and the output holds plain arrays."""
+  x = jnp.asarray(randn(rng, 2, 64), jnp.bfloat16)
+  dense = nn.Dense(32, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(),
+                                                        (None, "model")),
+                   bias_init=nn.with_partitioning(nn.initializers.normal(), ("model",)))
+  boxed = dense.init(jax.random.key(0), x)["params"]
+  assert isinstance(boxed["kernel"], nn.Partitioned)
+  kernel, bias = boxed["kernel"].value, boxed["bias"].value
+  v = L.quantize_dense_variables(boxed, prepare=prepare)
+  assert not any(isinstance(a, nn.Partitioned) for a in jax.tree.leaves(
+      v, is_leaf=lambda a: isinstance(a, nn.Partitioned)))
+  want = L.weight_variables(nf.quantize(kernel.T), prepare=prepare)
+  assert set(v["nvfp4"]) == set(want)
+  for name, a in want.items():
+    got = np.asarray(v["nvfp4"][name])
+    assert got.shape == a.shape and got.tobytes() == np.asarray(a).tobytes(), name
+  np.testing.assert_array_equal(np.asarray(v["params"]["bias"]), np.asarray(bias))
+  w = nf.quantize(kernel.T)
+  want_y = bf16(x) @ dequant64(w).T + np.asarray(bias, np.float64)
+  assert rel_l2(L.NVFP4Dense(32).apply(v, x), want_y) < REF_REL
 
 
 def test_dense_kernel_layout_records_its_logical_shape(rng):
@@ -112,7 +138,7 @@ def test_dense_kernel_layout_records_its_logical_shape(rng):
     L.NVFP4Dense(36, use_bias=False).apply(no_record, x)
   # init writes the record too, and weight_variables builds it from a weight.
   init = L.NVFP4Dense(36, prepare=True).init(jax.random.key(0), x)
-  assert init["nvfp4"]["shape"].shape == (36, 64, 0)
+  assert init["nvfp4"]["shape"].shape == (4, 4)  # 36 = 2 * 16 + 4 rows, 64 = 4 blocks of 16
   w = nf.quantize(jnp.asarray(randn(rng, 36, 64)))
   wv = L.weight_variables(w, prepare=True, prefix="p_")
   assert set(wv) == {"p_qweight", "p_qscales", "p_global_scale", "p_shape"}
@@ -125,12 +151,35 @@ def test_moe_kernel_layout_shape_mismatch_is_named(rng):
   x = jnp.asarray(randn(rng, 5, h), jnp.bfloat16)
   v = L.moe_variables(randn(rng, e, h), randn(rng, e, 2 * i, h), randn(rng, e, h, i),
                       prepare=True)
-  assert v["nvfp4"]["w13_shape"].shape == (e, 2 * i, h, 0)
-  assert v["nvfp4"]["w2_shape"].shape == (e, h, i, 0)
+  assert v["nvfp4"]["w13_shape"].shape == (16, 4)  # [64, 64]: a whole tile and chunk
+  assert v["nvfp4"]["w2_shape"].shape == (16, 2)   # [64, 32]: 2 of the chunk's 4 blocks
   assert L.NVFP4MoE(i, e, top_k=2).apply(v, x).shape == (5, h)
   with pytest.raises(ValueError, match=r"stored w13_weight has logical shape \(4, 64, 64\), "
                                        r"expected \(4, 96, 64\)"):
     L.NVFP4MoE(48, e, top_k=2).apply(v, x)
+
+
+def test_dense_documents_how_it_differs_from_nn_dense(rng):
+  import inspect
+  fields = lambda cls: set(cls.__dataclass_fields__)
+  missing = fields(nn.Dense) - fields(L.NVFP4Dense)
+  assert missing == {"precision", "dot_general", "dot_general_cls", "promote_dtype"}, missing
+  doc = inspect.getdoc(L.NVFP4Dense)
+  for name in sorted(missing):
+    assert f"``{name}``" in doc, name
+    with pytest.raises(TypeError, match=name):
+      L.NVFP4Dense(16, **{name: None})
+  module_doc = inspect.getdoc(L)
+  assert "reverse mode" in module_doc and "second derivatives" in module_doc
+  x = jnp.asarray(randn(rng, 2, 32), jnp.bfloat16)
+  layer = L.NVFP4Dense(16)
+  v = layer.init(jax.random.key(0), x)
+  assert layer.apply(v, x).dtype == jnp.bfloat16  # nn.Dense: float32 (its bias's dtype)
+  assert nn.Dense(16).apply(nn.Dense(16).init(jax.random.key(0), x), x).dtype == jnp.float32
+  f = lambda a: jnp.sum(layer.apply(v, a).astype(jnp.float32))
+  assert jax.grad(f)(x).shape == x.shape
+  with pytest.raises(TypeError, match="forward-mode"):
+    jax.jvp(f, (x,), (x,))
 
 
 def test_dense_dtypes_and_errors(rng):
@@ -212,6 +261,16 @@ def test_moe_init_and_correction_bias(rng):
         correction_bias=jnp.zeros(e))).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="top_k or routing"):
     L.NVFP4MoE(i, e).init(jax.random.key(0), x)
+  # A correction bias that is not [E_global]: refused by moe_variables and at apply.
+  with pytest.raises(ValueError, match=r"moe_variables: the correction bias must have shape "
+                                       r"\(E_global,\) = \(4,\) .*got shape \(7,\)"):
+    L.moe_variables(randn(rng, e, h), randn(rng, e, i, h), randn(rng, e, h, i),
+                    correction_bias=np.zeros(e + 3))
+  bad = {"params": v["params"], "nvfp4": {**v["nvfp4"], "correction_bias": jnp.zeros(e + 3)}}
+  for apply in (layer.apply, jax.jit(layer.apply)):
+    with pytest.raises(ValueError, match=r"NVFP4MoE: the correction bias must have shape "
+                                         r"\(E_global,\) = \(4,\) .*got shape \(7,\)"):
+      apply(bad, x)
 
 
 def test_moe_reference_backend_never_reaches_the_kernel(rng, monkeypatch):
@@ -228,7 +287,7 @@ def test_moe_reference_backend_never_reaches_the_kernel(rng, monkeypatch):
   assert moe_ops.CUDA_TARGET not in lower(lambda a: layer.apply(v, a))
   y = jax.jit(layer.apply)(v, x)
   # A gated kernel-layout init stores w13 in gate_up_pairs order, with its record.
-  assert v["nvfp4"]["w13_gate_up_pairs"].shape == (8, 0)
+  assert v["nvfp4"]["w13_gate_up_pairs"].shape == (8,)
   w13, w2 = (nf.PreparedNVFP4Weight(v["nvfp4"][f"{p}_qweight"], v["nvfp4"][f"{p}_qscales"],
                                     v["nvfp4"][f"{p}_global_scale"], n=n, k=k,
                                     gate_up_pairs=f"{p}_gate_up_pairs" in v["nvfp4"])
@@ -272,7 +331,7 @@ def test_moe_init_stores_gate_up_pairs_where_safe(rng):
   pairs_layer = L.NVFP4MoE(i, e, top_k=k, prepare=True)
   plain_layer = L.NVFP4MoE(i, e, top_k=k, prepare=True, fuse_activation=False)
   vp, vq = pairs_layer.init(key, x), plain_layer.init(key, x)
-  assert _records(vp) == {"w13_gate_up_pairs": (8, 0)} and _records(vq) == {}
+  assert _records(vp) == {"w13_gate_up_pairs": (8,)} and _records(vq) == {}
   # The same draw, stored in pairs order: the canonical weight bitwise once unprepared.
   wp, wq = _stored_w13(vp, 2 * i, h), _stored_w13(vq, 2 * i, h)
   assert wp.gate_up_pairs and not wq.gate_up_pairs
@@ -297,7 +356,7 @@ def test_moe_init_stores_gate_up_pairs_where_safe(rng):
   with jax.sharding.use_abstract_mesh(mesh):
     init = lambda **kw: jax.eval_shape(L.NVFP4MoE(256, 8, top_k=k, prepare=True, **kw).init,
                                        key, x)
-    pairs, shards = {"w13_gate_up_pairs": (8, 0)}, {"w13_gate_up_shards": (4, 0)}
+    pairs, shards = {"w13_gate_up_pairs": (8,)}, {"w13_gate_up_shards": (4,)}
     assert _records(init(tensor_axis="model")) == {**pairs, **shards}
     assert _records(init(expert_axis="expert", tensor_axis="model")) == {**pairs, **shards}
     assert _records(init(expert_axis="expert")) == pairs
@@ -321,7 +380,7 @@ def test_moe_variables_gate_up_pairs_gptoss_bias_and_old_state(rng):
   old = L.moe_variables(router, w13, w2, w13_bias=b13, w2_bias=b2, prepare=True)
   new = L.moe_variables(router, w13, w2, w13_bias=b13, w2_bias=b2, prepare=True,
                         gate_up_pairs=True)
-  assert _records(old) == {} and _records(new) == {"w13_gate_up_pairs": (8, 0)}
+  assert _records(old) == {} and _records(new) == {"w13_gate_up_pairs": (8,)}
   np.testing.assert_array_equal(np.asarray(new["params"]["w13_bias"]), b13)  # [gate; up]
   y_old, y_new = jax.jit(layer.apply)(old, x), jax.jit(layer.apply)(new, x)
   # Each is the NNX layer of the same order, bitwise (the same fused_moe call).
@@ -357,17 +416,19 @@ def test_moe_gate_up_pairs_record_mismatches_raise(rng):
   router, w13, w2 = randn(rng, e, h), randn(rng, e, 2 * i, h), randn(rng, e, h, i)
   x = jnp.asarray(randn(rng, 5, h), jnp.bfloat16)
   layer = L.NVFP4MoE(i, e, top_k=k)
-  record = jnp.zeros((8, 0), jnp.uint8)
+  record = jnp.zeros((8,), jnp.uint8)
   with_store = lambda v, **extra: {"params": v["params"], "nvfp4": {**v["nvfp4"], **extra}}
   pairs = L.moe_variables(router, w13, w2, prepare=True, gate_up_pairs=True)
   ckpt = L.moe_variables(router, w13, w2)
   cases = [
       # A pairs record beside a checkpoint-layout w13 (whose rows are always [gate; up]).
       (layer, with_store(ckpt, w13_gate_up_pairs=record), "beside a checkpoint-layout"),
-      (layer, with_store(pairs, w13_gate_up_pairs=jnp.zeros((4, 0), jnp.uint8)),
-       r"must be an empty array of shape \(8, 0\)"),
+      (layer, with_store(pairs, w13_gate_up_pairs=jnp.zeros((4,), jnp.uint8)),
+       r"must be the gate_up_pairs record, of shape \(8,\)"),
+      (layer, with_store(pairs, w13_gate_up_shards=jnp.zeros((2, 3), jnp.uint8)),
+       r"'w13_gate_up_shards' must be a record of shape \(tp,\)"),
       # Pairs rows per shard need whole 16-row tiles per shard: I = 32 holds 4, not 8.
-      (layer, with_store(pairs, w13_gate_up_shards=jnp.zeros((8, 0), jnp.uint8)),
+      (layer, with_store(pairs, w13_gate_up_shards=jnp.zeros((8,), jnp.uint8)),
        r"stored in gate_up_pairs order .* for 8 tensor shard\(s\) .*I = 32 is not a multiple "
        "of 64"),
       (layer, with_store(pairs, w2_gate_up_pairs=record), "w2 has no gate and up rows"),
@@ -402,7 +463,7 @@ def test_moe_variables_gate_up_pairs_per_tensor_shard(rng):
   for tp in (2, 4):  # I = 32: 4 pair tiles, whole on 2 or 4 shards
     split = L.moe_variables(router, w13, w2, w13_bias=b13, w2_bias=b2, prepare=True,
                             gate_up_pairs=True, gate_up_shards=tp)
-    assert _records(split) == {"w13_gate_up_pairs": (8, 0), "w13_gate_up_shards": (tp, 0)}
+    assert _records(split) == {"w13_gate_up_pairs": (8,), "w13_gate_up_shards": (tp,)}
     for name in ("w13_qweight", "w13_qscales", "w13_global_scale"):
       np.testing.assert_array_equal(np.asarray(split["nvfp4"][name]),
                                     np.asarray(one["nvfp4"][name]))
@@ -411,3 +472,95 @@ def test_moe_variables_gate_up_pairs_per_tensor_shard(rng):
                                 for s in (t * step, i + t * step)], axis=-1)
     np.testing.assert_array_equal(np.asarray(split["params"]["w13_bias"]), per_shard)
     np.testing.assert_array_equal(np.asarray(jax.jit(layer.apply)(split, x)), y_one)
+
+
+# ----------------------------------------------------------------------------- records
+#
+# The records are small zero arrays whose shape carries the information (module docstring of
+# jax_nvfp4/nn/linen.py). Zero-size arrays, as the records used to be, are refused by orbax.
+
+
+def _all_record_variables(rng):
+  """Variables holding every record: a dense kernel-layout weight, and a gated MoE with w13 in
+  gate_up_pairs order stored for 2 tensor shards (shape, pairs and shards records)."""
+  e, h, i, k, router, w13, w2, b13, b2, x = _moe_case(rng)
+  dense = L.quantize_dense_variables({"kernel": jnp.asarray(randn(rng, 64, 36)),
+                                      "bias": jnp.asarray(randn(rng, 36))}, prepare=True)
+  moe = L.moe_variables(router, w13, w2, w13_bias=b13, w2_bias=b2, prepare=True,
+                        gate_up_pairs=True, gate_up_shards=2)
+  return (dense, L.NVFP4Dense(36)), (moe, L.NVFP4MoE(i, e, top_k=k, use_expert_bias=True)), x
+
+
+def _to_empty_records(variables, logical):
+  """``variables`` with the records of earlier state: ``(*logical_shape, 0)`` per weight prefix
+  (``logical``: prefix -> shape), ``(8, 0)`` and ``(tp, 0)``."""
+  store = dict(variables["nvfp4"])
+  for prefix, shape in logical.items():
+    store[prefix + "shape"] = jnp.zeros((*shape, 0), jnp.uint8)
+  if "w13_gate_up_pairs" in store:
+    store["w13_gate_up_pairs"] = jnp.zeros((8, 0), jnp.uint8)
+  if "w13_gate_up_shards" in store:
+    store["w13_gate_up_shards"] = jnp.zeros((store["w13_gate_up_shards"].shape[0], 0), jnp.uint8)
+  return {**variables, "nvfp4": store}
+
+
+@pytest.mark.parametrize("n, k", [(1, 16), (15, 48), (16, 64), (17, 80), (36, 32), (48, 128)])
+def test_shape_record_is_small_and_gives_the_logical_shape(rng, n, k):
+  x = jnp.asarray(randn(rng, 2, k), jnp.bfloat16)
+  v = L.quantize_dense_variables({"kernel": jnp.asarray(randn(rng, k, n))}, prepare=True)
+  record = v["nvfp4"]["shape"]
+  # Rows of the last 16-row tile, 16-column blocks of the last 64-column chunk.
+  assert record.shape == ((n - 1) % 16 + 1, (k // 16 - 1) % 4 + 1) and record.size > 0
+  assert L.NVFP4Dense(n, use_bias=False).apply(v, x).shape == (2, n)
+  for wrong in (n - 1, n + 1):  # same tiles or not: the record tells them apart
+    if wrong > 0:
+      with pytest.raises(ValueError, match=rf"logical shape \({n}, {k}\), expected "
+                                           rf"\({wrong}, {k}\)"):
+        L.NVFP4Dense(wrong, use_bias=False).apply(v, x)
+
+
+def test_no_record_is_empty(rng):
+  from jax.sharding import AbstractMesh, AxisType
+  (dense, _), (moe, _), x = _all_record_variables(rng)
+  mesh = AbstractMesh((2, 4), ("expert", "model"), axis_types=(AxisType.Auto,) * 2)
+  with jax.sharding.use_abstract_mesh(mesh):  # init's records under a tensor split
+    sharded = jax.eval_shape(L.NVFP4MoE(256, 8, top_k=2, prepare=True, tensor_axis="model").init,
+                             jax.random.key(0), x)
+  init = L.NVFP4Dense(36, prepare=True).init(jax.random.key(0), x)
+  for variables in (dense, moe, sharded, init):
+    store = nn.unbox(variables["nvfp4"])
+    records = {k for k in store if k.endswith(("shape", "gate_up_pairs", "gate_up_shards"))}
+    assert records, store.keys()
+    sizes = {k: int(np.prod(store[k].shape)) for k in records}
+    assert all(0 < size <= 64 for size in sizes.values()), sizes
+  assert set(sharded["nvfp4"]) >= {"w13_shape", "w2_shape", "w13_gate_up_pairs",
+                                   "w13_gate_up_shards"}
+
+
+def test_state_with_the_earlier_empty_records_is_still_read(rng):
+  (dense, dense_layer), (moe, moe_layer), x = _all_record_variables(rng)
+  e, h, i = 4, 64, 32
+  old_dense = _to_empty_records(dense, {"": (36, 64)})
+  old_moe = _to_empty_records(moe, {"w13_": (e, 2 * i, h), "w2_": (e, h, i)})
+  assert all(a.size == 0 for k, a in old_moe["nvfp4"].items()
+             if k.endswith(("shape", "gate_up_pairs", "gate_up_shards")))
+  for layer, new, old in ((dense_layer, dense, old_dense), (moe_layer, moe, old_moe)):
+    np.testing.assert_array_equal(np.asarray(jax.jit(layer.apply)(old, x)),
+                                  np.asarray(jax.jit(layer.apply)(new, x)))
+  # An earlier record that names another logical shape is still caught.
+  with pytest.raises(ValueError, match=r"logical shape \(36, 48\), expected \(36, 64\)"):
+    dense_layer.apply(_to_empty_records(dense, {"": (36, 48)}), x)
+
+
+def test_records_survive_an_orbax_round_trip(rng, tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  (dense, dense_layer), (moe, moe_layer), x = _all_record_variables(rng)
+  checkpointer = ocp.StandardCheckpointer()
+  for name, layer, variables in (("dense", dense_layer, dense), ("moe", moe_layer, moe)):
+    checkpointer.save(tmp_path / name, variables)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / name, jax.eval_shape(lambda v=variables: v))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), restored) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), variables)
+    np.testing.assert_array_equal(np.asarray(layer.apply(restored, x)),
+                                  np.asarray(layer.apply(variables, x)))

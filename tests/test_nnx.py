@@ -307,6 +307,37 @@ def test_backend_argument_and_w4a4(caplog):
   backend_lib.reset_log_once()
 
 
+def test_linear_documents_how_it_differs_from_nnx_linear(rng):
+  """What NVFP4Linear does not take from nnx.Linear, its output dtype and its reverse-mode-only
+  differentiation: each is what the layer does, and each is in its docstring."""
+  import inspect
+  doc = inspect.getdoc(NVFP4Linear)
+  missing = (set(inspect.signature(nnx.Linear.__init__).parameters)
+             - set(inspect.signature(NVFP4Linear.__init__).parameters))
+  assert missing == {"precision", "dot_general", "promote_dtype", "preferred_element_type",
+                     "kernel_metadata", "bias_metadata"}, missing
+  for name in sorted(missing):
+    assert f"``{name}``" in doc, name
+    with pytest.raises(TypeError, match=name):
+      NVFP4Linear(32, 16, rngs=nnx.Rngs(0), **{name: None})
+  assert "``dtype=float32``" in doc
+  with pytest.raises(ValueError, match="dtype must be"):
+    NVFP4Linear(32, 16, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  # bf16 input, float32 bias: nnx.Linear promotes to float32, NVFP4Linear stays bf16.
+  x = jnp.asarray(randn(rng, 2, 32), jnp.bfloat16)
+  assert nnx.Linear(32, 16, rngs=nnx.Rngs(0))(x).dtype == jnp.float32
+  layer = NVFP4Linear(32, 16, rngs=nnx.Rngs(0), prepare=False)
+  assert layer(x).dtype == jnp.bfloat16 and "promoted" in doc
+  # Reverse mode, first order only.
+  f = lambda a: jnp.sum(layer(a).astype(jnp.float32) ** 2)
+  assert jax.grad(f)(x).shape == x.shape
+  with pytest.raises(TypeError, match="forward-mode"):
+    jax.jvp(f, (x,), (x,))
+  with pytest.raises(NotImplementedError):
+    jax.grad(lambda a: jnp.sum(jax.grad(f)(a).astype(jnp.float32)))(x)
+  assert "reverse mode only" in doc and "second derivatives" in doc
+
+
 def test_linear_bad_arguments():
   with pytest.raises(ValueError, match="multiple of 16"):
     NVFP4Linear(40, 16, rngs=nnx.Rngs(0))
@@ -533,6 +564,25 @@ def test_moe_bad_arguments(rng):
   layer = NVFP4MoE.from_dense(router, w13, w2, top_k=2)
   with pytest.raises(ValueError, match=r"\[\.\.\., 32\]"):
     layer(jnp.ones((2, 16), jnp.bfloat16))
+
+
+@pytest.mark.parametrize("length", [1, 3, 7])
+def test_moe_wrong_length_correction_bias_is_refused_at_construction(rng, length):
+  """The correction bias must be [E_global]: caught when the layer is built (where it used to
+  pass and fail at the first call), also with an expert_map (E_global = its length)."""
+  e, h, i = 4, 32, 16
+  routing = lambda n: nf.RoutingConfig.deepseek_v3(2, n_group=1, topk_group=1,
+                                                   routed_scaling_factor=1.0,
+                                                   correction_bias=jnp.zeros(n))
+  router, w13, w2 = randn(rng, e, h), randn(rng, e, 2 * i, h), randn(rng, e, h, i)
+  with pytest.raises(ValueError, match=rf"NVFP4MoE: the correction bias must have shape "
+                                       rf"\(E_global,\) = \(4,\) .*got shape \({length},\)"):
+    NVFP4MoE(h, i, e, routing=routing(length), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"\(E_global,\) = \(6,\)"):
+    NVFP4MoE.from_dense(randn(rng, 6, h), w13, w2, routing=routing(e),
+                        expert_map=[0, -1, 1, 2, -1, 3])
+  layer = NVFP4MoE.from_dense(router, w13, w2, routing=routing(e))
+  assert layer(jnp.ones((2, h), jnp.bfloat16)).shape == (2, h)
 
 
 # ----------------------------------------------------------------------------- gate_up_pairs

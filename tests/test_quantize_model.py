@@ -264,5 +264,25 @@ def test_root_linear_and_bad_arguments():
     def __init__(self, rngs):
       self.pair = nnx.data((nnx.Linear(32, 32, rngs=rngs), nnx.Linear(32, 32, rngs=rngs)))
 
-  with pytest.raises(TypeError, match="immutable"):
+  with pytest.raises(TypeError, match="immutable") as e:
     quantize_model(Frozen(nnx.Rngs(0)), prepare=False)
+  # The hint names the container that works; a plain list is refused by nnx itself.
+  assert "nnx.List" in str(e.value) and "a list" not in str(e.value), e.value
+
+
+def test_abstract_model_is_refused_with_the_way_to_get_one():
+  """An nnx.eval_shape'd model has no values to quantize: a clear TypeError names the Linear
+  and the abstract evaluation that works, and that evaluation gives the quantized model's
+  shapes."""
+  abstract = nnx.eval_shape(lambda: MLP(nnx.Rngs(0)))
+  with pytest.raises(TypeError, match=r"the Linear at '\w+_proj' has an abstract kernel .*"
+                                      r"nnx\.eval_shape\(lambda: quantize_model\(Model\(\.\.\.\)\)"
+                                      r"\[0\]\)"):
+    quantize_model(abstract, prepare=False)
+  with pytest.raises(TypeError, match="kernel is abstract"):
+    NVFP4Linear.from_linear(abstract.up_proj, prepare=False)
+  shapes = lambda m: jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(m))
+  suggested = nnx.eval_shape(lambda: quantize_model(MLP(nnx.Rngs(0)), prepare=False)[0])
+  concrete = quantize_model(MLP(nnx.Rngs(0)), prepare=False)[0]
+  assert isinstance(suggested.up_proj, NVFP4Linear)
+  assert shapes(suggested) == shapes(concrete)

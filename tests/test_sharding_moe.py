@@ -186,6 +186,21 @@ def worker():
   out, _ = run(raw)
   results["unreordered_w13"] = record(out, single["checkpoint"], refs["swiglu"])
 
+  # Zero tokens (an empty batch) on each axis combination, routed by logits or by top-k ids:
+  # the shape of the output, or the error.
+  zero_tokens = {}
+  for ea, ta in (("expert", None), (None, "tensor"), ("expert", "tensor")):
+    sw0 = pmoe.shard_moe_weights(w13, w2, mesh, expert_axis=ea, tensor_axis=ta)
+    for route, kw0 in (("logits", dict(router_logits=logits[:0], top_k=TOP_K)),
+                       ("topk", dict(topk_weights=tw[:0].astype(np.float32),
+                                     topk_ids=ti[:0].astype(np.int32)))):
+      try:
+        y0 = pmoe.sharded_fused_moe(x[:0], sw0, **kw0)
+        zero_tokens[f"{ea}/{ta}/{route}"] = [list(y0.shape), str(y0.dtype)]
+      except Exception as e:  # noqa: BLE001
+        zero_tokens[f"{ea}/{ta}/{route}"] = f"{type(e).__name__}: {e}"
+  results["zero_tokens"] = zero_tokens
+
   errors = {
       "tokens": _error_text(lambda: pmoe.sharded_fused_moe(
           x[:6], sw, router_logits=logits[:6], top_k=TOP_K, token_axis="tensor")),
@@ -259,6 +274,13 @@ def test_no_weight_all_gather(multidevice, case):
 
 def test_token_sharded_output_keeps_token_sharding(multidevice):
   assert multidevice["results"]["tokens_on_expert_axis"]["out_spec"] == "P('expert',)"
+
+
+@pytest.mark.parametrize("axes", ["expert/None", "None/tensor", "expert/tensor"])
+@pytest.mark.parametrize("route", ["logits", "topk"])
+def test_zero_tokens_give_an_empty_output(multidevice, axes, route):
+  # fused_moe on one device returns [0, H] for M = 0; the sharded layer must too.
+  assert multidevice["results"]["zero_tokens"][f"{axes}/{route}"] == [[0, H], "bfloat16"]
 
 
 def test_bad_calls_raise_clear_errors(multidevice):

@@ -67,6 +67,14 @@ def activation_dtypes(x: jax.Array, dtype, who: str):
   return (d, d) if d in COMPUTE_DTYPES else (np.dtype(jnp.bfloat16), d)
 
 
+def check_correction_bias(bias, e_global: int, who: str) -> None:
+  """An MoE layer's score-correction bias must be ``[E_global]`` (one per global expert)."""
+  shape = tuple(getattr(bias, "shape", np.shape(bias)))
+  if shape != (e_global,):
+    raise ValueError(f"{who}: the correction bias must have shape (E_global,) = ({e_global},) "
+                     f"(one entry per global expert), got shape {shape}")
+
+
 def check_in_features(in_features: int, who: str) -> None:
   if not isinstance(in_features, (int, np.integer)) or in_features <= 0:
     raise ValueError(f"{who}: in_features must be a positive int, got {in_features!r}")
@@ -209,15 +217,37 @@ def _matmul_fwd(x, w, bias, backend_name):
   return _forward(x, w, bias, backend_name), (x, w, bias)
 
 
+def _explicit_sharding(v):
+  """``v``'s sharding where its type carries one (a mesh with Explicit axes in context, as
+  ``jax.make_mesh`` makes by default), else None."""
+  sharding = jax.typeof(v).sharding
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty or not getattr(mesh, "explicit_axes", ()):
+    return None
+  return sharding
+
+
+def _like(v, ref):
+  """``v`` resharded to ``ref``'s Explicit sharding (as it is without one). A custom_vjp bwd
+  rule must return cotangents of exactly its primal inputs' types, sharding included, and the
+  products below come out sharded like the weight or the output instead."""
+  sharding = _explicit_sharding(ref)
+  return v if sharding is None else jax.sharding.reshard(v, sharding)
+
+
 def _matmul_bwd(backend_name, res, g):
   x, w, bias = res
   checkpoint = unprepare(w) if isinstance(w, PreparedNVFP4Weight) else w
   w16 = dequantize(checkpoint, x.dtype)
-  dx = jnp.einsum("...n,nk->...k", g.astype(x.dtype), w16,
-                  preferred_element_type=jnp.float32).astype(x.dtype)
+  # out_sharding: under Explicit axes the contraction over a sharded N has no inferable result
+  # sharding; dx takes x's.
+  dx = jnp.einsum("...n,nk->...k", g.astype(x.dtype), w16, preferred_element_type=jnp.float32,
+                  out_sharding=_explicit_sharding(x))
+  dx = _like(dx.astype(x.dtype), x)
   dbias = None
   if bias is not None:
-    dbias = jnp.sum(g.astype(jnp.float32).reshape(-1, g.shape[-1]), axis=0).astype(bias.dtype)
+    g2 = g.astype(jnp.float32).reshape(-1, g.shape[-1])
+    dbias = _like(jnp.sum(g2, axis=0).astype(bias.dtype), bias)
   return dx, None, dbias  # the NVFP4 weight is frozen: no cotangent
 
 

@@ -8,16 +8,21 @@ under the field names: ``packed``, ``scales``, ``global_scale`` (checkpoint layo
 ``qweight``, ``qscales``, ``global_scale`` plus ``shape`` (kernel layout, ``prepare=True``).
 
 The kernel layout pads N to 16-row tiles and K to 64-column chunks, so its arrays do not tell
-the weight's logical ``[N, K]`` apart from a slightly smaller one. ``shape`` records it: an
-empty uint8 array of shape ``(*logical_shape, 0)`` (no bytes; the shape is static, so it
-survives ``jax.jit``, unboxing and any checkpointer). Apply compares it with the module's
-``[features, in]`` (``ValueError`` on a mismatch, or when a kernel-layout weight lacks it).
-A gated MoE w13 in ``gate_up_pairs`` row order (``prepare(w13, gate_up_pairs=True)``, which
-lets GEMM 1 apply the activation) has a second record, ``gate_up_pairs``: an empty uint8 array
-of shape ``(8, 0)`` (8 rows per half of a gate/up pair). The arrays of both row orders look
-alike, so the record is what apply reads the order from; without it the rows are ``[gate;
-up]``, the layout of state written before this record existed. ``weight_variables`` builds a
-weight's variables, records included.
+the weight's logical ``[N, K]`` apart from a slightly smaller one. ``shape`` records it: a
+small uint8 array of zeros whose *shape* ``(rows, blocks)`` says how much of the last tile and
+chunk the weight fills (``rows = N - 16 (N16 - 1)`` in 1..16, ``blocks = K/16 - 4 (K64 - 1)``
+16-column blocks in 1..4; with the arrays' ``N16``, ``K64`` and leading dims it gives the
+logical shape). The information is in the shape, which is static, so it survives ``jax.jit``
+and unboxing; the array is at most 64 bytes and never empty (orbax refuses to save empty
+arrays). Apply compares it with the module's ``[features, in]`` (``ValueError`` on a mismatch,
+or when a kernel-layout weight lacks it). A gated MoE w13 in ``gate_up_pairs`` row order
+(``prepare(w13, gate_up_pairs=True)``, which lets GEMM 1 apply the activation) has a second
+record, ``gate_up_pairs``: uint8 zeros of shape ``(8,)`` (8 rows per half of a gate/up pair).
+The arrays of both row orders look alike, so the record is what apply reads the order from;
+without it the rows are ``[gate; up]``, the layout of state written before this record existed.
+``weight_variables`` builds a weight's variables, records included. State written with the
+earlier, empty records (``shape`` of shape ``(*logical_shape, 0)``, ``gate_up_pairs`` of shape
+``(8, 0)``, ``w13_gate_up_shards`` of shape ``(tp, 0)``) is still read.
 
 Init and apply::
 
@@ -31,7 +36,12 @@ quantizes it. At apply time the stored layout is used as it is (``prepare`` only
 init). ``quantize_dense_variables`` converts the variables of a trained ``nn.Dense`` instead.
 
 Dtypes follow the NNX layers: ``dtype`` None/bf16/fp16; with None, float32 inputs are computed in
-bfloat16 and returned as float32.
+bfloat16 and returned as float32, and bf16/fp16 inputs give bf16/fp16 outputs (``nn.Dense``
+would promote them to a float32 bias's dtype).
+
+Gradients: ``NVFP4Dense`` is differentiable in its input and bias (the NVFP4 weight is frozen),
+in reverse mode and to first order only (a custom VJP): no ``jax.jvp`` / ``jax.jacfwd``, no
+second derivatives. ``NVFP4MoE`` is inference only.
 """
 
 from __future__ import annotations
@@ -44,10 +54,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jax_nvfp4.format import NVFP4Weight, quantize
+from jax_nvfp4.format import BLOCK_SIZE, NVFP4Weight, quantize
 from jax_nvfp4.nn import _common, _sharding
 from jax_nvfp4.parallel import moe as parallel_moe
-from jax_nvfp4.prepare import GATE_UP_PAIR_ROWS, PreparedNVFP4Weight
+from jax_nvfp4.prepare import CHUNK_K, GATE_UP_PAIR_ROWS, TILE_N, PreparedNVFP4Weight
 
 COLLECTION = "nvfp4"
 #: Name (after the prefix) of the kernel layout's logical-shape record (module docstring).
@@ -76,14 +86,42 @@ def weight_variables(w: NVFP4Weight | PreparedNVFP4Weight, *, prepare: bool | No
   fields = _common.PREPARED_FIELDS if prepared else _common.CHECKPOINT_FIELDS
   out = {prefix + f: a for f, a in zip(fields, _common.weight_arrays(w))}
   if prepared:
-    out[prefix + SHAPE_FIELD] = jnp.zeros((*w.shape, 0), jnp.uint8)
+    out[prefix + SHAPE_FIELD] = _shape_record(w.shape)
   if pairs:
-    out[prefix + PAIRS_FIELD] = jnp.zeros((GATE_UP_PAIR_ROWS, 0), jnp.uint8)
+    out[prefix + PAIRS_FIELD] = _pairs_record()
   return out
 
 
-def _stored_shape(module: nn.Module, collection: str, prefix: str, who: str):
-  """The logical shape recorded next to a kernel-layout weight."""
+# The records (module docstring) are small zero arrays whose shape is the information: shapes
+# are static under jit, and a non-empty array is one every checkpointer saves.
+
+def _shape_record(logical) -> jax.Array:
+  """uint8 zeros ``(rows, blocks)``: the rows of ``[.., N, K]`` in its last 16-row tile and its
+  16-column blocks in its last 64-column chunk."""
+  n, k = (int(d) for d in logical[-2:])
+  rows = n - TILE_N * (-(-n // TILE_N) - 1)
+  blocks = (k - CHUNK_K * (-(-k // CHUNK_K) - 1)) // BLOCK_SIZE
+  return jnp.zeros((rows, blocks), jnp.uint8)
+
+
+def _pairs_record() -> jax.Array:
+  """uint8 zeros ``(8,)``: the rows per half of a gate/up pair (NNX's ``LayoutRecord``)."""
+  return jnp.zeros((GATE_UP_PAIR_ROWS,), jnp.uint8)
+
+
+def _shards_record(gate_up_shards: int) -> jax.Array:
+  """uint8 zeros ``(tp,)``: the tensor-axis size w13's rows and bias are stored for."""
+  return jnp.zeros((int(gate_up_shards),), jnp.uint8)
+
+
+def _record_shape(module: nn.Module, collection: str, name: str) -> tuple[int, ...] | None:
+  record = _get(module, collection, name)
+  shape = getattr(record, "shape", None)
+  return None if shape is None else tuple(int(d) for d in shape)
+
+
+def _stored_shape(module: nn.Module, collection: str, prefix: str, qweight_shape, who: str):
+  """The logical shape of a kernel-layout weight with ``qweight_shape``, from its record."""
   name = prefix + SHAPE_FIELD
   if not module.has_variable(collection, name):
     raise ValueError(f"{who}: the {collection!r} collection holds a kernel-layout (prepared) "
@@ -91,11 +129,17 @@ def _stored_shape(module: nn.Module, collection: str, prefix: str, who: str):
                      "N to 16 and K to 64, so the shape cannot be read from the arrays. Build "
                      "the variables with jax_nvfp4.nn.linen.weight_variables (or init, "
                      "quantize_dense_variables, moe_variables)")
-  record = _get(module, collection, name)
-  if getattr(record, "ndim", 0) < 1 or record.shape[-1] != 0:
-    raise ValueError(f"{who}: {name!r} must be an empty array of shape (*logical_shape, 0), "
-                     f"got shape {getattr(record, 'shape', None)}")
-  return tuple(int(d) for d in record.shape[:-1])
+  shape = _record_shape(module, collection, name)
+  if shape and len(shape) >= 2 and shape[-1] == 0:  # the earlier, empty record
+    return shape[:-1]
+  if (shape is None or len(shape) != 2 or not 1 <= shape[0] <= TILE_N
+      or not 1 <= shape[1] <= CHUNK_K // BLOCK_SIZE or len(qweight_shape) < 4):
+    raise ValueError(f"{who}: {name!r} must be a record of shape (rows, blocks) with rows in "
+                     f"1..{TILE_N} and blocks in 1..{CHUNK_K // BLOCK_SIZE} (or, from earlier "
+                     f"state, of shape (*logical_shape, 0)), got shape {shape}")
+  *lead, n16, k64 = qweight_shape[:-2]
+  rows, blocks = shape
+  return (*lead, TILE_N * (n16 - 1) + rows, CHUNK_K * (k64 - 1) + BLOCK_SIZE * blocks)
 
 
 def _stored_pairs(module: nn.Module, collection: str, prefix: str, prepared: bool,
@@ -104,10 +148,11 @@ def _stored_pairs(module: nn.Module, collection: str, prefix: str, prepared: boo
   name = prefix + PAIRS_FIELD
   if not module.has_variable(collection, name):
     return False
-  record = _get(module, collection, name)
-  if getattr(record, "shape", None) != (GATE_UP_PAIR_ROWS, 0):
-    raise ValueError(f"{who}: {name!r} must be an empty array of shape ({GATE_UP_PAIR_ROWS}, 0) "
-                     f"(the gate_up_pairs record), got shape {getattr(record, 'shape', None)}")
+  shape = _record_shape(module, collection, name)
+  if shape not in ((GATE_UP_PAIR_ROWS,), (GATE_UP_PAIR_ROWS, 0)):  # (8, 0): earlier state
+    raise ValueError(f"{who}: {name!r} must be the gate_up_pairs record, of shape "
+                     f"({GATE_UP_PAIR_ROWS},) (or ({GATE_UP_PAIR_ROWS}, 0) from earlier state), "
+                     f"got shape {shape}")
   if not prepared:
     raise ValueError(f"{who}: the {collection!r} collection holds the gate_up_pairs record "
                      f"{name!r} beside a checkpoint-layout {prefix}weight ({prefix}packed), "
@@ -155,7 +200,7 @@ def _weight_vars(module: nn.Module, collection: str, make_weight: Callable[[], A
   fields = _common.PREPARED_FIELDS if stored_prepared else _common.CHECKPOINT_FIELDS
   arrays = tuple(_get(module, collection, prefix + f) for f in fields)
   if stored_prepared:
-    logical = _stored_shape(module, collection, prefix, who)
+    logical = _stored_shape(module, collection, prefix, arrays[0].shape, who)
   else:
     logical = (*arrays[0].shape[:-1], 2 * arrays[0].shape[-1])
   if tuple(logical) != tuple(shape):
@@ -174,6 +219,11 @@ def _refuse_pairs(w, prefix: str, who: str, why: str) -> None:
 
 class NVFP4Dense(nn.Module):
   """``y = x @ W.T + b`` with ``W[features, in]`` in NVFP4; a counterpart of ``nn.Dense``.
+
+  ``nn.Dense``'s ``precision``, ``dot_general``, ``dot_general_cls`` and ``promote_dtype`` are
+  not attributes (the NVFP4 op fixes the product: 16-bit operands, float32 accumulation), and
+  ``dtype=float32`` is a ``ValueError``; outputs are in the activation dtype and gradients are
+  reverse mode, first order only (module docstring).
 
   Attributes:
     features: output size N.
@@ -250,11 +300,14 @@ def quantize_dense_variables(params, *, prepare: bool = False, collection: str =
   "bias": [out]}``, bias optional): ``{"params": {"bias"}, collection: {weight arrays}}``.
 
   The kernel is transposed to ``[out, in]`` and quantized (``jax_nvfp4.quantize``); the bias is
-  copied unchanged.
+  copied unchanged. Params boxed with partitioning metadata (``nn.with_partitioning`` gives
+  ``nn.Partitioned``) are unboxed first; the result carries no boxes (``NVFP4Dense``'s
+  ``kernel_sharding`` / ``bias_sharding`` name the mesh axes of its own variables).
   """
   if not hasattr(params, "keys") or "kernel" not in params:
     raise TypeError("quantize_dense_variables: params must be an nn.Dense params dict with a "
                     f"'kernel', got {type(params).__name__}")
+  params = nn.unbox(params)  # jnp.asarray cannot take an nn.Partitioned box
   kernel = jnp.asarray(params["kernel"])
   if kernel.ndim != 2:
     raise ValueError(f"quantize_dense_variables: kernel must be [in, out], got {kernel.shape}")
@@ -279,8 +332,8 @@ class NVFP4MoE(nn.Module):
 
   Fused activation (``fuse_activation``): where it is safe, init stores w13 in the kernel layout
   with its rows in ``gate_up_pairs`` order (8 gate rows then the matching 8 up rows per 16-row
-  tile, ``prepare(w13, gate_up_pairs=True)``) and the record ``w13_gate_up_pairs`` (an empty
-  array of shape ``(8, 0)``, module docstring), so that ``fused_moe`` applies the activation in
+  tile, ``prepare(w13, gate_up_pairs=True)``) and the record ``w13_gate_up_pairs`` (uint8
+  zeros of shape ``(8,)``, module docstring), so that ``fused_moe`` applies the activation in
   GEMM 1's epilogue on a GPU. Apply reads the row order from the record: state without it
   (written before it existed, or by ``moe_variables`` without ``gate_up_pairs``) is ``[gate;
   up]``; a record beside a checkpoint-layout w13 or with a non-gated activation is a
@@ -294,8 +347,8 @@ class NVFP4MoE(nn.Module):
   the expert axis, w13's N and w2's K over the tensor axis, router and correction bias
   replicated), checks the split against the mesh in context, and, for a gated layer with a
   tensor axis of size tp > 1 in that mesh, stores w13's rows (and w13_bias) in per-shard order
-  ``[gate_0; up_0; ...]`` with the record ``w13_gate_up_shards`` (an empty array of shape
-  ``(tp, 0)``). Applied under a mesh with these axes (total size > 1) the layer runs
+  ``[gate_0; up_0; ...]`` with the record ``w13_gate_up_shards`` (uint8 zeros of shape
+  ``(tp,)``). Applied under a mesh with these axes (total size > 1) the layer runs
   ``jax_nvfp4.parallel.sharded_fused_moe`` (the mesh's tensor axis size must match the record);
   elsewhere ``fused_moe`` on the whole, reordered-back weights.
 
@@ -397,7 +450,7 @@ class NVFP4MoE(nn.Module):
         _sharding.moe_sharding(self.expert_axis, self.tensor_axis, num_experts=e,
                              intermediate_size=i, prepared=stored_layout, gated=gated, who=who)
       if self.has_variable(self.collection, GATE_UP_FIELD):
-        gate_up_shards = int(_get(self, self.collection, GATE_UP_FIELD).shape[0])
+        gate_up_shards = _stored_gate_up_shards(self, self.collection, who)
     spec = lambda name: None if specs is None else specs[name]
 
     def make_w13():
@@ -410,8 +463,7 @@ class NVFP4MoE(nn.Module):
     w13 = _weight_vars(self, self.collection, make_w13, shape=(e, n13, h), prepared=prepared,
                        who=who, prefix="w13_", specs=spec("w13"))
     if stored_layout is None and gate_up_shards > 1:
-      self.put_variable(self.collection, GATE_UP_FIELD,
-                        jnp.zeros((gate_up_shards, 0), jnp.uint8))
+      self.put_variable(self.collection, GATE_UP_FIELD, _shards_record(gate_up_shards))
     w2 = _weight_vars(self, self.collection,
                       lambda: quantize(self.expert_init(self.make_rng("params"), (e, h, i),
                                                         jnp.float32)),
@@ -432,6 +484,7 @@ class NVFP4MoE(nn.Module):
       cb = self.variable(self.collection, "correction_bias",
                          lambda: _boxed(jnp.zeros((e_global,), jnp.float32),
                                         spec("correction_bias"))).value
+      _common.check_correction_bias(nn.unbox(cb), e_global, who)
       routing = dataclasses.replace(routing, correction_bias=cb)
 
     compute, out = _common.activation_dtypes(x, dtype, who)
@@ -452,6 +505,15 @@ class NVFP4MoE(nn.Module):
         xc, w13, w2, w13_bias=b13, w2_bias=b2, **kw,
         expert_map=None if self.expert_map is None else jnp.asarray(self.expert_map, jnp.int32))
     return y.astype(out)
+
+
+def _stored_gate_up_shards(module: nn.Module, collection: str, who: str) -> int:
+  """The tensor-axis size of the ``w13_gate_up_shards`` record."""
+  shape = _record_shape(module, collection, GATE_UP_FIELD)
+  if shape is None or len(shape) not in (1, 2) or shape[0] < 1 or shape[1:] not in ((), (0,)):
+    raise ValueError(f"{who}: {GATE_UP_FIELD!r} must be a record of shape (tp,) (or (tp, 0) "
+                     f"from earlier state), got shape {shape}")
+  return shape[0]
 
 
 def _check_w13_order(w13, *, activation: str, intermediate_size: int, gate_up_shards: int,
@@ -529,7 +591,7 @@ def moe_variables(router_weight, w13, w2, *, w13_bias=None, w2_bias=None, correc
     w = _common.to_layout(w, bool(prepare), name == "w13" and bool(gate_up_pairs))
     if name == "w13" and gate_up_shards > 1:
       w, w13_bias = parallel_moe.gate_up_per_shard(w, int(gate_up_shards), w13_bias)
-      store[GATE_UP_FIELD] = jnp.zeros((int(gate_up_shards), 0), jnp.uint8)
+      store[GATE_UP_FIELD] = _shards_record(gate_up_shards)
     store.update(weight_variables(w, prefix=f"{name}_"))
   if (w13_bias is None) != (w2_bias is None):
     raise ValueError("moe_variables: give both w13_bias and w2_bias or neither")
@@ -537,5 +599,7 @@ def moe_variables(router_weight, w13, w2, *, w13_bias=None, w2_bias=None, correc
     params["w13_bias"] = jnp.asarray(w13_bias, jnp.float32)
     params["w2_bias"] = jnp.asarray(w2_bias, jnp.float32)
   if correction_bias is not None:
-    store["correction_bias"] = jnp.asarray(correction_bias, jnp.float32)
+    correction_bias = jnp.asarray(correction_bias, jnp.float32)
+    _common.check_correction_bias(correction_bias, params["router"].shape[0], "moe_variables")
+    store["correction_bias"] = correction_bias
   return {"params": params, collection: store}

@@ -21,8 +21,10 @@ float32 activations between layers (but the product is a bf16 one: ~3 significan
 
 Gradients. ``NVFP4Linear`` is differentiable in its input and bias (``dx = g @ dequantize(W)``
 in the activation dtype with float32 accumulation, ``dbias = sum(g)``), so a frozen NVFP4 base
-can sit under trainable layers or biases; the quantized weight gets no gradient. ``NVFP4MoE`` is
-inference only (the grouped GEMM has no differentiation rule).
+can sit under trainable layers or biases; the quantized weight gets no gradient. Reverse mode
+and first order only (a custom VJP): no ``jax.jvp`` / ``jax.jacfwd``, no second derivatives
+(``jax.hessian``, grad of grad). ``NVFP4MoE`` is inference only (the grouped GEMM has no
+differentiation rule).
 """
 
 from __future__ import annotations
@@ -48,13 +50,33 @@ class NVFP4Variable(nnx.Variable):
   """A non-trainable variable holding one array of an NVFP4 weight (not an ``nnx.Param``)."""
 
 
+def is_abstract(value) -> bool:
+  """Whether a variable's value is a shape without data (``nnx.eval_shape`` leaves a
+  ``jax.ShapeDtypeStruct``; tracers inside a transform are not abstract in this sense)."""
+  return isinstance(value, jax.ShapeDtypeStruct)
+
+
 class NVFP4Linear(nnx.Module):
   """``y = x @ W.T + b`` with ``W[out, in]`` stored in NVFP4 (4.5 bits per weight).
 
-  A drop-in for ``nnx.Linear`` at inference: same constructor arguments (``kernel_init`` draws a
-  float ``[in, out]`` kernel from ``rngs.params()`` exactly as ``nnx.Linear`` does, which is then
-  transposed and quantized with ``jax_nvfp4.quantize``; the bias is drawn next, as there), the
-  same ``[..., in] -> [..., out]`` call on any number of leading dims.
+  A replacement for ``nnx.Linear`` at inference: its constructor arguments ``in_features``,
+  ``out_features``, ``use_bias``, ``dtype``, ``param_dtype``, ``kernel_init``, ``bias_init`` and
+  ``rngs`` mean the same (``kernel_init`` draws a float ``[in, out]`` kernel from
+  ``rngs.params()`` exactly as ``nnx.Linear`` does, which is then transposed and quantized with
+  ``jax_nvfp4.quantize``; the bias is drawn next, as there), and the call is the same
+  ``[..., in] -> [..., out]`` on any number of leading dims. Not a drop-in everywhere:
+
+  * ``nnx.Linear``'s ``precision``, ``dot_general``, ``promote_dtype``,
+    ``preferred_element_type``, ``kernel_metadata`` and ``bias_metadata`` are not taken
+    (``TypeError``): the NVFP4 op fixes the product (16-bit operands, float32 accumulation),
+    and sharding is named with ``kernel_sharding`` / ``bias_sharding``.
+  * ``dtype=float32`` (or any dtype but None, bfloat16, float16) is a ``ValueError``.
+  * The output dtype is the activation dtype, not ``nnx.Linear``'s promoted one: with
+    ``dtype=None`` a bfloat16/float16 input gives a bfloat16/float16 output even with a float32
+    bias (``nnx.Linear`` promotes to float32); a float32 input gives float32.
+  * Differentiation is reverse mode only (``jax.grad``, ``jax.vjp``, ``nnx.grad``, first
+    order): ``jax.jvp`` / ``jax.jacfwd`` raise a ``TypeError`` and second derivatives
+    (``jax.hessian``, grad of grad) a ``NotImplementedError``.
 
   Args:
     in_features: K, a multiple of 16.
@@ -161,6 +183,12 @@ class NVFP4Linear(nnx.Module):
       ld = linear.dtype
       dtype = ld if ld is not None and np.dtype(ld) in _common.COMPUTE_DTYPES else None
     kernel = linear.kernel.get_value()
+    if is_abstract(kernel):
+      raise TypeError("NVFP4Linear.from_linear: the Linear's kernel is abstract (a "
+                      "jax.ShapeDtypeStruct, as nnx.eval_shape makes): there are no values to "
+                      "quantize. Quantize inside the abstract evaluation instead, e.g. "
+                      "nnx.eval_shape(lambda: NVFP4Linear.from_linear(nnx.Linear(...))) or "
+                      "nnx.eval_shape(lambda: quantize_model(Model(...))[0])")
     kernel_spec = linear.kernel.get_metadata().get("out_sharding")
     weight = quantize(jnp.asarray(kernel).T, global_scale=global_scale)
     bias_meta = {}
@@ -393,6 +421,9 @@ class NVFP4MoE(nnx.Module):
       raise ValueError(f"{who}: top_k = {top_k} disagrees with routing.top_k = {routing.top_k}")
     if routing.correction_bias is not None:
       correction = jnp.asarray(routing.correction_bias, jnp.float32)
+      # Checked here: the bias leaves the config for its buffer, and the config's own check
+      # below (routing.validate) no longer sees it.
+      _common.check_correction_bias(correction, e_global, who)
       routing = dataclasses.replace(routing, correction_bias=None)
     routing.validate(e_global)
     self.routing = routing

@@ -11,6 +11,7 @@ from flax import nnx
 from flax.nnx import graphlib
 
 from jax_nvfp4.format import BLOCK_SIZE
+from jax_nvfp4.nn import nnx as nvfp4_nnx
 from jax_nvfp4.nn.nnx import NVFP4Linear
 
 #: Layers the reference tools leave unquantized: the LM head and MoE routers (``router``,
@@ -173,6 +174,11 @@ def quantize_model(model, *, include=("*",), exclude=DEFAULT_EXCLUDE, inplace: b
                                  reason=f"in_features = {linear.in_features} is not a multiple "
                                  f"of {BLOCK_SIZE}", bytes_after=before))
       return linear
+    if nvfp4_nnx.is_abstract(linear.kernel.get_value()):
+      raise TypeError(f"quantize_model: the Linear at {path!r} has an abstract kernel (a "
+                      "jax.ShapeDtypeStruct, as nnx.eval_shape makes): there are no values to "
+                      "quantize. For an abstract quantized model, quantize inside the abstract "
+                      "evaluation: nnx.eval_shape(lambda: quantize_model(Model(...))[0])")
     new = NVFP4Linear.from_linear(linear, prepare=prepare, backend=backend)
     reports.append(LayerReport(**entry, action="quantized",
                                reason=f"NVFP4 ({new.backend.name} backend"
@@ -217,7 +223,8 @@ def quantize_model(model, *, include=("*",), exclude=DEFAULT_EXCLUDE, inplace: b
           if impl.set_key is None:
             raise TypeError(f"quantize_model: cannot replace the Linear at "
                             f"{_path_str((*path, key))!r}: its parent, a "
-                            f"{type(node).__name__}, is immutable (use a list or nnx.List)")
+                            f"{type(node).__name__}, is immutable (hold the layers in an "
+                            "nnx.List)")
           impl.set_key(node, key, new)
       elif (graphlib.is_node(child) and not isinstance(child, nnx.Variable)
             and id(child) not in visited):

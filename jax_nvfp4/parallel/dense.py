@@ -324,4 +324,14 @@ def partitioned_matmul(x: jax.Array, w: NVFP4Weight | PreparedNVFP4Weight,
     # partitions (inside jit the check runs there, see _partition).
     spec = tuple(sharding.spec) + (None, None)
     _check_split(cfg, sharding.mesh, _axes(spec[0]), _axes(spec[1]))
+  if not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves((x, arrays, bias))):
+    # An eager call runs through jit too: only under jit does the partitioner split the op. Run
+    # op by op, the reference lowering's jnp ops (reshapes, table lookups) would see a weight
+    # sharded over Explicit mesh axes (jax.make_mesh's default) and reject it.
+    return _jitted(cfg, x, arrays, bias)
+  return _vmappable(cfg)(x, arrays, bias)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted(cfg: _Config, x, arrays, bias):
   return _vmappable(cfg)(x, arrays, bias)

@@ -342,14 +342,15 @@ def sharded_fused_moe(x: jax.Array, weights: ShardedMoEWeights, *, token_axis=No
   e_local, inter_local = e // ep, weights.intermediate_size // tp
   n13_local = (2 if weights.gated else 1) * inter_local
 
-  # Routing inputs travel with their tokens.
+  # Routing inputs travel with their tokens. Their last dim is kept as it is (not -1: with zero
+  # tokens, m = 0, reshape cannot infer it).
+  tokens = lambda v: jnp.asarray(v).reshape(m, jnp.shape(v)[-1])
   if router_logits is not None:
-    route_in = {"router_logits": jnp.asarray(router_logits).reshape(m, -1)}
+    route_in = {"router_logits": tokens(router_logits)}
   else:
     if topk_weights is None or topk_ids is None:
       raise ValueError("sharded_fused_moe: give router_logits or both topk_weights and topk_ids")
-    route_in = {"topk_weights": jnp.asarray(topk_weights).reshape(m, -1),
-                "topk_ids": jnp.asarray(topk_ids).reshape(m, -1)}
+    route_in = {"topk_weights": tokens(topk_weights), "topk_ids": tokens(topk_ids)}
   gather_axes = tuple(a for a in xa if a in ea + ta)     # tokens that must meet all experts
   sum_axes = tuple(a for a in ea + ta if a not in gather_axes)
   x_entry, e_, t_ = _entry(xa), _entry(ea), _entry(ta)
