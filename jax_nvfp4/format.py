@@ -195,6 +195,13 @@ def _check_global_scale(global_scale) -> None:
         "compressed-tensors' weight_global_scale is its reciprocal")
 
 
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+  try:
+    return np.broadcast_shapes(shape, target) == target
+  except ValueError:
+    return False
+
+
 def quantize(w: jax.Array, *, global_scale: jax.Array | None = None) -> NVFP4Weight:
   """Quantizes ``w[..., N, K]`` (float) to NVFP4 with NVIDIA ModelOpt's reference algorithm.
 
@@ -219,8 +226,14 @@ def quantize(w: jax.Array, *, global_scale: jax.Array | None = None) -> NVFP4Wei
   *lead, n, k = w.shape
   if k % BLOCK_SIZE:
     raise ValueError(f"quantize: K = {k} (last dim of w) must be a multiple of {BLOCK_SIZE}")
+  if n == 0 or k == 0:
+    raise ValueError(f"quantize: w[..., N, K] needs N >= 1 and K >= 16, got shape {w.shape}")
   w32 = w.astype(jnp.float32)
   if global_scale is not None:
+    if not _broadcasts_to(np.shape(global_scale), tuple(lead)):
+      raise ValueError(f"quantize: global_scale must be a scalar or broadcast to w's leading "
+                       f"dims {tuple(lead)} (one per tensor), got shape "
+                       f"{np.shape(global_scale)}")
     _check_global_scale(global_scale)
   if global_scale is None:
     amax = _leading_amax(w32)

@@ -210,6 +210,18 @@ def test_quantize_rejects_a_global_scale_that_is_not_finite_and_positive(bad):
     nf.quantize(w, global_scale=jnp.asarray(bad, jnp.float32))
 
 
+def test_quantize_refuses_a_misshapen_global_scale_and_empty_weights():
+  with pytest.raises(ValueError, match=r"broadcast to w's leading dims \(3,\)"):
+    nf.quantize(jnp.ones((3, 4, 32)), global_scale=jnp.ones((2,)))
+  with pytest.raises(ValueError, match="leading dims"):
+    nf.quantize(jnp.ones((4, 32)), global_scale=jnp.ones((2,)))
+  with pytest.raises(ValueError, match="N >= 1"):
+    nf.quantize(jnp.ones((0, 32)))
+  # One per tensor, or one for all: both accepted.
+  assert nf.quantize(jnp.ones((3, 4, 32)), global_scale=jnp.full((3,), 0.5)).global_scale.shape == (3,)
+  assert nf.quantize(jnp.ones((3, 4, 32)), global_scale=0.5).global_scale.shape == (3,)
+
+
 def test_quantize_takes_a_traced_global_scale(rng):
   # Under jit the value is unknown: no check, and the result equals the eager one.
   w = jnp.asarray(rng.standard_normal((4, 32)), jnp.float32)

@@ -429,7 +429,10 @@ def nvfp4_matmul(x: jax.Array, w: NVFP4Weight | PreparedNVFP4Weight,
 
   Returns:
     ``[..., N]`` in ``x.dtype``. Accumulation is float32; the result equals
-    ``reference_matmul`` up to accumulation order.
+    ``reference_matmul`` up to accumulation order, for block scales that are finite and >= 0
+    (what the quantization tools write, and what the checkpoint loaders accept): a NaN block
+    scale makes its block NaN on the checkpoint path but zero in a prepared weight (``prepare``
+    zeroes it, the kernel cannot carry a NaN scale).
   """
   if not isinstance(w, (NVFP4Weight, PreparedNVFP4Weight)):
     raise TypeError("nvfp4_matmul: w must be an NVFP4Weight or PreparedNVFP4Weight, got "
