@@ -69,6 +69,8 @@ inline std::string launch_problem(int64_t splits, bool cluster, int64_t k_slices
 // "" when the kernel can address one [N, K] weight (one expert's): tile_mainloop counts its
 // 16-byte pieces, n16 * k64 * 32, in 32 bits.
 inline std::string weight_size_problem(int64_t n16, int64_t k64) {
+  if (n16 * 16 > INT32_MAX || k64 * 64 > INT32_MAX)  // GemmParams holds N and K as int
+    return "N and K must each stay below 2^31";
   if (n16 * k64 * 32 <= int64_t{0xFFFFFFFF}) return "";
   return "a weight of " + std::to_string(n16 * 16) + " x " + std::to_string(k64 * 64) +
          " is beyond the kernel's 32-bit weight addressing; split N";

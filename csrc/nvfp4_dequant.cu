@@ -113,6 +113,8 @@ ffi::Error DequantizeImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> qweight,
   const auto od = out->dimensions();
   if (od.size() != lead + 2 || od[lead] != n || od[lead + 1] != k)
     return invalid("out must be [..., N, K], got " + dims_str(od));
+  for (size_t i = 0; i < lead; ++i)  // the kernel writes experts * N * K elements
+    if (od[i] != wd[i]) return invalid("out's leading dims must be qweight's");
   const int64_t tiles = experts * n16 * k64;
   if (tiles == 0) return ffi::Error::Success();
   if (n > INT32_MAX || k > INT32_MAX || (tiles + kWarps - 1) / kWarps > INT32_MAX)

@@ -29,6 +29,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 
 #include "nvfp4_tile.cuh"
@@ -566,13 +567,36 @@ inline int64_t ticket_bytes(int64_t token_tiles, int64_t n_blocks) {
   return (token_tiles * n_blocks * 4 + 255) / 256 * 256;
 }
 
+// Function attributes (the shared-memory and cluster opt-ins) and what the loaded code can do
+// belong to one device: the runtime applies them in the current device's context, so a process
+// driving several GPUs must set them on each. `compute()` runs once per device (up to
+// kMaxDevices; beyond, on every call) and its answer is kept. Each call site's lambda type
+// gives it its own table.
+constexpr int kMaxDevices = 64;
+
+template <typename F>
+auto per_device(F compute) -> decltype(compute()) {
+  using V = decltype(compute());
+  static std::once_flag done[kMaxDevices];
+  static V value[kMaxDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();  // not the next launch's error
+    return compute();
+  }
+  if (device < 0 || device >= kMaxDevices) return compute();
+  std::call_once(done[device], [&] { value[device] = compute(); });
+  return value[device];
+}
+
 // Above 48 KB of dynamic shared memory a kernel must opt in, once per process and device.
 template <typename T, int MT, bool kMoe, int KS = 1, int XR = 8 * MT, int SC = 0>
 cudaError_t allow_shared_memory() {
-  static const cudaError_t once = cudaFuncSetAttribute(
-      nvfp4_kernel<T, MT, kMoe, KS, XR, SC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      TileConfig<MT, KS, XR, SC>::kSmemBytes);
-  return once;
+  return per_device([] {
+    return cudaFuncSetAttribute(nvfp4_kernel<T, MT, kMoe, KS, XR, SC>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                TileConfig<MT, KS, XR, SC>::kSmemBytes);
+  });
 }
 
 // The SASS version of the code the runtime loaded for this instantiation (90 for sm_90 code),
@@ -587,20 +611,22 @@ int loaded_binary_version() {
   return attr.binaryVersion;
 }
 
-// Clusters of more than 8 blocks are non-portable: opted in once, only where sm_90 code runs.
+// Clusters of more than 8 blocks are non-portable: opted in once per device, only where sm_90
+// code runs.
 template <typename T, int MT, bool kMoe>
 cudaError_t allow_large_clusters() {
-  static const cudaError_t once = cudaFuncSetAttribute(
-      nvfp4_kernel<T, MT, kMoe>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  return once;
+  return per_device([] {
+    return cudaFuncSetAttribute(nvfp4_kernel<T, MT, kMoe>,
+                                cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  });
 }
 
 // The largest split count the cluster reduction can launch for this instantiation on the
 // current device: 0 where the loaded code is not sm_90 (the cluster path traps there) or no
-// cluster fits. One answer per process (the device is not expected to change).
+// cluster fits. One answer per device.
 template <typename T, int MT, bool kMoe>
 int cluster_limit_typed() {
-  static const int limit = [] {
+  return per_device([] {
     const int version = loaded_binary_version<T, MT, kMoe, 1>();
     if (version < 90 || version >= 100) return 0;
     if (allow_shared_memory<T, MT, kMoe>() != cudaSuccess) return 0;
@@ -627,22 +653,21 @@ int cluster_limit_typed() {
       if (clusters > 0) return s;
     }
     return 0;
-  }();
-  return limit;
+  });
 }
 
 // Whether launches of this instantiation may overlap the previous kernel in the stream
 // (programmatic dependent launch): only where the loaded code is sm_90 or newer, so that it
 // holds the griddepcontrol.wait that makes the overlap safe, and unless JAX_NVFP4_PDL=0 (an
-// escape hatch and the A/B switch of the benchmarks). One answer per process.
+// escape hatch and the A/B switch of the benchmarks). One answer per device (GPUs of one
+// process may differ in architecture).
 template <typename T, int MT, bool kMoe, int KS, int XR, int SC>
 bool pdl_allowed() {
-  static const bool allowed = [] {
+  return per_device([] {
     const char *env = std::getenv("JAX_NVFP4_PDL");
     if (env != nullptr && std::string(env) == "0") return false;
     return loaded_binary_version<T, MT, kMoe, KS, XR, SC>() >= 90;
-  }();
-  return allowed;
+  });
 }
 
 template <typename T, int MT, bool kMoe, int KS, int XR = 8 * MT, int SC = 0>

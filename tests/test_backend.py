@@ -213,3 +213,18 @@ def test_kernels_built_autodetect(monkeypatch):
   monkeypatch.setattr(_ffi, "cuda_kernels_built", lambda: False)
   assert select_backend(weight_format="nvfp4", **{**_cuda(9.0), "kernels_built": None}).name \
       == "reference"
+
+
+def test_a_cuda_build_registers_every_target_the_ops_lower_to():
+  """A CUDA build holds every handler the Python side may lower to: an older build without one
+  (a stale extension after a pull) would send that op to the reference path, or skip its GPU
+  tests, without a word."""
+  from jax_nvfp4.ops import dequantize, moe, moe_align, moe_pair, moe_route
+  wanted = {B.DENSE_TARGET, dequantize.CUDA_TARGET, moe.CUDA_TARGET, moe_pair.CUDA_TARGET,
+            moe_align.CUDA_TARGET, moe_route.CUDA_TARGET}
+  if not _ffi.cuda_kernels_built():
+    assert _ffi.REGISTERED == frozenset()
+    pytest.skip(f"no CUDA kernels in this build ({_ffi.why_no_kernels()})")
+  assert wanted <= _ffi.REGISTERED, (f"the extension lacks {sorted(wanted - _ffi.REGISTERED)}: "
+                                     "rebuild jax_nvfp4 (bash scripts/test.sh does)")
+  assert _ffi.REGISTERED <= wanted, f"handlers no op lowers to: {sorted(_ffi.REGISTERED - wanted)}"

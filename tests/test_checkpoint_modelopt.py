@@ -340,14 +340,30 @@ def test_mtp_layers_after_the_decoder_layers_load(tmp_path):
   """DeepSeek-V3/R1 and GLM-4.5 store their multi-token-prediction layer as
   model.layers.<num_hidden_layers> (config.json num_nextn_predict_layers = 1)."""
   def add_layer_1(t):
-    t.update({k.replace("model.layers.0.", "model.layers.1."): v for k, v in list(t.items())
-              if k.startswith("model.layers.0.")})
+    # Layer 1 differs from layer 0 in every array of its Linears, so reading layer 0's tensors
+    # for it would show.
+    for k, v in list(t.items()):
+      if not k.startswith("model.layers.0."):
+        continue
+      v = np.array(v)
+      if k.endswith(".weight") and v.dtype == np.uint8:        # packed codes
+        v = v ^ np.uint8(0x11)
+      elif k.endswith(".weight_scale_2"):                      # the global scale
+        v = v * np.float32(2)
+      elif k.endswith(".weight_scale"):                        # E4M3 block scales, halved
+        v = (v.astype(np.float32) / 2).astype(v.dtype)
+      t[k.replace("model.layers.0.", "model.layers.1.")] = v
 
   path = _edit_copy(str(tmp_path / "ck"), add_layer_1, lambda c: c.update(
       model_type="deepseek_v3", num_hidden_layers=1, num_nextn_predict_layers=1))
   ck = load_checkpoint(path)
   raw = fx.read_dir(path)
   mtp = ck.modules["model.layers.1.mlp.down_proj"]
+  layer0 = ck.modules["model.layers.0.mlp.down_proj"]
   np.testing.assert_array_equal(np.asarray(mtp.weight.packed),
                                 raw["model.layers.1.mlp.down_proj.weight"])
+  np.testing.assert_array_equal(np.asarray(mtp.weight.scales).view(np.uint8),
+                                raw["model.layers.1.mlp.down_proj.weight_scale"].view(np.uint8))
+  assert float(mtp.weight.global_scale) == 2 * float(layer0.weight.global_scale)
+  assert not np.array_equal(np.asarray(mtp.weight.packed), np.asarray(layer0.weight.packed))
   assert "model.layers.1.input_layernorm.weight" in ck.params

@@ -14,6 +14,7 @@ import pytest
 
 import jax_nvfp4 as nf
 from jax_nvfp4.ops import dense
+from jax_nvfp4.ops import moe as moe_ops
 from tests import numpy_reference as npref
 
 pytestmark = pytest.mark.gpu
@@ -141,6 +142,16 @@ def _forced_launch(x, p, *, splits, m_tile, cluster, bias=None):
 
 needs_cluster = pytest.mark.skipif(
     not dense.use_cluster(2, 1), reason="no thread-block cluster path on this GPU (sm_90 only)")
+
+
+def test_hopper_has_the_cluster_path():
+  """The cluster tests skip by the library's own probe: on sm_90 that probe must say yes, or
+  they would all skip instead of failing."""
+  cc = getattr(jax.devices()[0], "compute_capability", "")
+  if not str(cc).startswith("9."):
+    pytest.skip(f"not an sm_90 GPU (compute capability {cc!r})")
+  assert dense.use_cluster(2, 1)
+  assert moe_ops.moe_cluster_limit(8) >= 2 and moe_ops.moe_cluster_limit(16) >= 2
 
 
 @needs_cluster
@@ -412,3 +423,26 @@ def test_default_dispatch_large_m(rng, m, n, k, dtype):
   out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
   assert np.isfinite(out).all()
   assert rel_l2(out, ref) <= 5e-3
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_every_gpu_of_the_process_runs_the_kernels(rng, m):
+  """The kernels' function attributes (the shared-memory opt-in above 48 KB, clusters) are per
+  device: a launch on the second GPU of a process must not rely on the first GPU's opt-in.
+  Each device runs the same product (k-sliced at M = 1, clusters at 16, 8-row tiles at 64)
+  after the first one did, bit for bit, and right against float64."""
+  gpus = jax.devices("gpu")
+  if len(gpus) < 2:
+    pytest.skip("needs two GPUs in this process")
+  n, k = 4096, 4096
+  w = random_weight(rng, n, k)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  want = np.asarray(x, np.float64) @ np.asarray(nf.dequantize(w, jnp.float32), np.float64).T
+  outs = []
+  for gpu in gpus[:2]:
+    xd, wd = jax.device_put((x, nf.prepare(w)), gpu)
+    out = jax.jit(nf.nvfp4_matmul)(xd, wd)
+    assert out.devices() == {gpu}
+    outs.append(np.asarray(out))
+  np.testing.assert_array_equal(outs[1], outs[0])
+  assert rel_l2(outs[1], want) <= 5e-3

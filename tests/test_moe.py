@@ -216,6 +216,23 @@ def test_gptoss_interleaved_checkpoint_with_biases(rng):
   assert ref.rel_l2(wrong, want) > 0.1
 
 
+@pytest.mark.parametrize("prepared", [None, "pairs"])
+def test_gptoss_alpha_reaches_the_activation(rng, prepared):
+  """A non-default alpha (gpt-oss uses 1.702) through fused_moe, unfused (checkpoint layout)
+  and fused into GEMM 1 (gate/up pairs), against float64 with that alpha."""
+  m, h, i, e, k = 21, 128, 64, 4, 2
+  x, w13, w2 = _layer(rng, m, h, i, e)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  a13 = nf.prepare(w13, gate_up_pairs=True) if prepared else w13
+  a2 = nf.prepare(w2) if prepared else w2
+  out = nf.fused_moe(x, a13, a2, topk_weights=tw, topk_ids=ti, activation="gptoss", limit=7.0,
+                     alpha=0.5)
+  want = _ref(x, w13, w2, tw, ti, activation_kind="gptoss", limit=7.0, alpha=0.5)
+  assert ref.rel_l2(out, want) <= TOL[jnp.bfloat16]
+  default = _ref(x, w13, w2, tw, ti, activation_kind="gptoss", limit=7.0)
+  assert ref.rel_l2(default, want) > 10 * TOL[jnp.bfloat16]  # alpha matters at this size
+
+
 def test_deinterleave_is_a_row_permutation(rng):
   w = random_experts(rng, 2, 8, 32)
   d = nf.deinterleave_gate_up(w)
@@ -816,19 +833,23 @@ def test_prepare_gate_up_pairs_row_order_and_round_trip(rng):
     nf.prepare(random_experts(rng, 2, 40, 64), gate_up_pairs=True)  # I = 20: not whole pairs
 
 
-@pytest.mark.parametrize("activation, limit, with_bias", [("swiglu", None, False),
-                                                          ("swiglu", 3.0, True),
-                                                          ("gptoss", 7.0, True),
-                                                          ("relu2", None, False)])
-def test_primitive_fused_activation_against_float64(rng, activation, limit, with_bias):
+@pytest.mark.parametrize("activation, limit, with_bias, alpha", [("swiglu", None, False, None),
+                                                                 ("swiglu", 3.0, True, None),
+                                                                 ("gptoss", 7.0, True, None),
+                                                                 ("gptoss", 7.0, False, 1.0),
+                                                                 ("relu2", None, False, None)])
+def test_primitive_fused_activation_against_float64(rng, activation, limit, with_bias, alpha):
   """The grouped GEMM with the activation in its epilogue (reference lowering here; the same
   contract as the kernel, which tests/test_moe_gpu.py checks with this function)."""
-  check_fused_activation_primitive(rng, activation, limit, with_bias, 19, 128, 48, 5, 2)
+  check_fused_activation_primitive(rng, activation, limit, with_bias, 19, 128, 48, 5, 2,
+                                   alpha=alpha)
 
 
-def check_fused_activation_primitive(rng, activation, limit, with_bias, m, h, i, e, k):
+def check_fused_activation_primitive(rng, activation, limit, with_bias, m, h, i, e, k, *,
+                                     alpha=None):
   """``nvfp4_moe_gemm(..., activation=)`` against a float64 per-row loop over the [gate; up]
-  checkpoint, on fresh random data."""
+  checkpoint, on fresh random data (``alpha``: gptoss's, None for the default 1.702)."""
+  kw = {} if alpha is None else {"alpha": alpha}
   gated = activation != "relu2"
   n = 2 * i if gated else i
   w = random_experts(rng, e, n, h, out_std=3.0 if limit is None else 2 * limit)
@@ -841,7 +862,7 @@ def check_fused_activation_primitive(rng, activation, limit, with_bias, m, h, i,
   pb = None if b is None else (b[:, _pairs_order(i)] if gated else b)
   out = jax.jit(lambda xx: nf.nvfp4_moe_gemm(
       xx, pw, al, gather_div=k, num_rows_out=m * k, topk_weights=tw.reshape(-1), bias=pb,
-      activation=activation, limit=limit))(x)
+      activation=activation, limit=limit, **kw))(x)
   assert out.shape == (m * k, i) and out.dtype == jnp.bfloat16
   d = ref.dequantize_experts(w)
   x64 = np.asarray(x, np.float64)
@@ -850,7 +871,8 @@ def check_fused_activation_primitive(rng, activation, limit, with_bias, m, h, i,
   for t in range(m):
     for j in range(k):
       hid[t * k + j] = d[ti[t, j]] @ x64[t] + (0.0 if b is None else b[ti[t, j]])
-      want[t * k + j] = ref.activation(hid[t * k + j], activation, limit=limit) * tw[t, j]
+      want[t * k + j] = ref.activation(hid[t * k + j], activation, limit=limit,
+                                       **kw) * tw[t, j]
   assert ref.rel_l2(out, want) <= 4e-3  # one bf16 rounding of the result
   if limit is not None:  # the clamp is active on a share of the gates and ups
     assert np.mean(hid[:, :i] > limit) > 0.02 and np.mean(np.abs(hid[:, i:]) > limit) > 0.02

@@ -133,17 +133,19 @@ def test_swiglu_clamp_peer_shapes(rng, limit, gs):
   assert np.mean(np.abs(hid[..., i:]) > limit) > 0.1  # the clamp is active
 
 
-@pytest.mark.parametrize("activation, limit, with_bias", [("swiglu", None, True),
-                                                          ("swiglu", 5.0, False),
-                                                          ("gptoss", 7.0, True),
-                                                          ("relu2", None, True)])
+@pytest.mark.parametrize("activation, limit, with_bias, alpha", [("swiglu", None, True, None),
+                                                                 ("swiglu", 5.0, False, None),
+                                                                 ("gptoss", 7.0, True, None),
+                                                                 ("gptoss", 7.0, True, 1.0),
+                                                                 ("relu2", None, True, None)])
 @pytest.mark.parametrize("m, h, i, e, k", [(1, 2048, 768, 16, 8), (3, 4096, 1024, 8, 2),
                                            (257, 1040, 1008, 6, 3)])
-def test_primitive_fused_activations_on_the_kernel(rng, activation, limit, with_bias, m, h, i,
-                                                   e, k):
+def test_primitive_fused_activations_on_the_kernel(rng, activation, limit, with_bias, alpha, m,
+                                                   h, i, e, k):
   """GEMM1's epilogue activations through the kernel (k-sliced decode, unsliced, prefill; a
   partial K unit at H = 1040) against float64, as tests/test_moe.py checks the reference."""
-  check_fused_activation_primitive(rng, activation, limit, with_bias, m, h, i, e, k)
+  check_fused_activation_primitive(rng, activation, limit, with_bias, m, h, i, e, k,
+                                   alpha=alpha)
 
 
 # ----------------------------------------------------------------------------- properties
@@ -655,8 +657,8 @@ def test_pair_handler_is_bitwise_the_two_gemms(rng, monkeypatch, m, h, i, e, k, 
   dependent launch) against the two grouped-GEMM calls, bit for bit, with the layer's output
   poisoned before the call; and the layer against float64."""
   from jax_nvfp4.ops import moe_pair
-  if moe_pair.CUDA_TARGET not in moe_ops._ffi.REGISTERED:
-    pytest.skip("jax_nvfp4 was built without the pair handler")
+  # The grouped GEMM is built (the module's fixture): a build without the pair is stale.
+  assert moe_pair.CUDA_TARGET in moe_ops._ffi.REGISTERED, "stale build: rebuild jax_nvfp4"
   gated = activation != "relu2"
   x, w13, w2 = _layer(rng, m, h, i, e, gated=gated)
   tw, ti = _distinct_topk(rng, m, e, k)
@@ -664,18 +666,71 @@ def test_pair_handler_is_bitwise_the_two_gemms(rng, monkeypatch, m, h, i, e, k, 
   b2 = jnp.asarray(rng.standard_normal((e, h)) * 0.1, jnp.float32)
   p13, p2 = nf.prepare(w13, gate_up_pairs=gated), nf.prepare(w2)
   limit = 7.0 if activation == "gptoss" else None
+  alpha = 1.0 if activation == "gptoss" else 1.702  # gptoss: not the default, so it must arrive
   out = {}
   for on in ("0", "1"):
     monkeypatch.setenv(moe_pair.ENV, on)
     f = jax.jit(lambda *a: nf.fused_moe(*a[:3], topk_weights=a[3], topk_ids=a[4],
-                                        activation=activation, limit=limit, w13_bias=a[5],
-                                        w2_bias=a[6]))
+                                        activation=activation, limit=limit, alpha=alpha,
+                                        w13_bias=a[5], w2_bias=a[6]))
     assert ("nvfp4_moe_pair" in str(jax.make_jaxpr(f)(x, p13, p2, tw, ti, b13, b2))) == (on == "1")
     out[on] = np.asarray(poisoned(f, x, p13, p2, tw, ti, b13, b2, out_shape=(m * k, h),
                                   dtype=jnp.bfloat16))
   np.testing.assert_array_equal(out["1"], out["0"])
-  _check(x, w13, w2, out["1"], tw, ti, activation_kind=activation, limit=limit,
+  _check(x, w13, w2, out["1"], tw, ti, activation_kind=activation, limit=limit, alpha=alpha,
          b13=np.asarray(b13, np.float64), b2=np.asarray(b2, np.float64), gemm1_rounded=False)
   # Repeated calls: the same bits (the two launches are ordered by the wait, not by chance).
   for _ in range(3):
     np.testing.assert_array_equal(np.asarray(f(x, p13, p2, tw, ti, b13, b2)), out["1"])
+
+
+@pytest.mark.parametrize("block_m", [8, 16, 64])
+def test_pair_handler_skips_dropped_pairs_and_zeroes_their_rows(rng, block_m):
+  """The pair called directly with zero_unwritten=True on an expert-parallel shard: ids out of
+  range and experts held elsewhere (block expert -1) are rows of zeros; every other row is the
+  two grouped-GEMM calls' row, bit for bit; their sum over k is the float64 layer's."""
+  from jax_nvfp4.ops import moe_pair
+  m, h, i, e_local, k = 37, 1040, 1008, 5, 3
+  x, w13, w2 = _layer(rng, m, h, i, e_local)
+  tw, ti = _distinct_topk(rng, m, 7, k)                     # global ids 0..6; 6 is out of range
+  emap = np.array([0, 1, -1, 2, 3, 4], np.int32)            # global 2 is held elsewhere
+  p13, p2 = nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2)
+  al = nf.align_tokens(jnp.asarray(ti), 6, block_m, jnp.asarray(emap))
+  rows, tw_flat = m * k, jnp.asarray(tw.reshape(-1), jnp.float32)
+  pair = jax.jit(lambda a: moe_pair.nvfp4_moe_pair(a, p13, p2, al, top_k=k, topk_weights=tw_flat,
+                                                   activation="swiglu", zero_unwritten=True))
+  got = np.asarray(poisoned(pair, x, out_shape=(rows, h), dtype=jnp.bfloat16))
+
+  def two(a):
+    mid = nf.nvfp4_moe_gemm(a, p13, al, gather_div=k, num_rows_out=rows, zero_unwritten=False,
+                            activation="swiglu")
+    return nf.nvfp4_moe_gemm(mid, p2, al, gather_div=1, num_rows_out=rows, topk_weights=tw_flat)
+  np.testing.assert_array_equal(got, np.asarray(jax.jit(two)(x)))
+  ids = ti.reshape(-1)
+  dropped = (ids >= 6) | (ids == 2)
+  assert dropped.any() and (~dropped).any()
+  assert not got[dropped].any()
+  combined = got.astype(np.float64).reshape(m, k, h).sum(axis=1)
+  want = ref.moe(np.asarray(x, np.float64), ref.dequantize_experts(w13),
+                 ref.dequantize_experts(w2), tw, ti, expert_map=emap)  # id 6: no expert
+  assert ref.rel_l2(combined, want) <= TOL[jnp.bfloat16]
+
+
+def test_every_gpu_of_the_process_runs_the_grouped_gemm(rng):
+  """As tests/test_dense_gpu.py's test for the dense kernel: the grouped GEMM (and the pair)
+  launch on a second GPU of the process, bit for bit the first's."""
+  gpus = jax.devices("gpu")
+  if len(gpus) < 2:
+    pytest.skip("needs two GPUs in this process")
+  m, h, i, e, k = 4, 2048, 768, 16, 4
+  x, w13, w2 = _layer(rng, m, h, i, e)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  p13, p2 = nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2)
+  outs = []
+  for gpu in gpus[:2]:
+    args = jax.device_put((x, p13, p2, tw, ti), gpu)
+    out = jax.jit(lambda a, b, c, d, f: nf.fused_moe(a, b, c, topk_weights=d, topk_ids=f))(*args)
+    assert out.devices() == {gpu}
+    outs.append(np.asarray(out))
+  np.testing.assert_array_equal(outs[1], outs[0])
+  _check(x, w13, w2, outs[1], tw, ti, gemm1_rounded=False)

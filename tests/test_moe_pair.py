@@ -7,6 +7,7 @@ checked bit for bit against them, and the layer against the independent float64 
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -165,39 +166,71 @@ def test_bad_input_is_refused_at_trace_time(rng):
     call(pairs, p2, backend="kernel")
 
 
-def _pair_calls(fn, *args):
-  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  return text
+def _abstract_prepared(e, n, k, gate_up_pairs=False):
+  """A stacked PreparedNVFP4Weight of shapes only: lowering needs no data (Mixtral-sized
+  weights would take minutes to quantize and prepare on a CPU)."""
+  from jax_nvfp4.prepare import kernel_shapes
+  (w_shape, s_shape) = kernel_shapes(n, k)
+  return nf.PreparedNVFP4Weight(jax.ShapeDtypeStruct((e, *w_shape), jnp.uint32),
+                                jax.ShapeDtypeStruct((e, *s_shape), jnp.uint8),
+                                jax.ShapeDtypeStruct((e,), jnp.float32), n=n, k=k,
+                                gate_up_pairs=gate_up_pairs)
 
 
-@pytest.mark.parametrize("m", [1, 16])
-def test_cuda_lowering_is_one_call_with_each_gemms_launch(rng, monkeypatch, m):
-  """Cross-lowered for cuda: one custom call to the pair's handler, no grouped-GEMM call, and
-  each GEMM's launch attributes as ``moe_launch_spec`` picks them for that GEMM alone."""
+def _attributes(line: str) -> dict[str, str]:
+  config = re.search(r"mhlo.backend_config = \{([^}]*)\}", line).group(1)
+  return {kv.split(" = ")[0]: kv.split(" = ")[1].split(" :")[0] for kv in config.split(", ")}
+
+
+@pytest.mark.parametrize("m, k_sliced, dtype", [(1, True, jnp.bfloat16), (1, False, jnp.float16),
+                                                (2, False, jnp.bfloat16)])
+def test_cuda_lowering_gives_each_gemm_its_own_launch(monkeypatch, m, k_sliced, dtype):
+  """Cross-lowered for cuda (an H100's SM count and occupancy patched in): one custom call to
+  the pair's handler, no grouped-GEMM call, and each GEMM's launch attributes and workspace as
+  ``moe_launch_spec`` picks them for that GEMM alone. The Mixtral-like layer's two GEMMs get
+  different launches here (N tiles per block at one token; without k-slices, split K through
+  tickets against none, and a cluster against none at two tokens), so a mix-up shows."""
   registered = nf._ffi.REGISTERED | {moe_ops.CUDA_TARGET, moe_pair.CUDA_TARGET}
   monkeypatch.setattr(nf._ffi, "REGISTERED", registered)
+  monkeypatch.setattr(moe_ops._ffi, "sm_count", lambda: 132)
+  monkeypatch.setattr(moe_ops._ffi, "moe_blocks_per_sm", lambda *a, **kw: 2)
+  monkeypatch.setattr(moe_ops._ffi, "blocks_per_sm", lambda *a, **kw: 2)
+  monkeypatch.setattr(moe_ops._ffi, "cluster_limit", lambda *a, **kw: 8)
+  if not k_sliced:
+    monkeypatch.setattr(moe_ops, "choose_moe_k_slices", lambda *a, **kw: 1)
   monkeypatch.setenv(moe_pair.ENV, "1")
-  h, i, e, k = 2048, 768, 16, 4
-  x, w13, w2, _, _ = _weights(rng, m, h, i, e, gated=True)
-  p13, p2 = nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2)
-  tw, ti = _distinct_topk(rng, m, e, k)
-  text = _pair_calls(lambda a: nf.fused_moe(a, p13, p2, topk_weights=tw, topk_ids=ti,
-                                            backend="auto"), x)
+  e, h, i, k = 8, 4096, 14336, 2
+  w13, w2 = _abstract_prepared(e, 2 * i, h, gate_up_pairs=True), _abstract_prepared(e, h, i)
+  x = jax.ShapeDtypeStruct((m, h), dtype)
+  tw, ti = jax.ShapeDtypeStruct((m, k), jnp.float32), jax.ShapeDtypeStruct((m, k), jnp.int32)
+  lower = lambda backend: jax.jit(lambda *a: nf.fused_moe(
+      a[0], a[1], a[2], topk_weights=a[3], topk_ids=a[4], backend=backend)).trace(
+          x, w13, w2, tw, ti).lower(lowering_platforms=("cuda",)).as_text()
+  text = lower("auto")
   assert text.count(moe_pair.CUDA_TARGET) == 1 and moe_ops.CUDA_TARGET not in text
+  line = next(ln for ln in text.splitlines() if moe_pair.CUDA_TARGET in ln)
+  got = _attributes(line)
   block_m = nf.choose_block_m(m, k, e)
   num_slots = capacity(m * k, e, block_m)
-  line = next(ln for ln in text.splitlines() if moe_pair.CUDA_TARGET in ln)
-  for g, (n, kk) in ((1, (2 * i, h)), (2, (h, i))):
-    ks, splits, cluster, tiles = moe_ops.moe_launch_spec(num_slots, n, kk, block_m, m)
-    assert f"k_slices{g} = {ks} : i64" in line
-    assert f"splits{g} = {splits} : i64" in line
-    assert f"tiles_per_block{g} = {tiles} : i64" in line
-    assert f"cluster{g} = {'true' if cluster else 'false'}" in line
-  assert f"block_m = {block_m} : i64" in line and "activation = 1 : i64" in line
-  assert f"num_rows_out = {m * k} : i64" in line and f"top_k = {k} : i64" in line
+  specs = [moe_ops.moe_launch_spec(num_slots, n, kk, block_m, m, dtype == jnp.bfloat16)
+           for n, kk in ((2 * i, h), (h, i))]
+  assert specs[0] != specs[1]  # the case tells the GEMMs apart
+  workspaces = []
+  for g, (ks, splits, cluster, tiles) in zip((1, 2), specs):
+    assert got[f"k_slices{g}"] == str(ks) and got[f"splits{g}"] == str(splits)
+    assert got[f"tiles_per_block{g}"] == str(tiles)
+    assert got[f"cluster{g}"] == ("true" if cluster else "false")
+    n = 2 * i if g == 1 else h
+    workspaces.append(moe_ops.moe_workspace_bytes(num_slots, n, block_m, splits, cluster))
+  assert got["block_m"] == str(block_m) and got["activation"] == "1"
+  assert got["num_rows_out"] == str(m * k) and got["top_k"] == str(k)
+  assert got["n1"] == str(2 * i) and got["k1"] == str(h) and got["n2"] == str(h)
+  x_type = "bf16" if dtype == jnp.bfloat16 else "f16"
+  results = line.split("->")[-1]
+  assert (f"tensor<{m * k}x{h}x{x_type}>, tensor<{m * k}x{i}x{x_type}>, "
+          f"tensor<{workspaces[0]}xui8>, tensor<{workspaces[1]}xui8>") in results
   # backend="reference" never reaches a kernel.
-  text = _pair_calls(lambda a: nf.fused_moe(a, p13, p2, topk_weights=tw, topk_ids=ti,
-                                            backend="reference"), x)
+  text = lower("reference")
   assert moe_pair.CUDA_TARGET not in text and moe_ops.CUDA_TARGET not in text
 
 

@@ -94,7 +94,10 @@ def worker():
       def same(fn, arg, ref):
         with jax.set_mesh(mesh):
           got = wrap(fn)(arg)
-        pairs = zip(jax.tree.leaves(got), jax.tree.leaves(ref))
+        # The tree structure holds the static fields (n, k, gate_up_pairs) and the leaf count.
+        if jax.tree.structure(got) != jax.tree.structure(ref):
+          return False
+        pairs = zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True)
         return all(a.shape == b.shape and np.asarray(a).tobytes() == np.asarray(b).tobytes()
                    for a, b in pairs)
       ws = parallel.shard_weight(w, mesh, n_axis=n_axis, k_axis=k_axis)

@@ -78,6 +78,10 @@ def align_tokens(topk_ids: jax.Array, num_experts: int, block_m: int,
     expert_map: optional int ``[E]``: global id -> local expert id, or -1 where the expert lives
       on another device. Blocks of such experts keep their place but get block expert -1, so
       their rows are never computed (they stay zero; an expert-parallel combine sums devices).
+      Its values become block experts as they are: each must be -1 or below the local weights'
+      expert count, which ``nvfp4_moe_gemm``'s kernel does not check (a traced map is not
+      checked here either; ``fused_moe`` maps values outside ``[0, E_local)`` to -1).
+      Without a map, ``num_experts`` must not exceed the weights' expert count likewise.
     backend: None/``"auto"`` (one CUDA kernel when lowering for a GPU with the kernels built,
       ``align_reference`` elsewhere), ``"cuda"`` (the kernel; a ``ValueError`` where it cannot
       lower) or ``"reference"``. Every backend gives the same bits.
