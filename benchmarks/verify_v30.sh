@@ -3,8 +3,9 @@
 # addressing and row-group x copies made the default), NOTES_moe.md v28 (relu2 fused into GEMM 1)
 # and v29 (the one-handler pair, opt-in, and its GPU test). The extension build, compute-
 # sanitizer on memcheck_{dense,moe,route} beside every GPU test (SHARDS pytest processes of LIMIT
-# seconds), then, in what is left of BUDGET seconds: moe_pair_lab.sh (NOTES_moe.md v27),
-# profile_moe at T = 1 and 16 with and without JAX_NVFP4_MOE_PAIR=1, bench_dense at M = 1 and 16
+# seconds), then, in what is left of BUDGET seconds: copy_bandwidth_check.py (NOTES_dense.md
+# v30), profile_moe at T = 1 and 16 with and without JAX_NVFP4_MOE_PAIR=1, moe_pair_lab.sh
+# (NOTES_moe.md v27), bench_dense at M = 1 and 16
 # (with cuBLAS), and the MoE notebook re-run in place (its stored relu2 figure). Output under
 # $OUT:
 #   bash benchmarks/verify_v30.sh [SHARDS] [LIMIT] [BUDGET]
@@ -29,13 +30,14 @@ grep -h "^FAILED\|^ERROR" "$out"/verify_*.log | head -20
 echo "[verify_v30] $(left) s left for the benchmarks"
 # What the roofline's copy bandwidth is, old and new method (seconds; NOTES_dense.md v30).
 timeout 60 python3 benchmarks/copy_bandwidth_check.py | tee "$out/copy_bandwidth_check.txt"
-# NOTES_moe.md v27 first (about a minute): the layers' GEMM pairs with and without PDL.
-if [ "$(left)" -gt 70 ]; then
-  PREBUILT=1 timeout "$(( $(left) - 10 ))" bash benchmarks/moe_pair_lab.sh
-fi
+# The layers with and without the pair (NOTES_moe.md v29; about two minutes), then the lab's
+# bare-stream view of the same question (v27; about a minute).
 if [ "$(left)" -gt 60 ]; then
   (cd benchmarks && timeout "$(( $(left) - 5 ))" python3 profile_moe.py --tokens 1,16 \
      --variants fused_moe,pair --out "$out/profile_moe_v30.json" | grep span)
+fi
+if [ "$(left)" -gt 70 ]; then
+  PREBUILT=1 timeout "$(( $(left) - 10 ))" bash benchmarks/moe_pair_lab.sh
 fi
 if [ "$(left)" -gt 90 ]; then
   timeout "$(( $(left) - 45 ))" python3 benchmarks/bench_dense.py --ms 1,16 \
