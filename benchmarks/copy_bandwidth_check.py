@@ -12,27 +12,11 @@ shares in results before that date (share_new = share_old * legacy / new).
 from __future__ import annotations
 
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
-from jax_nvfp4.bench.common import copy_bandwidth, legacy_copy_bandwidth
-
-
-def read_bandwidth() -> float:
-  n = 1 << 28
-  arrays = [jnp.full((n,), i, jnp.float32) for i in range(2)]
-  f = jax.jit(jnp.sum)
-  jax.block_until_ready(f(arrays[0]))
-  times = []
-  for _ in range(5):
-    t0 = time.perf_counter()
-    for i in range(8):
-      out = f(arrays[i % 2])
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - t0)
-  return 8 * n * 4 / statistics.median(times)
+from jax_nvfp4.bench.common import copy_bandwidth, legacy_copy_bandwidth, stream_bandwidth
 
 
 def torch_copy_bandwidth() -> float | None:
@@ -66,7 +50,8 @@ def main():
   tc = torch_copy_bandwidth()
   if tc is not None:
     print(f"torch copy_ (CUDA events):                 {tc / 1e9:7.0f} GB/s")
-  print(f"read only (jnp.sum):                       {read_bandwidth() / 1e9:7.0f} GB/s")
+  read = stream_bandwidth(jnp.sum, 4)
+  print(f"read only (jnp.sum):                       {read / 1e9:7.0f} GB/s")
 
 
 if __name__ == "__main__":

@@ -128,29 +128,28 @@ def run_model(config: demo_model.DemoConfig, *, tokens: int, seed: int, iters: i
     print(f"  as prepared for the kernels (N padded to 16, K to 64): {lin_p} B")
 
   fwd = jax.jit(functools.partial(demo_model.forward, config=config))
+  # The two models compared for rounding also say which experts each token took.
+  fwd_routes = jax.jit(functools.partial(demo_model.forward, config=config, with_routes=True))
   _progress("compiling and running the NVFP4 model (jax.jit)")
-  h_q, l_q = jax.block_until_ready(fwd(run_params, ids))
+  h_q, l_q, r_q = jax.block_until_ready(fwd_routes(run_params, ids))
   _progress("compiling and running the bf16 model (jax.jit)")
   h_b, l_b = jax.block_until_ready(fwd(params, ids))
-  h_d, l_d = fwd(demo_model.dequantize_params(qparams), ids)
+  h_d, l_d, r_d = fwd_routes(demo_model.dequantize_params(qparams), ids)
   print(f"rel-L2 error, NVFP4 model vs the bf16 model: hidden states {_rel_l2(h_q, h_b):.3e}, "
         f"logits {_rel_l2(l_q, l_b):.3e}")
   print(f"rel-L2 error, NVFP4 model vs the bf16 model running the dequantized weights (no "
         f"quantization, rounding only): hidden states {_rel_l2(h_q, h_d):.3e}, logits "
-        f"{_rel_l2(l_q, l_d):.3e}{_route_note(config, run_params, qparams, ids)}")
+        f"{_rel_l2(l_q, l_d):.3e}{_route_note(np.asarray(r_q), np.asarray(r_d))}")
   _timing([("nvfp4", fwd, (run_params, ids)), ("bf16", fwd, (params, ids))], iters)
   return 0
 
 
-def _route_note(config, run_params, qparams, ids) -> str:
-  """How many top-k expert choices differ between the NVFP4 model and the dequantized bf16 one:
-  rounding can flip a choice, and one flipped choice moves the "rounding only" error far beyond
-  rounding (10x here)."""
-  if not any(config.is_moe(b) for b in range(config.blocks)):
+def _route_note(r_q: np.ndarray, r_d: np.ndarray) -> str:
+  """How many tokens' top-k experts (``[blocks, T, k]``) differ between the NVFP4 model and the
+  dequantized bf16 one: rounding can flip a choice, and one flipped choice moves the "rounding
+  only" error far beyond rounding (10x here). Empty without MoE blocks."""
+  if r_q.shape[0] == 0:
     return ""
-  routes = jax.jit(functools.partial(demo_model.forward, config=config, with_routes=True))
-  r_q = np.asarray(routes(run_params, ids)[2])
-  r_d = np.asarray(routes(demo_model.dequantize_params(qparams), ids)[2])
   return (f" ({int((r_q != r_d).any(-1).sum())} of {r_q.shape[0] * r_q.shape[1]} tokens' "
           "top-k experts differ between the two runs; a token routed differently moves this far "
           "beyond rounding)")

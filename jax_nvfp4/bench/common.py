@@ -57,38 +57,38 @@ def time_per_call(fn, *lists, runs: int, trials: int) -> float:
   return statistics.median(times) / (runs * len(lists[0]))
 
 
-def copy_bandwidth() -> float:
-  """Device-to-device copy bandwidth in bytes/s (bytes read + written; module docstring)."""
-  n = 1 << 28 if jax.default_backend() == "gpu" else 1 << 22  # 1 GiB of f32 on a GPU
-  calls = 8
+def _elements() -> int:
+  return 1 << 28 if jax.default_backend() == "gpu" else 1 << 22  # 1 GiB of f32 on a GPU
+
+
+def stream_bandwidth(f, bytes_per_element: int, calls: int = 8) -> float:
+  """Bytes/s of ``jax.jit(f)`` over a float32 array of ``_elements()``, moving
+  ``bytes_per_element`` per element and call: ``calls`` calls back to back on two arrays in
+  turn (dispatch overlapped, one result alive at a time), median of 5 after a warm-up."""
+  n = _elements()
   arrays = [jnp.full((n,), i, jnp.float32) for i in range(2)]
-  f = jax.jit(lambda a: a * jnp.float32(2))
+  f = jax.jit(f)
   jax.block_until_ready(f(arrays[0]))
   times = []
   for _ in range(5):
     t0 = time.perf_counter()
-    for i in range(calls):  # one result alive at a time: no GiB of outputs piling up
+    for i in range(calls):
       out = f(arrays[i % 2])
     jax.block_until_ready(out)
     times.append(time.perf_counter() - t0)
   del arrays, out
-  return calls * 2 * n * 4 / statistics.median(times)
+  return calls * bytes_per_element * n / statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+  """Device-to-device copy bandwidth in bytes/s (bytes read + written; module docstring)."""
+  return stream_bandwidth(lambda a: a * jnp.float32(2), 2 * 4)
 
 
 def legacy_copy_bandwidth() -> float:
   """The figure ``copy_bandwidth`` gave until 2026-12-05 (four outputs ``a + i`` counted as four
   reads and four writes), to rescale earlier results: shares times legacy / new."""
-  n = 1 << 28 if jax.default_backend() == "gpu" else 1 << 22
-  a = jnp.ones((n,), jnp.float32)
-  f = jax.jit(lambda a: [a + jnp.float32(i) for i in range(4)])
-  jax.block_until_ready(f(a))
-  times = []
-  for _ in range(5):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(a))
-    times.append(time.perf_counter() - t0)
-  del a
-  return 4 * 2 * n * 4 / statistics.median(times)
+  return stream_bandwidth(lambda a: [a + jnp.float32(i) for i in range(4)], 4 * 2 * 4, calls=1)
 
 
 def gpu_events(trace_dir: str) -> list[dict]:

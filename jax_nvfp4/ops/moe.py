@@ -726,9 +726,12 @@ def _check_expert_map(expert_map, e_local):
     if len(np.unique(local)) != len(local):
       raise ValueError("fused_moe: expert_map maps two global experts to one local expert")
   expert_map = expert_map.astype(jnp.int32)
-  # A traced map is not checked above: a value outside [0, E_local) would name an expert the
-  # weights do not hold (a read past them in the kernel), so it counts as held elsewhere.
-  return jnp.where((expert_map >= 0) & (expert_map < e_local), expert_map, -1), e_global
+  if values is None:
+    # Not checked above: a value outside [0, E_local) would name an expert the weights do not
+    # hold (a read past them in the kernel), so it counts as held elsewhere. A concrete map
+    # was checked, so its layer pays for no such op.
+    expert_map = jnp.where((expert_map >= 0) & (expert_map < e_local), expert_map, -1)
+  return expert_map, e_global
 
 
 def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
@@ -908,22 +911,22 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
     w13_bias = interleave_gate_up(w13_bias, 1, n13 // 16)
   # Imported here: moe_pair builds on this module's primitive.
   from jax_nvfp4.ops import moe_pair  # pylint: disable=import-outside-toplevel
-  if (fused and moe_pair.pair_enabled() and isinstance(w13, PreparedNVFP4Weight)
-      and isinstance(w2, PreparedNVFP4Weight)):
-    # Both GEMMs in one call (JAX_NVFP4_MOE_PAIR=1): the same bits, one handler.
+  one_call = (fused and moe_pair.pair_enabled() and isinstance(w13, PreparedNVFP4Weight)
+              and isinstance(w2, PreparedNVFP4Weight))
+  if one_call:  # both GEMMs in one handler (JAX_NVFP4_MOE_PAIR=1): the same bits
     y = moe_pair.nvfp4_moe_pair(x2, w13, w2, alignment, top_k=k,
                                 topk_weights=topk_weights.reshape(rows), activation=activation,
                                 limit=limit, alpha=alpha, w13_bias=w13_bias, w2_bias=w2_bias,
                                 zero_unwritten=False, backend=primitive_backend,
                                 expert_rows=m)                             # [M*k, H]
+  elif fused:
+    a = gemm(x2, w13, gather_div=k, bias=w13_bias, zero_unwritten=False,
+             activation=activation, limit=limit, alpha=alpha)              # [M*k, I]
   else:
-    if fused:
-      a = gemm(x2, w13, gather_div=k, bias=w13_bias, zero_unwritten=False,
-               activation=activation, limit=limit, alpha=alpha)            # [M*k, I]
-    else:
-      h = gemm(x2, w13, gather_div=k, bias=w13_bias, zero_unwritten=False)  # [M*k, 2I]
-      a = apply_activation(h, activation, intermediate_size=inter, limit=limit, alpha=alpha,
-                           dtype=x.dtype)                                  # [M*k, I]
+    h = gemm(x2, w13, gather_div=k, bias=w13_bias, zero_unwritten=False)  # [M*k, 2I]
+    a = apply_activation(h, activation, intermediate_size=inter, limit=limit, alpha=alpha,
+                         dtype=x.dtype)                                    # [M*k, I]
+  if not one_call:
     y = gemm(a, w2, gather_div=1, topk_weights=topk_weights.reshape(rows),
              bias=w2_bias, zero_unwritten=False)                           # [M*k, H]
   kept = (topk_ids >= 0) & (topk_ids < e_global)
