@@ -2,8 +2,9 @@
 # the GPU machine. Results go under $out (${OUT:-/tmp/out}).
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-# The extension itself for sm_90a (pip, no network), its CUDA flags set to DEFINES ("" for the
-# shipped build), the log in $out/LOG; prints the log's tail and fails if the build failed.
+# The extension itself for sm_90a (pip, no network; BUILD_ARCHS=80-virtual: sm_80 PTX only, see
+# verify_sm80_code.sh), its CUDA flags set to DEFINES ("" for the shipped build), the log in
+# $out/LOG; prints the log's tail and fails if the build failed.
 build_extension() {  # LOG [DEFINES]
   local log=$1 defines=${2:-}
   # The sources arrive with this checkout's mtimes, which can be older than objects left in
@@ -11,7 +12,8 @@ build_extension() {  # LOG [DEFINES]
   touch csrc/*
   # CMAKE_CUDA_FLAGS always set: a define stays in the CMake cache of build/ otherwise, and the
   # next build would silently keep it.
-  JAX_NVFP4_CUDA_ARCHS=90a python3 -m pip install -q --no-build-isolation --no-deps -e . \
+  JAX_NVFP4_CUDA_ARCHS=${BUILD_ARCHS:-90a} python3 -m pip install -q --no-build-isolation \
+    --no-deps -e . \
     -C cmake.define.CMAKE_CUDA_FLAGS="$defines" > "$out/$log" 2>&1 \
     || { tail -40 "$out/$log"; return 1; }
 }

@@ -19,6 +19,11 @@ extern "C" int jax_nvfp4_moe_blocks_per_sm(int mt, int bf16, int k_slices, int r
 extern "C" int jax_nvfp4_cluster_limit(int mt, int bf16);
 extern "C" int jax_nvfp4_moe_cluster_limit(int mt, int bf16);
 extern "C" int jax_nvfp4_moe_lab_timeline(int n16, unsigned long long *out, int blocks);
+extern "C" void jax_nvfp4_loaded_code(int mt, int bf16, int *out);
+extern "C" void jax_nvfp4_moe_loaded_code(int mt, int bf16, int *out);
+#endif
+#ifndef JAX_NVFP4_CUDA_ARCHITECTURES
+#define JAX_NVFP4_CUDA_ARCHITECTURES ""
 #endif
 
 namespace nb = nanobind;
@@ -79,6 +84,27 @@ NB_MODULE(_C, m) {
     return 0;
 #endif
   }, "Largest K split the cluster reduction launches for token tile mt (0: not on this device).");
+  m.def("loaded_code", [](int mt, bool bf16, bool moe) {
+    int code[3] = {0, 0, 0};
+#ifdef JAX_NVFP4_WITH_CUDA
+    if (moe) {
+      jax_nvfp4_moe_loaded_code(mt, bf16 ? 1 : 0, code);
+    } else {
+      jax_nvfp4_loaded_code(mt, bf16 ? 1 : 0, code);
+    }
+#endif
+    nb::dict d;
+    d["arch"] = code[0];
+    d["pdl"] = code[1] != 0;
+    d["cluster_limit"] = code[2];
+    return d;
+  }, "What the loaded code of the kernel for token tile mt is on the current device: the "
+     "architecture it was compiled for (90 for sm_90a code, 80 for sm_80 PTX the driver compiled "
+     "for a newer GPU; 0: unknown), whether its launches overlap the previous kernel (pdl) and "
+     "its cluster_limit.");
+  m.def("cuda_architectures", []() { return nb::str(JAX_NVFP4_CUDA_ARCHITECTURES); },
+        "The CUDA architectures the kernels were built for, comma-separated as CMake's "
+        "CUDA_ARCHITECTURES (80-virtual: PTX only); empty without CUDA.");
   m.def("moe_lab_timeline_reset", [](int n16) {
 #ifdef JAX_NVFP4_WITH_CUDA
     return jax_nvfp4_moe_lab_timeline(n16, nullptr, 0) >= 0;

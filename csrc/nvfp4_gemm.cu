@@ -107,6 +107,16 @@ extern "C" int jax_nvfp4_cluster_limit(int mt, int bf16) {
   return jax_nvfp4::cluster_limit<false>(mt, bf16 != 0);
 }
 
+// The architecture the loaded code of token tile mt was compiled for, whether its launches may
+// overlap the previous kernel (PDL) and its cluster limit, on the current device:
+// out = {arch, pdl, cluster_limit} (jax_nvfp4._C.loaded_code).
+extern "C" void jax_nvfp4_loaded_code(int mt, int bf16, int *out) {
+  const jax_nvfp4::LoadedCode code = jax_nvfp4::loaded_code<false>(mt, bf16 != 0);
+  out[0] = code.arch;
+  out[1] = code.pdl;
+  out[2] = code.cluster_limit;
+}
+
 // Resident blocks per SM for token tile mt (the split-K choice fills one wave); 0 if unknown.
 extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16, int k_slices, int rows) {
   return jax_nvfp4::blocks_per_sm<false>(mt, bf16 != 0, k_slices, rows);

@@ -599,15 +599,21 @@ cudaError_t allow_shared_memory() {
   });
 }
 
-// The SASS version of the code the runtime loaded for this instantiation (90 for sm_90 code),
-// 0 if it cannot say.
+// The architecture the loaded code of this instantiation was compiled for (90 for sm_90a code),
+// 0 if the runtime cannot say. Not binaryVersion alone: where the build holds no SASS for the
+// device, the driver compiles the PTX of an older architecture for it (a build for 80 only on
+// an H100; the default build's compute_89 on a GPU newer than sm_90), and binaryVersion then
+// names the device, while the code is the older architecture's: no griddepcontrol.wait, no
+// cluster barrier (a cluster launch of it traps, and an overlapped launch of it could read its
+// inputs before the previous kernel's writes are visible). ptxVersion names the source's.
 template <typename T, int MT, bool kMoe, int KS, int XR = 8 * MT, int SC = 0>
-int loaded_binary_version() {
+int loaded_code_arch() {
   cudaFuncAttributes attr{};
   if (cudaFuncGetAttributes(&attr, nvfp4_kernel<T, MT, kMoe, KS, XR, SC>) != cudaSuccess) {
     cudaGetLastError();  // not the next launch's error
     return 0;
   }
+  if (attr.ptxVersion > 0 && attr.ptxVersion < attr.binaryVersion) return attr.ptxVersion;
   return attr.binaryVersion;
 }
 
@@ -622,12 +628,12 @@ cudaError_t allow_large_clusters() {
 }
 
 // The largest split count the cluster reduction can launch for this instantiation on the
-// current device: 0 where the loaded code is not sm_90 (the cluster path traps there) or no
-// cluster fits. One answer per device.
+// current device: 0 where the loaded code was not compiled for sm_90 (the cluster path traps
+// there) or no cluster fits. One answer per device.
 template <typename T, int MT, bool kMoe>
 int cluster_limit_typed() {
   return per_device([] {
-    const int version = loaded_binary_version<T, MT, kMoe, 1>();
+    const int version = loaded_code_arch<T, MT, kMoe, 1>();
     if (version < 90 || version >= 100) return 0;
     if (allow_shared_memory<T, MT, kMoe>() != cudaSuccess) return 0;
     if (allow_large_clusters<T, MT, kMoe>() != cudaSuccess) return 0;
@@ -657,8 +663,8 @@ int cluster_limit_typed() {
 }
 
 // Whether launches of this instantiation may overlap the previous kernel in the stream
-// (programmatic dependent launch): only where the loaded code is sm_90 or newer, so that it
-// holds the griddepcontrol.wait that makes the overlap safe, and unless JAX_NVFP4_PDL=0 (an
+// (programmatic dependent launch): only where the loaded code was compiled for sm_90 or newer,
+// so that it holds the griddepcontrol.wait that makes the overlap safe, and unless JAX_NVFP4_PDL=0 (an
 // escape hatch and the A/B switch of the benchmarks). One answer per device (GPUs of one
 // process may differ in architecture).
 template <typename T, int MT, bool kMoe, int KS, int XR, int SC>
@@ -666,7 +672,7 @@ bool pdl_allowed() {
   return per_device([] {
     const char *env = std::getenv("JAX_NVFP4_PDL");
     if (env != nullptr && std::string(env) == "0") return false;
-    return loaded_binary_version<T, MT, kMoe, KS, XR, SC>() >= 90;
+    return loaded_code_arch<T, MT, kMoe, KS, XR, SC>() >= 90;
   });
 }
 
@@ -812,18 +818,36 @@ cudaError_t launch(const GemmParams &p, bool bf16, int mt, int token_tiles, cuda
 #undef JAX_NVFP4_LAUNCH
 }
 
+// What the loaded code of the unsliced token-tile-`mt` instantiation is and may do on the current
+// device (the GPU tests check these against the build's architectures and the device).
+struct LoadedCode {
+  int arch;           // loaded_code_arch
+  bool pdl;           // pdl_allowed
+  int cluster_limit;  // cluster_limit_typed
+};
+
+template <bool kMoe>
+LoadedCode loaded_code(int mt, bool bf16) {
+#define JAX_NVFP4_CODE(T_, MT_)                                                     \
+  return LoadedCode{loaded_code_arch<T_, MT_, kMoe, 1>(),                           \
+                    pdl_allowed<T_, MT_, kMoe, 1, 8 * MT_, 0>(),                    \
+                    cluster_limit_typed<T_, MT_, kMoe>()}
+#define JAX_NVFP4_TILE(MT_)                                                         \
+  if (bf16) JAX_NVFP4_CODE(__nv_bfloat16, MT_);                                     \
+  JAX_NVFP4_CODE(__half, MT_)
+  switch (mt) {
+    case 1: JAX_NVFP4_TILE(1);
+    case 2: JAX_NVFP4_TILE(2);
+    case 4: JAX_NVFP4_TILE(4);
+    default: JAX_NVFP4_TILE(8);
+  }
+#undef JAX_NVFP4_TILE
+#undef JAX_NVFP4_CODE
+}
+
 template <bool kMoe>
 int cluster_limit(int mt, bool bf16) {
-#define JAX_NVFP4_LIMIT(MT_)                                                          \
-  return bf16 ? cluster_limit_typed<__nv_bfloat16, MT_, kMoe>()                       \
-              : cluster_limit_typed<__half, MT_, kMoe>()
-  switch (mt) {
-    case 1: JAX_NVFP4_LIMIT(1);
-    case 2: JAX_NVFP4_LIMIT(2);
-    case 4: JAX_NVFP4_LIMIT(4);
-    default: JAX_NVFP4_LIMIT(8);
-  }
-#undef JAX_NVFP4_LIMIT
+  return loaded_code<kMoe>(mt, bf16).cluster_limit;
 }
 
 template <typename T, int MT, bool kMoe, int KS, int XR = 8 * MT>

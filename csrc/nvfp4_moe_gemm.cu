@@ -336,6 +336,13 @@ extern "C" int jax_nvfp4_moe_cluster_limit(int mt, int bf16) {
   return jax_nvfp4::cluster_limit<true>(mt, bf16 != 0);
 }
 
+extern "C" void jax_nvfp4_moe_loaded_code(int mt, int bf16, int *out) {
+  const jax_nvfp4::LoadedCode code = jax_nvfp4::loaded_code<true>(mt, bf16 != 0);
+  out[0] = code.arch;
+  out[1] = code.pdl;
+  out[2] = code.cluster_limit;
+}
+
 // The lab timeline of this unit's kernels (nvfp4_tile.cuh, built with
 // -DJAX_NVFP4_LAB_TIMELINE=1; benchmarks/moe_timeline.py): with out == nullptr, clears it and
 // records from now on only launches of weights with n16 N tiles (0: all); else copies up to

@@ -56,3 +56,22 @@ def cluster_limit(m_tile: int, bf16: bool, moe: bool) -> int:
   ``m_tile``; 0 when the device or the build has no cluster path (split K then reduces through
   a global workspace)."""
   return int(_C.cluster_limit(m_tile, bf16, moe)) if cuda_kernels_built() else 0
+
+
+def cuda_architectures() -> tuple[str, ...]:
+  """The CUDA architectures the kernels were built for, as CMake's CUDA_ARCHITECTURES entries
+  (``"90a"``: its SASS and PTX, ``"80-virtual"``: PTX only); empty without the kernels."""
+  if not cuda_kernels_built():
+    return ()
+  return tuple(a for a in str(_C.cuda_architectures()).split(",") if a)
+
+
+def loaded_code(m_tile: int, bf16: bool = True, moe: bool = False) -> dict:
+  """What the driver loaded for the kernel of token tile ``m_tile`` on the current device:
+  ``arch``, the architecture its code was compiled for (90 for sm_90a; 80 where the driver
+  compiled sm_80 PTX for a newer GPU; 0 unknown), ``pdl`` (its launches may overlap the previous
+  kernel: needs sm_90 code) and ``cluster_limit`` (0 without sm_90 code). Empty without the
+  kernels."""
+  if not cuda_kernels_built():
+    return {}
+  return dict(_C.loaded_code(m_tile, bf16, moe))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import types
 
 import jax
@@ -228,3 +229,28 @@ def test_a_cuda_build_registers_every_target_the_ops_lower_to():
   assert wanted <= _ffi.REGISTERED, (f"the extension lacks {sorted(wanted - _ffi.REGISTERED)}: "
                                      "rebuild jax_nvfp4 (bash scripts/test.sh does)")
   assert _ffi.REGISTERED <= wanted, f"handlers no op lowers to: {sorted(_ffi.REGISTERED - wanted)}"
+
+
+def test_a_cuda_build_names_its_architectures_and_its_loaded_code():
+  """The build says what it holds (CMake's entries), and asking what the driver loaded answers
+  on any machine: nothing loaded (arch 0, no overlapped launch, no cluster) without a GPU."""
+  if not _ffi.cuda_kernels_built():
+    assert _ffi.cuda_architectures() == () and _ffi.loaded_code(1) == {}
+    pytest.skip(f"no CUDA kernels in this build ({_ffi.why_no_kernels()})")
+  archs = _ffi.cuda_architectures()
+  assert archs and all(re.fullmatch(r"[0-9]{2,3}[af]?(-real|-virtual)?", a) for a in archs), archs
+  if not any(d.platform == "gpu" for d in jax.devices()):
+    for moe in (False, True):
+      assert _ffi.loaded_code(8, False, moe) == {"arch": 0, "pdl": False, "cluster_limit": 0}
+
+
+def test_arch_the_driver_loads_by_hand():
+  """The rule the launch-feature GPU test expects the driver to follow (tests/_cuda_arch.py)."""
+  from tests._cuda_arch import arch_the_driver_loads
+  assert arch_the_driver_loads(["80", "86", "89", "90a"], 90) == 90
+  assert arch_the_driver_loads(["80", "86", "89", "90a"], 86) == 86
+  assert arch_the_driver_loads(["80", "86", "89", "90a"], 87) == 86
+  assert arch_the_driver_loads(["80", "86", "89", "90a"], 100) == 89  # PTX, compiled by the driver
+  assert arch_the_driver_loads(["80-virtual"], 90) == 80
+  assert arch_the_driver_loads(["80"], 90) == 80
+  assert arch_the_driver_loads(["80-real"], 90) == 0

@@ -16,6 +16,7 @@ import jax_nvfp4 as nf
 from jax_nvfp4.ops import dense
 from jax_nvfp4.ops import moe as moe_ops
 from tests import numpy_reference as npref
+from tests._cuda_arch import arch_the_driver_loads
 
 pytestmark = pytest.mark.gpu
 
@@ -144,12 +145,39 @@ needs_cluster = pytest.mark.skipif(
     not dense.use_cluster(2, 1), reason="no thread-block cluster path on this GPU (sm_90 only)")
 
 
+def device_arch() -> int:
+  major, _, minor = str(jax.devices()[0].compute_capability).partition(".")
+  return int(major) * 10 + int(minor or 0)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "f16"])
+@pytest.mark.parametrize("m_tile", [1, 2, 4, 8])
+def test_launch_features_follow_the_code_loaded(m_tile, bf16, moe):
+  """Overlapped launches (programmatic dependent launch) and clusters need code compiled for
+  sm_90: griddepcontrol.wait, the cluster barrier. Where a build has no SASS for the GPU the
+  driver compiles older PTX for it, and the device's arch then says nothing about the code. The
+  host must decide by the code's arch, which is CUDA's pick among the build's."""
+  from jax_nvfp4 import _ffi
+  code = _ffi.loaded_code(m_tile, bf16, moe)
+  want = arch_the_driver_loads(_ffi.cuda_architectures(), device_arch())
+  assert code["arch"] == want, (code, _ffi.cuda_architectures(), device_arch())
+  assert code["pdl"] == (want >= 90 and os.environ.get("JAX_NVFP4_PDL") != "0")
+  if want < 90:
+    assert code["cluster_limit"] == 0
+  elif device_arch() == 90:
+    assert code["cluster_limit"] >= 2
+
+
 def test_hopper_has_the_cluster_path():
   """The cluster tests skip by the library's own probe: on sm_90 that probe must say yes, or
   they would all skip instead of failing."""
+  from jax_nvfp4 import _ffi
   cc = getattr(jax.devices()[0], "compute_capability", "")
   if not str(cc).startswith("9."):
     pytest.skip(f"not an sm_90 GPU (compute capability {cc!r})")
+  if _ffi.loaded_code(1)["arch"] < 90:
+    pytest.skip(f"this build has no sm_90 code ({_ffi.cuda_architectures()}): sm_80 code runs")
   assert dense.use_cluster(2, 1)
   assert moe_ops.moe_cluster_limit(8) >= 2 and moe_ops.moe_cluster_limit(16) >= 2
 
