@@ -589,10 +589,33 @@ auto per_device(F compute) -> decltype(compute()) {
   return value[device];
 }
 
-// Above 48 KB of dynamic shared memory a kernel must opt in, once per process and device.
+// The most dynamic shared memory one block may opt in to on the current device: 227 KB on
+// sm_90, 163 KB on sm_80, 99 KB on sm_86 / sm_89 (A10, L4), where the unsliced blocks of
+// m_tile 2-8 (100-104 KB) do not fit and ops/dense.py falls back to smaller tiles. Lowered by
+// JAX_NVFP4_SMEM_LIMIT_KB, so that a larger GPU runs a smaller one's launch choices (the GPU
+// test of the fallback).
+inline int smem_limit() {
+  return per_device([] {
+    int device = 0, limit = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+            cudaSuccess) {
+      cudaGetLastError();  // not the next launch's error
+      return 0;
+    }
+    const char *env = std::getenv("JAX_NVFP4_SMEM_LIMIT_KB");
+    if (env != nullptr && std::atoi(env) > 0 && std::atoi(env) * 1024 < limit)
+      limit = std::atoi(env) * 1024;
+    return limit;
+  });
+}
+
+// Above 48 KB of dynamic shared memory a kernel must opt in, once per process and device; a
+// block above smem_limit() cannot launch here (the runtime's own answer, or the test limit's).
 template <typename T, int MT, bool kMoe, int KS = 1, int XR = 8 * MT, int SC = 0>
 cudaError_t allow_shared_memory() {
   return per_device([] {
+    if (TileConfig<MT, KS, XR, SC>::kSmemBytes > smem_limit()) return cudaErrorInvalidValue;
     return cudaFuncSetAttribute(nvfp4_kernel<T, MT, kMoe, KS, XR, SC>,
                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 TileConfig<MT, KS, XR, SC>::kSmemBytes);
@@ -664,9 +687,9 @@ int cluster_limit_typed() {
 
 // Whether launches of this instantiation may overlap the previous kernel in the stream
 // (programmatic dependent launch): only where the loaded code was compiled for sm_90 or newer,
-// so that it holds the griddepcontrol.wait that makes the overlap safe, and unless JAX_NVFP4_PDL=0 (an
-// escape hatch and the A/B switch of the benchmarks). One answer per device (GPUs of one
-// process may differ in architecture).
+// so that it holds the griddepcontrol.wait that makes the overlap safe, and unless
+// JAX_NVFP4_PDL=0 (an escape hatch and the A/B switch of the benchmarks). One answer per device
+// (GPUs of one process may differ in architecture).
 template <typename T, int MT, bool kMoe, int KS, int XR, int SC>
 bool pdl_allowed() {
   return per_device([] {

@@ -281,3 +281,51 @@ def test_weights_beyond_the_kernels_32_bit_addressing_are_refused():
     dense.check_kernel_weight_size("op", 131072, 1048576)  # 8192 * 16384 * 32 = 2^32
   with pytest.raises(ValueError, match="split N"):
     dense.check_kernel_weight_size("op", 16 * 2**27, 64)
+
+
+def _fits_below(largest_m_tile):
+  """An occupancy query of a GPU where unsliced blocks up to ``largest_m_tile`` launch."""
+  return lambda mt, bf16=True, k_slices=1, rows=0: (
+      2 if k_slices == 1 and mt <= largest_m_tile else 0)
+
+
+def test_a_gpu_without_room_for_large_tiles_runs_smaller_ones(monkeypatch):
+  """Where a block gets 99 KB of shared memory (sm_86 / sm_89: A10, L4) only m_tile 1's
+  unsliced block (44 KB) launches: every M runs in 8-row tiles, unsliced, and a launch asked
+  for with a larger tile is refused at lowering. Where no GPU answers (the CPU's
+  cross-lowering), the tile M asks for."""
+  from jax_nvfp4.ops import dense
+  monkeypatch.setattr(dense._ffi, "sm_count", lambda: 58)
+  monkeypatch.setattr(dense._ffi, "blocks_per_sm", _fits_below(1))
+  monkeypatch.setattr(dense._ffi, "moe_blocks_per_sm", _fits_below(1))
+  monkeypatch.setattr(dense, "_sm_count", lambda: 58)
+  for m in (1, 8, 9, 16, 17, 33, 64, 512):
+    assert dense.choose_launch(m, 4096, 4096)[1] == 1
+    assert dense.choose_k_slices(m, 4096, 4096) == 1
+  assert [dense.fitting_m_tile(mt, moe) for moe in (False, True) for mt in (1, 2, 4, 8)] == [1] * 8
+  monkeypatch.setattr(dense._ffi, "blocks_per_sm", _fits_below(4))
+  assert [dense.fitting_m_tile(mt) for mt in (1, 2, 4, 8)] == [1, 2, 4, 4]
+  assert [dense.choose_launch(m, 4096, 4096)[1] for m in (16, 32, 33, 300)] == [2, 4, 4, 4]
+  monkeypatch.setattr(dense._ffi, "sm_count", lambda: 0)
+  assert [dense.fitting_m_tile(mt) for mt in (1, 2, 4, 8)] == [1, 2, 4, 8]
+
+
+def test_an_unlaunchable_tile_is_refused_at_lowering(monkeypatch):
+  from jax_nvfp4.ops import dense
+  if "jax_nvfp4_gemm_cuda" not in nf._ffi.REGISTERED:
+    pytest.skip("the dense kernel is not built (its lowering rule is registered with it)")
+  monkeypatch.setattr(dense._ffi, "sm_count", lambda: 58)
+  monkeypatch.setattr(dense._ffi, "blocks_per_sm", _fits_below(1))
+  from jax_nvfp4.prepare import kernel_shapes
+  n, k, m = 256, 512, 64
+  w_shape, s_shape = kernel_shapes(n, k)
+  args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct(w_shape, jnp.uint32),
+          jax.ShapeDtypeStruct(s_shape, jnp.uint8), jax.ShapeDtypeStruct((), jnp.float32),
+          jax.ShapeDtypeStruct((n,), jnp.float32))
+  def gemm(m_tile):
+    return lambda *a: dense.nvfp4_gemm_p.bind(*a, n=n, k=k, has_bias=False, splits=1,
+                                              m_tile=m_tile, cluster=False)[0]
+  text = jax.jit(gemm(1)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "jax_nvfp4_gemm_cuda" in text
+  with pytest.raises(ValueError, match=r"m_tile = 8 needs more shared memory .* m_tile <= 1 fits"):
+    jax.jit(gemm(8)).trace(*args).lower(lowering_platforms=("cuda",))

@@ -9,6 +9,7 @@ One grouped GEMM alone rounds once (the dense matmul's bounds).
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -915,3 +916,34 @@ def test_fused_activation_errors(rng):
     nf.fused_moe(x, nf.prepare(w13, gate_up_pairs=True), nf.prepare(w2),
                  topk_weights=np.ones((4, 1), np.float32), topk_ids=np.zeros((4, 1), np.int32),
                  activation="relu2")
+
+
+def test_a_gpu_without_room_for_large_tiles_takes_block_m_8(monkeypatch):
+  """Where a block gets 99 KB of shared memory (A10, L4) the grouped GEMM's blocks of 16-64
+  rows (100-104 KB) cannot launch: fused_moe aligns to 8-row blocks whatever the batch, and
+  refuses an explicit block_m above 8 before anything runs (cross-lowered for cuda with such
+  a GPU's occupancy patched in)."""
+  from jax_nvfp4.ops import dense
+  from tests.test_moe_pair import _abstract_prepared
+  monkeypatch.setattr(nf._ffi, "REGISTERED", nf._ffi.REGISTERED | {moe_ops.CUDA_TARGET})
+  monkeypatch.setattr(dense._ffi, "sm_count", lambda: 58)
+  monkeypatch.setattr(dense._ffi, "cluster_limit", lambda *a, **kw: 0)
+  e, h, i, m, k = 8, 256, 320, 512, 2
+  assert nf.choose_block_m(m, k, e) == 64
+  args = (jax.ShapeDtypeStruct((m, h), jnp.bfloat16), _abstract_prepared(e, 2 * i, h),
+          _abstract_prepared(e, h, i), jax.ShapeDtypeStruct((m, k), jnp.float32),
+          jax.ShapeDtypeStruct((m, k), jnp.int32))
+  lower = lambda **kw: jax.jit(lambda *a: nf.fused_moe(
+      a[0], a[1], a[2], topk_weights=a[3], topk_ids=a[4], **kw)).trace(*args).lower(
+          lowering_platforms=("cuda",)).as_text()
+  monkeypatch.setattr(dense._ffi, "moe_blocks_per_sm", lambda *a, **kw: 2)  # room for all
+  assert set(re.findall(r"block_m = (\d+)", lower())) == {"64"}
+  monkeypatch.setattr(dense._ffi, "moe_blocks_per_sm",
+                      lambda mt, bf16=True, k_slices=1, rows=0: 2 if mt == 1 else 0)
+  text = lower()
+  assert text.count(moe_ops.CUDA_TARGET) == 2
+  assert set(re.findall(r"block_m = (\d+)", text)) == {"8"}
+  with pytest.raises(ValueError, match=r"block_m = 16 needs more shared memory .* block_m <= 8"):
+    lower(block_m=16)
+  with pytest.raises(ValueError, match=r"nvfp4_moe_gemm: block_m = 32 needs more shared memory"):
+    moe_ops.check_block_m_fits("nvfp4_moe_gemm", 32)

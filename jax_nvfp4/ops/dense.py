@@ -104,7 +104,21 @@ _WARPS_PER_BLOCK = 8  # csrc/nvfp4_gemm.cu kWarps
 
 
 def _m_tile(m: int) -> int:
-  return 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+  return fitting_m_tile(1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8)
+
+
+def fitting_m_tile(m_tile: int, moe: bool = False) -> int:
+  """The largest token tile up to ``m_tile`` whose unsliced block fits an SM of this GPU: the
+  blocks of m_tile 2, 4 and 8 take 100-104 KB of shared memory, above the 99 KB a block may have
+  on sm_86 / sm_89 (A10, L4), where m_tile 1 (44 KB) runs the M rows in more token tiles.
+  ``m_tile`` itself where no GPU can be asked (no kernels, no device: the CPU's
+  cross-lowering)."""
+  if not _ffi.sm_count():
+    return m_tile
+  query = _ffi.moe_blocks_per_sm if moe else _ffi.blocks_per_sm
+  while m_tile > 1 and query(m_tile, True) < 1:
+    m_tile //= 2
+  return m_tile
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,6 +246,8 @@ def choose_k_slices(m: int, n: int, k: int) -> int:
   """
   mt = _m_tile(m)
   if mt > 2 or k < k_sliced_unit_k(mt) or -(-n // 16) < _sm_count():
+    return 1
+  if mt == 1 and m > 8:  # m_tile 1 for more rows: fitting_m_tile's fallback, unsliced
     return 1
   if mt == 2:
     # Not K's units: the comparison is with a wave of unsliced blocks, and a K of few 8-chunk
@@ -369,6 +385,10 @@ if "jax_nvfp4_gemm_cuda" in _ffi.REGISTERED:
   def _gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, bias, *, n, k, has_bias,
                           splits, m_tile, cluster, k_slices=1, tiles_per_block=1):
     check_kernel_weight_size("nvfp4_matmul", n, k)
+    if k_slices == 1 and fitting_m_tile(m_tile) < m_tile:
+      raise ValueError(f"nvfp4_gemm: m_tile = {m_tile} needs more shared memory per block than "
+                       f"this GPU allows; m_tile <= {fitting_m_tile(m_tile)} fits "
+                       "(nvfp4_matmul chooses it by itself)")
     return _cuda_gemm(ctx, x, qweight, qscales, global_scale, bias, n=np.int64(n),
                       k=np.int64(k), splits=np.int64(splits), m_tile=np.int64(m_tile),
                       has_bias=bool(has_bias), cluster=bool(cluster),

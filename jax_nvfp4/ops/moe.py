@@ -474,6 +474,15 @@ def moe_workspace_bytes(num_slots: int, n: int, block_m: int, splits: int,
   return tickets + splits * num_slots * n * 4
 
 
+def check_block_m_fits(op: str, block_m: int) -> None:
+  """Raises where this GPU cannot launch the grouped GEMM's block for ``block_m`` (its shared
+  memory; ``ops.dense.fitting_m_tile``), before anything runs rather than at the launch."""
+  fits = 8 * dense_ops.fitting_m_tile(block_m // 8, moe=True)
+  if fits < block_m:
+    raise ValueError(f"{op}: block_m = {block_m} needs more shared memory per block than this "
+                     f"GPU allows; block_m <= {fits} fits (fused_moe chooses it by itself)")
+
+
 def moe_launch_spec(num_slots: int, n: int, k: int, block_m: int, expert_rows: int = 0,
                     bf16: bool = True) -> tuple[int, int, bool, int]:
   """``(k_slices, splits, cluster, tiles_per_block)``: the launch the CUDA lowering picks for one
@@ -508,6 +517,7 @@ def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, 
   dense_ops.check_kernel_weight_size("nvfp4_moe_gemm", n, k)
   x_aval, slots = ctx.avals_in[0], ctx.avals_in[4].shape[0]
   bf16 = np.dtype(x_aval.dtype) == np.dtype(jnp.bfloat16)
+  check_block_m_fits("nvfp4_moe_gemm", block_m)
   k_slices, splits, cluster, tiles_per_block = moe_launch_spec(slots, n, k, block_m,
                                                                expert_rows, bf16)
   ws = jax.core.ShapedArray((moe_workspace_bytes(slots, n, block_m, splits, cluster),),
@@ -874,6 +884,15 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
     return jnp.zeros((*lead, hidden), x.dtype)
 
   bm = block_m or choose_block_m(m, k, e_global)
+  if lowering != "reference":
+    # block_m // 8 is the grouped GEMM's token tile; above 8 rows its block needs 100-104 KB of
+    # shared memory, more than an A10 or L4 gives one (ops.dense.fitting_m_tile).
+    fits = 8 * dense_ops.fitting_m_tile(bm // 8, moe=True)
+    if block_m is not None and fits < block_m:
+      raise ValueError(f"fused_moe: block_m = {block_m} needs more shared memory per block than "
+                       f"this GPU allows; block_m <= {fits} fits (or leave block_m to "
+                       "choose_block_m)")
+    bm = fits
   rows = m * k
 
   if isinstance(w13, PreparedNVFP4Weight) and w13.gate_up_pairs and not gated:
