@@ -885,14 +885,11 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
 
   bm = block_m or choose_block_m(m, k, e_global)
   if lowering != "reference":
+    if block_m is not None:
+      check_block_m_fits("fused_moe", block_m)
     # block_m // 8 is the grouped GEMM's token tile; above 8 rows its block needs 100-104 KB of
     # shared memory, more than an A10 or L4 gives one (ops.dense.fitting_m_tile).
-    fits = 8 * dense_ops.fitting_m_tile(bm // 8, moe=True)
-    if block_m is not None and fits < block_m:
-      raise ValueError(f"fused_moe: block_m = {block_m} needs more shared memory per block than "
-                       f"this GPU allows; block_m <= {fits} fits (or leave block_m to "
-                       "choose_block_m)")
-    bm = fits
+    bm = 8 * dense_ops.fitting_m_tile(bm // 8, moe=True)
   rows = m * k
 
   if isinstance(w13, PreparedNVFP4Weight) and w13.gate_up_pairs and not gated:
