@@ -329,3 +329,12 @@ def test_an_unlaunchable_tile_is_refused_at_lowering(monkeypatch):
   assert "jax_nvfp4_gemm_cuda" in text
   with pytest.raises(ValueError, match=r"m_tile = 8 needs more shared memory .* m_tile <= 1 fits"):
     jax.jit(gemm(8)).trace(*args).lower(lowering_platforms=("cuda",))
+  # One launch takes 65535 token tiles (the grid's z dimension): 8 * 65535 rows at m_tile 1.
+  for rows, fits in ((8 * 65535, True), (8 * 65535 + 1, False)):
+    big = (jax.ShapeDtypeStruct((rows, k), jnp.bfloat16), *args[1:])
+    lower = lambda: jax.jit(gemm(1)).trace(*big).lower(lowering_platforms=("cuda",))
+    if fits:
+      lower()
+    else:
+      with pytest.raises(ValueError, match="more than 65535 token tiles of 8"):
+        lower()

@@ -19,6 +19,7 @@ import pytest
 
 import jax_nvfp4 as nf
 from jax_nvfp4.ops import moe as moe_ops
+from jax_nvfp4.moe import capacity
 from jax_nvfp4.ops import moe_align, moe_route
 from tests import numpy_moe_reference as ref
 from tests import numpy_reference as npref
@@ -947,3 +948,49 @@ def test_a_gpu_without_room_for_large_tiles_takes_block_m_8(monkeypatch):
     lower(block_m=16)
   with pytest.raises(ValueError, match=r"nvfp4_moe_gemm: block_m = 32 needs more shared memory"):
     moe_ops.check_block_m_fits("nvfp4_moe_gemm", 32)
+
+
+@pytest.mark.parametrize("t, k, e, block_m", [(1, 1, 1, 8), (100, 8, 128, 8), (5000, 2, 8, 64),
+                                               (70000, 8, 256, 8), (10**6, 8, 128, 64)])
+def test_tokens_per_launch_is_the_most_that_fit(t, k, e, block_m):
+  """The chunk is the largest token count whose aligned rows stay within one launch's token
+  tiles (a brute-force scan near the answer)."""
+  tiles = lambda n: capacity(n * k, e, block_m) // block_m
+  got = moe_ops.tokens_per_launch(t, k, e, block_m)
+  assert 1 <= got <= t and tiles(got) <= moe_ops.MAX_TOKEN_TILES
+  assert got == t or tiles(got + 1) > moe_ops.MAX_TOKEN_TILES
+
+
+@pytest.mark.parametrize("use_logits", [True, False])
+def test_a_batch_beyond_one_launch_runs_in_token_chunks(monkeypatch, rng, use_logits):
+  """A batch whose aligned rows need more token tiles than one launch takes runs as token
+  chunks (here with the limit patched down to 3 tiles: 29 tokens at top-2 over 4 experts,
+  block_m 8, go in chunks of 4), each routed alone: the layer against the float64 reference and
+  the one-launch reference path, with an expert map and biases."""
+  e, h, i, m, k = 4, 64, 48, 29, 2
+  x, w13, w2 = _layer(rng, m, h, i, e)
+  b13 = jnp.asarray(rng.standard_normal((e, 2 * i)), jnp.float32)
+  b2 = jnp.asarray(rng.standard_normal((e, h)), jnp.float32)
+  expert_map = jnp.asarray([0, -1, 1, 2, 3], jnp.int32)  # 5 global experts, one elsewhere
+  logits = jnp.asarray(rng.standard_normal((m, 5)), jnp.float32)
+  tw, ti = nf.route(logits, nf.RoutingConfig(top_k=k))
+  route = (dict(router_logits=logits, top_k=k) if use_logits
+           else dict(topk_weights=tw, topk_ids=ti))
+  layer = lambda backend: nf.fused_moe(x, w13, w2, **route, w13_bias=b13, w2_bias=b2,
+                                       expert_map=expert_map, block_m=8, backend=backend)
+  whole = np.asarray(layer("reference"), np.float64)
+  monkeypatch.setattr(moe_ops, "MAX_TOKEN_TILES", 8)
+  assert moe_ops.tokens_per_launch(m, k, 5, 8) == 14
+  calls = []
+  real = moe_ops.fused_moe
+  monkeypatch.setattr(moe_ops, "fused_moe",
+                      lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+  chunked = np.asarray(layer(None), np.float64)
+  assert calls == [(14, h), (14, h), (1, h)]
+  want = _ref(x, w13, w2, np.asarray(tw), np.asarray(ti), b13=np.asarray(b13, np.float64),
+              b2=np.asarray(b2, np.float64), expert_map=np.asarray(expert_map),
+              round_dtype=ml_dtypes.bfloat16)
+  assert ref.rel_l2(chunked, want) <= 5e-3
+  np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-6 * np.abs(whole).max())
+  with pytest.raises(ValueError, match="token tiles, more than one launch takes"):
+    moe_ops.check_token_tiles("nvfp4_moe_gemm", 72, 8)

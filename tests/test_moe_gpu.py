@@ -734,3 +734,18 @@ def test_every_gpu_of_the_process_runs_the_grouped_gemm(rng):
     outs.append(np.asarray(out))
   np.testing.assert_array_equal(outs[1], outs[0])
   _check(x, w13, w2, outs[1], tw, ti, gemm1_rounded=False)
+
+
+@pytest.mark.parametrize("pairs", [True, False])
+def test_a_batch_beyond_one_launch_runs_in_token_chunks_on_the_kernel(rng, monkeypatch, pairs):
+  """The kernel path of a batch split into token chunks (one launch's token tiles patched down
+  to 40: 300 tokens at top-2 over 12 experts, block_m 8, align to ceil((2t + 12 * 7) / 8)
+  tiles, so they run as chunks of 118, 118 and 64), poisoned, against the float64 layer."""
+  monkeypatch.setattr(moe_ops, "MAX_TOKEN_TILES", 40)
+  m, h, i, e, k = 300, 256, 320, 12, 2
+  assert moe_ops.tokens_per_launch(m, k, e, 8) == 118
+  x, w13, w2 = _layer(rng, m, h, i, e)
+  tw, ti = _distinct_topk(rng, m, e, k)
+  out = poisoned(nf.fused_moe, x, nf.prepare(w13, gate_up_pairs=pairs), nf.prepare(w2),
+                 topk_weights=tw, topk_ids=ti, block_m=8, out_shape=(m, h), dtype=jnp.bfloat16)
+  _check(x, w13, w2, out, tw, ti, gemm1_rounded=not pairs)

@@ -385,6 +385,11 @@ if "jax_nvfp4_gemm_cuda" in _ffi.REGISTERED:
   def _gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, bias, *, n, k, has_bias,
                           splits, m_tile, cluster, k_slices=1, tiles_per_block=1):
     check_kernel_weight_size("nvfp4_matmul", n, k)
+    m = int(np.prod(ctx.avals_in[0].shape[:-1]))
+    if -(-m // (8 * m_tile)) > 65535:  # the grid's z dimension (csrc/nvfp4_gemm.cu)
+      raise ValueError(f"nvfp4_gemm: M = {m} rows are more than 65535 token tiles of "
+                       f"{8 * m_tile}; split x (nvfp4_matmul runs M > {KERNEL_MAX_M} "
+                       "through dequantize + dot)")
     if k_slices == 1 and fitting_m_tile(m_tile) < m_tile:
       raise ValueError(f"nvfp4_gemm: m_tile = {m_tile} needs more shared memory per block than "
                        f"this GPU allows; m_tile <= {fitting_m_tile(m_tile)} fits "

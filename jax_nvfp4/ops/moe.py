@@ -77,7 +77,7 @@ from jax.interpreters import batching, mlir
 from jax_nvfp4 import _ffi
 from jax_nvfp4.format import NVFP4Weight, check_weight, dequantize
 from jax_nvfp4.moe.activations import GPTOSS_ALPHA, apply_activation, is_gated
-from jax_nvfp4.moe.align import BLOCK_MS, Alignment, align_tokens, choose_block_m
+from jax_nvfp4.moe.align import BLOCK_MS, Alignment, align_tokens, capacity, choose_block_m
 from jax_nvfp4.moe.route_align import route_and_align
 from jax_nvfp4.moe.routing import RoutingConfig
 from jax_nvfp4.ops import dense as dense_ops
@@ -474,6 +474,36 @@ def moe_workspace_bytes(num_slots: int, n: int, block_m: int, splits: int,
   return tickets + splits * num_slots * n * 4
 
 
+#: Token tiles one grouped-GEMM launch takes (its grid's z dimension; csrc/nvfp4_moe_gemm.cu).
+MAX_TOKEN_TILES = 65535
+
+
+def check_token_tiles(op: str, num_slots: int, block_m: int) -> None:
+  """Raises where one launch cannot take ``num_slots // block_m`` token tiles, at trace time
+  rather than as the handler's error (fused_moe splits such a batch itself)."""
+  if num_slots // block_m > MAX_TOKEN_TILES:
+    raise ValueError(f"{op}: {num_slots} aligned rows in blocks of {block_m} are "
+                     f"{num_slots // block_m} token tiles, more than one launch takes "
+                     f"({MAX_TOKEN_TILES}); split the batch (fused_moe does)")
+
+
+def tokens_per_launch(num_tokens: int, top_k: int, num_experts: int, block_m: int) -> int:
+  """The most tokens of a batch whose aligned rows (``capacity``) stay within
+  ``MAX_TOKEN_TILES`` blocks of ``block_m``: ``num_tokens`` itself where the whole batch does
+  (on an H100 up to ~500K tokens at top-8; an A10 / L4 at block_m 8, ~65K)."""
+  def fits(t):
+    return capacity(t * top_k, num_experts, block_m) // block_m <= MAX_TOKEN_TILES
+  if fits(num_tokens):
+    return num_tokens
+  # capacity(P) <= P + E * (block_m - 1) + block_m, so this many tokens fit; then grow.
+  t = max(1, ((MAX_TOKEN_TILES - 1) * block_m - num_experts * (block_m - 1)) // top_k)
+  while fits(t + 1):
+    t += 1
+  while not fits(t):
+    t -= 1
+  return t
+
+
 def check_block_m_fits(op: str, block_m: int) -> None:
   """Raises where this GPU cannot launch the grouped GEMM's block for ``block_m`` (its shared
   memory; ``ops.dense.fitting_m_tile``), before anything runs rather than at the launch."""
@@ -518,6 +548,7 @@ def _moe_gemm_cuda_lowering(ctx, x, qweight, qscales, global_scale, sorted_ids, 
   x_aval, slots = ctx.avals_in[0], ctx.avals_in[4].shape[0]
   bf16 = np.dtype(x_aval.dtype) == np.dtype(jnp.bfloat16)
   check_block_m_fits("nvfp4_moe_gemm", block_m)
+  check_token_tiles("nvfp4_moe_gemm", slots, block_m)
   k_slices, splits, cluster, tiles_per_block = moe_launch_spec(slots, n, k, block_m,
                                                                expert_rows, bf16)
   ws = jax.core.ShapedArray((moe_workspace_bytes(slots, n, block_m, splits, cluster),),
@@ -890,6 +921,22 @@ def fused_moe(x: jax.Array, w13: NVFP4Weight | PreparedNVFP4Weight,
     # block_m // 8 is the grouped GEMM's token tile; above 8 rows its block needs 100-104 KB of
     # shared memory, more than an A10 or L4 gives one (ops.dense.fitting_m_tile).
     bm = 8 * dense_ops.fitting_m_tile(bm // 8, moe=True)
+    chunk = tokens_per_launch(m, k, e_global, bm)
+    if chunk < m:
+      # One grouped-GEMM launch takes at most MAX_TOKEN_TILES blocks of rows: a longer batch
+      # (a long prefill, or block_m 8 on an A10 / L4) runs as consecutive token chunks, each
+      # routed, aligned and combined alone (tokens never mix in a MoE layer).
+      x2 = x.reshape(m, hidden)
+      parts = []
+      for start in range(0, m, chunk):
+        rows_ = slice(start, min(m, start + chunk))
+        route_kw = (dict(router_logits=logits.reshape(m, e_global)[rows_], routing=routing)
+                    if router_logits is not None else
+                    dict(topk_weights=topk_weights[rows_], topk_ids=topk_ids[rows_]))
+        parts.append(fused_moe(x2[rows_], w13, w2, **route_kw, activation=activation,
+                               limit=limit, alpha=alpha, w13_bias=w13_bias, w2_bias=w2_bias,
+                               expert_map=expert_map, block_m=bm, backend=backend))
+      return jnp.concatenate(parts).reshape(*lead, hidden)
   rows = m * k
 
   if isinstance(w13, PreparedNVFP4Weight) and w13.gate_up_pairs and not gated:

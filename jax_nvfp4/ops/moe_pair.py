@@ -159,6 +159,7 @@ def _cuda_lowering(ctx, *args, backend="auto", **params):
   bf16 = np.dtype(x_aval.dtype) == np.dtype(jnp.bfloat16)
   block_m, rows, expert_rows = params["block_m"], params["num_rows_out"], params["expert_rows"]
   moe_ops.check_block_m_fits("nvfp4_moe_pair", block_m)
+  moe_ops.check_token_tiles("nvfp4_moe_pair", slots, block_m)
   attrs, workspaces = {}, []
   for i, g in ((1, g1), (2, g2)):
     dense_ops.check_kernel_weight_size("nvfp4_moe_pair", g["n"], g["k"])
