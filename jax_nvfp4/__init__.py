@@ -10,7 +10,8 @@ from jax_nvfp4.reference import reference_matmul
 from jax_nvfp4.moe import (Alignment, RoutingConfig, align_tokens, apply_activation,
                            choose_block_m, deinterleave_gate_up, route, route_and_align)
 from jax_nvfp4.ops.moe import fused_moe, nvfp4_moe_gemm
-from jax_nvfp4.backend import BackendChoice, select_backend  # the Flax layers: jax_nvfp4.nn (needs flax)
+from jax_nvfp4.backend import BackendChoice, export_disabled_checks, select_backend
+# The Flax layers: jax_nvfp4.nn (needs flax).
 
 __version__ = "0.1.0"
 
@@ -19,5 +20,5 @@ __all__ = [
     "quantize", "reference_matmul", "round_to_e2m1", "unpack_fp4",
     "Alignment", "RoutingConfig", "align_tokens", "apply_activation", "choose_block_m",
     "deinterleave_gate_up", "fused_moe", "nvfp4_moe_gemm", "route", "route_and_align",
-    "BackendChoice", "select_backend",
+    "BackendChoice", "export_disabled_checks", "select_backend",
 ]

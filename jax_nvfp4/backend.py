@@ -36,7 +36,9 @@ import jax
 
 from jax_nvfp4 import _ffi
 from jax_nvfp4.moe import activations as moe_activations
+from jax_nvfp4.ops import dequantize as dequantize_ops
 from jax_nvfp4.ops import moe as moe_ops
+from jax_nvfp4.ops import moe_align, moe_pair, moe_route
 
 logger = logging.getLogger("jax_nvfp4")
 
@@ -56,6 +58,31 @@ FP4_TENSOR_CORE_CC = (10, 0)
 #: FFI targets the "cuda" backend needs: the dense GEMM, plus the grouped GEMM for an MoE layer.
 DENSE_TARGET = "jax_nvfp4_gemm_cuda"
 MOE_TARGET = moe_ops.CUDA_TARGET
+
+
+
+def cuda_targets() -> tuple[str, ...]:
+  """Every XLA FFI target the ops may lower to on the cuda platform (one handler each in
+  ``jax_nvfp4._C``): the dense GEMM, the dequantizer, the grouped GEMM, the grouped-GEMM pair,
+  the token alignment and the fused routing + alignment."""
+  return (DENSE_TARGET, dequantize_ops.CUDA_TARGET, MOE_TARGET, moe_pair.CUDA_TARGET,
+          moe_align.CUDA_TARGET, moe_route.CUDA_TARGET)
+
+
+def export_disabled_checks() -> list:
+  """``disabled_checks`` for ``jax.export.export`` of a computation that calls the kernels.
+
+  ``jax.export`` refuses custom calls without JAX's compatibility guarantee, and ours have none:
+  the serialized module names ``cuda_targets()`` and passes them their launch attributes, which
+  may change between versions of jax_nvfp4. Load such an artifact in a process that imported
+  the same version of jax_nvfp4 built with its CUDA kernels (importing registers the handlers).
+  Exporting for ``platforms=("cpu", "cuda")`` keeps the pure-JAX reference for the CPU.
+
+  Returns a list of ``jax.export.DisabledSafetyCheck``, one per target.
+  """
+  from jax import export  # pylint: disable=import-outside-toplevel
+  return [export.DisabledSafetyCheck.custom_call(t) for t in cuda_targets()]
+
 
 _PLATFORM_ALIASES = {"gpu": "cuda", "cuda": "cuda", "rocm": "rocm", "cpu": "cpu", "tpu": "tpu",
                      "metal": "metal"}

@@ -223,6 +223,7 @@ def test_a_cuda_build_registers_every_target_the_ops_lower_to():
   from jax_nvfp4.ops import dequantize, moe, moe_align, moe_pair, moe_route
   wanted = {B.DENSE_TARGET, dequantize.CUDA_TARGET, moe.CUDA_TARGET, moe_pair.CUDA_TARGET,
             moe_align.CUDA_TARGET, moe_route.CUDA_TARGET}
+  assert set(B.cuda_targets()) == wanted  # what export_disabled_checks covers
   if not _ffi.cuda_kernels_built():
     assert _ffi.REGISTERED == frozenset()
     pytest.skip(f"no CUDA kernels in this build ({_ffi.why_no_kernels()})")
