@@ -589,10 +589,10 @@ auto per_device(F compute) -> decltype(compute()) {
   return value[device];
 }
 
-// The most dynamic shared memory one block may opt in to on the current device: 227 KB on
-// sm_90, 163 KB on sm_80, 99 KB on sm_86 / sm_89 (A10, L4), where the unsliced blocks of
-// m_tile 2-8 (100-104 KB) do not fit and ops/dense.py falls back to smaller tiles. Lowered by
-// JAX_NVFP4_SMEM_LIMIT_KB, so that a larger GPU runs a smaller one's launch choices (the GPU
+// The most shared memory (static and dynamic) one block may have on the current device:
+// 227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86 / sm_89 (A10, L4), where the unsliced blocks
+// of m_tile 2-8 (100-104 KB) do not fit and ops/dense.py falls back to smaller tiles. Lowered
+// by JAX_NVFP4_SMEM_LIMIT_KB, so that a larger GPU runs a smaller one's launch choices (the GPU
 // test of the fallback).
 inline int smem_limit() {
   return per_device([] {
@@ -603,22 +603,34 @@ inline int smem_limit() {
       cudaGetLastError();  // not the next launch's error
       return 0;
     }
-    const char *env = std::getenv("JAX_NVFP4_SMEM_LIMIT_KB");
-    if (env != nullptr && std::atoi(env) > 0 && std::atoi(env) * 1024 < limit)
-      limit = std::atoi(env) * 1024;
+    if (const char *env = std::getenv("JAX_NVFP4_SMEM_LIMIT_KB")) {
+      const long kb = std::strtol(env, nullptr, 10);
+      if (kb > 0 && kb < limit / 1024) limit = static_cast<int>(kb) * 1024;
+    }
     return limit;
   });
 }
 
-// Above 48 KB of dynamic shared memory a kernel must opt in, once per process and device; a
-// block above smem_limit() cannot launch here (the runtime's own answer, or the test limit's).
+// Above 48 KB of dynamic shared memory a kernel must opt in, once per process and device. A
+// block whose dynamic and static shared memory exceed smem_limit() cannot launch here (the
+// runtime's own refusal on such a GPU, or the test limit's). A refusal is answered, not left as
+// the thread's last CUDA error: the occupancy queries ask about blocks that cannot launch, and
+// the dequantize and alignment handlers read the last error after their launches.
 template <typename T, int MT, bool kMoe, int KS = 1, int XR = 8 * MT, int SC = 0>
 cudaError_t allow_shared_memory() {
   return per_device([] {
-    if (TileConfig<MT, KS, XR, SC>::kSmemBytes > smem_limit()) return cudaErrorInvalidValue;
-    return cudaFuncSetAttribute(nvfp4_kernel<T, MT, kMoe, KS, XR, SC>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                TileConfig<MT, KS, XR, SC>::kSmemBytes);
+    cudaFuncAttributes attr{};
+    cudaError_t e = cudaFuncGetAttributes(&attr, nvfp4_kernel<T, MT, kMoe, KS, XR, SC>);
+    if (e == cudaSuccess) {
+      if (TileConfig<MT, KS, XR, SC>::kSmemBytes + static_cast<int>(attr.sharedSizeBytes) >
+          smem_limit())
+        return cudaErrorInvalidValue;
+      e = cudaFuncSetAttribute(nvfp4_kernel<T, MT, kMoe, KS, XR, SC>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               TileConfig<MT, KS, XR, SC>::kSmemBytes);
+    }
+    if (e != cudaSuccess) cudaGetLastError();
+    return e;
   });
 }
 
@@ -631,13 +643,28 @@ cudaError_t allow_shared_memory() {
 // inputs before the previous kernel's writes are visible). ptxVersion names the source's.
 template <typename T, int MT, bool kMoe, int KS, int XR = 8 * MT, int SC = 0>
 int loaded_code_arch() {
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, nvfp4_kernel<T, MT, kMoe, KS, XR, SC>) != cudaSuccess) {
-    cudaGetLastError();  // not the next launch's error
-    return 0;
-  }
-  if (attr.ptxVersion > 0 && attr.ptxVersion < attr.binaryVersion) return attr.ptxVersion;
-  return attr.binaryVersion;
+  return per_device([] {
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, nvfp4_kernel<T, MT, kMoe, KS, XR, SC>) != cudaSuccess) {
+      cudaGetLastError();  // not the next launch's error
+      return 0;
+    }
+    if (attr.ptxVersion > 0 && attr.ptxVersion < attr.binaryVersion) return attr.ptxVersion;
+    return attr.binaryVersion;
+  });
+}
+
+// The current device's compute capability major version, 0 if unknown.
+inline int device_major() {
+  return per_device([] {
+    int device = 0, major = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+      cudaGetLastError();  // not the next launch's error
+      return 0;
+    }
+    return major;
+  });
 }
 
 // Clusters of more than 8 blocks are non-portable: opted in once per device, only where sm_90
@@ -652,12 +679,13 @@ cudaError_t allow_large_clusters() {
 
 // The largest split count the cluster reduction can launch for this instantiation on the
 // current device: 0 where the loaded code was not compiled for sm_90 (the cluster path traps
-// there) or no cluster fits. One answer per device.
+// there), the device is not an sm_90 one (the only GPUs it was measured and tested on), or no
+// cluster fits. One answer per device.
 template <typename T, int MT, bool kMoe>
 int cluster_limit_typed() {
   return per_device([] {
     const int version = loaded_code_arch<T, MT, kMoe, 1>();
-    if (version < 90 || version >= 100) return 0;
+    if (version < 90 || version >= 100 || device_major() != 9) return 0;
     if (allow_shared_memory<T, MT, kMoe>() != cudaSuccess) return 0;
     if (allow_large_clusters<T, MT, kMoe>() != cudaSuccess) return 0;
     for (int s = kMaxClusterSplits; s >= 2; --s) {

@@ -76,7 +76,11 @@ def export_disabled_checks() -> list:
   the serialized module names ``cuda_targets()`` and passes them their launch attributes, which
   may change between versions of jax_nvfp4. Load such an artifact in a process that imported
   the same version of jax_nvfp4 built with its CUDA kernels (importing registers the handlers).
-  Exporting for ``platforms=("cpu", "cuda")`` keeps the pure-JAX reference for the CPU.
+  The launches (token tiles, K splits, clusters) are chosen when exporting, for the exporting
+  host's GPU (an H100's where it has none): export on the kind of GPU that will run it (an
+  artifact for an H100 cannot launch its 16-64-row blocks on an A10 or L4, and says so at its
+  first call). Exporting for ``platforms=("cpu", "cuda")`` keeps the pure-JAX reference for the
+  CPU.
 
   Returns a list of ``jax.export.DisabledSafetyCheck``, one per target.
   """

@@ -239,7 +239,8 @@ def test_a_cuda_build_names_its_architectures_and_its_loaded_code():
     assert _ffi.cuda_architectures() == () and _ffi.loaded_code(1) == {}
     pytest.skip(f"no CUDA kernels in this build ({_ffi.why_no_kernels()})")
   archs = _ffi.cuda_architectures()
-  assert archs and all(re.fullmatch(r"[0-9]{2,3}[af]?(-real|-virtual)?", a) for a in archs), archs
+  entry = r"[0-9]{2,3}[af]?(-real|-virtual)?|native|all|all-major"  # CMake's forms
+  assert archs and all(re.fullmatch(entry, a) for a in archs), archs
   if not any(d.platform == "gpu" for d in jax.devices()):
     for moe in (False, True):
       assert _ffi.loaded_code(8, False, moe) == {"arch": 0, "pdl": False, "cluster_limit": 0}

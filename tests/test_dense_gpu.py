@@ -160,12 +160,16 @@ def test_launch_features_follow_the_code_loaded(m_tile, bf16, moe):
   host must decide by the code's arch, which is CUDA's pick among the build's."""
   from jax_nvfp4 import _ffi
   code = _ffi.loaded_code(m_tile, bf16, moe)
-  want = arch_the_driver_loads(_ffi.cuda_architectures(), device_arch())
-  assert code["arch"] == want, (code, _ffi.cuda_architectures(), device_arch())
+  archs = _ffi.cuda_architectures()
+  if all(a[:2].isdigit() for a in archs):  # not "native" / "all": CUDA's pick is known
+    want = arch_the_driver_loads(archs, device_arch())
+    assert code["arch"] == want, (code, archs, device_arch())
+  want = code["arch"]
+  assert 80 <= want <= device_arch()
   assert code["pdl"] == (want >= 90 and os.environ.get("JAX_NVFP4_PDL") != "0")
-  if want < 90:
+  if want < 90 or device_arch() // 10 != 9:
     assert code["cluster_limit"] == 0
-  elif device_arch() == 90:
+  else:
     assert code["cluster_limit"] >= 2
 
 

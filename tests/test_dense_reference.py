@@ -299,6 +299,7 @@ def test_a_gpu_without_room_for_large_tiles_runs_smaller_ones(monkeypatch):
   monkeypatch.setattr(dense._ffi, "blocks_per_sm", _fits_below(1))
   monkeypatch.setattr(dense._ffi, "moe_blocks_per_sm", _fits_below(1))
   monkeypatch.setattr(dense, "_sm_count", lambda: 58)
+  monkeypatch.setattr(dense, "k_sliced_blocks_per_sm", lambda *a, **kw: 0)  # cached: patched
   for m in (1, 8, 9, 16, 17, 33, 64, 512):
     assert dense.choose_launch(m, 4096, 4096)[1] == 1
     assert dense.choose_k_slices(m, 4096, 4096) == 1

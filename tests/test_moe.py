@@ -964,9 +964,10 @@ def test_tokens_per_launch_is_the_most_that_fit(t, k, e, block_m):
 @pytest.mark.parametrize("use_logits", [True, False])
 def test_a_batch_beyond_one_launch_runs_in_token_chunks(monkeypatch, rng, use_logits):
   """A batch whose aligned rows need more token tiles than one launch takes runs as token
-  chunks (here with the limit patched down to 3 tiles: 29 tokens at top-2 over 4 experts,
-  block_m 8, go in chunks of 4), each routed alone: the layer against the float64 reference and
-  the one-launch reference path, with an expert map and biases."""
+  chunks (here with the limit patched down to 8 tiles: 29 tokens at top-2 over 5 global
+  experts, block_m 8: t tokens align to ceil((2t + 5 * 7) / 8) tiles, so chunks of 14, 14 and
+  1), each routed alone: the layer against the float64 reference and the one-launch reference
+  path, with an expert map and biases."""
   e, h, i, m, k = 4, 64, 48, 29, 2
   x, w13, w2 = _layer(rng, m, h, i, e)
   b13 = jnp.asarray(rng.standard_normal((e, 2 * i)), jnp.float32)
