@@ -21,6 +21,7 @@ extern "C" int jax_nvfp4_moe_cluster_limit(int mt, int bf16);
 extern "C" int jax_nvfp4_moe_lab_timeline(int n16, unsigned long long *out, int blocks);
 extern "C" void jax_nvfp4_loaded_code(int mt, int bf16, int *out);
 extern "C" void jax_nvfp4_moe_loaded_code(int mt, int bf16, int *out);
+extern "C" int jax_nvfp4_smem_limit();
 #endif
 #ifndef JAX_NVFP4_CUDA_ARCHITECTURES
 #define JAX_NVFP4_CUDA_ARCHITECTURES ""
@@ -102,6 +103,13 @@ NB_MODULE(_C, m) {
      "architecture it was compiled for (90 for sm_90a code, 80 for sm_80 PTX the driver compiled "
      "for a newer GPU; 0: unknown), whether its launches overlap the previous kernel (pdl) and "
      "its cluster_limit.");
+  m.def("smem_limit", []() {
+#ifdef JAX_NVFP4_WITH_CUDA
+    return jax_nvfp4_smem_limit();
+#else
+    return 0;
+#endif
+  }, "Bytes of shared memory one block may have on the current device (0: no device).");
   m.def("cuda_architectures", []() { return nb::str(JAX_NVFP4_CUDA_ARCHITECTURES); },
         "The CUDA architectures the kernels were built for, comma-separated as CMake's "
         "CUDA_ARCHITECTURES (80-virtual: PTX only); empty without CUDA.");

@@ -122,6 +122,10 @@ extern "C" int jax_nvfp4_blocks_per_sm(int mt, int bf16, int k_slices, int rows)
   return jax_nvfp4::blocks_per_sm<false>(mt, bf16 != 0, k_slices, rows);
 }
 
+// The most shared memory one block may have on the current device (JAX_NVFP4_SMEM_LIMIT_KB
+// applied); 0 without a device.
+extern "C" int jax_nvfp4_smem_limit() { return jax_nvfp4::smem_limit(); }
+
 // Multiprocessor count of the current device (for the split-K choice made at trace time).
 extern "C" int jax_nvfp4_sm_count() {
   int dev = 0, count = 0;

@@ -1,5 +1,5 @@
-"""Command line: ``python -m jax_nvfp4 demo`` (see ``jax_nvfp4.demo``), ``inspect DIR`` and
-``bench`` (see ``jax_nvfp4.bench.cli``)."""
+"""Command line: ``python -m jax_nvfp4 demo`` (see ``jax_nvfp4.demo``), ``inspect DIR``,
+``bench`` (see ``jax_nvfp4.bench.cli``) and ``env`` (see ``jax_nvfp4.env_report``)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,12 @@ def main(argv=None) -> int:
       "bench", help="GPU: dense and MoE benchmarks vs bf16 and the HBM roofline, tables and a "
       "PNG plot", description=bench_cli.__doc__.split("\n\n")[0].replace("``", ""))
   bench_cli.add_arguments(bench)
+  sub.add_parser("env", help="what runs on this machine and why: versions, device, build, "
+                 "backend, and on a GPU the kernels' launch facts")
   args = parser.parse_args(argv)
+  if args.command == "env":
+    from jax_nvfp4 import env_report
+    return env_report.main()
   if args.command == "demo":
     return _demo(demo, args)
   if args.command == "inspect":

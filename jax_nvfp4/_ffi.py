@@ -58,6 +58,12 @@ def cluster_limit(m_tile: int, bf16: bool, moe: bool) -> int:
   return int(_C.cluster_limit(m_tile, bf16, moe)) if cuda_kernels_built() else 0
 
 
+def smem_limit() -> int:
+  """Bytes of shared memory one block may have on the current CUDA device (lowered by
+  ``JAX_NVFP4_SMEM_LIMIT_KB``), 0 when unknown."""
+  return int(_C.smem_limit()) if cuda_kernels_built() else 0
+
+
 def cuda_architectures() -> tuple[str, ...]:
   """The CUDA architectures the kernels were built for, as CMake's CUDA_ARCHITECTURES entries
   (``"90a"``: its SASS and PTX, ``"80-virtual"``: PTX only); empty without the kernels."""

@@ -60,7 +60,6 @@ DENSE_TARGET = "jax_nvfp4_gemm_cuda"
 MOE_TARGET = moe_ops.CUDA_TARGET
 
 
-
 def cuda_targets() -> tuple[str, ...]:
   """Every XLA FFI target the ops may lower to on the cuda platform (one handler each in
   ``jax_nvfp4._C``): the dense GEMM, the dequantizer, the grouped GEMM, the grouped-GEMM pair,

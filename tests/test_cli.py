@@ -233,6 +233,47 @@ def test_demo_on_gpu_uses_the_kernels_and_times_them():
   assert m and 0.04 < float(m.group(1)) < 0.3, out
 
 
+# ----------------------------------------------------------------------------- env
+
+def test_env_reports_the_cpu_host():
+  """On a CPU: the versions, the device, what the build holds (the extension's own answer),
+  the reference backend with its reason, and the JAX_NVFP4_* variables set; no GPU facts."""
+  import jax
+  from jax_nvfp4 import _ffi
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NVFP4_PDL="0")
+  proc = subprocess.run([sys.executable, "-m", "jax_nvfp4", "env"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr
+  out = proc.stdout
+  assert out.startswith(f"jax_nvfp4 0.1.0, jax {jax.__version__}, "), out
+  assert re.search(r"^device: cpu ", out, re.M), out
+  if _ffi.cuda_kernels_built():
+    assert f"kernels: built for {', '.join(_ffi.cuda_architectures())}; 6 FFI targets" in out
+  else:
+    assert "kernels: not built (" in out
+  assert re.search(r"^backend \(dense\): reference: .*the device platform is cpu", out, re.M)
+  assert re.search(r"^backend \(MoE\): reference: NVFP4 MoE \(swiglu\)", out, re.M)
+  assert re.search(r"^environment: .*JAX_NVFP4_PDL=0", out, re.M)
+  assert "loaded kernel code" not in out and "blocks per SM" not in out
+
+
+@pytest.mark.gpu
+def test_env_reports_the_gpu_launch_facts():
+  """On a GPU: the loaded code, PDL and clusters as the extension reports them, the SM count
+  and the blocks per SM of every token tile."""
+  from jax_nvfp4 import _ffi
+  proc = _cli("env", cpu=False)
+  assert proc.returncode == 0, proc.stderr
+  out = proc.stdout
+  code = _ffi.loaded_code(1)
+  assert re.search(rf"^loaded kernel code: sm_{code['arch']}\b", out, re.M), out
+  assert f"overlapped launches (PDL) {'on' if code['pdl'] else 'off'}" in out
+  assert f"SMs: {_ffi.sm_count()}; shared memory per block: {_ffi.smem_limit() // 1024} KB" in out
+  rows = ", ".join(f"{8 * mt} rows {_ffi.blocks_per_sm(mt, True)}" for mt in (1, 2, 4, 8))
+  assert f"dense GEMM blocks per SM by token tile: {rows}" in out
+  assert re.search(r"^backend \(dense\): cuda: ", out, re.M), out
+
+
 # ----------------------------------------------------------------------------- bench
 
 @pytest.mark.parametrize("argv", [[], ["--quick"], ["--only", "dense", "--plot", "x.png"]])
