@@ -128,8 +128,5 @@ extern "C" int jax_nvfp4_smem_limit() { return jax_nvfp4::smem_limit(); }
 
 // Multiprocessor count of the current device (for the split-K choice made at trace time).
 extern "C" int jax_nvfp4_sm_count() {
-  int dev = 0, count = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
-  return count;
+  return jax_nvfp4::device_attribute(cudaDevAttrMultiProcessorCount);
 }

@@ -589,6 +589,17 @@ auto per_device(F compute) -> decltype(compute()) {
   return value[device];
 }
 
+// An attribute of the current device, 0 where there is none (no device, or the query failed).
+inline int device_attribute(cudaDeviceAttr what) {
+  int device = 0, value = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&value, what, device) != cudaSuccess) {
+    cudaGetLastError();  // not the next launch's error
+    return 0;
+  }
+  return value;
+}
+
 // The most shared memory (static and dynamic) one block may have on the current device:
 // 227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86 / sm_89 (A10, L4), where the unsliced blocks
 // of m_tile 2-8 (100-104 KB) do not fit and ops/dense.py falls back to smaller tiles. Lowered
@@ -596,13 +607,7 @@ auto per_device(F compute) -> decltype(compute()) {
 // test of the fallback).
 inline int smem_limit() {
   return per_device([] {
-    int device = 0, limit = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-            cudaSuccess) {
-      cudaGetLastError();  // not the next launch's error
-      return 0;
-    }
+    int limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
     if (const char *env = std::getenv("JAX_NVFP4_SMEM_LIMIT_KB")) {
       const long kb = std::strtol(env, nullptr, 10);
       if (kb > 0 && kb < limit / 1024) limit = static_cast<int>(kb) * 1024;
@@ -656,15 +661,7 @@ int loaded_code_arch() {
 
 // The current device's compute capability major version, 0 if unknown.
 inline int device_major() {
-  return per_device([] {
-    int device = 0, major = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-      cudaGetLastError();  // not the next launch's error
-      return 0;
-    }
-    return major;
-  });
+  return per_device([] { return device_attribute(cudaDevAttrComputeCapabilityMajor); });
 }
 
 // Clusters of more than 8 blocks are non-portable: opted in once per device, only where sm_90

@@ -57,10 +57,8 @@ def lines() -> list[str]:
                                 "JAX_NVFP4_* variable set"))
   if not (_ffi.cuda_kernels_built() and _ffi.sm_count()):
     return out
-  device_arch = None
-  if cc is not None:
-    major, _, minor = str(cc).partition(".")
-    device_arch = int(major) * 10 + int(minor or 0)
+  major_minor = backend._parse_cc(cc)  # pylint: disable=protected-access
+  device_arch = None if major_minor is None else major_minor[0] * 10 + major_minor[1]
   out.append(_code_line(_ffi.loaded_code(1), device_arch))
   out.append(f"SMs: {_ffi.sm_count()}; shared memory per block: {_ffi.smem_limit() // 1024} KB")
   for moe in (False, True):

@@ -390,10 +390,11 @@ if "jax_nvfp4_gemm_cuda" in _ffi.REGISTERED:
       raise ValueError(f"nvfp4_gemm: M = {m} rows are more than 65535 token tiles of "
                        f"{8 * m_tile}; split x (nvfp4_matmul runs M > {KERNEL_MAX_M} "
                        "through dequantize + dot)")
-    if k_slices == 1 and fitting_m_tile(m_tile) < m_tile:
+    fits = fitting_m_tile(m_tile)
+    if k_slices == 1 and fits < m_tile:
       raise ValueError(f"nvfp4_gemm: m_tile = {m_tile} needs more shared memory per block than "
-                       f"this GPU allows; m_tile <= {fitting_m_tile(m_tile)} fits "
-                       "(nvfp4_matmul chooses it by itself)")
+                       f"this GPU allows; m_tile <= {fits} fits (nvfp4_matmul chooses it by "
+                       "itself)")
     return _cuda_gemm(ctx, x, qweight, qscales, global_scale, bias, n=np.int64(n),
                       k=np.int64(k), splits=np.int64(splits), m_tile=np.int64(m_tile),
                       has_bias=bool(has_bias), cluster=bool(cluster),

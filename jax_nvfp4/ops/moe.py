@@ -493,15 +493,11 @@ def tokens_per_launch(num_tokens: int, top_k: int, num_experts: int, block_m: in
   (on an H100 up to ~500K tokens at top-8; an A10 / L4 at block_m 8, ~65K)."""
   def fits(t):
     return capacity(t * top_k, num_experts, block_m) // block_m <= MAX_TOKEN_TILES
-  if fits(num_tokens):
-    return num_tokens
-  # capacity(P) <= P + E * (block_m - 1) + block_m, so this many tokens fit; then grow.
-  t = max(1, ((MAX_TOKEN_TILES - 1) * block_m - num_experts * (block_m - 1)) // top_k)
-  while fits(t + 1):
-    t += 1
-  while not fits(t):
-    t -= 1
-  return t
+  lo, hi = 1, num_tokens  # capacity grows with t: the largest t that fits, at least 1
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+  return lo
 
 
 def check_block_m_fits(op: str, block_m: int) -> None:
