@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU test in one device call: the tests marked `gpu` split round-robin into SHARDS pytest
-# processes side by side (their time is mostly XLA compiling on the host, which has 16 cores:
-# 337 tests in ~6.5 minutes with 5 shards on the H200; the shards' times add up to 30), and the
-# SASS checks. Each process has LIMIT seconds. Run on the GPU machine from the repo root after
+# Every GPU test in parallel shards (one device call, or two with IDS below): the tests marked
+# `gpu` split round-robin into SHARDS pytest processes side by side (their time is mostly XLA
+# compiling on the host, which has 16 cores: 498 tests in ~9 minutes with 6 shards on the H100,
+# 2026-12-05), and the SASS checks. Each process has LIMIT seconds. Run on the GPU machine from the repo root after
 # `device_run.sh build`:
 #   bash benchmarks/verify_device.sh [SHARDS] [LIMIT]
-# Logs: $OUT/verify_*.log; the summary lines are printed at the end. compute-sanitizer runs
+# Logs: $OUT/verify_logs.tgz (one file: a call brings back at most 8 from $OUT) and
+# $OUT/verify_unrun.txt; the summary lines are printed at the end. compute-sanitizer runs
 # separately, without JAX: `device_run.sh memcheck`.
 set -uo pipefail
 shards=${1:-5}; limit=${2:-520}
@@ -19,6 +20,7 @@ if [ "$gib" -gt 0 ] && [ "$shards" -gt $(( gib / 12 )) ]; then
 fi
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
+logs=$(mktemp -d /tmp/verify_logs.XXXX)
 # The platform allocator hands freed memory back: BFC keeps each process's peak, and six shards'
 # peaks (the DeepSeek-sized cluster tests) ran out of an H100's memory (2026-12-05, stop 42).
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform
@@ -37,21 +39,27 @@ else
     | grep "::" > /tmp/gpu_ids
 fi
 echo "[verify] $(wc -l < /tmp/gpu_ids) GPU tests in $shards shards"
-# -v names each finished test, so the ids a time limit cut off can be listed afterwards.
-run_ids='import sys, pytest; sys.exit(pytest.main(["-v", "-ra", "-p", "no:cacheprovider"] + open(sys.argv[1]).read().splitlines()))'
+# An empty list would make each shard's pytest run its default paths instead.
+[ -s /tmp/gpu_ids ] || { echo "[verify] no tests collected (a file missing?)"; exit 1; }
+# -v names each finished test, so the ids a time limit cut off can be listed afterwards;
+# --durations: where a shard's time goes (~6 s a test on the H100: mostly XLA compiling).
+run_ids='import sys, pytest; sys.exit(pytest.main(["-v", "-ra", "--durations=15", "-p", "no:cacheprovider"] + open(sys.argv[1]).read().splitlines()))'
 for s in $(seq 0 $((shards - 1))); do
   awk -v n="$shards" -v s="$s" 'NR % n == s' /tmp/gpu_ids > "/tmp/shard_$s"
-  timeout -s INT "$limit" python3 -c "$run_ids" "/tmp/shard_$s" > "$out/verify_shard$s.log" 2>&1 &
+  timeout -s INT "$limit" python3 -c "$run_ids" "/tmp/shard_$s" > "$logs/verify_shard$s.log" 2>&1 &
 done
 if [ "${SASS:-1}" = 1 ]; then  # SASS=0: a PTX-only build has none to check
   timeout -s INT "$limit" python3 -m pytest -q -ra -p no:cacheprovider tests/test_sass.py \
-    > "$out/verify_sass.log" 2>&1 &
+    > "$logs/verify_sass.log" 2>&1 &
 fi
 wait
-cat "$out"/verify_shard*.log | grep -oE "^tests/[^ ]+::[^ ]+ (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)" \
-  | cut -d' ' -f1 | sort -u > /tmp/gpu_done
+# (Parameter ids may hold spaces: "bad5-k_slices must be 1, 4 or 8".)
+sed -nE 's/^(tests\/.+::.+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)( .*)?$/\1/p' \
+  "$logs"/verify_shard*.log | sort -u > /tmp/gpu_done
 grep -vxFf /tmp/gpu_done /tmp/gpu_ids > "$out/verify_unrun.txt"
 echo "[verify] $(wc -l < /tmp/gpu_done) tests finished, $(wc -l < "$out/verify_unrun.txt") unrun (verify_unrun.txt)"
-for f in "$out"/verify_*.log; do
-  echo "== $(basename "$f"): $(grep -E "passed|failed|error" "$f" | tail -2 | tr '\n' ' ')"
+for f in "$logs"/verify_*.log; do
+  echo "== $(basename "$f"): $(grep -E "(passed|failed|skipped|errors?) in [0-9.]+s" "$f" | tail -1)"
 done
+grep -h "^FAILED\|^ERROR" "$logs"/verify_*.log | head -20
+tar czf "$out/verify_logs.tgz" -C "$logs" .

@@ -26,7 +26,6 @@ lab2=$!
 bash benchmarks/verify_device.sh "$shards" "$limit"
 wait "$memcheck" "$lab1" "$lab2"
 cat "$out/memcheck.log"
-grep -h "^FAILED\|^ERROR" "$out"/verify_*.log | head -20
 echo "[verify_v30] $(left) s left for the benchmarks"
 # What the roofline's copy bandwidth is, old and new method (seconds; NOTES_dense.md v30).
 timeout 60 python3 benchmarks/copy_bandwidth_check.py | tee "$out/copy_bandwidth_check.txt"
