@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The kernels' sm_80 code (what an A100, A10 or L4 runs: mma.sync for every token tile, split K
-# reduced through tickets, no cluster, no overlapped launch) on the lent H100/H200. The shipped build holds sm_90a SASS for these GPUs, so its sm_80 code never runs here;
-# built as sm_80 PTX only (JAX_NVFP4_CUDA_ARCHS=80-virtual), the driver compiles that PTX for
+# reduced through tickets, no cluster, no overlapped launch) on the lent H100/H200. The shipped
+# build holds sm_90a SASS for these GPUs, so its sm_80 code never runs here; built as sm_80 PTX
+# only (JAX_NVFP4_CUDA_ARCHS=80-virtual), the driver compiles that PTX for
 # the GPU and the same tests run the A100's code paths (not its shared-memory size, its SM count
 # or its timings). Steps: the build; what the driver loaded (`_ffi.loaded_code`: arch 80, no PDL,
 # cluster limit 0); memcheck_{dense,moe} as sm_80 PTX under compute-sanitizer; every GPU test
