@@ -9,7 +9,8 @@
 # but the SASS checks. Leaves the sm_80 build in place: the next call's `device_run.sh build`
 # rebuilds sm_90a. The tests outlast one call beside the build (2026-12-05: 406 of the dense and
 # MoE files' 427 in two calls): the next call on the same warm machine runs the rest without a
-# build, `IDS=<verify_unrun.txt copied into the tree> SASS=0 bash benchmarks/verify_device.sh`.
+# build, `IDS=<verify_unrun.txt copied into the tree> SASS=0 CUDA_CACHE_MAXSIZE=4294967296 bash
+# benchmarks/verify_device.sh`.
 # Output under $OUT:
 #   bash benchmarks/verify_sm80_code.sh [SHARDS] [LIMIT]
 set -uo pipefail
